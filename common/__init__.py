@@ -1,0 +1,1 @@
+"""Shared building blocks of Damselfly: config, ids, pieces, digests, errors, origin clients."""

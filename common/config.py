@@ -1,0 +1,335 @@
+"""Typed, validated configuration of every component.
+
+Each component's settings are one frozen dataclass. Every field is both a command-line flag
+(``--grpc-listen``) and a key of the YAML file given by ``--config`` (``grpc_listen``); flags win
+over the file, the file wins over the defaults. Values are checked once, at start-up: a bad
+value fails with the key and the reason (:class:`common.errors.ConfigError`), never later.
+
+Durations accept seconds (``30``) or a suffix (``500ms``, ``30s``, ``5m``, ``24h``); sizes accept
+bytes or a suffix (``512MiB``, ``10GiB``, ``1G``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import socket
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from common.errors import ConfigError
+
+DEFAULT_SCHEDULER_PORT = 8002
+DEFAULT_SCHEDULER_METRICS_PORT = 8000
+DEFAULT_DFDAEMON_GRPC_PORT = 4000
+DEFAULT_PROXY_PORT = 4001
+DEFAULT_DFDAEMON_METRICS_PORT = 4002
+DEFAULT_HEALTH_PORT = 4003
+DEFAULT_UPLOAD_PORT = 4005
+DEFAULT_UPLOAD_SLOTS = 200
+DEFAULT_SEED_UPLOAD_SLOTS = 2000
+DEFAULT_CONCURRENT_PIECES = 16
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from ``30``, ``2.5``, ``500ms``, ``30s``, ``5m`` or ``24h``."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a duration")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        match = _DURATION_RE.match(str(value))
+        if not match:
+            raise ValueError(f"{value!r} is not a duration like 30s, 500ms, 5m or 24h")
+        seconds = float(match[1]) * _DURATION_UNITS[match[2]]
+    if seconds < 0:
+        raise ValueError(f"{value!r} is negative")
+    return seconds
+
+
+def parse_size(value: object) -> int:
+    """Bytes from ``1048576``, ``512MiB``, ``10GiB``, ``1G`` or ``64k``."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a size")
+    if isinstance(value, int):
+        size = value
+    else:
+        match = _SIZE_RE.match(str(value))
+        if not match:
+            raise ValueError(f"{value!r} is not a size like 512MiB or 10GiB")
+        unit = (match[2] or "b").lower()[0]
+        size = int(float(match[1]) * 1024 ** "bkmgt".index(unit))
+    if size < 0:
+        raise ValueError(f"{value!r} is negative")
+    return size
+
+
+def parse_address(value: object) -> str:
+    """Validate ``HOST:PORT`` (IPv6 hosts in brackets) and return it unchanged."""
+    text = str(value).strip()
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{value!r} is not HOST:PORT")
+    return text
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``("host", port)`` of a validated ``HOST:PORT``."""
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def _parse_bool(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "1", "on"):
+        return True
+    if text in ("false", "no", "0", "off"):
+        return False
+    raise ValueError(f"{value!r} is not true or false")
+
+
+def _parse_list(item: Callable[[object], Any]) -> Callable[[object], tuple[Any, ...]]:
+    def parse(value: object) -> tuple[Any, ...]:
+        if isinstance(value, str):
+            values: Sequence[object] = [v for v in value.split(",") if v.strip()]
+        elif isinstance(value, list | tuple):
+            values = [v for raw in value for v in (str(raw).split(",") if isinstance(raw, str) else [raw])]
+        else:
+            raise ValueError(f"{value!r} is not a list")
+        return tuple(item(v.strip() if isinstance(v, str) else v) for v in values)
+
+    return parse
+
+
+def _parse_choice(choices: Sequence[str]) -> Callable[[object], str]:
+    def parse(value: object) -> str:
+        text = str(value).strip().lower()
+        if text not in choices:
+            raise ValueError(f"{value!r} is not one of {', '.join(choices)}")
+        return text
+
+    return parse
+
+
+def _parse_int(value: object) -> int:
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise ValueError(f"{value!r} is not an integer")
+    return int(str(value).strip()) if not isinstance(value, int | float) else int(value)
+
+
+def _parse_float(value: object) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a number")
+    return float(value)  # type: ignore[arg-type]
+
+
+def _parse_str(value: object) -> str:
+    if isinstance(value, dict | list):
+        raise ValueError(f"{value!r} is not a string")
+    return str(value)
+
+
+def option(default: Any, help: str, parse: Callable[[object], Any] | None = None, minimum: float | None = None) -> Any:
+    """Declare a config field: its default, help text, parser and lower bound."""
+    meta = {"help": help, "parse": parse, "minimum": minimum}
+    if parse is not None:
+        default = parse(default)  # defaults are written like file values ("30s"), stored parsed
+    if isinstance(default, list | tuple):
+        return dataclasses.field(default=tuple(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _parser_for(field: dataclasses.Field[Any]) -> Callable[[object], Any]:
+    parse = field.metadata.get("parse")
+    if parse is not None:
+        return parse  # type: ignore[no-any-return]
+    kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", "")
+    return {
+        "bool": _parse_bool,
+        "int": _parse_int,
+        "float": _parse_float,
+        "str": _parse_str,
+        "tuple[str, ...]": _parse_list(_parse_str),
+    }[kind]
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggingConfig:
+    """Settings every component has."""
+
+    log_level: str = option("info", "log level: debug, info, warning, error", _parse_choice(LOG_LEVELS))
+    log_format: str = option("text", "log format: text or json", _parse_choice(LOG_FORMATS))
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig(LoggingConfig):
+    """``damselfly scheduler``."""
+
+    listen: str = option(f"127.0.0.1:{DEFAULT_SCHEDULER_PORT}", "gRPC listen address HOST:PORT", parse_address)
+    metrics_listen: str = option(
+        f"127.0.0.1:{DEFAULT_SCHEDULER_METRICS_PORT}", "metrics and health HTTP address HOST:PORT", parse_address
+    )
+    seed_peer: tuple[str, ...] = option(
+        (), "dfdaemon gRPC address HOST:PORT of a seed peer (repeatable)", _parse_list(parse_address)
+    )
+    candidate_parent_limit: int = option(3, "candidate parents sent per schedule", minimum=1)
+    filter_parent_limit: int = option(15, "peers sampled when looking for candidate parents", minimum=1)
+    back_to_source_limit: int = option(200, "peers of one task allowed to back-source", minimum=0)
+    retry_limit: int = option(5, "scheduling attempts before a peer is failed", minimum=1)
+    retry_back_to_source_limit: int = option(
+        4, "scheduling attempts before a peer is told to back-source", minimum=1
+    )
+    retry_interval: float = option(0.5, "wait between scheduling attempts", parse_duration)
+    peer_ttl: float = option("24h", "forget a peer this long after its last activity", parse_duration)
+    task_ttl: float = option("24h", "forget a task this long after its last activity", parse_duration)
+    host_ttl: float = option("5m", "forget a host that has not announced itself for this long", parse_duration)
+    gc_interval: float = option("30s", "how often expired peers, tasks and hosts are collected", parse_duration)
+    seed_cooldown: float = option("30s", "skip a seed whose trigger failed for this long", parse_duration)
+
+
+@dataclasses.dataclass(frozen=True)
+class DfdaemonConfig(LoggingConfig):
+    """``damselfly dfdaemon``."""
+
+    scheduler: tuple[str, ...] = option(
+        (f"127.0.0.1:{DEFAULT_SCHEDULER_PORT}",), "scheduler gRPC addresses HOST:PORT[,HOST:PORT...]",
+        _parse_list(parse_address),
+    )
+    data_dir: str = option("/var/lib/damselfly", "directory of the piece cache and task metadata")
+    host_ip: str = option("127.0.0.1", "IP address other peers use to reach this node")
+    hostname: str = option(socket.gethostname(), "name of this node")
+    idc: str = option("", "data center of this node (parents in the same IDC score higher)")
+    location: str = option("", "location of this node, e.g. region|zone|rack (closer parents score higher)")
+    grpc_listen: str = option(f"127.0.0.1:{DEFAULT_DFDAEMON_GRPC_PORT}", "dfdaemon gRPC (upload API) HOST:PORT",
+                              parse_address)
+    upload_listen: str = option(f"127.0.0.1:{DEFAULT_UPLOAD_PORT}", "HTTP piece server HOST:PORT", parse_address)
+    proxy_listen: str = option(f"127.0.0.1:{DEFAULT_PROXY_PORT}", "registry mirror / HTTP proxy HOST:PORT",
+                               parse_address)
+    metrics_listen: str = option(f"127.0.0.1:{DEFAULT_DFDAEMON_METRICS_PORT}", "metrics HTTP HOST:PORT",
+                                 parse_address)
+    health_listen: str = option(f"127.0.0.1:{DEFAULT_HEALTH_PORT}", "health HTTP HOST:PORT", parse_address)
+    socket: str = option("/var/run/damselfly/dfdaemon.sock", "unix socket of the download API (dfget)")
+    seed: bool = option(False, "run as a seed peer: register as a seed host and back-source on trigger")
+    concurrent_piece_count: int = option(DEFAULT_CONCURRENT_PIECES, "pieces fetched in parallel per task",
+                                         minimum=1)
+    upload_slots: int = option(0, "concurrent piece uploads (0: 200, or 2000 for a seed)", minimum=0)
+    back_to_source_concurrency: int = option(8, "parallel ranged GETs to the origin per task", minimum=1)
+    piece_timeout: float = option("30s", "give up on one piece transfer after this long", parse_duration)
+    download_timeout: float = option("2h", "give up on a whole download after this long", parse_duration)
+    schedule_timeout: float = option("30s", "back-source when the scheduler gives no parent in this time",
+                                     parse_duration)
+    announce_interval: float = option("30s", "how often the host re-announces itself", parse_duration)
+    registry_mirror: str = option("", "default upstream registry URL for mirror requests")
+    proxy_rule: tuple[str, ...] = option(("blobs/sha256.*",), "regexes of GET URLs that go through P2P")
+    prefetch: bool = option(True, "after a Range read, fetch the rest of the blob in the background")
+    task_ttl: float = option("6h", "evict a completed task not read for this long", parse_duration)
+    cache_quota: int = option(0, "cache size limit (0: no quota, only the disk)", parse_size)
+    gc_high_watermark: float = option(0.9, "start evicting at this fraction of the quota", minimum=0.0)
+    gc_low_watermark: float = option(0.7, "evict down to this fraction of the quota", minimum=0.0)
+    gc_interval: float = option("60s", "how often the cache is collected", parse_duration)
+
+    @property
+    def effective_upload_slots(self) -> int:
+        """Upload slots after applying the seed / normal default."""
+        if self.upload_slots:
+            return self.upload_slots
+        return DEFAULT_SEED_UPLOAD_SLOTS if self.seed else DEFAULT_UPLOAD_SLOTS
+
+
+C = TypeVar("C", bound=LoggingConfig)
+
+
+def _check(cls: type[C], values: Mapping[str, object], source: str) -> dict[str, Any]:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    parsed: dict[str, Any] = {}
+    for key, raw in values.items():
+        name = key.replace("-", "_")
+        field = fields.get(name)
+        if field is None:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(key, f"unknown key in {source}; known keys: {known}")
+        try:
+            value = _parser_for(field)(raw)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(key, f"{exc} (in {source})") from None
+        minimum = field.metadata.get("minimum")
+        if minimum is not None and value < minimum:
+            raise ConfigError(key, f"{value!r} is below the minimum {minimum} (in {source})")
+        parsed[name] = value
+    return parsed
+
+
+def load_config(cls: type[C], path: str | Path | None = None, overrides: Mapping[str, object] | None = None) -> C:
+    """Defaults, then the YAML file at `path`, then `overrides` (command-line flags)."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            document = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as exc:
+            raise ConfigError("config", f"cannot read {path}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError("config", f"{path} is not valid YAML: {exc}") from None
+        if not isinstance(document, dict):
+            raise ConfigError("config", f"{path} must hold a mapping of keys to values")
+        values.update(_check(cls, document, str(path)))
+    values.update(_check(cls, overrides or {}, "command line"))
+    config = cls(**values)
+    _validate(config)
+    return config
+
+
+def _validate(config: LoggingConfig) -> None:
+    if isinstance(config, DfdaemonConfig):
+        if not config.scheduler and not config.seed:
+            raise ConfigError("scheduler", "at least one scheduler address is needed")
+        if not config.gc_low_watermark < config.gc_high_watermark <= 1.0:
+            raise ConfigError("gc_low_watermark", "need 0 <= gc_low_watermark < gc_high_watermark <= 1")
+        for rule in config.proxy_rule:
+            try:
+                re.compile(rule)
+            except re.error as exc:
+                raise ConfigError("proxy_rule", f"{rule!r} is not a valid regex: {exc}") from None
+    if isinstance(config, SchedulerConfig) and config.retry_back_to_source_limit > config.retry_limit:
+        raise ConfigError("retry_back_to_source_limit", "must not exceed retry_limit")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type[LoggingConfig]) -> None:
+    """One flag per config field, plus ``--config``. Unset flags stay out of the namespace."""
+    parser.add_argument("--config", metavar="FILE", help="YAML file with the same keys as the flags")
+    for field in dataclasses.fields(cls):
+        flag = "--" + field.name.replace("_", "-")
+        help_text = f"{field.metadata['help']} (default: {field.default!r})"
+        if field.type in ("bool", bool):
+            parser.add_argument(flag, dest=field.name, action="store_const", const=True,
+                                default=argparse.SUPPRESS, help=help_text)
+            parser.add_argument("--no-" + flag[2:], dest=field.name, action="store_const", const=False,
+                                default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        elif str(field.type).startswith("tuple"):
+            parser.add_argument(flag, dest=field.name, action="append", default=argparse.SUPPRESS,
+                                help=help_text)
+        else:
+            parser.add_argument(flag, dest=field.name, default=argparse.SUPPRESS, help=help_text)
+
+
+def config_from_args(cls: type[C], args: argparse.Namespace) -> C:
+    """Build a config from parsed arguments made by :func:`add_config_arguments`."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    overrides = {k: v for k, v in vars(args).items() if k in names}
+    return load_config(cls, getattr(args, "config", None), overrides)
+
+
+def to_yaml_dict(config: LoggingConfig) -> dict[str, Any]:
+    """The config as the YAML mapping `load_config` reads back (tuples as lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}

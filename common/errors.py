@@ -1,0 +1,151 @@
+"""The one exception tree of Damselfly.
+
+Every error a component raises on purpose is a :class:`DamselflyError`. Faults of a remote
+party (the origin, a parent peer, the scheduler) are kept apart from misuse by the local caller
+(bad config, bad input), so callers can decide whether to retry elsewhere or to give up::
+
+    DamselflyError
+    ├── LocalError                  the caller asked for something wrong; retrying won't help
+    │   ├── ConfigError             a config key or flag is invalid (names the key)
+    │   ├── InvalidRequest          malformed input from a client (URL, header, digest)
+    │   │   └── InvalidRange        a Range header that cannot be parsed
+    │   ├── RangeNotSatisfiable     a well-formed range outside the content
+    │   └── TaskNotFound            no such task in this store / scheduler
+    ├── StorageError                the local disk failed us
+    │   ├── DiskFull                a write does not fit in the cache quota or the disk
+    │   └── PieceNotAvailable       a piece is not (yet) complete on this node
+    ├── IntegrityError              bytes that do not match the digest they must have
+    │   ├── PieceDigestMismatch     one piece (names the parent that sent it)
+    │   └── ContentDigestMismatch   the whole content against the requested digest
+    ├── RemoteError                 a remote party failed; another source may work
+    │   ├── OriginError             the origin (registry, HTTP server) failed
+    │   │   ├── OriginStatusError   it answered a non-success status (keeps status and reason)
+    │   │   └── OriginUnreachable   connection refused, reset, timed out
+    │   ├── ParentError             a parent peer failed to serve a piece
+    │   └── SchedulerUnavailable    no scheduler answers
+    └── DownloadFailed              a download gave up; the message says why
+
+Third-party exceptions (aiohttp, grpc, OSError) are translated where they enter our code.
+"""
+
+from __future__ import annotations
+
+
+class DamselflyError(Exception):
+    """Base of every error Damselfly raises on purpose."""
+
+
+class LocalError(DamselflyError):
+    """The caller asked for something wrong; retrying the same request will not help."""
+
+
+class ConfigError(LocalError):
+    """A configuration key or flag has an invalid value."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"config {key}: {reason}")
+        self.key = key
+        self.reason = reason
+
+
+class InvalidRequest(LocalError):
+    """A client sent malformed input (URL, header, digest)."""
+
+
+class InvalidRange(InvalidRequest):
+    """A Range header that cannot be parsed."""
+
+
+class RangeNotSatisfiable(LocalError):
+    """A syntactically valid range that lies outside the content."""
+
+    def __init__(self, header: str, content_length: int) -> None:
+        super().__init__(f"range {header!r} is not satisfiable for {content_length} bytes")
+        self.content_length = content_length
+
+
+class TaskNotFound(LocalError):
+    """No such task here."""
+
+    def __init__(self, task_id: str) -> None:
+        super().__init__(f"task {task_id} not found")
+        self.task_id = task_id
+
+
+class StorageError(DamselflyError):
+    """The local disk failed us."""
+
+
+class DiskFull(StorageError):
+    """A write does not fit in the cache quota or on the disk."""
+
+
+class PieceNotAvailable(StorageError):
+    """A piece is not complete on this node."""
+
+
+class IntegrityError(DamselflyError):
+    """Bytes that do not match the digest they must have."""
+
+
+class PieceDigestMismatch(IntegrityError):
+    """A piece's bytes do not match its digest."""
+
+    def __init__(self, task_id: str, number: int, expected: str, actual: str, parent_id: str = "") -> None:
+        source = f" from parent {parent_id}" if parent_id else ""
+        super().__init__(
+            f"piece {number} of task {task_id}{source}: digest {actual} does not match expected {expected}"
+        )
+        self.task_id = task_id
+        self.number = number
+        self.expected = expected
+        self.actual = actual
+        self.parent_id = parent_id
+
+
+class ContentDigestMismatch(IntegrityError):
+    """The whole content does not match the requested digest."""
+
+    def __init__(self, expected: str, actual: str) -> None:
+        super().__init__(f"content digest {actual} does not match expected {expected}")
+        self.expected = expected
+        self.actual = actual
+
+
+class RemoteError(DamselflyError):
+    """A remote party failed; another source may succeed."""
+
+
+class OriginError(RemoteError):
+    """The origin (registry or HTTP server) failed."""
+
+
+class OriginStatusError(OriginError):
+    """The origin answered with a non-success status."""
+
+    def __init__(self, url: str, status: int, reason: str = "") -> None:
+        detail = f": {reason}" if reason else ""
+        super().__init__(f"origin answered {status} for {url}{detail}")
+        self.url = url
+        self.status = status
+        self.reason = reason
+
+
+class OriginUnreachable(OriginError):
+    """The origin could not be reached or broke the connection."""
+
+
+class ParentError(RemoteError):
+    """A parent peer failed to serve a piece."""
+
+    def __init__(self, parent_id: str, reason: str) -> None:
+        super().__init__(f"parent {parent_id}: {reason}")
+        self.parent_id = parent_id
+
+
+class SchedulerUnavailable(RemoteError):
+    """No scheduler answers."""
+
+
+class DownloadFailed(DamselflyError):
+    """A download gave up; the message says why."""

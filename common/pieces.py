@@ -1,0 +1,58 @@
+"""Piece arithmetic: how a content of N bytes is cut into numbered pieces."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MIB = 1024 * 1024
+MIN_PIECE_LENGTH = 4 * MIB
+MAX_PIECE_LENGTH = 64 * MIB
+# Aim for about this many pieces per task: enough parallelism, bounded metadata.
+TARGET_PIECE_COUNT = 500
+
+
+def piece_length_for(content_length: int | None) -> int:
+    """Piece length for a content: next power of two of size/500, clamped to [4 MiB, 64 MiB]."""
+    if content_length is None or content_length <= 0:
+        return MIN_PIECE_LENGTH
+    wanted = -(-content_length // TARGET_PIECE_COUNT)  # ceil division
+    length = 1 << (wanted - 1).bit_length()
+    return max(MIN_PIECE_LENGTH, min(MAX_PIECE_LENGTH, length))
+
+
+def piece_count(content_length: int, piece_length: int) -> int:
+    """Number of pieces of a content (0 for an empty one)."""
+    if content_length < 0 or piece_length <= 0:
+        raise ValueError(f"bad sizes: content {content_length}, piece {piece_length}")
+    return -(-content_length // piece_length)
+
+
+@dataclass(frozen=True, slots=True)
+class PieceSpan:
+    """Where piece `number` lies in the content."""
+
+    number: int
+    offset: int
+    length: int
+
+    @property
+    def end(self) -> int:
+        """Offset one past the last byte."""
+        return self.offset + self.length
+
+
+def piece_span(number: int, content_length: int, piece_length: int) -> PieceSpan:
+    """The byte span of one piece; raises ValueError for a number outside the content."""
+    count = piece_count(content_length, piece_length)
+    if not 0 <= number < count:
+        raise ValueError(f"piece {number} outside 0..{count - 1}")
+    offset = number * piece_length
+    return PieceSpan(number, offset, min(piece_length, content_length - offset))
+
+
+def pieces_covering(start: int, length: int, content_length: int, piece_length: int) -> range:
+    """Piece numbers that hold bytes [start, start+length) of the content."""
+    if length <= 0 or start >= content_length:
+        return range(0)
+    end = min(start + length, content_length)
+    return range(start // piece_length, (end - 1) // piece_length + 1)

@@ -1,0 +1,1 @@
+"""The per-node daemon (dfdaemon): storage, piece server, download engine, proxy and dfget."""

@@ -1,0 +1,1 @@
+"""The central scheduler: a pure scheduling core and a thin gRPC adapter over it."""

@@ -1,0 +1,1 @@
+"""Seed-peer mode: a dfdaemon that registers as a seed host and back-sources on trigger."""
