@@ -12,7 +12,7 @@ import xxhash
 
 
 def _weight(member: str, key: str) -> int:
-    return xxhash.xxh3_64_intdigest(f"{member}\x00{key}".encode())  # type: ignore[no-any-return]
+    return xxhash.xxh3_64_intdigest(f"{member}\x00{key}".encode())
 
 
 def rank(members: Sequence[str], key: str) -> list[str]:
