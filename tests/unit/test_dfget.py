@@ -1,0 +1,524 @@
+"""dfget against a fake dfdaemon.
+
+The fake serves ``DfdaemonDownload.DownloadTask`` on a unix socket from a thread pool: it writes
+the scenario's bytes to ``download.output_path`` and streams the started and piece messages, or
+aborts, or stops answering. What is tested is dfget's own logic: the request it sends, the
+temporary file, the digest re-check, the atomic rename, cleanup and messages. The integration
+tests run dfget against the real daemon.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from dragonfly_api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc
+
+from peer import dfget
+
+REPO = Path(__file__).resolve().parents[2]
+URL = "http://origin.example/files/blob.bin"
+CONTENT = os.urandom(300_000)
+PIECE = 64 * 1024
+
+
+@dataclass
+class Scenario:
+    """What the fake daemon does with the next request."""
+
+    content: bytes = CONTENT
+    announced_length: int | None = None  # content_length in the started message (default: len)
+    fail_after: int | None = None  # abort after writing this many bytes
+    error: tuple[grpc.StatusCode, str] = (grpc.StatusCode.INTERNAL, "origin answered 404 for the URL")
+    hang_after: int | None = None  # stop answering after writing this many bytes
+    requests: list[dfdaemon_pb2.DownloadTaskRequest] = field(default_factory=list)
+    hanging: threading.Event = field(default_factory=threading.Event)
+    release: threading.Event = field(default_factory=threading.Event)
+
+
+class FakeDaemon(dfdaemon_pb2_grpc.DfdaemonDownloadServicer):  # type: ignore[misc]
+    def __init__(self) -> None:
+        self.scenario = Scenario()
+
+    def DownloadTask(self, request: dfdaemon_pb2.DownloadTaskRequest, context: Any) -> Iterator[Any]:
+        sc = self.scenario
+        sc.requests.append(request)
+        content = sc.content
+        length = len(content) if sc.announced_length is None else sc.announced_length
+        yield dfdaemon_pb2.DownloadTaskResponse(
+            task_id="t",
+            download_task_started_response=dfdaemon_pb2.DownloadTaskStartedResponse(content_length=length),
+        )
+        with open(request.download.output_path, "wb") as out:
+            for number, offset in enumerate(range(0, len(content), PIECE)):
+                if sc.fail_after is not None and offset >= sc.fail_after:
+                    out.flush()
+                    context.abort(*sc.error)
+                if sc.hang_after is not None and offset >= sc.hang_after:
+                    out.flush()
+                    sc.hanging.set()
+                    sc.release.wait()
+                    return
+                chunk = content[offset : offset + PIECE]
+                out.write(chunk)
+                piece = common_pb2.Piece(number=number, offset=offset, length=len(chunk))
+                yield dfdaemon_pb2.DownloadTaskResponse(
+                    task_id="t",
+                    download_piece_finished_response=dfdaemon_pb2.DownloadPieceFinishedResponse(piece=piece),
+                )
+
+
+@dataclass
+class Daemon:
+    socket: str
+    fake: FakeDaemon
+
+    @property
+    def scenario(self) -> Scenario:
+        return self.fake.scenario
+
+
+@pytest.fixture
+def short_dir() -> Iterator[str]:
+    # Unix socket paths are limited to 107 bytes; pytest's tmp_path can be longer.
+    path = tempfile.mkdtemp(prefix="dfget-", dir="/tmp")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def daemon(short_dir: str) -> Iterator[Daemon]:
+    path = os.path.join(short_dir, "d.sock")
+    fake = FakeDaemon()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    dfdaemon_pb2_grpc.add_DfdaemonDownloadServicer_to_server(fake, server)
+    server.add_insecure_port(f"unix://{path}")
+    server.start()
+    yield Daemon(path, fake)
+    fake.scenario.release.set()
+    server.stop(None)
+
+
+def run(daemon_socket: str, output: Path, *extra: str, url: str = URL) -> int:
+    return dfget.main([url, "-O", str(output), "--endpoint", daemon_socket, *extra])
+
+
+def entries(directory: Path) -> list[str]:
+    return sorted(os.listdir(directory))
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("dfget: error: ")]
+
+
+# --- success ---------------------------------------------------------------------------------
+
+
+def test_success_writes_exact_content_and_carries_request_fields(
+    daemon: Daemon, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    output = tmp_path / "blob.bin"
+    digest = "sha256:" + hashlib.sha256(CONTENT).hexdigest()
+
+    code = run(daemon.socket, output, "--digest", digest.upper().replace("SHA256", "sha256"),
+               "-H", "Authorization: Bearer abc", "-H", "X-Extra:  one ", "-H", "x-extra: two",
+               "--tag", "v1", "--application", "app", "--priority", "3",
+               "--filtered-query-param", "Signature,Expires", "--filtered-query-param", "token",
+               "--timeout", "5m", "--disable-back-to-source")
+
+    assert code == 0, capsys.readouterr().err
+    assert hashlib.sha256(output.read_bytes()).hexdigest() == digest.split(":")[1]
+    assert entries(tmp_path) == ["blob.bin"]
+    assert capsys.readouterr().err == ""  # not a terminal: no progress bar
+    [request] = daemon.scenario.requests
+    d = request.download
+    assert d.url == URL
+    assert d.digest == digest
+    assert dict(d.request_header) == {"Authorization": "Bearer abc", "X-Extra": "one, two"}
+    assert (d.tag, d.application) == ("v1", "app")
+    assert d.priority == common_pb2.Priority.Value("LEVEL3")
+    assert list(d.filtered_query_params) == ["Signature", "Expires", "token"]
+    assert d.timeout.seconds == 300
+    assert d.disable_back_to_source is True
+    assert os.path.isabs(d.output_path)
+    assert os.path.dirname(d.output_path) == str(tmp_path)
+    assert os.path.basename(d.output_path).startswith(".blob.bin.dfget-")
+
+
+def test_relative_output_is_made_absolute_and_replaces_existing_file(
+    daemon: Daemon, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "out").write_bytes(b"old")
+    monkeypatch.chdir(tmp_path)
+
+    assert run(daemon.socket, Path("out")) == 0
+
+    assert (tmp_path / "out").read_bytes() == CONTENT
+    [request] = daemon.scenario.requests
+    assert os.path.dirname(request.download.output_path) == str(tmp_path)
+    assert request.download.digest == ""
+    assert request.download.timeout.seconds == 2 * 3600
+    assert entries(tmp_path) == ["out"]
+
+
+def test_empty_content(daemon: Daemon, tmp_path: Path) -> None:
+    daemon.scenario.content = b""
+    output = tmp_path / "empty"
+    digest = "sha256:" + hashlib.sha256(b"").hexdigest()
+
+    assert run(daemon.socket, output, "--digest", digest) == 0
+
+    assert output.read_bytes() == b""
+
+
+# --- failures leave nothing behind -----------------------------------------------------------
+
+
+def test_daemon_error_exits_1_with_one_line_and_leaves_nothing(
+    daemon: Daemon, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    daemon.scenario.fail_after = 2 * PIECE
+    daemon.scenario.error = (grpc.StatusCode.NOT_FOUND, "origin answered 404\nfor http://origin.example/x")
+
+    code = run(daemon.socket, tmp_path / "blob.bin")
+
+    assert code == 1
+    err = capsys.readouterr().err
+    assert err == "dfget: error: origin answered 404 for http://origin.example/x\n"
+    assert entries(tmp_path) == []
+
+
+def test_existing_file_untouched_on_failure(
+    daemon: Daemon, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    output = tmp_path / "blob.bin"
+    output.write_bytes(b"previous version")
+    daemon.scenario.fail_after = PIECE
+
+    assert run(daemon.socket, output) == 1
+
+    assert output.read_bytes() == b"previous version"
+    assert entries(tmp_path) == ["blob.bin"]
+    assert len(error_lines(capsys.readouterr().err)) == 1
+
+
+def test_wrong_digest_exits_1_and_leaves_no_file(
+    daemon: Daemon, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The fake daemon does not check digests, so this is dfget's own re-check at work.
+    wrong = "sha256:" + "0" * 64
+    output = tmp_path / "blob.bin"
+    output.write_bytes(b"keep me")
+
+    code = run(daemon.socket, output, "--digest", wrong)
+
+    assert code == 1
+    [line] = error_lines(capsys.readouterr().err)
+    assert "does not match" in line and wrong in line
+    assert output.read_bytes() == b"keep me"
+    assert entries(tmp_path) == ["blob.bin"]
+
+
+def test_short_content_is_a_failure(
+    daemon: Daemon, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    daemon.scenario.announced_length = len(CONTENT) + 1
+
+    assert run(daemon.socket, tmp_path / "blob.bin") == 1
+
+    [line] = error_lines(capsys.readouterr().err)
+    assert f"announced {len(CONTENT) + 1} bytes but wrote {len(CONTENT)}" in line
+    assert entries(tmp_path) == []
+
+
+def test_timeout_is_the_rpc_deadline(
+    daemon: Daemon, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    daemon.scenario.hang_after = PIECE
+
+    code = run(daemon.socket, tmp_path / "blob.bin", "--timeout", "300ms")
+
+    assert code == 1
+    assert error_lines(capsys.readouterr().err) == ["dfget: error: timed out after 300ms"]
+    assert daemon.scenario.hanging.is_set()
+    assert entries(tmp_path) == []
+
+
+def test_ctrl_c_removes_the_temporary_file(daemon: Daemon, tmp_path: Path) -> None:
+    output = tmp_path / "blob.bin"
+    output.write_bytes(b"old")
+    daemon.scenario.hang_after = PIECE
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "peer.dfget", URL, "-O", str(output), "--endpoint", daemon.socket],
+        cwd=REPO, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert daemon.scenario.hanging.wait(timeout=30)
+        assert any(name.startswith(".blob.bin.dfget-") for name in entries(tmp_path))
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1
+    assert error_lines(err) == ["dfget: error: interrupted"]
+    assert entries(tmp_path) == ["blob.bin"]
+    assert output.read_bytes() == b"old"
+
+
+# --- no daemon -------------------------------------------------------------------------------
+
+
+def test_missing_socket_fails_fast_with_a_hint(
+    short_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    endpoint = os.path.join(short_dir, "absent.sock")
+    started = time.monotonic()
+
+    code = run(endpoint, tmp_path / "blob.bin")
+
+    assert code == 1
+    assert time.monotonic() - started < 5
+    [line] = error_lines(capsys.readouterr().err)
+    assert f"no dfdaemon answers at {endpoint}" in line
+    assert "is it running?" in line and "damselfly up" in line
+    assert entries(tmp_path) == []
+
+
+def test_stale_socket_fails_fast(short_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    endpoint = os.path.join(short_dir, "stale.sock")
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(endpoint)  # the file exists but nobody listens: connection refused
+    started = time.monotonic()
+
+    code = run(endpoint, tmp_path / "blob.bin")
+
+    assert code == 1
+    assert time.monotonic() - started < 5
+    [line] = error_lines(capsys.readouterr().err)
+    assert "no dfdaemon answers at" in line and "connection refused" in line
+
+
+def test_console_script_reports_missing_daemon(short_dir: str, tmp_path: Path) -> None:
+    script = Path(sys.executable).parent / "dfget"
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "peer.dfget"]
+    endpoint = os.path.join(short_dir, "none.sock")
+
+    done = subprocess.run([*command, URL, "-O", str(tmp_path / "f"), "--endpoint", endpoint],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"dfget: error: no dfdaemon answers at {endpoint}")
+    assert done.stderr.count("\n") == 1
+
+
+# --- usage errors ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["-H", "no colon here"],
+        ["-H", ": empty name"],
+        ["-H", "Bad Name: x"],
+        ["--digest", "sha256:1234"],
+        ["--digest", "md5:" + "0" * 32],
+        ["--priority", "7"],
+        ["--priority", "-1"],
+        ["--timeout", "soon"],
+        ["--timeout", "0s"],
+    ],
+)
+def test_usage_errors_exit_2_before_connecting(
+    extra: list[str], daemon: Daemon, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run(daemon.socket, tmp_path / "f", *extra) == 2
+    assert "usage: dfget" in capsys.readouterr().err
+    assert daemon.scenario.requests == []
+
+
+@pytest.mark.parametrize("url", ["ftp://origin.example/x", "/local/path", "http://"])
+def test_bad_url_is_a_usage_error(url: str, daemon: Daemon, tmp_path: Path) -> None:
+    assert run(daemon.socket, tmp_path / "f", url=url) == 2
+    assert daemon.scenario.requests == []
+
+
+def test_missing_output_flag_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert dfget.main([URL]) == 2
+    assert "-O/--output" in capsys.readouterr().err
+
+
+def test_version_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
+    assert dfget.main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith("dfget (damselfly) ")
+
+
+@pytest.mark.parametrize(
+    ("make_output", "message"),
+    [
+        (lambda d: d / "missing" / "f", "does not exist"),
+        (lambda d: d, "is a directory"),
+    ],
+)
+def test_unusable_output_path(
+    make_output: Any, message: str, daemon: Daemon, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run(daemon.socket, make_output(tmp_path)) == 1
+    [line] = error_lines(capsys.readouterr().err)
+    assert message in line
+    assert daemon.scenario.requests == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_read_only_output_dir(daemon: Daemon, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path.chmod(0o500)
+    try:
+        assert run(daemon.socket, tmp_path / "f") == 1
+    finally:
+        tmp_path.chmod(0o700)
+    assert "not writable" in capsys.readouterr().err
+
+
+# --- parsing helpers -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ([], ()),
+        (["a"], ("a",)),
+        (["a,b", "c"], ("a", "b", "c")),
+        ([" a , ,b", "a"], ("a", "b")),
+    ],
+)
+def test_split_names(values: list[str], expected: tuple[str, ...]) -> None:
+    assert dfget.split_names(values) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("Range: bytes=0-9", ("Range", "bytes=0-9")),
+        ("X-A:b:c", ("X-A", "b:c")),
+        ("X-Empty:", ("X-Empty", "")),
+    ],
+)
+def test_parse_header(text: str, expected: tuple[str, str]) -> None:
+    assert dfget.parse_header(text) == expected
+
+
+# --- progress --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("done", "total", "elapsed", "expected"),
+    [
+        (0, 100 * 2**20, 0.0, "  0%  0 B / 100.0 MiB  0.0 MB/s  ETA --:--"),
+        (50 * 2**20, 100 * 2**20, 2.0, " 50%  50.0 MiB / 100.0 MiB  26.2 MB/s  ETA 0:02"),
+        (100 * 2**20, 100 * 2**20, 4.0, "100%  100.0 MiB / 100.0 MiB  26.2 MB/s  ETA 0:04"),
+        (1, 4 * 2**30, 3600.0, "  0%  1 B / 4.0 GiB  0.0 MB/s  ETA --:--"),
+        (2**30, 4 * 2**30, 10.0, " 25%  1.0 GiB / 4.0 GiB  107.4 MB/s  ETA 0:30"),
+        (2**30, 4 * 2**30, 1200.0, " 25%  1.0 GiB / 4.0 GiB  0.9 MB/s  ETA 1:00:00"),
+        (0, 0, 0.0, "100%  0 B / 0 B  0.0 MB/s  ETA 0:00"),
+        (2048, None, 1.0, "2.0 KiB  0.0 MB/s"),
+    ],
+)
+def test_format_progress(done: int, total: int | None, elapsed: float, expected: str) -> None:
+    assert dfget.format_progress(done, total, elapsed) == expected
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_progress_bar_redraws_at_most_ten_times_a_second() -> None:
+    stream, clock = io.StringIO(), Clock()
+    bar = dfget.ProgressBar(stream, clock)
+    bar.start(1000)
+    assert stream.getvalue().count("\r") == 1
+
+    clock.now += 0.05
+    bar.advance(100)  # too soon after the last draw
+    assert stream.getvalue().count("\r") == 1
+    clock.now += 0.06
+    bar.advance(100)
+    assert stream.getvalue().count("\r") == 2
+    assert " 20%" in stream.getvalue().split("\r")[-1]
+
+    bar.finish(success=True)
+    assert stream.getvalue().split("\r")[-1].startswith("100%")
+    assert stream.getvalue().endswith("\n")
+
+
+def test_progress_bar_on_failure_only_ends_the_line() -> None:
+    stream, clock = io.StringIO(), Clock()
+    bar = dfget.ProgressBar(stream, clock)
+    bar.start(1000)
+    clock.now += 1
+    bar.advance(300)
+    bar.finish(success=False)
+    assert " 30%" in stream.getvalue().split("\r")[-1]
+    assert stream.getvalue().endswith("\n")
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_progress_bar_on_a_terminal(fail: bool, daemon: Daemon, tmp_path: Path,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    if fail:
+        daemon.scenario.fail_after = 2 * PIECE
+
+    code = run(daemon.socket, tmp_path / "blob.bin")
+
+    *draws, last = terminal.getvalue().split("\r")
+    assert draws and draws[0] == ""
+    if fail:
+        assert code == 1
+        assert last.endswith("\n" + "dfget: error: origin answered 404 for the URL\n")
+    else:
+        assert code == 0
+        assert last.startswith("100%  293.0 KiB / 293.0 KiB") and last.endswith("\n")
+
+
+def test_no_progress_flag_on_a_terminal(
+    daemon: Daemon, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert run(daemon.socket, tmp_path / "blob.bin", "--no-progress") == 0
+    assert terminal.getvalue() == ""
+
+
+def test_no_progress_writes_nothing() -> None:
+    stream = io.StringIO()
+    bar = dfget.NoProgress(stream)
+    bar.start(10)
+    bar.advance(10)
+    bar.finish(success=True)
+    assert stream.getvalue() == ""
