@@ -11,6 +11,7 @@ loader, so the chart and the code cannot drift apart.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -34,6 +35,8 @@ from common.config import (
     DEFAULT_UPLOAD_PORT,
     DfdaemonConfig,
     SchedulerConfig,
+    add_config_arguments,
+    config_from_args,
     load_config,
 )
 
@@ -314,6 +317,29 @@ def test_config_files_are_mounted_where_the_args_point(helm: str, values: str | 
         volume = next(v for v in pod_spec(w)["volumes"] if v["name"] == mount["name"])
         assert key in one(docs, "ConfigMap", volume["configMap"]["name"])["data"]
         assert config_path.name == key
+
+
+@pytest.mark.parametrize("values", VALUES_FILES)
+def test_container_args_parse_with_the_binaries_flags(helm: str, values: str | None, tmp_path: Path) -> None:
+    """The args of each container, with the downward API filled in, parse with the real flags."""
+    docs = render(helm, values)
+    downward = {"$(HOST_IP)": "10.1.2.3", "$(NODE_NAME)": "node-a", "$(POD_NAME)": "pod-a"}
+    for workload, cname, cls in ((f"{RELEASE}-scheduler", "scheduler", SchedulerConfig),
+                                 (f"{RELEASE}-seed-peer", "seed-peer", DfdaemonConfig),
+                                 (f"{RELEASE}-dfdaemon", "dfdaemon", DfdaemonConfig)):
+        w = next(d for d in workloads(docs) if d["metadata"]["name"] == workload)
+        args = [downward.get(a, a) for a in container(w, cname)["args"][1:]]
+        key = Path(args[args.index("--config") + 1]).name
+        cm = next(c for c in find(docs, "ConfigMap") if key in c.get("data", {}))
+        local = tmp_path / f"{cname}-{key}"
+        local.write_text(cm["data"][key])
+        args[args.index("--config") + 1] = str(local)
+        parser = argparse.ArgumentParser(exit_on_error=False)
+        add_config_arguments(parser, cls)
+        config = config_from_args(cls, parser.parse_args(args))
+        if isinstance(config, DfdaemonConfig):
+            assert config.host_ip == "10.1.2.3"
+            assert config.hostname == ("pod-a" if config.seed else "node-a")
 
 
 def test_default_install(helm: str, tmp_path: Path) -> None:
