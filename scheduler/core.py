@@ -1,0 +1,810 @@
+"""The scheduling core: events in, decisions out. Pure and synchronous.
+
+:class:`SchedulerCore` owns the hosts, tasks and peers (:mod:`scheduler.resource`). Each public
+method takes one event (a host announced, a peer registered, a piece finished, time passed) and
+returns the decisions it leads to (:data:`Decision`); the gRPC service sends them. Nothing here
+does I/O or sleeps; time comes from the injected :class:`~common.clock.Clock` and randomness from
+an injected :class:`random.Random`, so the same inputs give the same decisions.
+
+Policy in short:
+
+- a registering peer gets candidate parents (filtered and scored by :mod:`scheduler.scheduling`);
+- with none, and nobody fetching the task yet, a seed is triggered (rendezvous hash of the task id
+  among the available seeds) and the peer waits; without seeds it goes back to source, within the
+  task's back-to-source limit;
+- a waiting peer is offered parents as soon as one appears; :meth:`SchedulerCore.tick` sends it
+  back to source after ``retry_back_to_source_limit`` retry intervals and fails it after
+  ``retry_limit``;
+- a peer that becomes a parent is pushed to a few children of the task that lack parents.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from enum import StrEnum
+
+from common import hashring
+from common.clock import Clock
+from common.config import SchedulerConfig
+from common.errors import TaskNotFound
+from scheduler.resource import (
+    FETCHING_STATES,
+    TERMINAL_STATES,
+    DownloadSpec,
+    Host,
+    HostInfo,
+    HostNotFound,
+    InvalidTransition,
+    Peer,
+    PeerEvent,
+    PeerNotFound,
+    PeerState,
+    PieceRecord,
+    Task,
+    TaskEvent,
+    TaskState,
+)
+from scheduler.scheduling import is_bad_parent, is_descendant, select_parents
+
+# A new parent wakes at most this many waiting peers of its task at once (the rest wait for the
+# next parent or the next tick), and is pushed to at most PUSH_LIMIT running children, looking at
+# no more than PUSH_SCAN of them.
+WAKE_LIMIT = 64
+PUSH_LIMIT = 8
+PUSH_SCAN = 32
+# A parent reported failed by this many distinct children is not offered again.
+FAILED_BY_LIMIT = 2
+
+
+class Code(StrEnum):
+    """gRPC status codes the core asks the service to end a stream with (names of grpc.StatusCode)."""
+
+    NOT_FOUND = "NOT_FOUND"
+    FAILED_PRECONDITION = "FAILED_PRECONDITION"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    ABORTED = "ABORTED"
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A parent offered to a child, with the pieces it has (and their relayed digests)."""
+
+    peer_id: str
+    task_id: str
+    state: str
+    host: HostInfo
+    pieces: tuple[PieceRecord, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SendNormal:
+    """Send ``normal_task_response``: these parents (added to any the peer already has)."""
+
+    peer_id: str
+    candidates: tuple[Candidate, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SendNeedBackToSource:
+    """Send ``need_back_to_source_response``."""
+
+    peer_id: str
+    description: str
+
+
+@dataclass(frozen=True, slots=True)
+class SendEmpty:
+    """Send ``empty_task_response``: the content is empty."""
+
+    peer_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class TriggerSeed:
+    """Call ``DfdaemonUpload.DownloadTask`` on the seed at `address` for this download."""
+
+    address: str
+    task_id: str
+    download: DownloadSpec  # need_back_to_source is set
+
+
+@dataclass(frozen=True, slots=True)
+class FailPeer:
+    """End the peer's stream with this status."""
+
+    peer_id: str
+    code: Code
+    message: str
+
+
+Decision = SendNormal | SendNeedBackToSource | SendEmpty | TriggerSeed | FailPeer
+_Apply = Callable[[Peer], list[Decision]]
+
+
+@dataclass(frozen=True, slots=True)
+class TaskInfo:
+    """A task as ``StatTask`` shows it."""
+
+    id: str
+    download: DownloadSpec
+    state: str
+    content_length: int | None
+    piece_count: int | None
+    pieces: tuple[PieceRecord, ...]  # back-sourced pieces with their digests, by number
+    peer_count: int
+    has_available_peer: bool
+    created_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class PeerInfo:
+    """A peer as ``StatPeer`` shows it."""
+
+    id: str
+    task_id: str
+    host: HostInfo
+    state: str
+    download: DownloadSpec
+    pieces: tuple[PieceRecord, ...]
+    parent_ids: tuple[str, ...]
+    created_at: float
+    updated_at: float
+
+
+class SchedulerCore:
+    """Hosts, tasks and peers, and every scheduling decision about them."""
+
+    def __init__(self, config: SchedulerConfig, clock: Clock, rng: random.Random | None = None) -> None:
+        self.config = config
+        self.clock = clock
+        self.rng = rng if rng is not None else random.Random(0)
+        self.hosts: dict[str, Host] = {}
+        self.tasks: dict[str, Task] = {}
+        self.peers: dict[str, Peer] = {}
+        self._seed_hosts: dict[str, Host] = {}
+        self._cooldown: dict[str, float] = {}  # seed address -> skipped until
+        self._waiting: dict[str, Peer] = {}  # every waiting peer, oldest first
+
+    # ----------------------------------------------------------------------------------------
+    # Counts (gauges)
+
+    @property
+    def host_count(self) -> int:
+        return len(self.hosts)
+
+    @property
+    def peer_count(self) -> int:
+        return len(self.peers)
+
+    @property
+    def task_count(self) -> int:
+        return len(self.tasks)
+
+    @property
+    def waiting_count(self) -> int:
+        return len(self._waiting)
+
+    # ----------------------------------------------------------------------------------------
+    # Hosts
+
+    def announce_host(self, info: HostInfo) -> list[Decision]:
+        """A host (re)announced itself."""
+        now = self.clock.time()
+        host = self.hosts.get(info.id)
+        if host is None:
+            host = Host(info, now)
+            self.hosts[info.id] = host
+        else:
+            host.info = info
+            host.announced_at = now
+        if info.is_seed:
+            self._seed_hosts[info.id] = host
+        else:
+            self._seed_hosts.pop(info.id, None)
+        return []
+
+    def delete_host(self, host_id: str) -> list[Decision]:
+        """A host left: forget it and its peers."""
+        host = self.hosts.pop(host_id, None)
+        if host is None:
+            return []
+        self._seed_hosts.pop(host_id, None)
+        decisions: list[Decision] = []
+        for peer in list(host.peers.values()):
+            decisions += self._remove_peer(peer, f"host {host_id} left")
+        return decisions
+
+    def list_hosts(self) -> list[HostInfo]:
+        return [host.info for host in self.hosts.values()]
+
+    def available_seeds(self) -> list[str]:
+        """``ip:port`` of seeds that may be triggered now: configured and announced, minus cool-down."""
+        now = self.clock.time()
+        addresses = set(self.config.seed_peer)
+        addresses.update(host.info.grpc_address for host in self._seed_hosts.values())
+        return sorted(a for a in addresses if self._cooldown.get(a, 0.0) <= now)
+
+    # ----------------------------------------------------------------------------------------
+    # Peer lifecycle events
+
+    def register_peer(
+        self, host_id: str, task_id: str, peer_id: str, download: DownloadSpec
+    ) -> list[Decision]:
+        """A peer asked for a download of `task_id` on `host_id`."""
+        host = self.hosts.get(host_id)
+        if host is None:
+            return [FailPeer(peer_id, Code.FAILED_PRECONDITION,
+                             f"host {host_id} not announced; call AnnounceHost first")]
+        decisions: list[Decision] = []
+        old = self.peers.get(peer_id)
+        if old is not None:  # a retry with the same id: start over (its stream is this one now)
+            decisions += [d for d in self._remove_peer(old, "registered again")
+                          if not (isinstance(d, FailPeer) and d.peer_id == peer_id)]
+        now = self.clock.time()
+        task = self.tasks.get(task_id)
+        if task is None:
+            task = Task(task_id, download, now)
+            self.tasks[task_id] = task
+        peer = Peer(peer_id, task, host, download, now)
+        self.peers[peer_id] = peer
+        task.peers[peer_id] = peer
+        host.peers[peer_id] = peer
+        task.transition(TaskEvent.DOWNLOAD, now)
+        if peer.is_seed and task.seed_trigger is not None:
+            task.seed_trigger = None  # the trigger arrived (or another seed took it on)
+        if task.content_length == 0:
+            peer.transition(PeerEvent.SCHEDULE_EMPTY, now)
+            return [SendEmpty(peer_id)]
+        if download.need_back_to_source:
+            decisions.append(self._back_to_source(peer, "the download asked to go back to source"))
+            return decisions
+        return decisions + self._schedule(peer)
+
+    def download_started(self, peer_id: str) -> list[Decision]:
+        """The peer started downloading from its parents."""
+        return self._guard(peer_id, lambda peer: self._transition(peer, PeerEvent.DOWNLOAD))
+
+    def back_to_source_started(self, peer_id: str) -> list[Decision]:
+        """The peer started downloading from the origin."""
+        return self._guard(peer_id, self._start_back_to_source)
+
+    def piece_finished(
+        self, peer_id: str, number: int, offset: int, length: int, parent_id: str = "", cost: float = 0.0
+    ) -> list[Decision]:
+        """The peer has piece `number`, fetched from `parent_id` in `cost` seconds."""
+
+        def apply(peer: Peer) -> list[Decision]:
+            was_parent = peer.eligible_parent
+            if peer.state in (PeerState.RECEIVED_NORMAL, PeerState.RECEIVED_EMPTY):
+                peer.transition(PeerEvent.DOWNLOAD, self.clock.time())  # started implied
+            self._record_piece(peer, number, offset, length)
+            parent = self.peers.get(parent_id) if parent_id else None
+            if parent is not None and parent.task is peer.task:
+                parent.upload_succeeded += 1
+                parent.upload_costs.add(cost)
+            return self._parent_changed(peer, was_parent)
+
+        return self._guard(peer_id, apply)
+
+    def back_to_source_piece_finished(
+        self, peer_id: str, number: int, offset: int, length: int, digest: str, cost: float = 0.0
+    ) -> list[Decision]:
+        """The peer fetched piece `number` from the origin; its digest now defines the piece."""
+
+        def apply(peer: Peer) -> list[Decision]:
+            decisions: list[Decision] = []
+            if peer.state is not PeerState.BACK_TO_SOURCE and peer.can(PeerEvent.DOWNLOAD_BACK_TO_SOURCE):
+                decisions += self._start_back_to_source(peer)  # started implied
+            was_parent = peer.eligible_parent
+            task = peer.task
+            if number not in task.pieces:  # the first report wins; later ones cannot redefine it
+                task.pieces[number] = PieceRecord(number, offset, length, digest)
+            self._record_piece(peer, number, offset, length)
+            return decisions + self._parent_changed(peer, was_parent)
+
+        return self._guard(peer_id, apply)
+
+    def piece_failed(
+        self, peer_id: str, number: int, parent_id: str, temporary: bool = False
+    ) -> list[Decision]:
+        """The peer could not get piece `number` from `parent_id`.
+
+        A temporary failure (the parent was busy) is not held against the parent; any other one
+        blocklists it for this child and counts against it.
+        """
+
+        def apply(peer: Peer) -> list[Decision]:
+            peer.updated_at = self.clock.time()
+            parent = self.peers.get(parent_id) if parent_id else None
+            if temporary or not parent_id:
+                return []
+            peer.blocklist.add(parent_id)
+            if parent is None:
+                return []
+            self._unlink(peer, parent)
+            self._update_hungry(peer)
+            self._count_parent_failure(parent, peer)
+            return []
+
+        return self._guard(peer_id, apply)
+
+    def reschedule(
+        self, peer_id: str, blocklisted: Iterable[str] = (), description: str = ""
+    ) -> list[Decision]:
+        """The peer's parents cannot give it what it needs: drop the listed ones, find others."""
+
+        def apply(peer: Peer) -> list[Decision]:
+            if peer.state in TERMINAL_STATES:
+                return []
+            if peer.state in (PeerState.BACK_TO_SOURCE, PeerState.RECEIVED_BACK_TO_SOURCE):
+                return [SendNeedBackToSource(peer.id, "the peer was already told to go back to source")]
+            peer.updated_at = self.clock.time()
+            for parent_id in blocklisted:
+                peer.blocklist.add(parent_id)
+                parent = peer.parents.get(parent_id)
+                if parent is not None:
+                    self._unlink(peer, parent)
+            self._update_hungry(peer)
+            return self._schedule(peer, exclude=peer.parents)
+
+        return self._guard(peer_id, apply)
+
+    def peer_finished(self, peer_id: str) -> list[Decision]:
+        """The peer has the whole content (downloaded from parents)."""
+        return self._guard(peer_id, self._succeed)
+
+    def back_to_source_finished(self, peer_id: str) -> list[Decision]:
+        """The peer has the whole content (downloaded from the origin)."""
+
+        def apply(peer: Peer) -> list[Decision]:
+            decisions = self._succeed(peer)
+            if peer.download.range_length == 0:
+                self._learn_content_length(peer)
+            return decisions
+
+        return self._guard(peer_id, apply)
+
+    def peer_failed(self, peer_id: str, description: str = "") -> list[Decision]:
+        """The peer gave up."""
+        return self._guard(peer_id, lambda peer: self._fail(peer))
+
+    def back_to_source_failed(self, peer_id: str, description: str = "") -> list[Decision]:
+        """The peer could not fetch the content from the origin."""
+        return self._guard(peer_id, lambda peer: self._fail(peer))
+
+    def stream_closed(self, peer_id: str) -> list[Decision]:
+        """The peer's stream ended. Unless it had finished, the peer failed."""
+        peer = self.peers.get(peer_id)
+        if peer is None or peer.state in TERMINAL_STATES:
+            return []
+        return self._fail(peer)
+
+    def delete_peer(self, peer_id: str) -> list[Decision]:
+        """Forget a peer (``DeletePeer``)."""
+        peer = self.peers.get(peer_id)
+        if peer is None:
+            raise PeerNotFound(peer_id)
+        return self._remove_peer(peer, "peer deleted")
+
+    def delete_task(self, task_id: str) -> list[Decision]:
+        """Forget a task and its peers (``DeleteTask``)."""
+        task = self.tasks.get(task_id)
+        if task is None:
+            raise TaskNotFound(task_id)
+        decisions: list[Decision] = []
+        for peer in list(task.peers.values()):
+            decisions += self._remove_peer(peer, f"task {task_id} deleted")
+        task.transition(TaskEvent.LEAVE, self.clock.time())
+        del self.tasks[task_id]
+        return decisions
+
+    # ----------------------------------------------------------------------------------------
+    # Seeds, time, garbage
+
+    def seed_trigger_failed(self, address: str, task_id: str | None = None) -> list[Decision]:
+        """Triggering the seed at `address` failed: cool it down and find another way."""
+        now = self.clock.time()
+        self._cooldown[address] = now + self.config.seed_cooldown
+        tasks = [self.tasks[task_id]] if task_id is not None and task_id in self.tasks else (
+            list(self.tasks.values()) if task_id is None else [])
+        decisions: list[Decision] = []
+        for task in tasks:
+            if task.seed_trigger is None or task.seed_trigger[0] != address:
+                continue
+            task.seed_trigger = None
+            decisions += self._refetch(task)
+        return decisions
+
+    def tick(self) -> list[Decision]:
+        """Retry waiting peers: new parents, a seed, back-to-source after a while, failure at last."""
+        now = self.clock.time()
+        self._cooldown = {a: until for a, until in self._cooldown.items() if until > now}
+        decisions: list[Decision] = []
+        for peer in list(self._waiting.values()):
+            if peer.id not in self._waiting:
+                continue  # scheduled meanwhile by an earlier decision of this tick
+            decisions += self._schedule(peer)
+        return decisions
+
+    def gc(self) -> list[Decision]:
+        """Forget peers, hosts and tasks whose time-to-live has passed."""
+        now = self.clock.time()
+        decisions: list[Decision] = []
+        for peer in list(self.peers.values()):
+            if now - peer.updated_at > self.config.peer_ttl:
+                decisions += self._remove_peer(peer, "peer expired")
+        for host in list(self.hosts.values()):
+            if now - host.announced_at > self.config.host_ttl:
+                decisions += self.delete_host(host.id)
+        for task in list(self.tasks.values()):
+            if not task.peers and now - task.updated_at > self.config.task_ttl:
+                task.transition(TaskEvent.LEAVE, now)
+                del self.tasks[task.id]
+        return decisions
+
+    # ----------------------------------------------------------------------------------------
+    # Queries
+
+    def stat_task(self, task_id: str) -> TaskInfo:
+        task = self.tasks.get(task_id)
+        if task is None:
+            raise TaskNotFound(task_id)
+        return TaskInfo(
+            id=task.id,
+            download=task.download,
+            state=task.state.value,
+            content_length=task.content_length,
+            piece_count=task.piece_count,
+            pieces=tuple(task.pieces[n] for n in sorted(task.pieces)),
+            peer_count=len(task.peers),
+            has_available_peer=len(task.parents) > 0,
+            created_at=task.created_at,
+            updated_at=task.updated_at,
+        )
+
+    def stat_peer(self, peer_id: str) -> PeerInfo:
+        peer = self.peers.get(peer_id)
+        if peer is None:
+            raise PeerNotFound(peer_id)
+        return PeerInfo(
+            id=peer.id,
+            task_id=peer.task.id,
+            host=peer.host.info,
+            state=peer.state.value,
+            download=peer.download,
+            pieces=self._pieces_of(peer),
+            parent_ids=tuple(peer.parents),
+            created_at=peer.created_at,
+            updated_at=peer.updated_at,
+        )
+
+    def stat_host(self, host_id: str) -> HostInfo:
+        host = self.hosts.get(host_id)
+        if host is None:
+            raise HostNotFound(host_id)
+        return host.info
+
+    # ----------------------------------------------------------------------------------------
+    # Scheduling
+
+    def _schedule(self, peer: Peer, exclude: Iterable[str] = ()) -> list[Decision]:
+        """Parents for `peer` if there are any, else the no-parent policy."""
+        sent = self._offer_parents(peer, exclude)
+        if sent is not None:
+            return [sent]
+        return self._no_parent(peer)
+
+    def _offer_parents(self, peer: Peer, exclude: Iterable[str] = ()) -> SendNormal | None:
+        task = peer.task
+        if not task.parents:
+            return None
+        parents = select_parents(
+            peer,
+            task,
+            limit=self.config.candidate_parent_limit,
+            sample=self.config.filter_parent_limit,
+            rng=self.rng,
+            exclude=set(exclude),
+        )
+        if not parents:
+            return None
+        return self._send_normal(peer, parents)
+
+    def _send_normal(self, peer: Peer, parents: list[Peer]) -> SendNormal:
+        peer.transition(PeerEvent.SCHEDULE_NORMAL, self.clock.time())
+        self._unpark(peer)
+        for parent in parents:
+            self._link(peer, parent)
+        self._update_hungry(peer)
+        return SendNormal(peer.id, tuple(self._candidate(parent) for parent in parents))
+
+    def _no_parent(self, peer: Peer) -> list[Decision]:
+        """No parent for `peer` now: trigger a seed, go back to source, wait, or give up."""
+        task = peer.task
+        now = self.clock.time()
+        if peer.download.need_back_to_source or peer.is_seed:
+            return [self._back_to_source(peer, "no parent holds the task")]
+        waited = now - peer.waiting_since if peer.waiting_since is not None else 0.0
+        interval = self.config.retry_interval
+        if not self._fetching(task, peer):
+            seeds = self.available_seeds()
+            address = hashring.choose(seeds, task.id)
+            if address is not None:
+                task.seed_trigger = (address, now)
+                self._park(peer)
+                download = replace(peer.download, need_back_to_source=True, range_start=0, range_length=0)
+                return [TriggerSeed(address, task.id, download)]
+            if self._may_back_to_source(peer):
+                return [self._back_to_source(peer, "no parent and no seed peer")]
+        elif waited >= self.config.retry_back_to_source_limit * interval and self._may_back_to_source(peer):
+            return [self._back_to_source(peer, f"no parent after {waited:.1f}s")]
+        if waited >= self.config.retry_limit * interval:
+            self._fail(peer, refetch=False)
+            if peer.download.disable_back_to_source:
+                reason = "back-to-source disabled"
+            else:
+                reason = f"back-to-source limit {self.config.back_to_source_limit} reached"
+            return [FailPeer(peer.id, Code.RESOURCE_EXHAUSTED,
+                             f"{reason} and no parent after {waited:.1f}s")]
+        self._park(peer)
+        return []
+
+    def _may_back_to_source(self, peer: Peer) -> bool:
+        if peer.download.disable_back_to_source:
+            return False
+        return peer.id in peer.task.back_to_source_peers or (
+            len(peer.task.back_to_source_peers) < self.config.back_to_source_limit)
+
+    def _fetching(self, task: Task, child: Peer | None = None) -> bool:
+        """Someone is bringing the task in: a seed trigger in flight or a peer at the origin
+        (one that could later serve `child`: not blocklisted by it, not on its host)."""
+        if task.seed_trigger is not None:
+            expiry = self.config.retry_limit * self.config.retry_interval
+            if self.clock.time() - task.seed_trigger[1] < expiry:
+                return True
+            task.seed_trigger = None
+        for peer in task.back_to_source_peers.values():
+            if peer.state not in FETCHING_STATES or peer is child:
+                continue
+            if child is None or (peer.id not in child.blocklist and peer.host is not child.host):
+                return True
+        return False
+
+    def _back_to_source(self, peer: Peer, description: str) -> SendNeedBackToSource:
+        now = self.clock.time()
+        peer.transition(PeerEvent.SCHEDULE_BACK_TO_SOURCE, now)
+        peer.task.back_to_source_peers[peer.id] = peer
+        self._unpark(peer)
+        peer.task.hungry.discard(peer.id)
+        return SendNeedBackToSource(peer.id, description)
+
+    def _refetch(self, task: Task) -> list[Decision]:
+        """Nobody fetches the task any more: let the first waiting peer trigger a seed or back-source."""
+        if self._fetching(task):
+            return []
+        for peer in list(task.waiting.values()):
+            decisions = self._schedule(peer)
+            if decisions:
+                return decisions
+        return []
+
+    # ----------------------------------------------------------------------------------------
+    # Parents appearing and disappearing
+
+    def _parent_changed(self, peer: Peer, was_parent: bool) -> list[Decision]:
+        """React to `peer` becoming (or ceasing to be) a parent."""
+        is_parent = peer.eligible_parent
+        if is_parent == was_parent:
+            return []
+        task = peer.task
+        if not is_parent:
+            task.parents.discard(peer.id)
+            return []
+        task.parents.add(peer.id, peer)
+        decisions: list[Decision] = []
+        # waiting peers first: they have nothing at all
+        for waiting in list(itertools.islice(task.waiting.values(), WAKE_LIMIT)):
+            if peer.host.free_upload_slots <= 0:
+                break
+            sent = self._offer_parents(waiting)
+            if sent is not None:
+                decisions.append(sent)
+        decisions += self._push(peer)
+        return decisions
+
+    def _push(self, parent: Peer) -> list[Decision]:
+        """Offer a new parent to running children of its task that have too few parents."""
+        decisions: list[Decision] = []
+        if is_bad_parent(parent):
+            return decisions
+        for child in parent.task.hungry.first(PUSH_SCAN):
+            if len(decisions) >= PUSH_LIMIT or parent.host.free_upload_slots <= 0:
+                break
+            if (
+                child is parent
+                or child.host is parent.host
+                or parent.id in child.parents
+                or parent.id in child.blocklist
+                or is_descendant(parent, of=child)
+            ):
+                continue
+            decisions.append(self._send_normal(child, [parent]))
+        return decisions
+
+    def _count_parent_failure(self, parent: Peer, child: Peer) -> None:
+        parent.upload_failed += 1
+        parent.failed_by.add(child.id)
+        if len(parent.failed_by) >= FAILED_BY_LIMIT and not parent.demoted:
+            parent.demoted = True
+            parent.task.parents.discard(parent.id)
+
+    # ----------------------------------------------------------------------------------------
+    # State changes
+
+    def _transition(self, peer: Peer, event: PeerEvent) -> list[Decision]:
+        was_parent = peer.eligible_parent
+        peer.transition(event, self.clock.time())
+        peer.task.updated_at = peer.updated_at
+        self._update_hungry(peer)
+        return self._parent_changed(peer, was_parent)
+
+    def _start_back_to_source(self, peer: Peer) -> list[Decision]:
+        task = peer.task
+        was_parent = peer.eligible_parent
+        peer.transition(PeerEvent.DOWNLOAD_BACK_TO_SOURCE, self.clock.time())
+        task.updated_at = peer.updated_at
+        task.back_to_source_peers[peer.id] = peer
+        if peer.is_seed:
+            task.seed_trigger = None
+        self._unpark(peer)
+        for parent in list(peer.parents.values()):
+            self._unlink(peer, parent)
+        task.hungry.discard(peer.id)
+        return self._parent_changed(peer, was_parent)
+
+    def _record_piece(self, peer: Peer, number: int, offset: int, length: int) -> None:
+        now = self.clock.time()
+        task = peer.task
+        peer.updated_at = task.updated_at = now
+        if peer.finished.add(number):
+            task.max_finished = max(task.max_finished, peer.finished.count)
+        if number not in task.piece_spans:
+            task.piece_spans[number] = (offset, length)
+
+    def _succeed(self, peer: Peer) -> list[Decision]:
+        was_parent = peer.eligible_parent
+        now = self.clock.time()
+        peer.transition(PeerEvent.SUCCEED, now)
+        self._unpark(peer)
+        for parent in list(peer.parents.values()):
+            self._unlink(peer, parent)
+        peer.task.hungry.discard(peer.id)
+        peer.task.transition(TaskEvent.SUCCEED, now)
+        return self._parent_changed(peer, was_parent)
+
+    def _fail(self, peer: Peer, refetch: bool = True) -> list[Decision]:
+        now = self.clock.time()
+        task = peer.task
+        peer.transition(PeerEvent.FAIL, now)
+        self._detach(peer)
+        if peer.id in task.back_to_source_peers and task.state is TaskState.RUNNING and not task.parents \
+                and not self._fetching(task):
+            task.transition(TaskEvent.FAIL, now)
+        return self._refetch(task) if refetch else []
+
+    def _remove_peer(self, peer: Peer, reason: str) -> list[Decision]:
+        """Forget `peer` entirely; a peer still downloading has its stream ended."""
+        decisions: list[Decision] = []
+        task = peer.task
+        if peer.state not in TERMINAL_STATES:
+            decisions.append(FailPeer(peer.id, Code.ABORTED, reason))
+        peer.transition(PeerEvent.LEAVE, self.clock.time())
+        self._detach(peer)
+        task.peers.pop(peer.id, None)
+        task.back_to_source_peers.pop(peer.id, None)
+        peer.host.peers.pop(peer.id, None)
+        self.peers.pop(peer.id, None)
+        return decisions + self._refetch(task)
+
+    def _detach(self, peer: Peer) -> None:
+        """Drop `peer` from every index and every edge (it keeps its record)."""
+        task = peer.task
+        self._unpark(peer)
+        task.parents.discard(peer.id)
+        task.hungry.discard(peer.id)
+        for parent in list(peer.parents.values()):
+            self._unlink(peer, parent)
+        for child in list(peer.children.values()):
+            self._unlink(child, peer)
+            self._update_hungry(child)
+
+    def _learn_content_length(self, peer: Peer) -> None:
+        """After a whole back-to-source download: the content is its pieces, if they are contiguous."""
+        task = peer.task
+        count = peer.finished.count
+        end = 0
+        for number in range(count):
+            record = task.pieces.get(number)
+            if record is None or number not in peer.finished or record.offset != end:
+                return
+            end = record.end
+        task.content_length = end
+        task.piece_count = count
+
+    # ----------------------------------------------------------------------------------------
+    # Indexes
+
+    def _link(self, child: Peer, parent: Peer) -> None:
+        if parent.id in child.parents:
+            return
+        child.parents[parent.id] = parent
+        parent.children[child.id] = child
+        parent.host.child_edges += 1
+
+    def _unlink(self, child: Peer, parent: Peer) -> None:
+        if child.parents.pop(parent.id, None) is None:
+            return
+        parent.children.pop(child.id, None)
+        parent.host.child_edges -= 1
+
+    def _update_hungry(self, peer: Peer) -> None:
+        wants_more = (
+            peer.state in (PeerState.RECEIVED_NORMAL, PeerState.RUNNING)
+            and len(peer.parents) < self.config.candidate_parent_limit
+            and peer.id not in self._waiting
+            and peer.id not in peer.task.back_to_source_peers
+        )
+        if wants_more:
+            peer.task.hungry.add(peer.id, peer)
+        else:
+            peer.task.hungry.discard(peer.id)
+
+    def _park(self, peer: Peer) -> None:
+        if peer.waiting_since is None:
+            peer.waiting_since = self.clock.time()
+        peer.task.waiting[peer.id] = peer
+        self._waiting[peer.id] = peer
+        peer.task.hungry.discard(peer.id)
+
+    def _unpark(self, peer: Peer) -> None:
+        peer.waiting_since = None
+        peer.task.waiting.pop(peer.id, None)
+        self._waiting.pop(peer.id, None)
+
+    # ----------------------------------------------------------------------------------------
+    # Helpers
+
+    def _guard(self, peer_id: str, apply: _Apply) -> list[Decision]:
+        """Run `apply` on a known peer; an unknown peer or an illegal event ends its stream."""
+        peer = self.peers.get(peer_id)
+        if peer is None:
+            return [FailPeer(peer_id, Code.NOT_FOUND, f"peer {peer_id} not registered; register it first")]
+        try:
+            return apply(peer)
+        except InvalidTransition as exc:
+            decisions: list[Decision] = [FailPeer(peer_id, Code.FAILED_PRECONDITION, str(exc))]
+            if peer.state not in TERMINAL_STATES:
+                decisions += self._fail(peer)
+            return decisions
+
+    def _pieces_of(self, peer: Peer) -> tuple[PieceRecord, ...]:
+        task = peer.task
+        records = []
+        for number in peer.finished:
+            record = task.pieces.get(number)
+            if record is None:
+                offset, length = task.piece_spans.get(number, (0, 0))
+                record = PieceRecord(number, offset, length, "")
+            records.append(record)
+        return tuple(records)
+
+    def _candidate(self, parent: Peer) -> Candidate:
+        return Candidate(
+            parent.id, parent.task.id, parent.state.value, parent.host.info, self._pieces_of(parent)
+        )
+

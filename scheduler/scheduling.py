@@ -1,0 +1,155 @@
+"""Candidate-parent filtering and scoring: pure functions over :mod:`scheduler.resource` records.
+
+A parent is first *filtered* (may it serve this child at all?) and then *scored* with named
+weights (which of the acceptable ones are best?). Only a bounded random sample of the task's
+eligible parents is looked at, so the work per schedule does not grow with the task.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Collection
+from dataclasses import dataclass
+
+from scheduler.resource import Peer, PeerState, Task
+
+# Scoring weights; they sum to 1 so a score is in [0, 1].
+WEIGHT_FINISHED_PIECES = 0.25  # how much of the content the parent already has
+WEIGHT_UPLOAD_SUCCESS = 0.15  # pieces it served well / pieces it was asked for
+WEIGHT_FREE_UPLOAD_SLOTS = 0.15  # room left for one more child
+WEIGHT_HOST_TYPE = 0.20  # normal peers first, so seeds are offloaded once peers have pieces
+WEIGHT_IDC = 0.15  # same data center
+WEIGHT_LOCATION = 0.10  # longest common prefix of "region|zone|rack"
+
+HOST_TYPE_SCORE_NORMAL = 1.0
+HOST_TYPE_SCORE_SEED = 0.0
+MAX_LOCATION_ELEMENTS = 5
+
+# Bad parent: its last piece cost is an outlier against the costs before it.
+BAD_PARENT_MIN_SAMPLES = 30  # from this many previous samples on, use the 3-sigma rule
+BAD_PARENT_SIGMAS = 3.0
+BAD_PARENT_MEAN_FACTOR = 20.0  # below that, an outlier is > 20x the mean
+
+
+@dataclass(frozen=True, slots=True)
+class Score:
+    """The parts of a parent's score (each in [0, 1]) and their weighted sum."""
+
+    finished_pieces: float
+    upload_success: float
+    free_upload_slots: float
+    host_type: float
+    idc: float
+    location: float
+
+    @property
+    def total(self) -> float:
+        return (
+            WEIGHT_FINISHED_PIECES * self.finished_pieces
+            + WEIGHT_UPLOAD_SUCCESS * self.upload_success
+            + WEIGHT_FREE_UPLOAD_SLOTS * self.free_upload_slots
+            + WEIGHT_HOST_TYPE * self.host_type
+            + WEIGHT_IDC * self.idc
+            + WEIGHT_LOCATION * self.location
+        )
+
+
+def is_bad_parent(parent: Peer) -> bool:
+    """True when the last piece served by `parent` took abnormally long."""
+    last = parent.upload_costs.last
+    if last is None:
+        return False
+    n, mean, stddev = parent.upload_costs.previous_stats()
+    if n == 0:
+        return False
+    if n >= BAD_PARENT_MIN_SAMPLES:
+        return last > mean + BAD_PARENT_SIGMAS * stddev
+    return last > BAD_PARENT_MEAN_FACTOR * mean
+
+
+def is_descendant(node: Peer, of: Peer) -> bool:
+    """True when `node` downloads (directly or not) from `of`: making it a parent of `of` is a cycle."""
+    if not of.children:
+        return False
+    seen: set[str] = set()
+    stack = list(of.children.values())
+    while stack:
+        peer = stack.pop()
+        if peer is node:
+            return True
+        if peer.id in seen:
+            continue
+        seen.add(peer.id)
+        stack.extend(peer.children.values())
+    return False
+
+
+def rejection(child: Peer, parent: Peer) -> str | None:
+    """Why `parent` may not serve `child`, or None when it may."""
+    if parent is child:
+        return "self"
+    if parent.host is child.host:
+        return "same host"
+    if parent.id in child.blocklist:
+        return "blocklisted"
+    if not parent.eligible_parent:
+        return f"not a parent in state {parent.state} with {parent.finished.count} pieces"
+    if parent.host.free_upload_slots <= 0:
+        return "no free upload slot"
+    if is_bad_parent(parent):
+        return "bad parent (piece cost outlier)"
+    if is_descendant(parent, of=child):
+        return "descendant of the child (cycle)"
+    return None
+
+
+def location_affinity(a: str, b: str) -> float:
+    """Share of the longest common prefix of two ``|``-separated locations."""
+    if not a or not b:
+        return 0.0
+    left = a.split("|")[:MAX_LOCATION_ELEMENTS]
+    right = b.split("|")[:MAX_LOCATION_ELEMENTS]
+    common = 0
+    for x, y in zip(left, right, strict=False):
+        if x != y:
+            break
+        common += 1
+    return common / max(len(left), len(right))
+
+
+def score(child: Peer, parent: Peer) -> Score:
+    """How good `parent` is for `child` (filtering is separate: see :func:`rejection`)."""
+    task = parent.task
+    if parent.state is PeerState.SUCCEEDED:
+        finished = 1.0
+    else:
+        total = task.piece_count or max(task.max_finished, 1)
+        finished = min(1.0, parent.finished.count / total)
+    asked = parent.upload_succeeded + parent.upload_failed
+    success = 1.0 if asked == 0 else parent.upload_succeeded / asked
+    limit = parent.host.upload_limit
+    free = max(0.0, min(1.0, parent.host.free_upload_slots / limit)) if limit > 0 else 0.0
+    host_type = HOST_TYPE_SCORE_SEED if parent.is_seed else HOST_TYPE_SCORE_NORMAL
+    child_info, parent_info = child.host.info, parent.host.info
+    idc = 1.0 if child_info.idc and child_info.idc == parent_info.idc else 0.0
+    location = location_affinity(child_info.location, parent_info.location)
+    return Score(finished, success, free, host_type, idc, location)
+
+
+def select_parents(
+    child: Peer,
+    task: Task,
+    *,
+    limit: int,
+    sample: int,
+    rng: random.Random,
+    exclude: Collection[str] = (),
+) -> list[Peer]:
+    """The best `limit` parents for `child` among a random `sample` of the task's eligible parents."""
+    accepted: list[tuple[float, str, Peer]] = []
+    for parent in task.parents.sample(sample, rng):
+        if parent.id in exclude or rejection(child, parent) is not None:
+            continue
+        accepted.append((-score(child, parent).total, parent.id, parent))
+    accepted.sort(key=lambda item: (item[0], item[1]))
+    return [parent for _, _, parent in accepted[:limit]]
