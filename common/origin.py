@@ -26,6 +26,7 @@ offsets and digests refer to the bytes the origin holds.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
@@ -268,6 +269,7 @@ class OriginClient:
         }
         self._clock: Clock = clock or SystemClock()
         self._tokens: dict[tuple[str, str, str], _CachedToken] = {}
+        self._token_locks: dict[tuple[str, str, str], asyncio.Lock] = {}
         # Which scopes a repository (or path) on a host was last challenged with, so the next
         # request to it carries a cached token straight away instead of taking a 401 first.
         self._scope_hints: dict[tuple[str, str], tuple[str, ...]] = {}
@@ -428,7 +430,7 @@ class OriginClient:
                 answered.add("bearer")
                 scopes = tuple(challenge.scopes)
                 self._scope_hints[hint_key] = scopes
-                token = await self._fetch_token(url, challenge, basic)
+                token = await self._fetch_token(url, challenge, basic, sent)
                 return f"Bearer {token}" if token else None
             if challenge.scheme == "basic" and basic is not None and basic != sent:
                 answered.add("basic")
@@ -448,12 +450,29 @@ class OriginClient:
             return None
         return entry.value
 
-    async def _fetch_token(self, url: str, challenge: Challenge, basic: str | None) -> str | None:
-        """A Bearer token for the challenge's scopes, from the cache or the realm."""
-        origin = _origin_of(url)
+    async def _fetch_token(
+        self, url: str, challenge: Challenge, basic: str | None, refused: str | None
+    ) -> str | None:
+        """A Bearer token for the challenge's scopes, other than the `refused` Authorization.
+
+        One fetch per key at a time: parallel ranged reads of a new blob all take a 401 at once,
+        and the first fetch answers them all.
+        """
         scopes = tuple(challenge.scopes)
-        key = (origin, " ".join(scopes), _credential_key(basic))
-        self._tokens.pop(key, None)  # the registry refused what we had (or we had nothing)
+        key = (_origin_of(url), " ".join(scopes), _credential_key(basic))
+        lock = self._token_locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            entry = self._tokens.get(key)
+            fresh = entry is not None and entry.expires_at > self._clock.time()
+            if entry is not None and fresh and f"Bearer {entry.value}" != refused:
+                return entry.value  # fetched by a concurrent request while we waited
+            self._tokens.pop(key, None)  # the registry refused what we had (or we had nothing)
+            return await self._fetch_token_from_realm(url, challenge, key, basic)
+
+    async def _fetch_token_from_realm(
+        self, url: str, challenge: Challenge, key: tuple[str, str, str], basic: str | None
+    ) -> str | None:
+        scopes = challenge.scopes
         realm = challenge.realm
         if urlsplit(realm).scheme not in ("http", "https"):
             raise OriginError(f"{url}: token realm {realm!r} is not an http(s) URL")
@@ -471,7 +490,10 @@ class OriginClient:
                     return None  # wrong or missing credentials: the registry's 401 is relayed
                 if reply.status != 200:
                     raise OriginError(f"{url}: token server {realm} answered {reply.status}")
-                document = await reply.json(content_type=None)
+                try:
+                    document = await reply.json(content_type=None)
+                except ValueError:
+                    document = None
         self.token_fetches += 1
         if not isinstance(document, dict):
             raise OriginError(f"{url}: token server {realm} answered something other than a JSON object")

@@ -270,3 +270,11 @@ async def test_server_error_keeps_status_and_registry_message() -> None:
                 pass
     assert raised.value.status == 503
     assert "disk on fire" in str(raised.value)
+
+
+async def test_parallel_requests_share_one_token_fetch(bearer_registry: FakeBearerRegistry) -> None:
+    url = bearer_registry.base + BLOB_PATH
+    async with OriginClient() as client:
+        bodies = await asyncio.gather(*(read_all(client, url, ALICE) for _ in range(8)))
+    assert bodies == [BLOB] * 8
+    assert len(bearer_registry.token_requests) == 1
