@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import socket
+import subprocess
+import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -14,7 +16,16 @@ from aiohttp import web
 
 from common.errors import OriginError, OriginStatusError, OriginUnreachable
 from common.origin import OriginBody, OriginClient, OriginResponseError
-from tests.support.registry import Registry, free_port, push_random_blob
+from tests.support.registry import (
+    DOCKER_MANIFEST,
+    OCI_MANIFEST,
+    Registry,
+    free_port,
+    push_image,
+    push_random_blob,
+    skopeo_available,
+    write_layer_tar,
+)
 from tests.support.relay import ByteCountingRelay
 from tests.support.servers import read_request_head, serve_app, serve_raw
 
@@ -299,3 +310,30 @@ async def test_origin_traffic_through_the_relay_is_one_copy(
             await drain(body)
     assert size < registry_relay.bytes_from_target < size + 4 * 4096
     assert registry_relay.connections == 0  # keep-alive: the first read's pooled connection is reused
+
+
+@pytest.mark.skipif(not skopeo_available(), reason="skopeo is not installed")
+@pytest.mark.parametrize("oci", [False, True], ids=["docker-schema2", "oci"])
+def test_pushed_image_is_pullable_by_skopeo(auth_registry: Registry, tmp_path: Path, oci: bool) -> None:
+    layer = write_layer_tar(tmp_path / "layer.tar.gz", {"etc/hello": b"hello\n"})
+    _, big_layer = push_random_blob(auth_registry, "origin/image", 2 * MiB, seed=18)
+    manifest = push_image(auth_registry, "origin/image", f"t{int(oci)}", [layer, big_layer], oci=oci)
+    creds = ":".join(auth_registry.credentials or ())
+    source = f"docker://{auth_registry.host}/origin/image:t{int(oci)}"
+    copied = subprocess.run(
+        ["skopeo", "copy", "--src-tls-verify=false", "--src-creds", creds, source, f"dir:{tmp_path / 'out'}"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert copied.returncode == 0, copied.stderr
+    assert (tmp_path / "out" / "manifest.json").read_bytes() == _manifest_bytes(auth_registry, manifest)
+    assert hashlib.sha256((tmp_path / "out" / "manifest.json").read_bytes()).hexdigest() == manifest[7:]
+
+
+def _manifest_bytes(registry: Registry, digest: str) -> bytes:
+    request = urllib.request.Request(
+        registry.manifest_url("origin/image", digest),
+        headers={"Authorization": registry.basic_auth(), "Accept": f"{DOCKER_MANIFEST}, {OCI_MANIFEST}"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as reply:
+        data: bytes = reply.read()
+    return data
