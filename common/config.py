@@ -225,6 +225,8 @@ class DfdaemonConfig(LoggingConfig):
     concurrent_piece_count: int = option(DEFAULT_CONCURRENT_PIECES, "pieces fetched in parallel per task",
                                          minimum=1)
     upload_slots: int = option(0, "concurrent piece uploads (0: 200, or 2000 for a seed)", minimum=0)
+    upload_rate_limit: int = option(0, "total upload bandwidth of the piece server per second (0: unlimited)",
+                                    parse_size)
     back_to_source_concurrency: int = option(8, "parallel ranged GETs to the origin per task", minimum=1)
     piece_timeout: float = option("30s", "give up on one piece transfer after this long", parse_duration)
     download_timeout: float = option("2h", "give up on a whole download after this long", parse_duration)

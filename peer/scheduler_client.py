@@ -91,6 +91,11 @@ class SchedulerClient:
         self._announced: set[str] = set()
         self._announcer: asyncio.Task[None] | None = None
 
+    @property
+    def reachable(self) -> bool:
+        """True when at least one scheduler accepted our last host announcement."""
+        return bool(self._announced)
+
     def ranked(self, task_id: str) -> list[str]:
         """Scheduler addresses in preference order for a task."""
         return hashring.rank(self.addresses, task_id)

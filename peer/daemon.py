@@ -1,0 +1,211 @@
+"""`damselfly dfdaemon`: builds a node's parts, wires them together, runs them.
+
+Parts and who uses whom (explicit wiring, no globals)::
+
+    PieceStore ── PieceServer (HTTP, sendfile)         ← other peers fetch pieces
+        │
+        ├──── Engine ── SchedulerClient                 → schedulers (AnnounceHost, AnnouncePeer)
+        │        └──── OriginClient                     → registries / HTTP origins
+        ├──── UploadService (gRPC, TCP)                  ← peers (SyncPieces, StatTask), scheduler (seed trigger)
+        └──── DownloadService (gRPC, unix socket)        ← dfget
+    metrics (/metrics) and health (/healthy, /ready) over HTTP
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from pathlib import Path
+
+import grpc
+from aiohttp import web
+from dragonfly_api import common_pb2, dfdaemon_pb2_grpc
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from common import ids
+from common.config import DfdaemonConfig, add_config_arguments, config_from_args, split_address
+from common.errors import ConfigError
+from common.logs import setup_logging
+from common.origin import OriginClient
+from peer.engine import Engine
+from peer.metrics import DaemonMetrics
+from peer.piece_server import PieceServer
+from peer.scheduler_client import SchedulerClient
+from peer.services import DownloadService, UploadService
+from peer.storage import PieceStore
+
+log = logging.getLogger(__name__)
+
+HOST_TYPE_NORMAL = 0
+HOST_TYPE_SUPER_SEED = 1
+
+
+class Daemon:
+    """One dfdaemon (or seed) process."""
+
+    def __init__(self, config: DfdaemonConfig) -> None:
+        self.config = config
+        self.metrics = DaemonMetrics()
+        self.host_id = ids.host_id(config.host_ip, config.hostname, seed=config.seed)
+        self.store = PieceStore(Path(config.data_dir), metrics=self.metrics)
+        self.piece_server = PieceServer(self.store, upload_slots=config.effective_upload_slots,
+                                        metrics=self.metrics)
+        self.origin = OriginClient()
+        self.scheduler: SchedulerClient | None = None
+        self.engine: Engine | None = None
+        self._grpc_servers: list[grpc.aio.Server] = []
+        self._http_runners: list[web.AppRunner] = []
+        self.upload_port = 0
+
+    def host_message(self) -> common_pb2.Host:
+        """This node as the scheduler sees it."""
+        config = self.config
+        _, grpc_port = split_address(config.grpc_listen)
+        _, proxy_port = split_address(config.proxy_listen)
+        return common_pb2.Host(
+            id=self.host_id, type=HOST_TYPE_SUPER_SEED if config.seed else HOST_TYPE_NORMAL,
+            hostname=config.hostname, ip=config.host_ip, port=grpc_port, download_port=self.upload_port,
+            proxy_port=proxy_port,
+            network=common_pb2.Network(idc=config.idc, location=config.location,
+                                       max_tx_bandwidth=config.effective_upload_slots),
+        )
+
+    async def start(self) -> None:
+        """Open storage, start every server, announce the host."""
+        config = self.config
+        try:
+            await asyncio.to_thread(Path(config.data_dir).mkdir, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError("data_dir", f"cannot create {config.data_dir}: {exc.strerror}") from None
+        await asyncio.to_thread(self.store.load)
+        host, port = split_address(config.upload_listen)
+        self.upload_port = await self.piece_server.start(host, port)
+        self.scheduler = SchedulerClient(config.scheduler, self.host_message(), config.announce_interval)
+        self.engine = Engine(config=config, store=self.store, scheduler=self.scheduler, origin=self.origin,
+                             metrics=self.metrics, host_id=self.host_id)
+
+        upload = grpc.aio.server()
+        dfdaemon_pb2_grpc.add_DfdaemonUploadServicer_to_server(
+            UploadService(self.engine, self.store, config.host_ip, self.upload_port), upload)
+        if upload.add_insecure_port(config.grpc_listen) == 0:
+            raise ConfigError("grpc_listen", f"cannot listen on {config.grpc_listen}")
+        await upload.start()
+        self._grpc_servers.append(upload)
+
+        socket_path = Path(config.socket)
+        await asyncio.to_thread(_prepare_socket_path, socket_path)
+        download = grpc.aio.server()
+        dfdaemon_pb2_grpc.add_DfdaemonDownloadServicer_to_server(DownloadService(self.engine, self.store), download)
+        download.add_insecure_port(f"unix://{socket_path}")
+        await download.start()
+        self._grpc_servers.append(download)
+
+        await self._start_http(config.metrics_listen, self._metrics_app())
+        await self._start_http(config.health_listen, self._health_app())
+        await self.scheduler.start()
+        log.info("dfdaemon %s ready: gRPC %s, pieces %s:%d, socket %s%s", self.host_id, config.grpc_listen,
+                 config.host_ip, self.upload_port, config.socket, " (seed)" if config.seed else "")
+
+    async def _start_http(self, address: str, app: web.Application) -> None:
+        host, port = split_address(address)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, host, port).start()
+        self._http_runners.append(runner)
+
+    def _metrics_app(self) -> web.Application:
+        async def metrics(request: web.Request) -> web.Response:
+            self.metrics.cache_used.set(self.store.used_bytes())
+            self.metrics.cache_quota.set(self.config.cache_quota)
+            return web.Response(body=generate_latest(self.metrics.registry),
+                                headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+        app = web.Application()
+        app.router.add_get("/metrics", metrics)
+        self._add_health_routes(app)
+        return app
+
+    def _health_app(self) -> web.Application:
+        app = web.Application()
+        self._add_health_routes(app)
+        return app
+
+    def _add_health_routes(self, app: web.Application) -> None:
+        async def healthy(request: web.Request) -> web.Response:
+            return web.Response(text="ok\n")
+
+        async def ready(request: web.Request) -> web.Response:
+            problems = []
+            try:
+                await asyncio.to_thread(_probe_writable, Path(self.config.data_dir))
+            except OSError as exc:
+                problems.append(f"storage not writable: {exc.strerror}")
+            if self.scheduler is not None and not self.scheduler.reachable:
+                problems.append("no scheduler reachable (downloads fall back to the origin)")
+            if problems:
+                return web.Response(status=503, text="\n".join(problems) + "\n")
+            return web.Response(text="ready\n")
+
+        app.router.add_get("/healthy", healthy)
+        app.router.add_get("/ready", ready)
+
+    async def stop(self) -> None:
+        """Stop accepting work, cancel downloads, leave the schedulers."""
+        for server in self._grpc_servers:
+            await server.stop(grace=1.0)
+        if self.engine is not None:
+            await self.engine.stop()
+        if self.scheduler is not None:
+            await self.scheduler.stop()
+        await self.piece_server.stop()
+        for runner in self._http_runners:
+            await runner.cleanup()
+        await self.origin.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.config.socket)
+
+
+def _prepare_socket_path(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()  # a stale socket of a previous run
+
+
+def _probe_writable(directory: Path) -> None:
+    probe = directory / ".ready-probe"
+    probe.write_bytes(b"ok")
+    probe.unlink()
+
+
+async def serve(config: DfdaemonConfig) -> None:
+    """Run a dfdaemon until SIGTERM/SIGINT or cancellation."""
+    daemon = Daemon(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await daemon.start()
+        await stop.wait()
+        log.info("stopping")
+    finally:
+        await daemon.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``damselfly dfdaemon``."""
+    parser = argparse.ArgumentParser(prog="damselfly dfdaemon", description="Run the per-node P2P daemon.")
+    add_config_arguments(parser, DfdaemonConfig)
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(DfdaemonConfig, args)
+    except ConfigError as exc:
+        parser.exit(2, f"damselfly dfdaemon: error: {exc}\n")
+    setup_logging(config.log_level, config.log_format)
+    from common.runtime import run
+
+    return run(serve(config), "dfdaemon")

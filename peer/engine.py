@@ -1,0 +1,847 @@
+"""The download engine: drives one task on this node from parents and/or the origin.
+
+One :class:`Conductor` runs per task and node; concurrent requests for the same task join it.
+A conductor registers with the scheduler that owns the task, then either
+
+- fetches pieces from the candidate parents the scheduler gives it (several parents at once,
+  up to ``concurrent_piece_count`` pieces in flight, each piece verified against the digest the
+  back-sourcing peer reported, failures reported and failing parents dropped), or
+- back-sources: ranged GETs to the origin in parallel, reporting each piece's digest so that
+  children can verify what they get from this node.
+
+When the scheduler does not answer, the conductor back-sources on its own (unless the request
+forbids it). When parents run dry, it asks for new ones, then falls back to the origin for the
+pieces still missing. The whole content's sha256 is checked when the digest is known.
+
+The conductor is an actor: one loop owns the state (which parent has which piece, what is in
+flight) and reacts to events that parent sessions, piece workers and the scheduler stream put
+in its queue, so no state is shared between coroutines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import hashlib
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, cast
+
+import aiohttp
+import grpc
+from dragonfly_api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc, scheduler_pb2
+from google.protobuf import duration_pb2
+
+from common import ids
+from common.digest import parse_digest
+from common.errors import (
+    ContentDigestMismatch,
+    DamselflyError,
+    DownloadFailed,
+    IntegrityError,
+    OriginError,
+    OriginStatusError,
+    ParentError,
+    SchedulerUnavailable,
+)
+from common.pieces import piece_length_for
+from peer.scheduler_client import UNAVAILABLE_CODES, AnnounceStream, SchedulerClient
+
+if TYPE_CHECKING:
+    from common.config import DfdaemonConfig
+    from common.origin import OriginClient
+    from peer.metrics import DaemonMetrics
+    from peer.storage import LocalTask, PieceStore
+
+log = logging.getLogger(__name__)
+
+# common.v2.Task has no piece length nor response headers: StatTask carries them in
+# `request_header` under these names (docs/protocol.md).
+PIECE_LENGTH_HEADER = "X-Damselfly-Piece-Length"
+RESPONSE_HEADER_PREFIX = "X-Damselfly-Response-"
+_CHUNK = 1 << 20
+# A parent that failed this many pieces of the task is dropped and reported to the scheduler.
+PARENT_FAILURE_LIMIT = 2
+# How long to keep asking the scheduler for a piece digest still in flight from the seed.
+DIGEST_WAIT = 5.0
+ORIGIN_ATTEMPTS = 3
+ORIGIN_BACKOFF = 0.5
+
+
+@dataclass(frozen=True)
+class DownloadRequest:
+    """What a client asked for, in the form every entry point (dfget, proxy, seed trigger) shares."""
+
+    url: str
+    digest: str = ""
+    tag: str = ""
+    application: str = ""
+    priority: int = 0
+    filtered_query_params: tuple[str, ...] = ()
+    request_header: Mapping[str, str] = field(default_factory=dict)
+    piece_length: int | None = None
+    disable_back_to_source: bool = False
+    need_back_to_source: bool = False
+    timeout: float | None = None
+
+    def __post_init__(self) -> None:
+        ids.validate_url(self.url)
+        if self.digest:
+            parse_digest(self.digest)
+
+    @property
+    def task_id(self) -> str:
+        """The task id (OCI blobs: from the blob digest)."""
+        return ids.task_id(self.url, tag=self.tag, application=self.application,
+                           filtered_query_params=self.filtered_query_params, piece_length=self.piece_length)
+
+    @property
+    def content_digest(self) -> str | None:
+        """The digest that defines the content: an OCI blob's own, else the requested one.
+
+        A blob URL names its digest, so a wrong ``--digest`` from one client cannot make the
+        node discard a good blob; that client's request fails alone (Engine.check_digest).
+        """
+        blob = ids.parse_oci_blob_url(self.url)
+        if blob is not None:
+            return blob.digest
+        return self.digest.lower() or None
+
+    def to_proto(self) -> common_pb2.Download:
+        """As the Dragonfly `common.v2.Download` message."""
+        download = common_pb2.Download(
+            url=self.url, digest=self.digest, tag=self.tag, application=self.application,
+            priority=cast(common_pb2.Priority, self.priority), filtered_query_params=list(self.filtered_query_params),
+            request_header=dict(self.request_header), disable_back_to_source=self.disable_back_to_source,
+            need_back_to_source=self.need_back_to_source,
+        )
+        if self.piece_length:
+            download.piece_length = self.piece_length
+        if self.timeout:
+            duration = duration_pb2.Duration()
+            duration.FromTimedelta(datetime.timedelta(seconds=self.timeout))
+            download.timeout.CopyFrom(duration)
+        return download
+
+    @classmethod
+    def from_proto(cls, download: common_pb2.Download) -> DownloadRequest:
+        """From a `common.v2.Download` (raises InvalidRequest on a bad URL or digest)."""
+        timeout = download.timeout.ToTimedelta().total_seconds() if download.HasField("timeout") else None
+        return cls(
+            url=download.url, digest=download.digest, tag=download.tag, application=download.application,
+            priority=int(download.priority), filtered_query_params=tuple(download.filtered_query_params),
+            request_header=dict(download.request_header),
+            piece_length=download.piece_length if download.HasField("piece_length") else None,
+            disable_back_to_source=download.disable_back_to_source,
+            need_back_to_source=download.need_back_to_source, timeout=timeout or None,
+        )
+
+
+@dataclass
+class Parent:
+    """A candidate parent as this child sees it."""
+
+    peer_id: str
+    host_id: str
+    ip: str
+    grpc_port: int
+    download_port: int
+    is_seed: bool
+    in_flight: int = 0
+    failures: int = 0
+    session: asyncio.Task[None] | None = None
+
+
+@dataclass(frozen=True)
+class _Have:
+    parent_id: str
+    number: int
+
+
+@dataclass(frozen=True)
+class _ParentInfo:
+    parent_id: str
+    task: common_pb2.Task
+
+
+@dataclass(frozen=True)
+class _ParentGone:
+    parent_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class _PieceDone:
+    number: int
+    parent_id: str
+    error: BaseException | None
+
+
+@dataclass(frozen=True)
+class _SchedulerMessage:
+    response: scheduler_pb2.AnnouncePeerResponse | None
+    error: str = ""
+
+
+_Event = _Have | _ParentInfo | _ParentGone | _PieceDone | _SchedulerMessage
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    duration = duration_pb2.Duration()
+    duration.FromTimedelta(datetime.timedelta(seconds=seconds))
+    return duration
+
+
+class Conductor:
+    """Downloads one task on this node; see the module docstring."""
+
+    def __init__(self, engine: Engine, request: DownloadRequest, local: LocalTask) -> None:
+        self.engine = engine
+        self.request = request
+        self.local = local
+        self.task_id = local.task_id
+        self.peer_id = ids.peer_id(engine.config.host_ip, engine.config.hostname)
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.content_known = asyncio.Event()
+        self._events: asyncio.Queue[_Event] = asyncio.Queue()
+        self._parents: dict[str, Parent] = {}
+        self._blocked: set[str] = set()
+        self._holders: dict[int, set[str]] = {}
+        self._in_flight: dict[int, asyncio.Task[None]] = {}
+        self._digests: dict[int, str] = {}
+        self._digest_refresh: asyncio.Task[None] | None = None
+        self._stream: AnnounceStream | None = None
+        self._stream_reader: asyncio.Task[None] | None = None
+        self._scheduler_alive = False
+        self._back_to_source = False
+        self._traffic: dict[str, int] = {"back_to_source": 0, "remote_peer": 0, "local_peer": 0}
+        self._order_seed = random.random()
+        self.started_at = time.monotonic()
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Run to completion; the outcome is in :attr:`done`."""
+        metrics = self.engine.metrics
+        metrics.tasks.labels("started").inc()
+        metrics.concurrent_downloads.inc()
+        timeout = self.request.timeout or self.engine.config.download_timeout
+        try:
+            await asyncio.wait_for(self._run(), timeout)
+        except BaseException as exc:  # every outcome must reach the waiters
+            error = self._describe_failure(exc, timeout)
+            log.warning("task %s failed: %s", self.task_id, error)
+            metrics.tasks.labels("failed").inc()
+            with contextlib.suppress(DamselflyError):  # the task may be gone (deleted as corrupt)
+                self.local.mark_failed(str(error))
+            self._finish_stream(failed=str(error))
+            if not self.done.done():
+                self.done.set_exception(error)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+        else:
+            metrics.tasks.labels("succeeded").inc()
+            metrics.task_duration.observe(time.monotonic() - self.started_at)
+            self._finish_stream(failed=None)
+            if not self.done.done():
+                self.done.set_result(None)
+        finally:
+            metrics.concurrent_downloads.dec()
+            await self._shutdown_workers()
+
+    def _describe_failure(self, exc: BaseException, timeout: float) -> DamselflyError:
+        if isinstance(exc, DownloadFailed | IntegrityError | OriginError):
+            return exc
+        if isinstance(exc, TimeoutError):
+            return DownloadFailed(f"download of {self.request.url} timed out after {timeout:.0f}s")
+        if isinstance(exc, asyncio.CancelledError):
+            return DownloadFailed(f"download of {self.request.url} was cancelled")
+        if isinstance(exc, DamselflyError):
+            return DownloadFailed(str(exc))
+        log.exception("unexpected error in task %s", self.task_id, exc_info=exc)
+        return DownloadFailed(f"internal error: {type(exc).__name__}: {exc}")
+
+    async def _shutdown_workers(self) -> None:
+        tasks = [t for t in self._in_flight.values() if not t.done()]
+        tasks += [p.session for p in self._parents.values() if p.session and not p.session.done()]
+        for extra in (self._stream_reader, self._digest_refresh):
+            if extra is not None and not extra.done():
+                tasks.append(extra)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _finish_stream(self, failed: str | None) -> None:
+        stream = self._stream
+        if stream is None:
+            return
+        if failed is None:
+            if self._back_to_source:
+                stream.send(download_peer_back_to_source_finished_request=scheduler_pb2.DownloadPeerBackToSourceFinishedRequest())
+            else:
+                stream.send(download_peer_finished_request=scheduler_pb2.DownloadPeerFinishedRequest())
+        elif self._back_to_source:
+            stream.send(download_peer_back_to_source_failed_request=scheduler_pb2.DownloadPeerBackToSourceFailedRequest(
+                description=failed))
+        else:
+            stream.send(download_peer_failed_request=scheduler_pb2.DownloadPeerFailedRequest(description=failed))
+        stream.close()
+
+    # -- the main flow ---------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        self.local.touch()
+        if self.local.state == "succeeded" and self._content_complete():
+            self.content_known.set()
+            self.engine.metrics.cache_hits.inc()
+            return
+        if self.local.state != "running":
+            self.local.mark_running()
+        if self.local.content_length is not None:
+            self.content_known.set()
+        first = await self._register()
+        if first is None:
+            await self._back_source("scheduler unreachable")
+        elif first.HasField("need_back_to_source_response"):
+            await self._back_source(first.need_back_to_source_response.description or "scheduler said so")
+        elif first.HasField("empty_task_response"):
+            self._set_content_info(0, {})
+        else:
+            self._stream_send(download_peer_started_request=scheduler_pb2.DownloadPeerStartedRequest())
+            if first.HasField("normal_task_response"):
+                self._add_parents(first.normal_task_response.candidate_parents)
+            await self._download_from_parents()
+        await self._verify_content()
+        self.local.mark_succeeded()
+
+    def _content_complete(self) -> bool:
+        return self.local.content_length is not None and self.local.is_complete()
+
+    async def _register(self) -> scheduler_pb2.AnnouncePeerResponse | None:
+        """Register on the owning scheduler; None when no scheduler could be reached."""
+        client = self.engine.scheduler
+        if client is None:
+            return None
+        register = scheduler_pb2.RegisterPeerRequest(download=self.request.to_proto())
+        errors: list[str] = []
+        for address in client.ranked(self.task_id):
+            outcome = await self._open_stream(client, address, register)
+            if isinstance(outcome, tuple) and _forgot_host(outcome) and await client.announce_host(address):
+                # The scheduler restarted and forgot this host: announce it and register again.
+                outcome = await self._open_stream(client, address, register)
+            if not isinstance(outcome, tuple):
+                return outcome
+            code, detail = outcome
+            errors.append(f"{address}: {detail}")
+            if code is not None and code not in UNAVAILABLE_CODES:
+                log.warning("scheduler %s refused task %s: %s", address, self.task_id, detail)
+                break
+        log.info("task %s: no scheduler answered (%s)", self.task_id, "; ".join(errors))
+        return None
+
+    async def _open_stream(
+        self, client: SchedulerClient, address: str, register: scheduler_pb2.RegisterPeerRequest
+    ) -> scheduler_pb2.AnnouncePeerResponse | tuple[grpc.StatusCode | None, str]:
+        """Register on one scheduler: its first answer, or (status code, what went wrong)."""
+        stream = client.open_stream(address, self.task_id, self.peer_id)
+        stream.send(register_peer_request=register)
+        timeout = self.engine.config.schedule_timeout
+        try:
+            response = await asyncio.wait_for(stream.receive(), timeout)
+        except TimeoutError:
+            stream.cancel()
+            return None, f"no answer in {timeout:.0f}s"
+        except grpc.aio.AioRpcError as exc:
+            stream.cancel()
+            return exc.code(), f"{exc.code().name}: {exc.details()}"
+        if response is None:
+            return None, "closed the stream without an answer"
+        self._stream = stream
+        self._scheduler_alive = True
+        self._stream_reader = asyncio.create_task(self._read_scheduler(stream))
+        return response
+
+    async def _read_scheduler(self, stream: AnnounceStream) -> None:
+        try:
+            while True:
+                response = await stream.receive()
+                await self._events.put(_SchedulerMessage(response))
+                if response is None:
+                    return
+        except grpc.aio.AioRpcError as exc:
+            await self._events.put(_SchedulerMessage(None, f"{exc.code().name}: {exc.details()}"))
+
+    def _stream_send(self, **message: Any) -> None:
+        if self._stream is not None and self._scheduler_alive:
+            self._stream.send(**message)
+
+    # -- from parents ----------------------------------------------------------------------------
+
+    def _add_parents(self, candidates: Any) -> None:
+        for candidate in candidates:
+            if candidate.id in self._parents or candidate.id in self._blocked or candidate.id == self.peer_id:
+                continue
+            host = candidate.host
+            parent = Parent(peer_id=candidate.id, host_id=host.id, ip=host.ip, grpc_port=host.port,
+                            download_port=host.download_port, is_seed=host.type != 0)
+            self._parents[parent.peer_id] = parent
+            for piece in candidate.pieces:
+                if piece.digest:
+                    self._digests.setdefault(piece.number, piece.digest)
+            parent.session = asyncio.create_task(self._parent_session(parent), name=f"sync-{parent.peer_id}")
+            log.debug("task %s: parent %s (%s:%d%s)", self.task_id, parent.peer_id, parent.ip,
+                      parent.download_port, ", seed" if parent.is_seed else "")
+
+    async def _parent_session(self, parent: Parent) -> None:
+        """Learn a parent's task info, then every piece it has, as it gets them."""
+        channel = self.engine.parent_channel(parent.ip, parent.grpc_port)
+        stub = dfdaemon_pb2_grpc.DfdaemonUploadStub(channel)
+        try:
+            task = await stub.StatTask(dfdaemon_pb2.StatTaskRequest(task_id=self.task_id), timeout=10)
+            await self._events.put(_ParentInfo(parent.peer_id, task))
+            request = dfdaemon_pb2.SyncPiecesRequest(host_id=self.engine.host_id, task_id=self.task_id)
+            async for piece in stub.SyncPieces(request):
+                await self._events.put(_Have(parent.peer_id, piece.number))
+            await self._events.put(_ParentGone(parent.peer_id, ""))
+        except grpc.aio.AioRpcError as exc:
+            await self._events.put(_ParentGone(parent.peer_id, f"{exc.code().name}: {exc.details()}"))
+
+    def _set_content_info(self, content_length: int, headers: Mapping[str, str], piece_length: int = 0) -> None:
+        if self.local.content_length is None:
+            length = piece_length or self.request.piece_length or piece_length_for(content_length)
+            self.local.set_content_info(content_length, length, headers)
+        self.content_known.set()
+
+    def _missing(self) -> list[int]:
+        if self.local.content_length is None:
+            return []
+        finished = set(self.local.finished_pieces())
+        return [n for n in range(self.local.piece_count) if n not in finished]
+
+    async def _download_from_parents(self) -> None:
+        """The actor loop: dispatch pieces to parents, react to events, until complete."""
+        config = self.engine.config
+        stalled_since: float | None = None
+        asked_reschedule = False
+        while True:
+            if self.content_known.is_set() and self.local.is_complete():
+                return
+            self._dispatch()
+            idle = not self._in_flight
+            if idle and not self._has_live_parent_with_work():
+                # Nothing to do with current parents: ask for more, then fall back to the origin.
+                now = time.monotonic()
+                if stalled_since is None:
+                    stalled_since = now
+                    if self._scheduler_alive and not asked_reschedule:
+                        asked_reschedule = True
+                        self._reschedule("parents have no more pieces for us")
+                if not self._scheduler_alive or now - stalled_since > config.schedule_timeout:
+                    await self._back_source("parents could not provide every piece")
+                    return
+            else:
+                stalled_since = None
+            try:
+                event = await asyncio.wait_for(self._events.get(), timeout=1.0)
+            except TimeoutError:
+                continue
+            stop = await self._handle(event)
+            if stop:
+                await self._back_source(stop)
+                return
+
+    def _has_live_parent_with_work(self) -> bool:
+        """True while some live parent session may still announce a piece we miss."""
+        return any(p.session is not None and not p.session.done() for p in self._parents.values())
+
+    async def _handle(self, event: _Event) -> str:
+        """Apply one event; returns a reason to switch to back-to-source, or ''."""
+        if isinstance(event, _Have):
+            if event.parent_id in self._parents:
+                self._holders.setdefault(event.number, set()).add(event.parent_id)
+        elif isinstance(event, _ParentInfo):
+            if self.local.content_length is None:
+                task = event.task
+                piece_length = int(task.request_header.get(PIECE_LENGTH_HEADER, "0") or 0)
+                headers = {k[len(RESPONSE_HEADER_PREFIX):]: v for k, v in task.request_header.items()
+                           if k.startswith(RESPONSE_HEADER_PREFIX)}
+                self._set_content_info(task.content_length, headers, piece_length)
+            # The parent's own piece digests are not used: only those the scheduler relays count.
+        elif isinstance(event, _ParentGone):
+            parent = self._parents.get(event.parent_id)
+            if parent is not None and event.reason:
+                log.info("task %s: parent %s gone: %s", self.task_id, event.parent_id, event.reason)
+                self._drop_parent(parent, event.reason)
+        elif isinstance(event, _PieceDone):
+            self._in_flight.pop(event.number, None)
+            parent = self._parents.get(event.parent_id)
+            if parent is not None:
+                parent.in_flight -= 1
+            if event.error is not None and parent is not None:
+                self._piece_failed(event.number, parent, event.error)
+        elif isinstance(event, _SchedulerMessage):
+            return self._on_scheduler(event)
+        return ""
+
+    def _on_scheduler(self, event: _SchedulerMessage) -> str:
+        response = event.response
+        if response is None:
+            if self._scheduler_alive:
+                log.info("task %s: scheduler stream ended %s", self.task_id, event.error)
+            self._scheduler_alive = False
+            return ""
+        if response.HasField("normal_task_response"):
+            self._add_parents(response.normal_task_response.candidate_parents)
+        elif response.HasField("need_back_to_source_response"):
+            return response.need_back_to_source_response.description or "scheduler said so"
+        return ""
+
+    def _piece_failed(self, number: int, parent: Parent, error: BaseException) -> None:
+        reason = "digest" if isinstance(error, IntegrityError) else "parent"
+        self.engine.metrics.piece_failures.labels(reason).inc()
+        log.info("task %s: piece %d from %s failed: %s", self.task_id, number, parent.peer_id, error)
+        self._stream_send(download_piece_failed_request=scheduler_pb2.DownloadPieceFailedRequest(
+            piece_number=number, parent_id=parent.peer_id, temporary=not isinstance(error, IntegrityError)))
+        parent.failures += 1
+        if isinstance(error, IntegrityError) or parent.failures >= PARENT_FAILURE_LIMIT:
+            self._drop_parent(parent, str(error))
+
+    def _drop_parent(self, parent: Parent, reason: str) -> None:
+        self._parents.pop(parent.peer_id, None)
+        self._blocked.add(parent.peer_id)
+        for holders in self._holders.values():
+            holders.discard(parent.peer_id)
+        if parent.session is not None and not parent.session.done():
+            parent.session.cancel()
+        self._reschedule(f"parent {parent.peer_id} dropped: {reason}", [parent.peer_id])
+
+    def _reschedule(self, description: str, blocked: list[str] | None = None) -> None:
+        peers = [common_pb2.Peer(id=peer_id) for peer_id in blocked or []]
+        self._stream_send(reschedule_peer_request=scheduler_pb2.ReschedulePeerRequest(
+            candidate_parents=peers, description=description))
+
+    def _dispatch(self) -> None:
+        """Start piece transfers up to the concurrency limit."""
+        if not self.content_known.is_set():
+            return
+        limit = self.engine.config.concurrent_piece_count
+        if len(self._in_flight) >= limit:
+            return
+        finished = set(self.local.finished_pieces())
+        ready = [n for n, holders in self._holders.items()
+                 if holders and n not in finished and n not in self._in_flight]
+        # A per-peer shuffled order spreads children over different pieces, so they can trade.
+        ready.sort(key=lambda n: hash((self._order_seed, n)))
+        for number in ready:
+            if len(self._in_flight) >= limit:
+                break
+            parent = self._pick_parent(self._holders[number])
+            if parent is None:
+                continue
+            parent.in_flight += 1
+            self._in_flight[number] = asyncio.create_task(self._fetch_piece(number, parent))
+
+    def _pick_parent(self, holders: set[str]) -> Parent | None:
+        """Prefer normal peers over seeds (offload the seed), then the least busy."""
+        live = [self._parents[p] for p in holders if p in self._parents]
+        if not live:
+            return None
+        return min(live, key=lambda p: (p.is_seed, p.in_flight, random.random()))
+
+    async def _fetch_piece(self, number: int, parent: Parent) -> None:
+        error: BaseException | None = None
+        try:
+            await self._fetch_piece_from(number, parent)
+        except asyncio.CancelledError:
+            raise
+        except (DamselflyError, aiohttp.ClientError, OSError, TimeoutError) as exc:
+            error = exc
+        await self._events.put(_PieceDone(number, parent.peer_id, error))
+
+    async def _fetch_piece_from(self, number: int, parent: Parent) -> None:
+        expected = await self._digest_of(number)
+        url = f"http://{parent.ip}:{parent.download_port}/pieces/{self.task_id}/{number}"
+        started = time.monotonic()
+        timeout = aiohttp.ClientTimeout(total=self.engine.config.piece_timeout)
+        async with self.engine.http.get(url, timeout=timeout) as response:
+            if response.status != 200:
+                reason = (await response.text())[:200].strip()
+                raise ParentError(parent.peer_id, f"HTTP {response.status} for piece {number}: {reason}")
+            digest = await self.local.write_piece(number, response.content.iter_chunked(_CHUNK),
+                                                  expected_digest=expected, parent_id=parent.peer_id)
+        cost = time.monotonic() - started
+        span = self.local.span(number)
+        self._traffic["remote_peer"] += span.length
+        self.engine.metrics.download_traffic.labels("remote_peer").inc(span.length)
+        self.engine.metrics.piece_duration.labels("remote_peer").observe(cost)
+        self._stream_send(download_piece_finished_request=scheduler_pb2.DownloadPieceFinishedRequest(
+            piece=common_pb2.Piece(number=number, parent_id=parent.peer_id, offset=span.offset,
+                                   length=span.length, digest=digest, traffic_type=common_pb2.REMOTE_PEER,
+                                   cost=_duration(cost))))
+
+    async def _digest_of(self, number: int) -> str:
+        """The digest the back-sourcing peer reported for a piece, as relayed by the scheduler."""
+        deadline = time.monotonic() + DIGEST_WAIT
+        delay = 0.05
+        while number not in self._digests:
+            if self.engine.scheduler is None:
+                raise DownloadFailed("no scheduler to relay piece digests")
+            if self._digest_refresh is None or self._digest_refresh.done():
+                self._digest_refresh = asyncio.create_task(self._refresh_digests())
+            await asyncio.shield(self._digest_refresh)
+            if number in self._digests:
+                break
+            if time.monotonic() > deadline:
+                raise DownloadFailed(f"the scheduler has no digest for piece {number} yet")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
+        return self._digests[number]
+
+    async def _refresh_digests(self) -> None:
+        assert self.engine.scheduler is not None
+        address = self._stream.address if self._stream is not None else None
+        try:
+            task = await self.engine.scheduler.stat_task(self.task_id, address)
+        except SchedulerUnavailable as exc:
+            log.info("task %s: cannot refresh piece digests: %s", self.task_id, exc)
+            return
+        for piece in task.pieces:
+            if piece.digest:
+                self._digests.setdefault(piece.number, piece.digest)
+
+    # -- from the origin -------------------------------------------------------------------------
+
+    async def _back_source(self, reason: str) -> None:
+        """Fetch every missing piece from the origin."""
+        if self.request.disable_back_to_source:
+            raise DownloadFailed(f"cannot download {self.request.url}: {reason}, and back-to-source is disabled")
+        log.info("task %s: back-to-source (%s)", self.task_id, reason)
+        self._back_to_source = True
+        # Cancel transfers from parents: the origin takes over every missing piece.
+        await self._shutdown_workers()
+        self._in_flight.clear()
+        origin = self.engine.origin
+        headers = dict(self.request.request_header)
+        stat = None
+        if self.local.content_length is None:
+            stat = await origin.stat(self.request.url, headers)
+            if stat.content_length is None:
+                await self._back_source_stream(headers)
+                return
+            self._set_content_info(stat.content_length, stat.headers)
+        self._stream_send(download_peer_back_to_source_started_request=scheduler_pb2.DownloadPeerBackToSourceStartedRequest(
+            description=reason))
+        missing = self._missing()
+        if stat is not None and not stat.supports_range and len(missing) > 1:
+            await self._back_source_stream(headers)
+            return
+        limiter = asyncio.Semaphore(self.engine.config.back_to_source_concurrency)
+
+        async def one(number: int) -> None:
+            async with limiter:
+                await self._origin_piece(number, headers)
+
+        workers = [asyncio.create_task(one(n)) for n in missing]
+        try:
+            await asyncio.gather(*workers)
+        finally:
+            for worker in workers:
+                worker.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+
+    async def _origin_piece(self, number: int, headers: dict[str, str]) -> None:
+        span = self.local.span(number)
+        metrics = self.engine.metrics
+        for attempt in range(1, ORIGIN_ATTEMPTS + 1):
+            started = time.monotonic()
+            try:
+                async with self.engine.origin.get(self.request.url, headers, start=span.offset,
+                                                  length=span.length) as body:
+                    digest = await self.local.write_piece(number, body.chunks(_CHUNK))
+                break
+            except OriginStatusError as exc:
+                metrics.back_source_errors.labels("status").inc()
+                if exc.status < 500 or attempt == ORIGIN_ATTEMPTS:
+                    raise
+            except OriginError:
+                metrics.back_source_errors.labels("network").inc()
+                if attempt == ORIGIN_ATTEMPTS:
+                    raise
+            await asyncio.sleep(ORIGIN_BACKOFF * 2 ** (attempt - 1))
+        cost = time.monotonic() - started
+        metrics.back_source_duration.observe(cost)
+        metrics.download_traffic.labels("back_to_source").inc(span.length)
+        metrics.piece_duration.labels("back_to_source").observe(cost)
+        self._traffic["back_to_source"] += span.length
+        self._report_origin_piece(number, digest, cost)
+
+    def _report_origin_piece(self, number: int, digest: str, cost: float) -> None:
+        span = self.local.span(number)
+        self._stream_send(download_piece_back_to_source_finished_request=scheduler_pb2.DownloadPieceBackToSourceFinishedRequest(
+            piece=common_pb2.Piece(number=number, offset=span.offset, length=span.length, digest=digest,
+                                   traffic_type=common_pb2.BACK_TO_SOURCE, cost=_duration(cost))))
+
+    async def _back_source_stream(self, headers: dict[str, str]) -> None:
+        """One plain GET, cut into pieces: for origins without Range or without a length."""
+        async with self.engine.origin.get(self.request.url, headers) as body:
+            if body.content_length is None:
+                raise DownloadFailed(f"origin gives no length for {self.request.url}; cannot cut it into pieces")
+            self._set_content_info(body.content_length, dict(body.headers))
+            self._stream_send(download_peer_back_to_source_started_request=scheduler_pb2.DownloadPeerBackToSourceStartedRequest(
+                description="origin without Range support"))
+            chunks = body.chunks(_CHUNK)
+            leftover = b""
+            for number in range(self.local.piece_count):
+                span = self.local.span(number)
+                started = time.monotonic()
+                piece_chunks, leftover = await _take(chunks, leftover, span.length)
+                if self.local.has_piece(number):
+                    continue
+
+                async def replay(parts: list[bytes] = piece_chunks) -> AsyncIterator[bytes]:
+                    for part in parts:
+                        yield part
+
+                digest = await self.local.write_piece(number, replay())
+                self.engine.metrics.download_traffic.labels("back_to_source").inc(span.length)
+                self._report_origin_piece(number, digest, time.monotonic() - started)
+
+    # -- the end ---------------------------------------------------------------------------------
+
+    async def _verify_content(self) -> None:
+        """Check the whole content's digest when it is known; a mismatch discards the content."""
+        if not self._content_complete():
+            raise DownloadFailed(f"task {self.task_id} ended with pieces missing")
+        expected = self.request.content_digest
+        if not expected:
+            return
+        algorithm, _ = parse_digest(expected)
+        if algorithm not in ("sha256", "sha512"):
+            return
+        actual = await asyncio.to_thread(_file_digest, str(self.local.content_path), algorithm)
+        if actual != expected:
+            await self.engine.store.delete(self.task_id)
+            raise ContentDigestMismatch(expected, actual)
+
+
+def _forgot_host(outcome: tuple[grpc.StatusCode | None, str]) -> bool:
+    code, detail = outcome
+    return code == grpc.StatusCode.FAILED_PRECONDITION and "announce" in detail.lower()
+
+
+async def _take(chunks: AsyncIterator[bytes], leftover: bytes, length: int) -> tuple[list[bytes], bytes]:
+    """Exactly `length` bytes from a chunk stream, as a list of parts, plus what is left over."""
+    parts: list[bytes] = []
+    need = length
+    if leftover:
+        parts.append(leftover[:need])
+        need -= len(parts[0])
+        leftover = leftover[len(parts[0]):]
+    while need > 0:
+        try:
+            chunk = await anext(chunks)
+        except StopAsyncIteration:
+            raise DownloadFailed(f"origin body ended {need} bytes before the announced length") from None
+        parts.append(chunk[:need])
+        leftover = chunk[need:]
+        need -= len(parts[-1])
+    return parts, leftover
+
+
+def _file_digest(path: str, algorithm: str) -> str:
+    hasher = hashlib.new(algorithm)
+    with open(path, "rb") as file:
+        while chunk := file.read(4 * _CHUNK):
+            hasher.update(chunk)
+    return f"{algorithm}:{hasher.hexdigest()}"
+
+
+class Engine:
+    """Owns the conductors of this node and the connections they share."""
+
+    def __init__(self, *, config: DfdaemonConfig, store: PieceStore, scheduler: SchedulerClient | None,
+                 origin: OriginClient, metrics: DaemonMetrics, host_id: str) -> None:
+        self.config = config
+        self.store = store
+        self.scheduler = scheduler
+        self.origin = origin
+        self.metrics = metrics
+        self.host_id = host_id
+        self._conductors: dict[str, Conductor] = {}
+        self._runners: set[asyncio.Task[None]] = set()
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._http: aiohttp.ClientSession | None = None
+
+    @property
+    def http(self) -> aiohttp.ClientSession:
+        """Keep-alive HTTP pool for piece transfers from parents."""
+        if self._http is None:
+            connector = aiohttp.TCPConnector(limit=0, limit_per_host=self.config.concurrent_piece_count * 2)
+            self._http = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+        return self._http
+
+    def parent_channel(self, ip: str, port: int) -> grpc.aio.Channel:
+        """One gRPC channel per parent dfdaemon, reused across tasks."""
+        address = f"{ip}:{port}"
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = grpc.aio.insecure_channel(address)
+        return channel
+
+    async def check_digest(self, request: DownloadRequest, local: LocalTask) -> None:
+        """Fail this request when its own digest differs from the content's (the content stays)."""
+        wanted = request.digest.lower()
+        if not wanted or wanted == local.digest:
+            return  # the conductor verified local.digest already
+        algorithm, _ = parse_digest(wanted)
+        with local.reader():
+            actual = await asyncio.to_thread(_file_digest, str(local.content_path), algorithm)
+        if actual != wanted:
+            raise ContentDigestMismatch(wanted, actual)
+
+    def download(self, request: DownloadRequest) -> Conductor:
+        """The conductor of this request's task: the running one, or a new one."""
+        task_id = request.task_id
+        conductor = self._conductors.get(task_id)
+        if conductor is not None and not conductor.done.done():
+            return conductor
+        local = self.store.create(task_id, url=request.url, digest=request.content_digest,
+                                  tag=request.tag, application=request.application)
+        conductor = Conductor(self, request, local)
+        self._conductors[task_id] = conductor
+        runner = asyncio.create_task(conductor.run(), name=f"task-{task_id[:12]}")
+        self._runners.add(runner)
+        runner.add_done_callback(self._runners.discard)
+        # Nobody may await the outcome (a seed trigger whose caller left): don't log it as lost.
+        conductor.done.add_done_callback(lambda f: f.cancelled() or f.exception())
+        return conductor
+
+    async def stop(self) -> None:
+        """Cancel running downloads and close shared connections."""
+        for runner in list(self._runners):
+            runner.cancel()
+        await asyncio.gather(*self._runners, return_exceptions=True)
+        if self._http is not None:
+            await self._http.close()
+        await asyncio.gather(*(c.close() for c in self._channels.values()), return_exceptions=True)
+
+
+async def progress(conductor: Conductor) -> AsyncIterator[tuple[int | None, int | None]]:
+    """Progress of a download: first ``(content_length, None)``, then ``(None, piece)`` per piece.
+
+    Ends when the download succeeded; raises its error when it failed.
+    """
+    waiter: asyncio.Future[Any] = asyncio.ensure_future(conductor.content_known.wait())
+    await asyncio.wait([waiter, conductor.done], return_when=asyncio.FIRST_COMPLETED)
+    waiter.cancel()
+    if conductor.done.done() and not conductor.content_known.is_set():
+        conductor.done.result()  # raises the failure
+    yield conductor.local.content_length, None
+    with contextlib.suppress(DamselflyError):
+        async for number in conductor.local.subscribe():
+            yield None, number
+    await asyncio.shield(conductor.done)

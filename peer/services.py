@@ -1,0 +1,212 @@
+"""The dfdaemon's gRPC services: `DfdaemonUpload` (for peers and the scheduler, over TCP) and
+`DfdaemonDownload` (for dfget, over a unix socket). Both are thin: they translate messages and
+delegate to the engine and the piece store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import grpc
+from dragonfly_api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc
+from google.protobuf import empty_pb2
+
+from common.errors import DamselflyError, InvalidRequest, LocalError, TaskNotFound
+from peer.engine import PIECE_LENGTH_HEADER, RESPONSE_HEADER_PREFIX, Conductor, DownloadRequest, Engine, progress
+
+if TYPE_CHECKING:
+    from peer.storage import LocalTask, PieceStore
+
+log = logging.getLogger(__name__)
+
+
+def _status_of(error: BaseException) -> grpc.StatusCode:
+    if isinstance(error, TaskNotFound):
+        return grpc.StatusCode.NOT_FOUND
+    if isinstance(error, InvalidRequest | LocalError):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    return grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: BaseException) -> NoReturn:
+    await context.abort(_status_of(error), str(error))
+    raise AssertionError("abort returned")  # pragma: no cover - abort always raises
+
+
+def _unimplemented(name: str) -> Any:
+    async def handler(self: object, request: object, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{name} is not implemented by Damselfly's dfdaemon")
+
+    return handler
+
+
+def task_message(local: LocalTask, *, piece_digests: bool) -> common_pb2.Task:
+    """A local task as `common.v2.Task` (what StatTask answers)."""
+    task = common_pb2.Task(id=local.task_id, url=local.url, digest=local.digest or "", tag=local.tag,
+                           application=local.application, state=local.state)
+    if local.content_length is not None and local.piece_length is not None:
+        task.content_length = local.content_length
+        task.piece_count = local.piece_count
+        task.request_header[PIECE_LENGTH_HEADER] = str(local.piece_length)
+        for name, value in local.response_headers.items():
+            task.request_header[RESPONSE_HEADER_PREFIX + name] = value
+        for number in local.finished_pieces():
+            span = local.span(number)
+            piece = task.pieces.add(number=number, offset=span.offset, length=span.length)
+            if piece_digests:
+                piece.digest = local.piece_digest(number) or ""
+    return task
+
+
+async def _download_responses(
+    conductor: Conductor, host_id: str
+) -> AsyncIterator[dfdaemon_pb2.DownloadTaskResponse]:
+    task_id, peer_id = conductor.task_id, conductor.peer_id
+    async for content_length, number in progress(conductor):
+        if number is None:
+            started = dfdaemon_pb2.DownloadTaskStartedResponse(content_length=content_length or 0,
+                                                               is_finished=conductor.done.done())
+            yield dfdaemon_pb2.DownloadTaskResponse(host_id=host_id, task_id=task_id, peer_id=peer_id,
+                                                    download_task_started_response=started)
+        else:
+            span = conductor.local.span(number)
+            piece = common_pb2.Piece(number=number, offset=span.offset, length=span.length,
+                                     digest=conductor.local.piece_digest(number) or "")
+            yield dfdaemon_pb2.DownloadTaskResponse(host_id=host_id, task_id=task_id, peer_id=peer_id,
+                                                    download_piece_finished_response=(
+                                                        dfdaemon_pb2.DownloadPieceFinishedResponse(piece=piece)))
+
+
+class UploadService(dfdaemon_pb2_grpc.DfdaemonUploadServicer):  # type: ignore[misc]
+    """`dfdaemon.v2.DfdaemonUpload`: what other peers and the scheduler call on this node."""
+
+    def __init__(self, engine: Engine, store: PieceStore, host_ip: str, upload_port: int) -> None:
+        self.engine = engine
+        self.store = store
+        self.host_ip = host_ip
+        self.upload_port = upload_port
+
+    async def SyncPieces(self, request: dfdaemon_pb2.SyncPiecesRequest,
+                         context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[dfdaemon_pb2.SyncPiecesResponse]:
+        local = self.store.get(request.task_id)
+        if local is None:
+            await _abort(context, TaskNotFound(request.task_id))
+        interested = set(request.interested_piece_numbers)
+        try:
+            async for number in local.subscribe():
+                if interested and number not in interested:
+                    continue
+                span = local.span(number)
+                yield dfdaemon_pb2.SyncPiecesResponse(number=number, offset=span.offset, length=span.length,
+                                                      ip=self.host_ip, tcp_port=self.upload_port)
+                if interested:
+                    interested.discard(number)
+                    if not interested:
+                        return
+        except DamselflyError as exc:
+            await context.abort(grpc.StatusCode.ABORTED, f"task {request.task_id}: {exc}")
+
+    async def StatTask(self, request: dfdaemon_pb2.StatTaskRequest,
+                       context: grpc.aio.ServicerContext[Any, Any]) -> common_pb2.Task:
+        local = self.store.get(request.task_id)
+        if local is None:
+            await _abort(context, TaskNotFound(request.task_id))
+        return task_message(local, piece_digests=True)
+
+    async def DownloadTask(
+        self, request: dfdaemon_pb2.DownloadTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[dfdaemon_pb2.DownloadTaskResponse]:
+        """A seed trigger from the scheduler (or a preheat): download the task here."""
+        try:
+            download = DownloadRequest.from_proto(request.download)
+        except DamselflyError as exc:
+            await _abort(context, exc)
+        conductor = self.engine.download(download)
+        log.info("download of task %s triggered remotely (%s)", conductor.task_id, download.url)
+        try:
+            async for response in _download_responses(conductor, self.engine.host_id):
+                yield response
+        except DamselflyError as exc:
+            await _abort(context, exc)
+
+    async def DeleteTask(self, request: dfdaemon_pb2.DeleteTaskRequest,
+                         context: grpc.aio.ServicerContext[Any, Any]) -> empty_pb2.Empty:
+        if self.store.get(request.task_id) is None:
+            await _abort(context, TaskNotFound(request.task_id))
+        await self.store.delete(request.task_id)
+        return empty_pb2.Empty()
+
+
+class DownloadService(dfdaemon_pb2_grpc.DfdaemonDownloadServicer):  # type: ignore[misc]
+    """`dfdaemon.v2.DfdaemonDownload` on the unix socket: dfget and local tools."""
+
+    def __init__(self, engine: Engine, store: PieceStore) -> None:
+        self.engine = engine
+        self.store = store
+
+    async def DownloadTask(
+        self, request: dfdaemon_pb2.DownloadTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[dfdaemon_pb2.DownloadTaskResponse]:
+        try:
+            download = DownloadRequest.from_proto(request.download)
+            output = _check_output_path(request.download.output_path)
+        except DamselflyError as exc:
+            await _abort(context, exc)
+        conductor = self.engine.download(download)
+        try:
+            async for response in _download_responses(conductor, self.engine.host_id):
+                yield response
+            await self.engine.check_digest(download, conductor.local)
+            if output is not None:
+                with conductor.local.reader():
+                    await asyncio.to_thread(_copy_out, conductor.local.content_path, output)
+        except DamselflyError as exc:
+            await _abort(context, exc)
+        except OSError as exc:
+            await context.abort(grpc.StatusCode.INTERNAL, f"cannot write {output}: {exc.strerror}")
+
+    async def StatTask(self, request: dfdaemon_pb2.StatTaskRequest,
+                       context: grpc.aio.ServicerContext[Any, Any]) -> common_pb2.Task:
+        local = self.store.get(request.task_id)
+        if local is None:
+            await _abort(context, TaskNotFound(request.task_id))
+        return task_message(local, piece_digests=True)
+
+    async def DeleteTask(self, request: dfdaemon_pb2.DeleteTaskRequest,
+                         context: grpc.aio.ServicerContext[Any, Any]) -> empty_pb2.Empty:
+        if self.store.get(request.task_id) is None:
+            await _abort(context, TaskNotFound(request.task_id))
+        await self.store.delete(request.task_id)
+        return empty_pb2.Empty()
+
+    StatLocalTask = _unimplemented("StatLocalTask")
+    ListLocalTasks = _unimplemented("ListLocalTasks")
+    ListTaskEntries = _unimplemented("ListTaskEntries")
+
+
+def _check_output_path(path: str) -> Path | None:
+    if not path:
+        return None
+    output = Path(path)
+    if not output.is_absolute():
+        raise InvalidRequest(f"output path {path!r} must be absolute")
+    if not output.parent.is_dir():
+        raise InvalidRequest(f"output directory {output.parent} does not exist")
+    return output
+
+
+def _copy_out(source: Path, output: Path) -> None:
+    """Copy the content to the client's file (sendfile inside shutil); no partial file on error."""
+    try:
+        shutil.copyfile(source, output)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(output)
+        raise
