@@ -1,0 +1,204 @@
+"""The gRPC service over real grpc.aio servers on 127.0.0.1 (scheduler and a fake seed)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+from dragonfly_api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+from prometheus_client import generate_latest
+
+from common.clock import SystemClock
+from common.config import SchedulerConfig
+from scheduler.core import SchedulerCore
+from scheduler.server import main
+from scheduler.service import SchedulerService
+
+TASK = "a" * 64
+DIGEST = "xxh3:" + "0123456789abcdef" * 2
+HEADERS = {"Authorization": "Bearer private-registry-token", "X-Trace": "7"}
+DEADLINE = 10.0
+
+
+class FakeSeed(dfdaemon_pb2_grpc.DfdaemonUploadServicer):  # type: ignore[misc]
+    """Records DownloadTask triggers; fails them when told to."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.requests: asyncio.Queue[dfdaemon_pb2.DownloadTaskRequest] = asyncio.Queue()
+        self.fail = fail
+
+    async def DownloadTask(self, request: Any, context: Any) -> AsyncIterator[Any]:
+        await self.requests.put(request)
+        if self.fail:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "seed is out of disk")
+        yield dfdaemon_pb2.DownloadTaskResponse(host_id="seed", task_id=request.download.url, peer_id="seed-peer")
+
+
+async def start_seed(seed: FakeSeed) -> tuple[grpc.aio.Server, str]:
+    server = grpc.aio.server()
+    dfdaemon_pb2_grpc.add_DfdaemonUploadServicer_to_server(seed, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, f"127.0.0.1:{port}"
+
+
+class Harness:
+    def __init__(self, **config: Any) -> None:
+        self.core = SchedulerCore(SchedulerConfig(retry_interval=0.05, **config), SystemClock())
+        self.service = SchedulerService(self.core)
+
+    async def __aenter__(self) -> Harness:
+        self.server = grpc.aio.server()
+        scheduler_pb2_grpc.add_SchedulerServicer_to_server(self.service, self.server)
+        port = self.server.add_insecure_port("127.0.0.1:0")
+        await self.server.start()
+        self.service.start()
+        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        self.stub = scheduler_pb2_grpc.SchedulerStub(self.channel)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.channel.close()
+        await self.server.stop(None)
+        await self.service.close()
+
+    async def announce(self, name: str, ip: str, seed: bool = False) -> str:
+        host = common_pb2.Host(id=f"{ip}-{name}", hostname=name, ip=ip, type=1 if seed else 0, port=4000,
+                               download_port=4005)
+        await self.stub.AnnounceHost(scheduler_pb2.AnnounceHostRequest(host=host))
+        return str(host.id)
+
+    def metric(self, name: str, **labels: str) -> float:
+        value = self.service.metrics.registry.get_sample_value(name, labels)
+        return 0.0 if value is None else value
+
+
+def register(host_id: str, peer_id: str) -> scheduler_pb2.AnnouncePeerRequest:
+    download = common_pb2.Download(url="https://registry.local/v2/x/blobs/sha256:" + "1" * 64,
+                                   request_header=HEADERS, digest="sha256:" + "1" * 64)
+    return scheduler_pb2.AnnouncePeerRequest(
+        host_id=host_id, task_id=TASK, peer_id=peer_id,
+        register_peer_request=scheduler_pb2.RegisterPeerRequest(download=download))
+
+
+def message(host_id: str, peer_id: str, **kwargs: Any) -> scheduler_pb2.AnnouncePeerRequest:
+    return scheduler_pb2.AnnouncePeerRequest(host_id=host_id, task_id=TASK, peer_id=peer_id, **kwargs)
+
+
+async def until(condition: Any, what: str) -> None:
+    deadline = asyncio.get_running_loop().time() + DEADLINE
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def test_back_to_source_digest_relay_and_unimplemented() -> None:
+    async with Harness() as h:
+        host = await h.announce("node1", "10.0.0.1")
+        call = h.stub.AnnouncePeer()
+        await call.write(register(host, "p1"))
+        answer = await asyncio.wait_for(call.read(), DEADLINE)
+        assert answer.WhichOneof("response") == "need_back_to_source_response"
+        await call.write(message(host, "p1", download_peer_back_to_source_started_request=(
+            scheduler_pb2.DownloadPeerBackToSourceStartedRequest())))
+        piece = common_pb2.Piece(number=0, offset=0, length=1024, digest=DIGEST,
+                                 traffic_type=common_pb2.BACK_TO_SOURCE)
+        await call.write(message(host, "p1", download_piece_back_to_source_finished_request=(
+            scheduler_pb2.DownloadPieceBackToSourceFinishedRequest(piece=piece))))
+
+        # another peer gets p1 as a parent, with the relayed digest
+        host2 = await h.announce("node2", "10.0.0.2")
+        call2 = h.stub.AnnouncePeer()
+        await call2.write(register(host2, "p2"))
+        answer2 = await asyncio.wait_for(call2.read(), DEADLINE)
+        parents = answer2.normal_task_response.candidate_parents
+        assert [p.id for p in parents] == ["p1"]
+        assert parents[0].host.ip == "10.0.0.1" and parents[0].host.download_port == 4005
+        assert [(p.number, p.digest) for p in parents[0].pieces] == [(0, DIGEST)]
+
+        await call.write(message(host, "p1", download_peer_back_to_source_finished_request=(
+            scheduler_pb2.DownloadPeerBackToSourceFinishedRequest())))
+        await call.done_writing()
+        assert await call.code() == grpc.StatusCode.OK
+
+        task = await h.stub.StatTask(scheduler_pb2.StatTaskRequest(task_id=TASK))
+        assert [(p.number, p.offset, p.length, p.digest) for p in task.pieces] == [(0, 0, 1024, DIGEST)]
+        assert (task.content_length, task.piece_count, task.state) == (1024, 1, "Succeeded")
+        assert not task.request_header  # credentials are not handed out
+        peer = await h.stub.StatPeer(scheduler_pb2.StatPeerRequest(peer_id="p1"))
+        assert peer.state == "Succeeded"
+
+        with pytest.raises(grpc.aio.AioRpcError) as missing:
+            await h.stub.StatTask(scheduler_pb2.StatTaskRequest(task_id="nope"))
+        assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+
+        with pytest.raises(grpc.aio.AioRpcError) as unimplemented:
+            await h.stub.StatCacheTask(scheduler_pb2.StatCacheTaskRequest(task_id=TASK))
+        assert unimplemented.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert "StatCacheTask" in (unimplemented.value.details() or "")
+
+        hosts = await h.stub.ListHosts(scheduler_pb2.ListHostsRequest())
+        assert sorted(x.id for x in hosts.hosts) == [host, host2]
+
+        call2.cancel()
+        assert h.metric("damselfly_scheduler_schedule_decisions_total", kind="back_to_source") == 1
+        assert h.metric("damselfly_scheduler_schedule_decisions_total", kind="normal") == 1
+        assert h.metric("damselfly_scheduler_piece_bytes_total", type="back_to_source") == 1024
+        assert h.metric("damselfly_scheduler_peers_registered_total", priority="level0", host_type="normal") == 2
+        assert h.metric("damselfly_scheduler_hosts") == 2
+        assert h.metric("damselfly_scheduler_grpc_errors_total", method="StatCacheTask",
+                        code="UNIMPLEMENTED") == 1
+        text = generate_latest(h.service.metrics.registry).decode()
+        assert TASK not in text and "p1" not in text
+
+
+async def test_register_on_unannounced_host_fails() -> None:
+    async with Harness() as h:
+        call = h.stub.AnnouncePeer()
+        await call.write(register("ghost", "p1"))
+        assert await asyncio.wait_for(call.code(), DEADLINE) == grpc.StatusCode.FAILED_PRECONDITION
+        assert "host ghost not announced" in (await call.details() or "")
+
+
+async def test_seed_trigger_reaches_the_seed_with_request_headers() -> None:
+    seed = FakeSeed()
+    seed_server, address = await start_seed(seed)
+    try:
+        async with Harness(seed_peer=(address,)) as h:
+            host = await h.announce("node1", "10.0.0.1")
+            call = h.stub.AnnouncePeer()
+            await call.write(register(host, "p1"))
+            request = await asyncio.wait_for(seed.requests.get(), DEADLINE)
+            assert dict(request.download.request_header) == HEADERS
+            assert request.download.need_back_to_source is True
+            assert request.download.digest == "sha256:" + "1" * 64
+            assert h.metric("damselfly_scheduler_schedule_decisions_total", kind="seed_trigger") == 1
+            call.cancel()
+    finally:
+        await seed_server.stop(None)
+
+
+async def test_failed_seed_trigger_sends_the_peer_back_to_source() -> None:
+    seed = FakeSeed(fail=True)
+    seed_server, address = await start_seed(seed)
+    try:
+        async with Harness(seed_peer=(address,)) as h:
+            host = await h.announce("node1", "10.0.0.1")
+            call = h.stub.AnnouncePeer()
+            await call.write(register(host, "p1"))
+            answer = await asyncio.wait_for(call.read(), DEADLINE)
+            assert answer.WhichOneof("response") == "need_back_to_source_response"
+            assert address not in h.core.available_seeds()  # cooling down
+            call.cancel()
+            await until(lambda: h.core.stat_peer("p1").state == "Failed", "the closed stream to fail the peer")
+    finally:
+        await seed_server.stop(None)
+
+
+def test_main_rejects_bad_config(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--retry-interval", "soon"]) == 2
+    assert "retry_interval" in capsys.readouterr().err
