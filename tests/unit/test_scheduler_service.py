@@ -202,3 +202,48 @@ async def test_failed_seed_trigger_sends_the_peer_back_to_source() -> None:
 def test_main_rejects_bad_config(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--retry-interval", "soon"]) == 2
     assert "retry_interval" in capsys.readouterr().err
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_serve_answers_grpc_and_http_then_stops() -> None:
+    import aiohttp
+
+    from scheduler.server import serve
+
+    grpc_port, http_port = free_port(), free_port()
+    config = SchedulerConfig(listen=f"127.0.0.1:{grpc_port}", metrics_listen=f"127.0.0.1:{http_port}")
+    server = asyncio.create_task(serve(config))
+    try:
+        async with aiohttp.ClientSession() as http:
+
+            async def ready() -> bool:
+                try:
+                    async with http.get(f"http://127.0.0.1:{http_port}/ready") as response:
+                        return response.status == 200
+                except aiohttp.ClientConnectionError:
+                    return False
+
+            deadline = asyncio.get_running_loop().time() + DEADLINE
+            while not await ready():
+                assert not server.done(), server
+                assert asyncio.get_running_loop().time() < deadline, "scheduler never became ready"
+                await asyncio.sleep(0.02)
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+                stub = scheduler_pb2_grpc.SchedulerStub(channel)
+                host = common_pb2.Host(id="10.0.0.1-n", ip="10.0.0.1", hostname="n", port=4000)
+                await stub.AnnounceHost(scheduler_pb2.AnnounceHostRequest(host=host))
+            async with http.get(f"http://127.0.0.1:{http_port}/metrics") as response:
+                assert "damselfly_scheduler_hosts 1.0" in await response.text()
+            async with http.get(f"http://127.0.0.1:{http_port}/healthy") as response:
+                assert response.status == 200
+    finally:
+        server.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await server
