@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 UNAVAILABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                                grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN})
 _RPC_TIMEOUT = 5.0
-_ANNOUNCE_RETRY = 2.0
+_ANNOUNCE_RETRY = 1.0
 
 
 class AnnounceStream:

@@ -100,6 +100,8 @@ class LocalCluster:
         self.log_level = log_level
         self.nodes: list[Node] = []
         self.scheduler: Node | None = None
+        # Known before the scheduler starts: seeds and the scheduler each need the other's address.
+        self.scheduler_ports = {"grpc": free_port(), "metrics": free_port()}
         root.mkdir(parents=True, exist_ok=True)
 
     def _spawn(self, node: Node) -> Node:
@@ -115,7 +117,7 @@ class LocalCluster:
 
     def start_scheduler(self, *extra: str, seeds: list[Node] | None = None) -> Node:
         """Start the scheduler (one per cluster here)."""
-        ports = {"grpc": free_port(), "metrics": free_port()}
+        ports = self.scheduler_ports
         args = ["--listen", f"127.0.0.1:{ports['grpc']}", "--metrics-listen", f"127.0.0.1:{ports['metrics']}",
                 "--log-level", self.log_level, *extra]
         for seed in seeds or []:
@@ -126,12 +128,11 @@ class LocalCluster:
 
     def plan_dfdaemon(self, name: str, *, seed: bool = False, ports: dict[str, int] | None = None) -> Node:
         """Allocate a dfdaemon's ports and directories without starting it."""
-        assert self.scheduler is not None, "start the scheduler first"
         ports = ports or {p: free_port() for p in ("grpc", "upload", "proxy", "metrics", "health")}
         data_dir = self.root / name / "data"
         socket_path = self.root / name / "dfdaemon.sock"
         args = [
-            "--scheduler", f"127.0.0.1:{self.scheduler.ports['grpc']}", "--data-dir", str(data_dir),
+            "--scheduler", f"127.0.0.1:{self.scheduler_ports['grpc']}", "--data-dir", str(data_dir),
             "--host-ip", "127.0.0.1", "--hostname", name,
             "--grpc-listen", f"127.0.0.1:{ports['grpc']}", "--upload-listen", f"127.0.0.1:{ports['upload']}",
             "--proxy-listen", f"127.0.0.1:{ports['proxy']}", "--metrics-listen", f"127.0.0.1:{ports['metrics']}",

@@ -79,14 +79,16 @@ def test_origin_404_fails_cleanly(cluster: LocalCluster, registry: Registry, tmp
 
 
 class _FailingOrigin(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        self.send_response(500)
-        body = b"the origin is broken today\n"
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+    body = b"the origin is broken today\n"
 
-    do_HEAD = do_GET
+    def do_HEAD(self) -> None:
+        self.send_response(500)
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+
+    def do_GET(self) -> None:
+        self.do_HEAD()
+        self.wfile.write(self.body)
 
     def log_message(self, *args: object) -> None:
         pass
