@@ -27,7 +27,7 @@ import hashlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
@@ -64,6 +64,10 @@ log = logging.getLogger(__name__)
 PIECE_LENGTH_HEADER = "X-Damselfly-Piece-Length"
 RESPONSE_HEADER_PREFIX = "X-Damselfly-Response-"
 _CHUNK = 1 << 20
+# Pieces in flight from one parent. A seed gets fewer as soon as normal parents exist: every
+# child would otherwise take each new piece from the seed at once, and peers would never trade.
+PARENT_PIECE_LIMIT = 8
+SEED_PIECE_LIMIT = 2
 # A parent that failed this many pieces of the task is dropped and reported to the scheduler.
 PARENT_FAILURE_LIMIT = 2
 # How long to keep asking the scheduler for a piece digest still in flight from the seed.
@@ -187,7 +191,12 @@ class _SchedulerMessage:
     error: str = ""
 
 
-_Event = _Have | _ParentInfo | _ParentGone | _PieceDone | _SchedulerMessage
+@dataclass(frozen=True)
+class _Wake:
+    """Nothing happened, but look again (new priorities)."""
+
+
+_Event = _Have | _ParentInfo | _ParentGone | _PieceDone | _SchedulerMessage | _Wake
 
 
 def _duration(seconds: float) -> duration_pb2.Duration:
@@ -220,7 +229,13 @@ class Conductor:
         self._back_to_source = False
         self._traffic: dict[str, int] = {"back_to_source": 0, "remote_peer": 0, "local_peer": 0}
         self._order_seed = random.random()
+        self._priority: set[int] = set()
         self.started_at = time.monotonic()
+
+    def prioritize(self, numbers: Iterable[int]) -> None:
+        """Fetch these pieces before the others: a reader is waiting for them."""
+        self._priority.update(numbers)
+        self._events.put_nowait(_Wake())
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -535,7 +550,8 @@ class Conductor:
         ready = [n for n, holders in self._holders.items()
                  if holders and n not in finished and n not in self._in_flight]
         # A per-peer shuffled order spreads children over different pieces, so they can trade.
-        ready.sort(key=lambda n: hash((self._order_seed, n)))
+        # Prioritized pieces (a Range read waits for them) go first, in order.
+        ready.sort(key=lambda n: (0, n) if n in self._priority else (1, hash((self._order_seed, n))))
         for number in ready:
             if len(self._in_flight) >= limit:
                 break
@@ -547,7 +563,11 @@ class Conductor:
 
     def _pick_parent(self, holders: set[str]) -> Parent | None:
         """Prefer normal peers over seeds (offload the seed), then the least busy."""
-        live = [self._parents[p] for p in holders if p in self._parents]
+        seed_limit = SEED_PIECE_LIMIT if any(not p.is_seed for p in self._parents.values()) else PARENT_PIECE_LIMIT
+        live = [
+            parent for parent in (self._parents.get(p) for p in holders)
+            if parent is not None and parent.in_flight < (seed_limit if parent.is_seed else PARENT_PIECE_LIMIT)
+        ]
         if not live:
             return None
         return min(live, key=lambda p: (p.is_seed, p.in_flight, random.random()))
@@ -639,19 +659,27 @@ class Conductor:
         if stat is not None and not stat.supports_range and len(missing) > 1:
             await self._back_source_stream(headers)
             return
-        limiter = asyncio.Semaphore(self.engine.config.back_to_source_concurrency)
+        queue = list(missing)
 
-        async def one(number: int) -> None:
-            async with limiter:
-                await self._origin_piece(number, headers)
+        async def fetch_until_done() -> None:
+            while queue:
+                await self._origin_piece(self._next_piece(queue), headers)
 
-        workers = [asyncio.create_task(one(n)) for n in missing]
+        concurrency = self.engine.config.back_to_source_concurrency
+        workers = [asyncio.create_task(fetch_until_done()) for _ in range(concurrency)]
         try:
             await asyncio.gather(*workers)
         finally:
             for worker in workers:
                 worker.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
+
+    def _next_piece(self, queue: list[int]) -> int:
+        """Take the next piece to fetch from `queue`: a prioritized one if any, else the first."""
+        for index, number in enumerate(queue):
+            if number in self._priority:
+                return queue.pop(index)
+        return queue.pop(0)
 
     async def _origin_piece(self, number: int, headers: dict[str, str]) -> None:
         span = self.local.span(number)

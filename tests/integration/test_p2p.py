@@ -61,6 +61,8 @@ def test_eight_peers_pull_one_blob_and_the_origin_serves_it_once(
     served_by_seed = seed.metrics().get(UPLOAD, 0)
     served_by_peers = sum(node.metrics().get(UPLOAD, 0) for node in daemons)
     received = sum(node.metrics().get(FROM_PEERS, 0) for node in daemons)
+    print(f"\norigin served {registry_relay.bytes_from_target / MIB:.1f} MiB; seed uploaded "
+          f"{served_by_seed / MIB:.0f} MiB, peers uploaded {served_by_peers / MIB:.0f} MiB to each other")
     assert received == 8 * size, "every byte came over P2P (no peer back-sourced)"
     assert served_by_peers > served_by_seed, (
         f"peers served {served_by_peers / MIB:.0f} MiB to each other, the seed {served_by_seed / MIB:.0f} MiB")
