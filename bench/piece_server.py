@@ -1,10 +1,11 @@
 """Throughput of the piece server: 64 pieces of 4 MiB over one keep-alive connection.
 
-    .venv/bin/python bench/piece_server.py [--pieces 64] [--rounds 3] [--uvloop]
+    .venv/bin/python bench/piece_server.py [--pieces 64] [--rounds 3]
 
-Prints MB/s for the sendfile path and for the chunked fallback (what uvloop gets). The client is
-a blocking socket in another process that reads bodies into one reused buffer, so the number is
-the server's cost plus loopback, not the client's.
+Prints a table of MB/s for each way the server can send: asyncio's loop.sendfile, uvloop with
+os.sendfile in sender threads (what the daemons run), and the chunked path (TLS, or sendfile
+turned off) on uvloop. The client is a blocking socket in another process that reads bodies into
+one reused buffer, so the number is the server's cost plus loopback, not the client's.
 """
 
 from __future__ import annotations
@@ -16,8 +17,11 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
+
+import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -77,14 +81,29 @@ def _client_process(port: int, pieces: int, rounds: int, results: multiprocessin
     results.put(_client(port, pieces, rounds))
 
 
-async def _bench(pieces: int, rounds: int, use_sendfile: bool, data_dir: Path) -> float:
+@dataclass(frozen=True)
+class Case:
+    label: str
+    loop_factory: Callable[[], asyncio.AbstractEventLoop]
+    use_sendfile: bool
+    in_threads: bool  # expected: sendfile by sender threads (the loop has none of its own)
+
+
+CASES = (
+    Case("asyncio + loop.sendfile", asyncio.new_event_loop, use_sendfile=True, in_threads=False),
+    Case("uvloop + native sendfile", uvloop.new_event_loop, use_sendfile=True, in_threads=True),
+    Case("uvloop + chunked", uvloop.new_event_loop, use_sendfile=False, in_threads=False),
+)
+
+
+async def _bench(pieces: int, rounds: int, case: Case, data_dir: Path) -> float:
     store = PieceStore(data_dir)
     store.load()
     task = store.create(TASK, url="http://bench.invalid/blob")
     task.set_content_info(pieces * PIECE, PIECE, {})
     for number in range(pieces):
         await task.write_piece(number, _piece_chunks(number))
-    server = PieceServer(store, upload_slots=16, metrics=DaemonMetrics(), use_sendfile=use_sendfile)
+    server = PieceServer(store, upload_slots=16, metrics=DaemonMetrics(), use_sendfile=case.use_sendfile)
     port = await server.start("127.0.0.1", 0)
     try:
         context = multiprocessing.get_context("spawn")
@@ -93,8 +112,8 @@ async def _bench(pieces: int, rounds: int, use_sendfile: bool, data_dir: Path) -
         client.start()
         best = await asyncio.to_thread(results.get, True, 600)
         await asyncio.to_thread(client.join)
-        if use_sendfile and not server.uses_sendfile:
-            print("  (this loop has no sendfile: the fallback was used)")
+        if server.sendfile_in_threads != case.in_threads:
+            raise RuntimeError(f"{case.label}: the server did not take the path this case measures")
     finally:
         await server.stop()
         await store.delete(TASK)
@@ -102,24 +121,19 @@ async def _bench(pieces: int, rounds: int, use_sendfile: bool, data_dir: Path) -
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pieces", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--uvloop", action="store_true", help="run on uvloop (no sendfile there)")
     args = parser.parse_args()
-    loop_factory = None
-    if args.uvloop:
-        import uvloop
-
-        loop_factory = uvloop.new_event_loop
+    print(f"{args.pieces} x 4 MiB pieces over one keep-alive connection, best of {args.rounds} rounds\n")
+    width = max(len(case.label) for case in CASES)
+    print(f"| {'path':<{width}} | {'MB/s':>6} |")
+    print(f"|{'-' * (width + 2)}|{'-' * 7}:|")
     with tempfile.TemporaryDirectory() as tmp:
-        for use_sendfile in (True, False):
-            with asyncio.Runner(loop_factory=loop_factory) as runner:
-                rate = runner.run(_bench(args.pieces, args.rounds, use_sendfile, Path(tmp)))
-            label = "sendfile" if use_sendfile else "chunked "
-            print(f"{label}: {rate:8.0f} MB/s  ({args.pieces} x 4 MiB, keep-alive, best of {args.rounds})")
+        for case in CASES:
+            with asyncio.Runner(loop_factory=case.loop_factory) as runner:
+                rate = runner.run(_bench(args.pieces, args.rounds, case, Path(tmp)))
+            print(f"| {case.label:<{width}} | {rate:6.0f} |", flush=True)
 
 
 if __name__ == "__main__":

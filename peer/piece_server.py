@@ -7,18 +7,35 @@ task id or piece number, ``404`` for an unknown task or a piece that is not comp
 ``503`` with ``Retry-After`` when every upload slot stays busy for a moment.
 ``GET /healthy`` answers ``ok``.
 
+How the bytes go out depends on the connection and the event loop:
+
+* asyncio: ``loop.sendfile`` on the transport;
+* uvloop (no ``loop.sendfile``): once the response headers are flushed, ``os.sendfile`` on the
+  connection's socket in a sender thread of our own, which polls while the client is slow;
+* TLS, or sendfile turned off: file reads in a thread, written through the transport.
+
+An optional :class:`TokenBucket` caps the upload rate of the whole server; an upload that makes
+no progress for the stall timeout is given up and its connection closed.
+
 The handler is a thin edge: parse, look up in the :class:`~peer.storage.PieceStore`, send, count.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import enum
 import logging
 import os
+import select
+import threading
+import time
 from typing import BinaryIO
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 
+from common.clock import Clock, SystemClock
 from common.pieces import PieceSpan
 from peer.metrics import DaemonMetrics
 from peer.storage import TASK_ID_RE, LocalTask, PieceStore
@@ -29,10 +46,54 @@ PIECE_DIGEST_HEADER = "X-Damselfly-Piece-Digest"
 # How long a request waits for a free upload slot before it is told to come back.
 DEFAULT_SLOT_WAIT = 2.0
 RETRY_AFTER_SECONDS = 1
-# Read size of the fallback path (event loops without sendfile, e.g. uvloop).
-FALLBACK_CHUNK = 1024 * 1024
+MIB = 1024 * 1024
+# Read size of the chunked path (TLS connections, or sendfile turned off).
+FALLBACK_CHUNK = MIB
+# An upload that makes no progress for this long is given up and its connection closed.
+DEFAULT_STALL_TIMEOUT = 30.0
+# Bytes an idle rate-limited server may send at once before the rate applies.
+DEFAULT_RATE_BURST = 4 * MIB
+# Unit of rate limiting and of the stall timeout on the event loop's own sendfile.
+SEND_SLICE = MIB
+# Sender threads of the uvloop sendfile path: one per upload slot, but never more than this.
+MAX_SENDER_THREADS = 64
+# A stalled sender thread wakes this often to notice that its upload was abandoned.
+_ABORT_CHECK_INTERVAL = 0.1
 # Longer numbers cannot be a piece of any content (and int() of huge strings is refused).
 _MAX_NUMBER_DIGITS = 12
+
+
+class _SendPath(enum.Enum):
+    LOOP = "loop.sendfile"  # the event loop's own sendfile (asyncio)
+    THREAD = "thread sendfile"  # os.sendfile in a sender thread (uvloop has no loop.sendfile)
+    CHUNKS = "chunks"  # pread + transport writes (TLS, or sendfile turned off)
+
+
+class TokenBucket:
+    """The upload budget shared by all uploads: ``rate`` bytes per second, ``burst`` saved at most.
+
+    Reservations may overdraw the bucket and are answered with how long to wait before sending,
+    so uploads asking at the same time are served in the order they asked. No I/O and no clock:
+    the caller passes the time and does the waiting.
+    """
+
+    def __init__(self, rate: float, burst: int, now: float) -> None:
+        if rate <= 0:
+            raise ValueError(f"rate must be positive, got {rate}")
+        if burst < 1:
+            raise ValueError(f"burst must be at least 1 byte, got {burst}")
+        self.rate = float(rate)
+        self.burst = burst
+        self._tokens = float(burst)
+        self._updated = now
+
+    def reserve(self, amount: int, now: float) -> float:
+        """Take `amount` bytes from the budget; seconds to wait before sending them."""
+        if now > self._updated:
+            self._tokens = min(float(self.burst), self._tokens + (now - self._updated) * self.rate)
+            self._updated = now
+        self._tokens -= amount
+        return 0.0 if self._tokens >= 0 else -self._tokens / self.rate
 
 
 def _pread_exactly(fd: int, length: int, offset: int) -> bytes:
@@ -42,8 +103,77 @@ def _pread_exactly(fd: int, length: int, offset: int) -> bytes:
     return data
 
 
+def _sendfile_until_done(
+    sock_fd: int, file_fd: int, offset: int, count: int, stall_timeout: float, aborted: threading.Event
+) -> None:
+    """Send file bytes [offset, offset+count) on a non-blocking socket; runs in a sender thread."""
+    poller = select.poll()
+    poller.register(sock_fd, select.POLLOUT)
+    end = offset + count
+    deadline = time.monotonic() + stall_timeout
+    while offset < end:
+        if aborted.is_set():
+            raise ConnectionAbortedError("upload abandoned")
+        try:
+            sent = os.sendfile(sock_fd, file_fd, offset, end - offset)
+        except BlockingIOError:  # the socket buffer is full: wait for the client to read
+            sent = -1
+        if sent == 0:
+            raise OSError(f"content file ends at {offset}, before {end}")
+        if sent > 0:
+            offset += sent
+            deadline = time.monotonic() + stall_timeout
+            continue
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"client read nothing for {stall_timeout:g} s")
+        # POLLERR/POLLHUP wake us too: the next sendfile then raises the socket's error
+        poller.poll(min(left, _ABORT_CHECK_INTERVAL) * 1000)
+
+
+class _SenderJob:
+    """One threaded send, on private duplicates of the socket and file descriptors.
+
+    The duplicates keep both open for as long as the thread uses them, even if the handler has
+    given up meanwhile (cancelled, server stopping) and aiohttp closed the connection: a
+    descriptor number can then never be reused under the thread's feet.
+    """
+
+    def __init__(self, sock_fd: int, file_fd: int, offset: int, count: int, stall_timeout: float) -> None:
+        self._sock_fd = os.dup(sock_fd)
+        try:
+            self._file_fd = os.dup(file_fd)
+        except BaseException:
+            os.close(self._sock_fd)
+            raise
+        self._offset = offset
+        self._count = count
+        self._stall_timeout = stall_timeout
+        self._closed = False
+        self.aborted = threading.Event()
+
+    def run(self) -> None:
+        try:
+            _sendfile_until_done(
+                self._sock_fd, self._file_fd, self._offset, self._count, self._stall_timeout, self.aborted
+            )
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            os.close(self._sock_fd)
+            os.close(self._file_fd)
+
+
 class PieceServer:
-    """aiohttp server of complete pieces with a bounded number of concurrent uploads."""
+    """aiohttp server of complete pieces with a bounded number of concurrent uploads.
+
+    ``rate_limit`` caps the bytes per second of all uploads together (0: unlimited), with
+    ``rate_burst`` bytes allowed at once. An upload that makes no progress for ``stall_timeout``
+    seconds is given up and its connection closed.
+    """
 
     def __init__(
         self,
@@ -53,15 +183,28 @@ class PieceServer:
         metrics: DaemonMetrics,
         slot_wait: float = DEFAULT_SLOT_WAIT,
         use_sendfile: bool = True,
+        rate_limit: int = 0,
+        rate_burst: int = DEFAULT_RATE_BURST,
+        stall_timeout: float = DEFAULT_STALL_TIMEOUT,
+        clock: Clock | None = None,
     ) -> None:
         if upload_slots < 1:
             raise ValueError(f"upload_slots must be at least 1, got {upload_slots}")
+        if rate_limit < 0:
+            raise ValueError(f"rate_limit must be 0 (unlimited) or positive, got {rate_limit}")
+        if stall_timeout <= 0:
+            raise ValueError(f"stall_timeout must be positive, got {stall_timeout}")
         self._store = store
         self._metrics = metrics
         self._upload_slots = upload_slots
         self._slot_wait = slot_wait
         self._slots = asyncio.Semaphore(upload_slots)
-        self._use_sendfile = use_sendfile  # cleared when the loop turns out not to support it
+        self._use_sendfile = use_sendfile and hasattr(os, "sendfile")
+        self._loop_has_sendfile = True  # cleared when the loop turns out to have none (uvloop)
+        self._stall_timeout = stall_timeout
+        self._clock: Clock = clock or SystemClock()
+        self._bucket = TokenBucket(rate_limit, rate_burst, self._clock.time()) if rate_limit else None
+        self._senders: concurrent.futures.ThreadPoolExecutor | None = None
         self._uploads = 0
         self._runner: web.AppRunner | None = None
         self.app = web.Application()
@@ -75,8 +218,13 @@ class PieceServer:
 
     @property
     def uses_sendfile(self) -> bool:
-        """False once the event loop turned out to have no sendfile (uvloop)."""
+        """Whether plain-TCP pieces go out by sendfile (the loop's own, or in sender threads)."""
         return self._use_sendfile
+
+    @property
+    def sendfile_in_threads(self) -> bool:
+        """True once the event loop turned out to have no sendfile (uvloop): threads send instead."""
+        return self._use_sendfile and not self._loop_has_sendfile
 
     @property
     def uploads_in_progress(self) -> int:
@@ -105,6 +253,10 @@ class PieceServer:
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
+        senders, self._senders = self._senders, None
+        if senders is not None:
+            # cancelled handlers have told their threads to stop; they do within a poll interval
+            senders.shutdown(wait=False, cancel_futures=True)
 
     # ---- handlers ----------------------------------------------------------------------------
 
@@ -168,13 +320,18 @@ class PieceServer:
             )
             response.content_length = span.length
             try:
-                await response.prepare(request)
+                writer = await response.prepare(request)
+                if writer is None:
+                    raise ConnectionResetError("response not prepared")
                 if span.length:
-                    await self._send_region(request, response, file, span)
+                    await self._send_region(request, writer, file, span)
+                # Like aiohttp's FileResponse after loop.sendfile: the body went around the
+                # writer, so ending the response here (nothing left to write) completes it and
+                # keeps the connection reusable.
                 await response.write_eof()
             except (ConnectionError, OSError) as exc:
-                # The peer went away, or the disk failed mid-piece: the response cannot be
-                # completed, so the connection must not be reused.
+                # The peer went away or stalled, or the disk failed mid-piece: the response
+                # cannot be completed, so the connection must not be reused.
                 self._metrics.upload_pieces.labels("failed").inc()
                 log.debug("piece %d of task %s not sent: %s", span.number, task.task_id, exc)
                 if request.transport is not None:
@@ -184,29 +341,107 @@ class PieceServer:
         self._metrics.upload_pieces.labels("succeeded").inc()
         return response
 
+    # ---- sending -----------------------------------------------------------------------------
+
+    def _path_for(self, transport: asyncio.Transport) -> _SendPath:
+        if not self._use_sendfile:
+            return _SendPath.CHUNKS
+        if transport.get_extra_info("sslcontext") is not None or transport.get_extra_info("socket") is None:
+            return _SendPath.CHUNKS  # TLS encrypts in user space: there is no raw socket to send on
+        return _SendPath.LOOP if self._loop_has_sendfile else _SendPath.THREAD
+
     async def _send_region(
-        self, request: web.Request, response: web.StreamResponse, file: BinaryIO, span: PieceSpan
+        self, request: web.Request, writer: AbstractStreamWriter, file: BinaryIO, span: PieceSpan
     ) -> None:
         transport = request.transport
         if transport is None or transport.is_closing():
             raise ConnectionResetError("connection lost")
-        if self._use_sendfile:
-            loop = asyncio.get_running_loop()
-            try:
-                await loop.sendfile(transport, file, span.offset, span.length, fallback=False)
-                return
-            except NotImplementedError:  # the loop has no sendfile at all (uvloop)
-                self._use_sendfile = False
-            except RuntimeError:  # not for this transport (TLS) or this file
-                if file.tell() != 0:  # some bytes went out: too late to switch
-                    raise ConnectionResetError("sendfile failed mid-piece") from None
-        await self._send_chunks(response, file, span)
-
-    async def _send_chunks(self, response: web.StreamResponse, file: BinaryIO, span: PieceSpan) -> None:
-        fd = file.fileno()
+        path = self._path_for(transport)
+        # Slices bound the stall timeout of the loop's sendfile and are the unit of the rate limit;
+        # an unlimited threaded send is one job (its thread watches progress itself).
+        whole = path is _SendPath.THREAD and self._bucket is None
         offset = span.offset
         while offset < span.end:
-            length = min(FALLBACK_CHUNK, span.end - offset)
+            count = span.end - offset if whole else min(SEND_SLICE, span.end - offset)
+            await self._throttle(count)
+            if path is _SendPath.LOOP:
+                try:
+                    async with asyncio.timeout(self._stall_timeout):
+                        await asyncio.get_running_loop().sendfile(transport, file, offset, count, fallback=False)
+                except NotImplementedError:  # the loop has no sendfile at all (uvloop)
+                    self._loop_has_sendfile = False
+                    path = _SendPath.THREAD
+                    whole = self._bucket is None
+                    count = span.end - offset if whole else count
+                except asyncio.SendfileNotAvailableError:  # not for this transport or file
+                    path = _SendPath.CHUNKS
+            if path is _SendPath.THREAD:
+                await self._send_in_thread(transport, writer, file, offset, count)
+            elif path is _SendPath.CHUNKS:
+                await self._send_chunks(writer, file, offset, count)
+            offset += count
+
+    async def _throttle(self, count: int) -> None:
+        if self._bucket is not None:
+            delay = self._bucket.reserve(count, self._clock.time())
+            if delay > 0:
+                await self._clock.sleep(delay)
+
+    async def _send_in_thread(
+        self, transport: asyncio.Transport, writer: AbstractStreamWriter, file: BinaryIO, offset: int, count: int
+    ) -> None:
+        """os.sendfile on the connection's socket in a sender thread; the event loop stays free.
+
+        The transport's own buffer (the response headers) is flushed first, and nothing else
+        writes to the connection until the handler returns, so the bytes cannot interleave.
+        """
+        await self._flush(transport, writer)
+        sock = transport.get_extra_info("socket")
+        job = _SenderJob(sock.fileno(), file.fileno(), offset, count, self._stall_timeout)
+        try:
+            future = self._sender_pool().submit(job.run)
+        except BaseException:
+            job.close()
+            raise
+        try:
+            await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            job.aborted.set()  # a running thread stops within a poll interval
+            if future.cancel():  # it never started: its descriptors are still ours to close
+                job.close()
+            raise
+
+    async def _flush(self, transport: asyncio.Transport, writer: AbstractStreamWriter) -> None:
+        """Wait until the transport has handed everything it buffered to the kernel."""
+        if not transport.get_write_buffer_size():
+            return
+        low, high = transport.get_write_buffer_limits()
+        # With a zero high-water mark the protocol is paused until the buffer is empty, so the
+        # writer's drain() waits exactly for that.
+        transport.set_write_buffer_limits(high=0, low=0)
+        try:
+            async with asyncio.timeout(self._stall_timeout):
+                await writer.drain()
+        finally:
+            if not transport.is_closing():
+                transport.set_write_buffer_limits(high=high, low=low)
+        if transport.get_write_buffer_size():
+            raise ConnectionResetError("connection lost while flushing the response headers")
+
+    def _sender_pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._senders is None:
+            # Own threads, so that slow clients cannot starve the default executor (file I/O).
+            self._senders = concurrent.futures.ThreadPoolExecutor(
+                max_workers=min(self._upload_slots, MAX_SENDER_THREADS), thread_name_prefix="piece-sender"
+            )
+        return self._senders
+
+    async def _send_chunks(self, writer: AbstractStreamWriter, file: BinaryIO, offset: int, count: int) -> None:
+        fd = file.fileno()
+        end = offset + count
+        while offset < end:
+            length = min(FALLBACK_CHUNK, end - offset)
             chunk = await asyncio.to_thread(_pread_exactly, fd, length, offset)
-            await response.write(chunk)
+            async with asyncio.timeout(self._stall_timeout):
+                await writer.write(chunk)
             offset += length
