@@ -7,7 +7,8 @@ Parts and who uses whom (explicit wiring, no globals)::
         ├──── Engine ── SchedulerClient                 → schedulers (AnnounceHost, AnnouncePeer)
         │        └──── OriginClient                     → registries / HTTP origins
         ├──── UploadService (gRPC, TCP)                  ← peers (SyncPieces, StatTask), scheduler (seed trigger)
-        └──── DownloadService (gRPC, unix socket)        ← dfget
+        ├──── DownloadService (gRPC, unix socket)        ← dfget
+        └──── CacheCollector                             TTL expiry, LRU eviction to the quota, write admission
     metrics (/metrics) and health (/healthy, /ready) over HTTP
 """
 
@@ -32,6 +33,7 @@ from common.errors import ConfigError
 from common.logs import setup_logging
 from common.origin import OriginClient
 from peer.engine import Engine
+from peer.gc import CacheCollector
 from peer.metrics import DaemonMetrics
 from peer.piece_server import PieceServer
 from peer.scheduler_client import SchedulerClient
@@ -54,6 +56,11 @@ class Daemon:
         self.store = PieceStore(Path(config.data_dir), metrics=self.metrics)
         self.piece_server = PieceServer(self.store, upload_slots=config.effective_upload_slots,
                                         metrics=self.metrics)
+        self.collector = CacheCollector(
+            self.store, quota=config.cache_quota, high_watermark=config.gc_high_watermark,
+            low_watermark=config.gc_low_watermark, task_ttl=config.task_ttl, interval=config.gc_interval,
+            metrics=self.metrics, clock=self.store.clock)
+        self._collector_task: asyncio.Task[None] | None = None
         self.origin = OriginClient()
         self.scheduler: SchedulerClient | None = None
         self.engine: Engine | None = None
@@ -82,6 +89,7 @@ class Daemon:
         except OSError as exc:
             raise ConfigError("data_dir", f"cannot create {config.data_dir}: {exc.strerror}") from None
         await asyncio.to_thread(self.store.load)
+        self._collector_task = asyncio.create_task(self.collector.run(), name="cache-gc")
         host, port = split_address(config.upload_listen)
         self.upload_port = await self.piece_server.start(host, port)
         self.scheduler = SchedulerClient(config.scheduler, self.host_message(), config.announce_interval)
@@ -155,6 +163,9 @@ class Daemon:
 
     async def stop(self) -> None:
         """Stop accepting work, cancel downloads, leave the schedulers."""
+        if self._collector_task is not None:
+            self._collector_task.cancel()
+            await asyncio.gather(self._collector_task, return_exceptions=True)
         for server in self._grpc_servers:
             await server.stop(grace=1.0)
         if self.engine is not None:
