@@ -236,6 +236,8 @@ class DfdaemonConfig(LoggingConfig):
     registry_mirror: str = option("", "default upstream registry URL for mirror requests")
     proxy_rule: tuple[str, ...] = option(("blobs/sha256.*",), "regexes of GET URLs that go through P2P")
     prefetch: bool = option(True, "after a Range read, fetch the rest of the blob in the background")
+    proxy_auth_ttl: float = option("60s", "how long a registry's yes to a client's credentials for a blob is "
+                                   "trusted before the proxy asks again", parse_duration)
     task_ttl: float = option("6h", "evict a completed task not read for this long", parse_duration)
     cache_quota: int = option(0, "cache size limit (0: no quota, only the disk)", parse_size)
     gc_high_watermark: float = option(0.9, "start evicting at this fraction of the quota", minimum=0.0)

@@ -36,6 +36,7 @@ from peer.engine import Engine
 from peer.gc import CacheCollector
 from peer.metrics import DaemonMetrics
 from peer.piece_server import PieceServer
+from peer.proxy import Proxy
 from peer.scheduler_client import SchedulerClient
 from peer.services import DownloadService, UploadService
 from peer.storage import PieceStore
@@ -64,6 +65,7 @@ class Daemon:
         self.origin = OriginClient()
         self.scheduler: SchedulerClient | None = None
         self.engine: Engine | None = None
+        self.proxy: Proxy | None = None
         self._grpc_servers: list[grpc.aio.Server] = []
         self._http_runners: list[web.AppRunner] = []
         self.upload_port = 0
@@ -112,6 +114,8 @@ class Daemon:
         await download.start()
         self._grpc_servers.append(download)
 
+        self.proxy = Proxy(engine=self.engine, origin=self.origin, config=config, metrics=self.metrics)
+        await self.proxy.start(*split_address(config.proxy_listen))
         await self._start_http(config.metrics_listen, self._metrics_app())
         await self._start_http(config.health_listen, self._health_app())
         await self.scheduler.start()
@@ -168,6 +172,8 @@ class Daemon:
             await asyncio.gather(self._collector_task, return_exceptions=True)
         for server in self._grpc_servers:
             await server.stop(grace=1.0)
+        if self.proxy is not None:
+            await self.proxy.stop()
         if self.engine is not None:
             await self.engine.stop()
         if self.scheduler is not None:

@@ -1,0 +1,559 @@
+"""The registry mirror and HTTP proxy of a dfdaemon (``--proxy-listen``, port 4001 by default).
+
+Three kinds of request arrive here:
+
+1. **Registry mirror**, origin form (``GET /v2/<repo>/blobs/sha256:...``), from containerd
+   ``hosts.toml``, docker ``registry-mirrors``, ``registries.conf`` mirrors and nydusd's backend
+   ``mirrors``. The upstream registry is the ``X-Dragonfly-Registry`` header, else the ``ns``
+   query parameter (containerd), else ``--registry-mirror``.
+2. **Forward proxy**, absolute form (``GET http://host/...``), from nydusd's backend ``proxy``
+   and ``HTTP_PROXY`` users; ``CONNECT host:port`` is tunnelled byte for byte.
+3. Anything else gets a clear ``400``.
+
+A ``GET`` whose URL matches a ``proxy_rule`` regex (default ``blobs/sha256.*``) goes through P2P
+(``X-Dragonfly-Use-P2P: true/false`` overrides the rules); everything else is proxied straight
+to the upstream, status and headers intact, streaming both ways.
+
+A P2P request is answered from the pieces of its task as they are verified: the pieces covering a
+``Range`` are fetched first and the response starts with the first of them, sent from the content
+file with sendfile; the rest of the blob follows in the background. Range semantics are in
+:mod:`peer.range_header`. Before any byte is served, :class:`~peer.proxy_auth.BlobAccess` checks
+that the registry lets this client read this blob. A download failure aborts the response
+(the connection is closed: the client sees a short body, never wrong bytes).
+
+Errors of the proxy itself carry ``X-Dragonfly-Error-Type: proxy``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, BinaryIO
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import aiohttp
+from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+from multidict import CIMultiDict
+from yarl import URL
+
+from common.errors import (
+    DamselflyError,
+    InvalidRange,
+    InvalidRequest,
+    OriginError,
+    OriginStatusError,
+    RangeNotSatisfiable,
+)
+from common.origin import OriginResponseError
+from common.pieces import pieces_covering
+from peer.engine import Conductor, DownloadRequest
+from peer.piece_server import _SenderJob
+from peer.proxy_auth import BlobAccess
+from peer.range_header import ByteRange, select_range, unsatisfied_content_range
+
+if TYPE_CHECKING:
+    from common.config import DfdaemonConfig
+    from common.origin import OriginClient
+    from peer.engine import Engine
+    from peer.metrics import DaemonMetrics
+    from peer.storage import LocalTask
+
+log = logging.getLogger(__name__)
+
+HEADER_REGISTRY = "X-Dragonfly-Registry"
+HEADER_USE_P2P = "X-Dragonfly-Use-P2P"
+HEADER_TAG = "X-Dragonfly-Tag"
+HEADER_APPLICATION = "X-Dragonfly-Application"
+HEADER_PRIORITY = "X-Dragonfly-Priority"
+HEADER_PREFETCH = "X-Dragonfly-Prefetch"
+HEADER_FILTERED = "X-Dragonfly-Filtered-Query-Params"
+HEADER_TASK_ID = "X-Dragonfly-Task-ID"
+HEADER_ERROR_TYPE = "X-Dragonfly-Error-Type"
+DOCKER_HUB = "docker.io"
+DOCKER_HUB_REGISTRY = "https://registry-1.docker.io"
+# Headers that describe one hop, never forwarded (RFC 9110 §7.6.1), plus the ones we set.
+_HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-connection", "proxy-authorization", "proxy-authenticate", "te",
+    "trailer", "transfer-encoding", "upgrade", "host",
+})
+# Request headers a P2P download does not hand to the back-sourcing peer: ranges and validators
+# are per request, the content is fetched as stored.
+_NOT_FOR_P2P = _HOP_BY_HOP | {"range", "if-range", "if-match", "if-none-match", "if-modified-since",
+                              "if-unmodified-since", "accept-encoding", "content-length"}
+# Origin response headers worth repeating on a P2P answer.
+_ENTITY_HEADERS = ("Content-Type", "Docker-Content-Digest", "ETag", "Last-Modified")
+_CHUNK = 1 << 20
+# Pieces ahead of a whole-content reader that are fetched first, so it streams in order.
+STREAM_WINDOW = 4
+TUNNEL_BUFFER = 256 * 1024
+MAX_PRIORITY = 6
+
+
+class ProxyError(Exception):
+    """An answer of the proxy itself (bad request, upstream unreachable): status and message."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.Response(status=status, text=message.rstrip() + "\n", headers={HEADER_ERROR_TYPE: "proxy"})
+
+
+def _relay(exc: OriginResponseError) -> web.Response:
+    """The registry's refusal as it sent it (a 401 keeps its WWW-Authenticate)."""
+    headers = CIMultiDict((k, v) for k, v in exc.headers.items()
+                          if k.lower() not in _HOP_BY_HOP and k.lower() != "content-length")
+    return web.Response(status=exc.status, body=exc.body, headers=headers)
+
+
+def _header(headers: Mapping[str, str], name: str) -> str | None:
+    value = headers.get(name)
+    return value.strip() if value is not None else None
+
+
+def _flag(value: str | None, default: bool) -> bool:
+    if value is None or not value.strip():
+        return default
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+class Proxy:
+    """The mirror / proxy server of one dfdaemon; see the module docstring."""
+
+    def __init__(self, *, engine: Engine, origin: OriginClient, config: DfdaemonConfig,
+                 metrics: DaemonMetrics) -> None:
+        self._engine = engine
+        self._config = config
+        self._metrics = metrics
+        self._rules = [re.compile(rule) for rule in config.proxy_rule]
+        self.access = BlobAccess(origin, config.proxy_auth_ttl)
+        self._default_registry = config.registry_mirror.rstrip("/")
+        self._runner: web.ServerRunner | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._loop_has_sendfile = True  # cleared when the loop turns out to have none (uvloop)
+        self._tunnels: set[asyncio.Task[Any]] = set()
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self, host: str, port: int) -> int:
+        """Listen on host:port (0 picks a free port); the bound port."""
+        server = web.Server(self._handle)
+        runner = web.ServerRunner(server, access_log=None, shutdown_timeout=2.0)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, host, port, reuse_address=True)
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        bound = int(runner.addresses[0][1])
+        log.info("registry mirror / proxy listening on %s:%d%s", host, bound,
+                 f" (default registry {self._default_registry})" if self._default_registry else "")
+        return bound
+
+    async def stop(self) -> None:
+        """Stop listening; close tunnels and upstream connections."""
+        runner, self._runner = self._runner, None
+        for tunnel in list(self._tunnels):
+            tunnel.cancel()
+        if runner is not None:
+            await runner.cleanup()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """Keep-alive pool for straight-through requests."""
+        if self._session is None:
+            timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=self._config.piece_timeout * 2)
+            self._session = aiohttp.ClientSession(timeout=timeout, auto_decompress=False,
+                                                  connector=aiohttp.TCPConnector(limit=0, limit_per_host=64))
+        return self._session
+
+    # -- dispatch --------------------------------------------------------------------------------
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        route = "other"
+        response: web.StreamResponse
+        try:
+            if request.method == "CONNECT":
+                route = "connect"
+                response = await self._connect(request)
+            else:
+                url, route = self._upstream_url(request)
+                if self._use_p2p(request, url):
+                    route = "p2p"
+                    response = await self._p2p(request, url)
+                else:
+                    response = await self._straight(request, url)
+        except _Relayed as exc:
+            response = exc.response
+        except ProxyError as exc:
+            response = _error(exc.status, str(exc))
+        self._metrics.proxy_requests.labels(route, f"{response.status // 100}xx").inc()
+        return response
+
+    def _upstream_url(self, request: web.BaseRequest) -> tuple[str, str]:
+        """The URL to fetch and the route name (``mirror`` or ``forward``)."""
+        target = request.message.url
+        if target.is_absolute():
+            if target.scheme not in ("http", "https"):
+                raise ProxyError(400, f"cannot proxy {target.scheme!r} URLs")
+            return str(target), "forward"
+        if not request.path.startswith("/v2/") and request.path != "/v2":
+            raise ProxyError(400, f"{request.path!r} is not a registry API path (/v2/...); send absolute URLs "
+                                  "(forward proxy) or CONNECT for anything else")
+        query = [(k, v) for k, v in parse_qsl(request.query_string, keep_blank_values=True) if k != "ns"]
+        registry = self._registry_for(_header(request.headers, HEADER_REGISTRY), request.query.get("ns"))
+        parts = urlsplit(registry)
+        return urlunsplit((parts.scheme, parts.netloc, request.raw_path.split("?", 1)[0], urlencode(query), "")), \
+            "mirror"
+
+    def _registry_for(self, header: str | None, namespace: str | None) -> str:
+        if header:
+            registry = header if "://" in header else f"https://{header}"
+            if urlsplit(registry).scheme not in ("http", "https") or not urlsplit(registry).hostname:
+                raise ProxyError(400, f"{HEADER_REGISTRY} {header!r} is not a registry URL")
+            return registry.rstrip("/")
+        if namespace:
+            default_host = urlsplit(self._default_registry).netloc if self._default_registry else ""
+            if namespace == default_host:
+                return self._default_registry  # keeps its scheme (a plain-http registry)
+            if namespace == DOCKER_HUB:
+                return DOCKER_HUB_REGISTRY
+            if not re.fullmatch(r"[A-Za-z0-9.-]+(:\d+)?", namespace):
+                raise ProxyError(400, f"ns {namespace!r} is not a registry host")
+            return f"https://{namespace}"
+        if self._default_registry:
+            return self._default_registry
+        raise ProxyError(400, f"no upstream registry: send {HEADER_REGISTRY}, ?ns=, or start the dfdaemon "
+                              "with --registry-mirror")
+
+    def _use_p2p(self, request: web.BaseRequest, url: str) -> bool:
+        forced = _header(request.headers, HEADER_USE_P2P)
+        if forced:
+            return _flag(forced, False) and request.method == "GET"
+        return request.method == "GET" and any(rule.search(url) for rule in self._rules)
+
+    # -- straight through ------------------------------------------------------------------------
+
+    async def _straight(self, request: web.BaseRequest, url: str) -> web.StreamResponse:
+        headers = CIMultiDict((k, v) for k, v in request.headers.items()
+                              if k.lower() not in _HOP_BY_HOP and not k.lower().startswith("x-dragonfly-"))
+        has_body = request.can_read_body
+        if not has_body:
+            headers.popall("Content-Length", None)
+        # A blob's redirect to object storage is followed here: clients of a mirror expect bytes.
+        follow = request.method in ("GET", "HEAD") and "/blobs/" in url
+        try:
+            upstream = await self.session.request(
+                request.method, URL(url, encoded=True), headers=headers,
+                data=request.content if has_body else None, allow_redirects=follow, auto_decompress=False)
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise ProxyError(502, f"upstream {url}: {type(exc).__name__}: {exc}") from None
+        async with upstream:
+            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+            for key, value in upstream.headers.items():
+                if key.lower() not in _HOP_BY_HOP:
+                    response.headers.add(key, value)
+            if request.method == "HEAD" or upstream.status in (204, 304):
+                await response.prepare(request)
+                await response.write_eof()
+                return response
+            await response.prepare(request)
+            try:
+                async for chunk in upstream.content.iter_chunked(_CHUNK):
+                    await response.write(chunk)
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                log.info("straight-through %s %s broke: %s", request.method, url, exc)
+                _abort(request)
+                return response
+            await response.write_eof()
+            return response
+
+    # -- through P2P -----------------------------------------------------------------------------
+
+    def _download_request(self, request: web.BaseRequest, url: str) -> DownloadRequest:
+        headers = request.headers
+        priority_text = _header(headers, HEADER_PRIORITY) or "0"
+        if not priority_text.isdigit() or int(priority_text) > MAX_PRIORITY:
+            raise ProxyError(400, f"{HEADER_PRIORITY} {priority_text!r} is not 0-{MAX_PRIORITY}")
+        filtered = tuple(p.strip() for p in (_header(headers, HEADER_FILTERED) or "").split(",") if p.strip())
+        forwarded = {k: v for k, v in headers.items()
+                     if k.lower() not in _NOT_FOR_P2P and not k.lower().startswith("x-dragonfly-")}
+        try:
+            return DownloadRequest(url=url, request_header=forwarded, tag=_header(headers, HEADER_TAG) or "",
+                                   application=_header(headers, HEADER_APPLICATION) or "",
+                                   priority=int(priority_text), filtered_query_params=filtered)
+        except InvalidRequest as exc:
+            raise ProxyError(400, str(exc)) from None
+
+    async def _p2p(self, request: web.BaseRequest, url: str) -> web.StreamResponse:
+        download = self._download_request(request, url)
+        task_id = download.task_id
+        range_header = request.headers.get("Range")
+        if range_header is not None:
+            self._metrics.range_requests.inc()
+        try:
+            await self.access.check(url, request.headers.get("Authorization"))
+        except OriginResponseError as exc:
+            return _relay(exc)
+        except OriginStatusError as exc:
+            raise ProxyError(exc.status if exc.status >= 400 else 502, str(exc)) from None
+        except OriginError as exc:
+            raise ProxyError(502, f"cannot check access to {url}: {exc}") from None
+
+        conductor: Conductor | None = None
+        local = self._engine.store.get(task_id)
+        if local is not None and local.state == "succeeded" and local.is_complete():
+            self._metrics.cache_hits.inc()
+        else:
+            conductor = self._engine.download(download)
+            local = conductor.local
+            await self._wait_content_known(conductor)
+        assert local.content_length is not None
+        total = local.content_length
+        try:
+            chosen = select_range(range_header, total)
+        except (InvalidRange, RangeNotSatisfiable) as exc:
+            response = _error(416, str(exc))
+            response.headers["Content-Range"] = unsatisfied_content_range(total)
+            response.headers[HEADER_TASK_ID] = task_id
+            return response
+        return await self._send_content(request, local, conductor, chosen)
+
+    async def _wait_content_known(self, conductor: Conductor) -> None:
+        known: asyncio.Future[Any] = asyncio.ensure_future(conductor.content_known.wait())
+        try:
+            await asyncio.wait([known, conductor.done], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            known.cancel()
+        if conductor.content_known.is_set():
+            return
+        exc = conductor.done.exception()
+        if isinstance(exc, OriginResponseError):
+            raise _Relayed(_relay(exc))
+        if isinstance(exc, OriginStatusError):
+            raise ProxyError(exc.status if exc.status >= 400 else 502, str(exc))
+        raise ProxyError(502, f"download failed: {exc}")
+
+    async def _send_content(self, request: web.BaseRequest, local: LocalTask, conductor: Conductor | None,
+                            chosen: ByteRange | None) -> web.StreamResponse:
+        total = local.content_length
+        piece_length = local.piece_length
+        assert total is not None and piece_length is not None
+        start, end = (chosen.start, chosen.end) if chosen is not None else (0, total - 1)
+        numbers = pieces_covering(start, end - start + 1, total, piece_length)
+        if conductor is not None and chosen is not None:
+            conductor.prioritize(numbers)
+        response = web.StreamResponse(status=206 if chosen is not None else 200)
+        for name in _ENTITY_HEADERS:
+            value = _get(local.response_headers, name)
+            if value is not None:
+                response.headers[name] = value
+        response.headers.setdefault("Content-Type", "application/octet-stream")
+        response.headers["Accept-Ranges"] = "bytes"
+        response.headers[HEADER_TASK_ID] = local.task_id
+        if chosen is not None:
+            response.headers["Content-Range"] = chosen.content_range
+        response.content_length = end - start + 1
+        wait = self._config.schedule_timeout + self._config.piece_timeout
+        with local.reader():
+            local.touch()
+            # The status line goes out only once the first piece is here: a failure before it
+            # is still a clean 5xx (nydusd then falls back to the registry).
+            if len(numbers):
+                try:
+                    await self._wait_piece(local, numbers[0], wait)
+                except DamselflyError as exc:
+                    raise ProxyError(502, f"download failed: {exc}") from None
+                except TimeoutError:
+                    raise ProxyError(504, f"piece {numbers[0]} did not arrive within {wait:.0f}s") from None
+            try:
+                file = open(local.content_path, "rb")  # noqa: ASYNC230, SIM115 - a lookup, not a read
+            except OSError as exc:
+                raise ProxyError(503, f"task {local.task_id} is gone: {exc.strerror}") from None
+            with file:
+                writer = await response.prepare(request)
+                try:
+                    if writer is None:
+                        raise ConnectionResetError("response not prepared")
+                    await self._stream(request, writer, file, local, conductor, numbers, start, end, wait)
+                    await response.write_eof()
+                except (DamselflyError, ConnectionError, OSError, TimeoutError) as exc:
+                    log.info("task %s: response aborted: %s", local.task_id, exc)
+                    _abort(request)
+        return response
+
+    async def _wait_piece(self, local: LocalTask, number: int, wait: float) -> None:
+        if not local.has_piece(number):
+            await local.wait_for_piece(number, timeout=wait)  # DownloadFailed when the task fails
+
+    async def _stream(self, request: web.BaseRequest, writer: AbstractStreamWriter, file: BinaryIO,
+                      local: LocalTask, conductor: Conductor | None, numbers: range, start: int, end: int,
+                      wait: float) -> None:
+        """Send bytes [start, end] as their pieces arrive, runs of present pieces at once."""
+        index = 0
+        while index < len(numbers):
+            if conductor is not None and len(numbers) > 1:
+                conductor.prioritize(numbers[index:index + STREAM_WINDOW])
+            await self._wait_piece(local, numbers[index], wait)
+            run_end = index + 1
+            while run_end < len(numbers) and local.has_piece(numbers[run_end]):
+                run_end += 1
+            first = local.span(numbers[index])
+            last = local.span(numbers[run_end - 1])
+            offset = max(start, first.offset)
+            stop = min(end + 1, last.end)
+            await self._send_region(request, writer, file, offset, stop - offset)
+            index = run_end
+
+    # -- sending file regions --------------------------------------------------------------------
+
+    async def _send_region(self, request: web.BaseRequest, writer: AbstractStreamWriter, file: BinaryIO,
+                           offset: int, count: int) -> None:
+        """Bytes [offset, offset+count) of the file on the connection, by sendfile when possible."""
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("connection lost")
+        plain = transport.get_extra_info("sslcontext") is None and transport.get_extra_info("socket") is not None
+        if plain and self._loop_has_sendfile:
+            try:
+                await writer.drain()
+                await asyncio.get_running_loop().sendfile(transport, file, offset, count, fallback=False)
+                return
+            except NotImplementedError:  # uvloop: no loop.sendfile at all
+                self._loop_has_sendfile = False
+            except asyncio.SendfileNotAvailableError:
+                plain = False
+        if plain:
+            await self._send_in_thread(transport, writer, file, offset, count)
+        else:
+            await self._send_chunks(writer, file, offset, count)
+
+    async def _send_in_thread(self, transport: asyncio.Transport, writer: AbstractStreamWriter, file: BinaryIO,
+                              offset: int, count: int) -> None:
+        # The piece server's sender job: os.sendfile on duplicated descriptors in a thread.
+        await _flush(transport, writer, self._config.piece_timeout)
+        sock = transport.get_extra_info("socket")
+        job = _SenderJob(sock.fileno(), file.fileno(), offset, count, self._config.piece_timeout)
+        try:
+            future = asyncio.get_running_loop().run_in_executor(None, job.run)
+        except BaseException:
+            job.close()
+            raise
+        try:
+            await future
+        except asyncio.CancelledError:
+            job.aborted.set()
+            raise
+
+    async def _send_chunks(self, writer: AbstractStreamWriter, file: BinaryIO, offset: int, count: int) -> None:
+        fd = file.fileno()
+        end = offset + count
+        while offset < end:
+            chunk = await asyncio.to_thread(os.pread, fd, min(_CHUNK, end - offset), offset)
+            if not chunk:
+                raise OSError(f"content file ends at {offset}")
+            await writer.write(chunk)
+            offset += len(chunk)
+
+    # -- CONNECT ---------------------------------------------------------------------------------
+
+    async def _connect(self, request: web.BaseRequest) -> web.StreamResponse:
+        """Tunnel the connection to host:port byte for byte."""
+        authority = request.raw_path
+        host, sep, port_text = authority.rpartition(":")
+        host = host.strip("[]")
+        if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise ProxyError(400, f"CONNECT needs host:port, got {authority!r}")
+        try:
+            async with asyncio.timeout(10):
+                upstream_reader, upstream_writer = await asyncio.open_connection(host, int(port_text))
+        except (OSError, TimeoutError) as exc:
+            raise ProxyError(502, f"cannot connect to {authority}: {exc}") from None
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            upstream_writer.close()
+            raise ProxyError(400, "client went away")
+        response = web.StreamResponse(status=200, reason="Connection Established")
+        response.force_close()
+        writer = await response.prepare(request)
+        if writer is not None:
+            await writer.drain()
+        # From here the client connection is a byte pipe: take it from aiohttp's HTTP parser.
+        client_reader = asyncio.StreamReader(limit=TUNNEL_BUFFER)
+        protocol = asyncio.StreamReaderProtocol(client_reader)
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        client_writer = asyncio.StreamWriter(transport, protocol, client_reader, asyncio.get_running_loop())
+        transport.resume_reading()
+        pumps = [asyncio.create_task(_pump(client_reader, upstream_writer)),
+                 asyncio.create_task(_pump(upstream_reader, client_writer))]
+        self._tunnels.update(pumps)
+        try:
+            await asyncio.gather(*pumps, return_exceptions=True)
+        finally:
+            self._tunnels.difference_update(pumps)
+            for pump in pumps:
+                pump.cancel()
+            upstream_writer.close()
+            transport.close()
+        return response
+
+
+class _Relayed(ProxyError):
+    """A registry answer to pass on as it is (raised from deep in the P2P path)."""
+
+    def __init__(self, response: web.Response) -> None:
+        super().__init__(response.status, "relayed")
+        self.response = response
+
+
+async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(TUNNEL_BUFFER):
+            writer.write(data)
+            await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+    except (ConnectionError, OSError):
+        writer.close()
+
+
+async def _flush(transport: asyncio.Transport, writer: AbstractStreamWriter, stall: float) -> None:
+    """Wait until the transport handed everything it buffered (the headers) to the kernel."""
+    if not transport.get_write_buffer_size():
+        return
+    low, high = transport.get_write_buffer_limits()
+    transport.set_write_buffer_limits(high=0, low=0)  # drain() now waits for an empty buffer
+    try:
+        async with asyncio.timeout(stall):
+            await writer.drain()
+    finally:
+        if not transport.is_closing():
+            transport.set_write_buffer_limits(high=high, low=low)
+    if transport.get_write_buffer_size():
+        raise ConnectionResetError("connection lost while flushing the response headers")
+
+
+def _abort(request: web.BaseRequest) -> None:
+    """Close the client connection: a response that cannot be completed must not look complete."""
+    if request.transport is not None:
+        request.transport.abort()
+
+
+def _get(headers: Mapping[str, str], name: str) -> str | None:
+    lowered = name.lower()
+    for key, value in headers.items():
+        if key.lower() == lowered:
+            return value
+    return None
