@@ -56,7 +56,7 @@ class Daemon:
         self.host_id = ids.host_id(config.host_ip, config.hostname, seed=config.seed)
         self.store = PieceStore(Path(config.data_dir), metrics=self.metrics)
         self.piece_server = PieceServer(self.store, upload_slots=config.effective_upload_slots,
-                                        metrics=self.metrics)
+                                        metrics=self.metrics, rate_limit=config.upload_rate_limit)
         self.collector = CacheCollector(
             self.store, quota=config.cache_quota, high_watermark=config.gc_high_watermark,
             low_watermark=config.gc_low_watermark, task_ttl=config.task_ttl, interval=config.gc_interval,
@@ -96,7 +96,7 @@ class Daemon:
         self.upload_port = await self.piece_server.start(host, port)
         self.scheduler = SchedulerClient(config.scheduler, self.host_message(), config.announce_interval)
         self.engine = Engine(config=config, store=self.store, scheduler=self.scheduler, origin=self.origin,
-                             metrics=self.metrics, host_id=self.host_id)
+                             metrics=self.metrics, host_id=self.host_id, collector=self.collector)
 
         upload = grpc.aio.server()
         dfdaemon_pb2_grpc.add_DfdaemonUploadServicer_to_server(

@@ -48,12 +48,13 @@ from common.errors import (
     ParentError,
     SchedulerUnavailable,
 )
-from common.pieces import piece_length_for
+from common.pieces import piece_count, piece_length_for, pieces_covering
 from peer.scheduler_client import UNAVAILABLE_CODES, AnnounceStream, SchedulerClient
 
 if TYPE_CHECKING:
     from common.config import DfdaemonConfig
     from common.origin import OriginClient
+    from peer.gc import CacheCollector
     from peer.metrics import DaemonMetrics
     from peer.storage import LocalTask, PieceStore
 
@@ -67,7 +68,8 @@ _CHUNK = 1 << 20
 # Pieces in flight from one parent. A seed gets fewer as soon as normal parents exist: every
 # child would otherwise take each new piece from the seed at once, and peers would never trade.
 PARENT_PIECE_LIMIT = 8
-SEED_PIECE_LIMIT = 2
+SEED_PIECE_LIMIT = 4
+SEED_PIECE_LIMIT_WITH_PEERS = 1
 # A parent that failed this many pieces of the task is dropped and reported to the scheduler.
 PARENT_FAILURE_LIMIT = 2
 # How long to keep asking the scheduler for a piece digest still in flight from the seed.
@@ -91,6 +93,10 @@ class DownloadRequest:
     disable_back_to_source: bool = False
     need_back_to_source: bool = False
     timeout: float | None = None
+    # A Range read: (start, length), length None for "to the end"; a negative start -N means
+    # the last N bytes. With prefetch off only the pieces covering it are fetched.
+    byte_range: tuple[int, int | None] | None = None
+    prefetch: bool = True
 
     def __post_init__(self) -> None:
         ids.validate_url(self.url)
@@ -114,6 +120,16 @@ class DownloadRequest:
         if blob is not None:
             return blob.digest
         return self.digest.lower() or None
+
+    def covering_pieces(self, content_length: int, piece_length: int) -> range:
+        """Piece numbers that hold the requested range (all of them without a range)."""
+        if self.byte_range is None:
+            return range(piece_count(content_length, piece_length))
+        start, length = self.byte_range
+        if start < 0:
+            start, length = max(0, content_length + start), None
+        end = content_length if length is None else min(content_length, start + length)
+        return pieces_covering(start, end - start, content_length, piece_length)
 
     def to_proto(self) -> common_pb2.Download:
         """As the Dragonfly `common.v2.Download` message."""
@@ -230,12 +246,60 @@ class Conductor:
         self._traffic: dict[str, int] = {"back_to_source": 0, "remote_peer": 0, "local_peer": 0}
         self._order_seed = random.random()
         self._priority: set[int] = set()
+        # Pieces this download must fetch; None means all of them (the normal case).
+        self._wanted: set[int] | None = None if request.prefetch or request.byte_range is None else set()
+        self._ranges: list[DownloadRequest] = [request] if request.byte_range is not None else []
         self.started_at = time.monotonic()
 
     def prioritize(self, numbers: Iterable[int]) -> None:
         """Fetch these pieces before the others: a reader is waiting for them."""
         self._priority.update(numbers)
         self._events.put_nowait(_Wake())
+
+    def add_range(self, request: DownloadRequest) -> bool:
+        """Join a Range read to this download; False when it is over (start a new one)."""
+        if self.done.done():
+            return False
+        if self.content_known.is_set():
+            assert self.local.content_length is not None and self.local.piece_length is not None
+            numbers = request.covering_pieces(self.local.content_length, self.local.piece_length)
+            if self._wanted is not None:
+                self._wanted.update(numbers)
+            self.prioritize(numbers)
+        else:
+            self._ranges.append(request)
+        return True
+
+    def want_all(self) -> None:
+        """Fetch every piece after all (a whole read or a prefetch joined a Range read)."""
+        if self._wanted is not None:
+            self._wanted = None
+            self._events.put_nowait(_Wake())
+
+    @property
+    def partial(self) -> bool:
+        """True when this download fetches only some pieces (Range reads without prefetch)."""
+        return self._wanted is not None
+
+    def _resolve_ranges(self) -> None:
+        """Once the size is known, turn pending Range reads into wanted, prioritized pieces."""
+        if not self.content_known.is_set() or not self._ranges:
+            return
+        assert self.local.content_length is not None and self.local.piece_length is not None
+        for request in self._ranges:
+            numbers = request.covering_pieces(self.local.content_length, self.local.piece_length)
+            if self._wanted is not None:
+                self._wanted.update(numbers)
+            self._priority.update(numbers)
+        self._ranges.clear()
+
+    def _finished_wanted(self) -> bool:
+        if not self.content_known.is_set():
+            return False
+        self._resolve_ranges()
+        if self._wanted is None:
+            return self.local.is_complete()
+        return all(self.local.has_piece(n) for n in self._wanted)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -324,14 +388,15 @@ class Conductor:
         elif first.HasField("need_back_to_source_response"):
             await self._back_source(first.need_back_to_source_response.description or "scheduler said so")
         elif first.HasField("empty_task_response"):
-            self._set_content_info(0, {})
+            await self._set_content_info(0, {})
         else:
             self._stream_send(download_peer_started_request=scheduler_pb2.DownloadPeerStartedRequest())
             if first.HasField("normal_task_response"):
                 self._add_parents(first.normal_task_response.candidate_parents)
             await self._download_from_parents()
-        await self._verify_content()
-        self.local.mark_succeeded()
+        if self._wanted is None or self._content_complete():
+            await self._verify_content()
+            self.local.mark_succeeded()
 
     def _content_complete(self) -> bool:
         return self.local.content_length is not None and self.local.is_complete()
@@ -425,17 +490,25 @@ class Conductor:
         except grpc.aio.AioRpcError as exc:
             await self._events.put(_ParentGone(parent.peer_id, f"{exc.code().name}: {exc.details()}"))
 
-    def _set_content_info(self, content_length: int, headers: Mapping[str, str], piece_length: int = 0) -> None:
+    async def _set_content_info(self, content_length: int, headers: Mapping[str, str], piece_length: int = 0) -> None:
+        """Size the task; fails with DiskFull when the cache quota cannot take it."""
         if self.local.content_length is None:
+            collector = self.engine.collector
+            if collector is not None:
+                await collector.ensure_room(content_length - self.local.used_bytes)
             length = piece_length or self.request.piece_length or piece_length_for(content_length)
             self.local.set_content_info(content_length, length, headers)
         self.content_known.set()
+        self._resolve_ranges()
 
     def _missing(self) -> list[int]:
+        """Pieces still to fetch (of those wanted)."""
         if self.local.content_length is None:
             return []
+        self._resolve_ranges()
         finished = set(self.local.finished_pieces())
-        return [n for n in range(self.local.piece_count) if n not in finished]
+        numbers = range(self.local.piece_count) if self._wanted is None else sorted(self._wanted)
+        return [n for n in numbers if n not in finished]
 
     async def _download_from_parents(self) -> None:
         """The actor loop: dispatch pieces to parents, react to events, until complete."""
@@ -443,7 +516,7 @@ class Conductor:
         stalled_since: float | None = None
         asked_reschedule = False
         while True:
-            if self.content_known.is_set() and self.local.is_complete():
+            if self._finished_wanted():
                 return
             self._dispatch()
             idle = not self._in_flight
@@ -484,7 +557,7 @@ class Conductor:
                 piece_length = int(task.request_header.get(PIECE_LENGTH_HEADER, "0") or 0)
                 headers = {k[len(RESPONSE_HEADER_PREFIX):]: v for k, v in task.request_header.items()
                            if k.startswith(RESPONSE_HEADER_PREFIX)}
-                self._set_content_info(task.content_length, headers, piece_length)
+                await self._set_content_info(task.content_length, headers, piece_length)
             # The parent's own piece digests are not used: only those the scheduler relays count.
         elif isinstance(event, _ParentGone):
             parent = self._parents.get(event.parent_id)
@@ -547,8 +620,9 @@ class Conductor:
         if len(self._in_flight) >= limit:
             return
         finished = set(self.local.finished_pieces())
+        wanted = self._wanted
         ready = [n for n, holders in self._holders.items()
-                 if holders and n not in finished and n not in self._in_flight]
+                 if holders and n not in finished and n not in self._in_flight and (wanted is None or n in wanted)]
         # A per-peer shuffled order spreads children over different pieces, so they can trade.
         # Prioritized pieces (a Range read waits for them) go first, in order.
         ready.sort(key=lambda n: (0, n) if n in self._priority else (1, hash((self._order_seed, n))))
@@ -563,7 +637,8 @@ class Conductor:
 
     def _pick_parent(self, holders: set[str]) -> Parent | None:
         """Prefer normal peers over seeds (offload the seed), then the least busy."""
-        seed_limit = SEED_PIECE_LIMIT if any(not p.is_seed for p in self._parents.values()) else PARENT_PIECE_LIMIT
+        has_peers = any(not p.is_seed for p in self._parents.values())
+        seed_limit = SEED_PIECE_LIMIT_WITH_PEERS if has_peers else SEED_PIECE_LIMIT
         live = [
             parent for parent in (self._parents.get(p) for p in holders)
             if parent is not None and parent.in_flight < (seed_limit if parent.is_seed else PARENT_PIECE_LIMIT)
@@ -652,7 +727,7 @@ class Conductor:
             if stat.content_length is None:
                 await self._back_source_stream(headers)
                 return
-            self._set_content_info(stat.content_length, stat.headers)
+            await self._set_content_info(stat.content_length, stat.headers)
         self._stream_send(download_peer_back_to_source_started_request=scheduler_pb2.DownloadPeerBackToSourceStartedRequest(
             description=reason))
         missing = self._missing()
@@ -718,7 +793,7 @@ class Conductor:
         async with self.engine.origin.get(self.request.url, headers) as body:
             if body.content_length is None:
                 raise DownloadFailed(f"origin gives no length for {self.request.url}; cannot cut it into pieces")
-            self._set_content_info(body.content_length, dict(body.headers))
+            await self._set_content_info(body.content_length, dict(body.headers))
             self._stream_send(download_peer_back_to_source_started_request=scheduler_pb2.DownloadPeerBackToSourceStartedRequest(
                 description="origin without Range support"))
             chunks = body.chunks(_CHUNK)
@@ -792,13 +867,15 @@ class Engine:
     """Owns the conductors of this node and the connections they share."""
 
     def __init__(self, *, config: DfdaemonConfig, store: PieceStore, scheduler: SchedulerClient | None,
-                 origin: OriginClient, metrics: DaemonMetrics, host_id: str) -> None:
+                 origin: OriginClient, metrics: DaemonMetrics, host_id: str,
+                 collector: CacheCollector | None = None) -> None:
         self.config = config
         self.store = store
         self.scheduler = scheduler
         self.origin = origin
         self.metrics = metrics
         self.host_id = host_id
+        self.collector = collector
         self._conductors: dict[str, Conductor] = {}
         self._runners: set[asyncio.Task[None]] = set()
         self._channels: dict[str, grpc.aio.Channel] = {}
@@ -836,6 +913,10 @@ class Engine:
         task_id = request.task_id
         conductor = self._conductors.get(task_id)
         if conductor is not None and not conductor.done.done():
+            if request.byte_range is not None:
+                conductor.add_range(request)
+            if request.byte_range is None or request.prefetch:
+                conductor.want_all()
             return conductor
         local = self.store.create(task_id, url=request.url, digest=request.content_digest,
                                   tag=request.tag, application=request.application)
@@ -847,6 +928,29 @@ class Engine:
         # Nobody may await the outcome (a seed trigger whose caller left): don't log it as lost.
         conductor.done.add_done_callback(lambda f: f.cancelled() or f.exception())
         return conductor
+
+    async def wait_piece(self, request: DownloadRequest, number: int) -> Conductor:
+        """Wait until piece `number` of the request's task is on this node; raises on failure.
+
+        A download that ends without the piece (a Range read that fetched other pieces) is
+        followed by a new one for this request.
+        """
+        for _ in range(3):
+            conductor = self.download(request)
+            local = conductor.local
+            if local.has_piece(number):
+                return conductor
+            conductor.prioritize([number])
+            piece = asyncio.ensure_future(local.wait_for_piece(number))
+            try:
+                await asyncio.wait([piece, conductor.done], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                piece.cancel()
+            if local.has_piece(number):
+                return conductor
+            if conductor.done.done():
+                conductor.done.result()  # raises the download's failure
+        raise DownloadFailed(f"piece {number} of task {request.task_id} did not arrive")
 
     async def stop(self) -> None:
         """Cancel running downloads and close shared connections."""
