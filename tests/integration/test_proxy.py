@@ -258,3 +258,18 @@ def test_forward_proxy_and_connect_tunnel(network: Network, registry: Registry, 
 
     status, headers_seen, _ = request(network.plain, "GET", "/not-a-registry-path")
     assert (status, headers_seen["x-dragonfly-error-type"]) == (400, "proxy")
+
+
+def test_upstream_from_header_and_ns_parameter(network: Network, registry: Registry) -> None:
+    """What nydusd mirrors (X-Dragonfly-Registry) and containerd (?ns=) send choose the upstream."""
+    digest, path = push_random_blob(registry, "proxy/upstream", 1 * MIB + 3, seed=31)
+    target = f"/v2/proxy/upstream/blobs/{digest}"
+    # `private` mirrors auth_registry by default; the header sends it to `registry` instead.
+    status, headers, body = request(network.private, "GET", target, {"X-Dragonfly-Registry": registry.url})
+    assert (status, body) == (200, path.read_bytes())
+    assert headers["x-dragonfly-task-id"]
+    # ns naming the default registry's host keeps its scheme (plain http here); ns is not forwarded.
+    status, _, body = request(network.plain, "GET", f"{target}?ns={registry.host}", {"Range": "bytes=0-9"})
+    assert (status, body) == (206, path.read_bytes()[:10])
+    status, _, body = request(network.plain, "GET", "/v2/", {"X-Dragonfly-Registry": registry.url})
+    assert status == 200, "non-blob requests go straight to the upstream"
