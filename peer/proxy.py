@@ -53,7 +53,7 @@ from common.pieces import pieces_covering
 from peer.engine import Conductor, DownloadRequest
 from peer.piece_server import _SenderJob
 from peer.proxy_auth import BlobAccess
-from peer.range_header import ByteRange, select_range, unsatisfied_content_range
+from peer.range_header import ByteRange, parse_range, select_range, unsatisfied_content_range
 
 if TYPE_CHECKING:
     from common.config import DfdaemonConfig
@@ -289,10 +289,12 @@ class Proxy:
         filtered = tuple(p.strip() for p in (_header(headers, HEADER_FILTERED) or "").split(",") if p.strip())
         forwarded = {k: v for k, v in headers.items()
                      if k.lower() not in _NOT_FOR_P2P and not k.lower().startswith("x-dragonfly-")}
+        prefetch = _flag(_header(headers, HEADER_PREFETCH), self._config.prefetch)
         try:
             return DownloadRequest(url=url, request_header=forwarded, tag=_header(headers, HEADER_TAG) or "",
                                    application=_header(headers, HEADER_APPLICATION) or "",
-                                   priority=int(priority_text), filtered_query_params=filtered)
+                                   priority=int(priority_text), filtered_query_params=filtered,
+                                   byte_range=_engine_range(headers.get("Range")), prefetch=prefetch)
         except InvalidRequest as exc:
             raise ProxyError(400, str(exc)) from None
 
@@ -313,13 +315,11 @@ class Proxy:
 
         conductor: Conductor | None = None
         local = self._engine.store.get(task_id)
-        if local is not None and local.state == "succeeded" and local.is_complete():
-            self._metrics.cache_hits.inc()
-        else:
+        if local is None or local.content_length is None or local.piece_length is None:
             conductor = self._engine.download(download)
             local = conductor.local
             await self._wait_content_known(conductor)
-        assert local.content_length is not None
+        assert local.content_length is not None and local.piece_length is not None
         total = local.content_length
         try:
             chosen = select_range(range_header, total)
@@ -328,7 +328,13 @@ class Proxy:
             response.headers["Content-Range"] = unsatisfied_content_range(total)
             response.headers[HEADER_TASK_ID] = task_id
             return response
-        return await self._send_content(request, local, conductor, chosen)
+        start, end = (chosen.start, chosen.end) if chosen is not None else (0, total - 1)
+        numbers = pieces_covering(start, end - start + 1, total, local.piece_length)
+        if all(local.has_piece(n) for n in numbers):
+            self._metrics.cache_hits.inc()  # every byte is on this node already
+        elif conductor is None:
+            conductor = self._engine.download(download)
+        return await self._send_content(request, local, download, conductor, chosen)
 
     async def _wait_content_known(self, conductor: Conductor) -> None:
         known: asyncio.Future[Any] = asyncio.ensure_future(conductor.content_known.wait())
@@ -345,8 +351,8 @@ class Proxy:
             raise ProxyError(exc.status if exc.status >= 400 else 502, str(exc))
         raise ProxyError(502, f"download failed: {exc}")
 
-    async def _send_content(self, request: web.BaseRequest, local: LocalTask, conductor: Conductor | None,
-                            chosen: ByteRange | None) -> web.StreamResponse:
+    async def _send_content(self, request: web.BaseRequest, local: LocalTask, download: DownloadRequest,
+                            conductor: Conductor | None, chosen: ByteRange | None) -> web.StreamResponse:
         total = local.content_length
         piece_length = local.piece_length
         assert total is not None and piece_length is not None
@@ -372,7 +378,7 @@ class Proxy:
             # is still a clean 5xx (nydusd then falls back to the registry).
             if len(numbers):
                 try:
-                    await self._wait_piece(local, numbers[0], wait)
+                    await self._wait_piece(local, download, numbers[0], wait)
                 except DamselflyError as exc:
                     raise ProxyError(502, f"download failed: {exc}") from None
                 except TimeoutError:
@@ -386,26 +392,30 @@ class Proxy:
                 try:
                     if writer is None:
                         raise ConnectionResetError("response not prepared")
-                    await self._stream(request, writer, file, local, conductor, numbers, start, end, wait)
+                    await self._stream(request, writer, file, local, download, conductor, numbers, start, end,
+                                       wait)
                     await response.write_eof()
                 except (DamselflyError, ConnectionError, OSError, TimeoutError) as exc:
                     log.info("task %s: response aborted: %s", local.task_id, exc)
                     _abort(request)
         return response
 
-    async def _wait_piece(self, local: LocalTask, number: int, wait: float) -> None:
+    async def _wait_piece(self, local: LocalTask, download: DownloadRequest, number: int, wait: float) -> None:
         if not local.has_piece(number):
-            await local.wait_for_piece(number, timeout=wait)  # DownloadFailed when the task fails
+            # Raises the download's failure; starts a new download when one ended without the
+            # piece (a Range read without prefetch fetched other pieces).
+            async with asyncio.timeout(wait):
+                await self._engine.wait_piece(download, number)
 
     async def _stream(self, request: web.BaseRequest, writer: AbstractStreamWriter, file: BinaryIO,
-                      local: LocalTask, conductor: Conductor | None, numbers: range, start: int, end: int,
-                      wait: float) -> None:
+                      local: LocalTask, download: DownloadRequest, conductor: Conductor | None, numbers: range,
+                      start: int, end: int, wait: float) -> None:
         """Send bytes [start, end] as their pieces arrive, runs of present pieces at once."""
         index = 0
         while index < len(numbers):
             if conductor is not None and len(numbers) > 1:
                 conductor.prioritize(numbers[index:index + STREAM_WINDOW])
-            await self._wait_piece(local, numbers[index], wait)
+            await self._wait_piece(local, download, numbers[index], wait)
             run_end = index + 1
             while run_end < len(numbers) and local.has_piece(numbers[run_end]):
                 run_end += 1
@@ -549,6 +559,22 @@ def _abort(request: web.BaseRequest) -> None:
     """Close the client connection: a response that cannot be completed must not look complete."""
     if request.transport is not None:
         request.transport.abort()
+
+
+def _engine_range(header: str | None) -> tuple[int, int | None] | None:
+    """A single Range as the engine takes it ((start, length), -N for a suffix); None: all of it."""
+    if header is None:
+        return None
+    try:
+        specs = parse_range(header)
+    except InvalidRange:
+        return None
+    if len(specs) != 1:
+        return None
+    spec = specs[0]
+    if spec.first is None:
+        return (-spec.last, None) if spec.last else None
+    return spec.first, None if spec.last is None else spec.last - spec.first + 1
 
 
 def _get(headers: Mapping[str, str], name: str) -> str | None:

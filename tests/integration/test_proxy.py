@@ -273,3 +273,26 @@ def test_upstream_from_header_and_ns_parameter(network: Network, registry: Regis
     assert (status, body) == (206, path.read_bytes()[:10])
     status, _, body = request(network.plain, "GET", "/v2/", {"X-Dragonfly-Registry": registry.url})
     assert status == 200, "non-blob requests go straight to the upstream"
+
+
+def test_without_prefetch_only_the_covering_pieces_are_fetched(network: Network, registry: Registry) -> None:
+    size = 32 * MIB  # 4 MiB pieces
+    digest, path = push_random_blob(registry, "proxy/no-prefetch", size, seed=32)
+    blob = path.read_bytes()
+    target = f"/v2/proxy/no-prefetch/blobs/{digest}"
+
+    def fetched() -> float:
+        metrics = network.plain.metrics()
+        return sum(metrics.get(f'damselfly_dfdaemon_download_traffic_bytes_total{{type="{kind}"}}', 0)
+                   for kind in ("back_to_source", "remote_peer"))
+
+    before = fetched()
+    headers = {"X-Dragonfly-Prefetch": "false", "Range": f"bytes={5 * MIB}-{5 * MIB + 999}"}
+    status, _, body = request(network.plain, "GET", target, headers)
+    assert (status, body) == (206, blob[5 * MIB:5 * MIB + 1000])
+    assert fetched() - before <= 4 * MIB, "one piece, not the blob"
+    # A later read elsewhere in the blob starts a new partial download for its own pieces.
+    headers["Range"] = f"bytes={20 * MIB - 10}-{20 * MIB + 10}"
+    status, _, body = request(network.plain, "GET", target, headers)
+    assert (status, body) == (206, blob[20 * MIB - 10:20 * MIB + 11])
+    assert fetched() - before <= 12 * MIB
