@@ -62,7 +62,8 @@ class Daemon:
             low_watermark=config.gc_low_watermark, task_ttl=config.task_ttl, interval=config.gc_interval,
             metrics=self.metrics, clock=self.store.clock)
         self._collector_task: asyncio.Task[None] | None = None
-        self.origin = OriginClient()
+        self._scrub_task: asyncio.Task[None] | None = None
+        self.origin = OriginClient(sock_read_timeout=config.origin_read_timeout)
         self.scheduler: SchedulerClient | None = None
         self.engine: Engine | None = None
         self.proxy: Proxy | None = None
@@ -92,6 +93,7 @@ class Daemon:
             raise ConfigError("data_dir", f"cannot create {config.data_dir}: {exc.strerror}") from None
         await asyncio.to_thread(self.store.load)
         self._collector_task = asyncio.create_task(self.collector.run(), name="cache-gc")
+        self._scrub_task = asyncio.create_task(self._scrub(), name="scrub")
         host, port = split_address(config.upload_listen)
         self.upload_port = await self.piece_server.start(host, port)
         self.scheduler = SchedulerClient(config.scheduler, self.host_message(), config.announce_interval)
@@ -121,6 +123,12 @@ class Daemon:
         await self.scheduler.start()
         log.info("dfdaemon %s ready: gRPC %s, pieces %s:%d, socket %s%s", self.host_id, config.grpc_listen,
                  config.host_ip, self.upload_port, config.socket, " (seed)" if config.seed else "")
+
+    async def _scrub(self) -> None:
+        """Check the pieces found on disk at start against their digests, in the background."""
+        corrupt = await self.store.verify_all()
+        if corrupt:
+            log.warning("scrub: %d corrupt pieces found on disk and dropped", corrupt)
 
     async def _start_http(self, address: str, app: web.Application) -> None:
         host, port = split_address(address)
@@ -167,9 +175,10 @@ class Daemon:
 
     async def stop(self) -> None:
         """Stop accepting work, cancel downloads, leave the schedulers."""
-        if self._collector_task is not None:
-            self._collector_task.cancel()
-            await asyncio.gather(self._collector_task, return_exceptions=True)
+        for background in (self._collector_task, self._scrub_task):
+            if background is not None:
+                background.cancel()
+                await asyncio.gather(background, return_exceptions=True)
         for server in self._grpc_servers:
             await server.stop(grace=1.0)
         if self.proxy is not None:

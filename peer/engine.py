@@ -563,6 +563,10 @@ class Conductor:
             parent = self._parents.get(event.parent_id)
             if parent is not None and event.reason:
                 log.info("task %s: parent %s gone: %s", self.task_id, event.parent_id, event.reason)
+                # Tell the scheduler the parent failed us, so it stops offering a dead node.
+                missing = self._missing()
+                self._stream_send(download_piece_failed_request=scheduler_pb2.DownloadPieceFailedRequest(
+                    piece_number=missing[0] if missing else 0, parent_id=parent.peer_id, temporary=False))
                 self._drop_parent(parent, event.reason)
         elif isinstance(event, _PieceDone):
             self._in_flight.pop(event.number, None)

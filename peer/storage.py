@@ -68,12 +68,13 @@ SUCCEEDED = "succeeded"
 FAILED = "failed"
 STATES = (PENDING, RUNNING, SUCCEEDED, FAILED)
 # state -> states it may move to. A failed task may be retried (running) or, when all its pieces
-# are there after all, succeed; a succeeded task is final until deleted.
+# are there after all, succeed; a succeeded task is final until deleted, unless a scrub finds a
+# corrupt piece: then it is pending again (its other pieces stay).
 TRANSITIONS: Mapping[str, frozenset[str]] = {
-    PENDING: frozenset({RUNNING, SUCCEEDED, FAILED}),
+    PENDING: frozenset({PENDING, RUNNING, SUCCEEDED, FAILED}),
     RUNNING: frozenset({RUNNING, SUCCEEDED, FAILED}),
     FAILED: frozenset({RUNNING, SUCCEEDED, FAILED}),
-    SUCCEEDED: frozenset({SUCCEEDED}),
+    SUCCEEDED: frozenset({SUCCEEDED, PENDING}),
 }
 
 
@@ -271,6 +272,49 @@ class LocalTask:
     def is_complete(self) -> bool:
         """Whether every piece is complete (False while the content length is unknown)."""
         return self.content_length is not None and len(self._pieces) == self.piece_count
+
+    async def verify_pieces(self) -> list[int]:
+        """Re-hash every complete piece against its recorded digest; forget the ones that differ.
+
+        Catches bytes changed on disk behind our back (bit rot, a tampered cache), so this node
+        stops serving them. Hashing runs in a thread. Returns the numbers of the corrupt pieces.
+        """
+        if self.content_length is None or not self._pieces:
+            return []
+        corrupt = await asyncio.to_thread(self._find_corrupt, dict(self._pieces))
+        corrupt = [n for n in corrupt if n in self._pieces and not self._deleted]
+        if not corrupt:
+            return []
+        for number in corrupt:
+            length = self.span(number).length
+            del self._pieces[number]
+            self._order.remove(number)
+            self._used -= length
+            self._store._add_used(-length)
+        log.warning("task %s: %d corrupt pieces dropped: %s", self.task_id, len(corrupt), corrupt[:10])
+        if self.state == SUCCEEDED:
+            self._transition(PENDING, "")
+        else:
+            self._persist_now()
+        return corrupt
+
+    def _find_corrupt(self, pieces: Mapping[int, str]) -> list[int]:
+        corrupt = []
+        with open(self.content_path, "rb") as file:
+            for number, digest in sorted(pieces.items()):
+                span = self.span(number)
+                hasher = new_piece_hasher()
+                remaining, offset = span.length, span.offset
+                while remaining > 0:
+                    chunk = os.pread(file.fileno(), min(remaining, 1 << 20), offset)
+                    if not chunk:
+                        break
+                    hasher.update(chunk)
+                    remaining -= len(chunk)
+                    offset += len(chunk)
+                if remaining or format_digest(PIECE_DIGEST_ALGORITHM, hasher) != digest:
+                    corrupt.append(number)
+        return corrupt
 
     @property
     def used_bytes(self) -> int:
@@ -746,6 +790,14 @@ class PieceStore:
     def tasks(self) -> list[LocalTask]:
         """All tasks."""
         return list(self._tasks.values())
+
+    async def verify_all(self) -> int:
+        """Scrub every task (see LocalTask.verify_pieces); returns how many pieces were corrupt."""
+        corrupt = 0
+        for task in list(self._tasks.values()):
+            if not task.deleted:
+                corrupt += len(await task.verify_pieces())
+        return corrupt
 
     def used_bytes(self) -> int:
         """Bytes of complete pieces of all tasks."""

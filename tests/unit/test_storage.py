@@ -447,3 +447,32 @@ async def test_disk_full_is_translated(store: PieceStore, monkeypatch: pytest.Mo
     with pytest.raises(DiskFull, match="no space left"):
         await task.write_piece(0, chunks_of(data))
     assert not task.has_piece(0)
+
+
+async def test_scrub_drops_pieces_changed_on_disk(tmp_path: Path) -> None:
+    data = content_bytes(4 * PIECE)
+    store = PieceStore(tmp_path)
+    task = new_task(store, data)
+    await write_all(task, data)
+    task.mark_succeeded()
+    # flip one byte of piece 2 behind the store's back, then restart and scrub
+    with open(task.content_path, "r+b") as file:
+        offset = 2 * PIECE + 17
+        file.seek(offset)
+        byte = file.read(1)
+        file.seek(offset)
+        file.write(bytes([byte[0] ^ 0xFF]))
+    restarted = PieceStore(tmp_path)
+    restarted.load()
+    again = restarted.require(TASK)
+    assert again.has_piece(2)  # not known yet: only the scrub reads the bytes
+    assert await restarted.verify_all() == 1
+    assert not again.has_piece(2)
+    assert again.finished_pieces() == [0, 1, 3]
+    assert again.state == "pending"
+    assert restarted.used_bytes() == 3 * PIECE
+    # the verdict is persisted: a second restart does not bring the corrupt piece back
+    third = PieceStore(tmp_path)
+    third.load()
+    assert third.require(TASK).finished_pieces() == [0, 1, 3]
+    assert await third.verify_all() == 0
