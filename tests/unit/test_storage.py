@@ -449,19 +449,22 @@ async def test_disk_full_is_translated(store: PieceStore, monkeypatch: pytest.Mo
     assert not task.has_piece(0)
 
 
+def flip_byte(path: Path, offset: int) -> None:
+    """Corrupt one byte of a file in place."""
+    with open(path, "r+b") as file:
+        file.seek(offset)
+        byte = file.read(1)
+        file.seek(offset)
+        file.write(bytes([byte[0] ^ 0xFF]))
+
+
 async def test_scrub_drops_pieces_changed_on_disk(tmp_path: Path) -> None:
     data = content_bytes(4 * PIECE)
     store = PieceStore(tmp_path)
     task = new_task(store, data)
     await write_all(task, data)
     task.mark_succeeded()
-    # flip one byte of piece 2 behind the store's back, then restart and scrub
-    with open(task.content_path, "r+b") as file:
-        offset = 2 * PIECE + 17
-        file.seek(offset)
-        byte = file.read(1)
-        file.seek(offset)
-        file.write(bytes([byte[0] ^ 0xFF]))
+    flip_byte(task.content_path, 2 * PIECE + 17)  # behind the store's back; then restart and scrub
     restarted = PieceStore(tmp_path)
     restarted.load()
     again = restarted.require(TASK)
