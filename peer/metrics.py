@@ -2,7 +2,14 @@
 
 Names follow what Dragonfly's dfdaemon exposes, with our own prefix. Every daemon owns its
 registry (explicit wiring, no globals), so several daemons can live in one test process.
-Labels carry only bounded values: traffic types, result names, status classes.
+
+Labels carry only bounded values, and each label's vocabulary is a tuple below. Every known
+label value is created at start-up with a zero, so a rate or a ratio over it exists (and a
+dashboard panel shows 0, not "no data") before the first event.
+
+Seeds and dfdaemons expose the same families; the scrape configuration tells them apart by the
+``job`` label: the Grafana dashboards (charts/damselfly/dashboards) take the jobs whose name
+contains ``seed`` as seeds and the other jobs exposing these families as dfdaemons.
 """
 
 from __future__ import annotations
@@ -11,8 +18,29 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 PREFIX = "damselfly_dfdaemon"
 TRAFFIC_TYPES = ("back_to_source", "remote_peer", "local_peer")
+TASK_RESULTS = ("started", "succeeded", "failed")
+# Outcomes of one piece request to the piece server (peer/piece_server.py).
+UPLOAD_RESULTS = ("succeeded", "failed", "busy", "not_found", "bad_request")
+# Why a piece from a parent was rejected: bad digest, or the transfer failed.
+PIECE_FAILURE_REASONS = ("digest", "parent")
+# Proxy / registry mirror (peer/proxy.py): p2p (a blob through the P2P network); passed straight
+# to the upstream as a registry mirror request (mirror) or a forward-proxy request (forward);
+# an HTTPS tunnel (connect); anything else (other: refused).
+PROXY_ROUTES = ("p2p", "mirror", "forward", "connect", "other")
+STATUS_CLASSES = ("2xx", "3xx", "4xx", "5xx")
+# Origin errors: an HTTP status from the origin, or no answer at all.
+BACK_SOURCE_ERROR_KINDS = ("status", "network")
+# Why the cache GC evicted a task: unread for task_ttl, or the cache went over its quota.
+GC_REASONS = ("ttl", "quota")
+
 _DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 _PIECE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+def status_class(status: int) -> str:
+    """The bounded label of an HTTP status: ``"2xx"`` .. ``"5xx"`` (anything else counts as 5xx)."""
+    family = f"{status // 100}xx"
+    return family if family in STATUS_CLASSES else "5xx"
 
 
 class DaemonMetrics:
@@ -56,5 +84,31 @@ class DaemonMetrics:
                                           registry=r)
         for traffic in TRAFFIC_TYPES:
             self.download_traffic.labels(traffic)
-        for result in ("started", "succeeded", "failed"):
+            self.piece_duration.labels(traffic)
+        for result in TASK_RESULTS:
             self.tasks.labels(result)
+        for result in UPLOAD_RESULTS:
+            self.upload_pieces.labels(result)
+        for reason in PIECE_FAILURE_REASONS:
+            self.piece_failures.labels(reason)
+        for route in PROXY_ROUTES:
+            for status in STATUS_CLASSES:
+                self.proxy_requests.labels(route, status)
+        for kind in BACK_SOURCE_ERROR_KINDS:
+            self.back_source_errors.labels(kind)
+        for reason in GC_REASONS:
+            self.gc_evictions.labels(reason)
+
+    def count_proxy_request(self, route: str, status: int, *, has_range: bool = False) -> None:
+        """Count one answered proxy request: `route` is one of PROXY_ROUTES, `status` the HTTP status."""
+        if route not in PROXY_ROUTES:
+            raise ValueError(f"unknown proxy route {route!r}; known: {', '.join(PROXY_ROUTES)}")
+        self.proxy_requests.labels(route, status_class(status)).inc()
+        if has_range:
+            self.range_requests.inc()
+
+    def count_gc_eviction(self, reason: str) -> None:
+        """Count one task evicted by the cache GC; `reason` is one of GC_REASONS."""
+        if reason not in GC_REASONS:
+            raise ValueError(f"unknown GC reason {reason!r}; known: {', '.join(GC_REASONS)}")
+        self.gc_evictions.labels(reason).inc()

@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from common.errors import TaskNotFound
 from scheduler.core import (
     Candidate,
+    Code,
     Decision,
     FailPeer,
     SchedulerCore,
@@ -39,6 +40,13 @@ log = logging.getLogger(__name__)
 PREFIX = "damselfly_scheduler"
 DECISION_KINDS = ("normal", "back_to_source", "seed_trigger", "failed", "empty")
 TRAFFIC_TYPES = ("back_to_source", "remote_peer", "local_peer")
+# (method, code) pairs the service can answer with: created at zero so that error rates exist
+# (and dashboards show 0, not "no data") before the first error. Others appear when they happen.
+EXPECTED_GRPC_ERRORS = (
+    *(("AnnouncePeer", code.value) for code in Code),
+    *((method, "NOT_FOUND") for method in ("StatPeer", "DeletePeer", "StatTask", "DeleteTask")),
+    ("AnnounceHost", "INVALID_ARGUMENT"),
+)
 _SCHEDULE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
 # The seed's DownloadTask stream lasts as long as its download; give up on it after this long.
 SEED_TRIGGER_TIMEOUT = 6 * 3600.0
@@ -89,6 +97,8 @@ class SchedulerMetrics:
         for traffic in TRAFFIC_TYPES:
             self.piece_reports.labels(traffic)
             self.piece_bytes.labels(traffic)
+        for method, code in EXPECTED_GRPC_ERRORS:
+            self.grpc_errors.labels(method, code)
 
 
 class _End:
