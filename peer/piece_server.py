@@ -7,7 +7,8 @@ task id or piece number, ``404`` for an unknown task or a piece that is not comp
 ``503`` with ``Retry-After`` when every upload slot stays busy for a moment.
 ``GET /healthy`` answers ``ok``.
 
-How the bytes go out depends on the connection and the event loop:
+How the bytes go out depends on the connection and the event loop (:class:`FileRegionSender`,
+which the registry mirror uses too):
 
 * asyncio: ``loop.sendfile`` on the transport;
 * uvloop (no ``loop.sendfile``): once the response headers are flushed, ``os.sendfile`` on the
@@ -167,6 +168,166 @@ class _SenderJob:
             os.close(self._file_fd)
 
 
+class FileRegionSender:
+    """Sends regions of files as HTTP response bodies, zero-copy where the connection allows.
+
+    One per server (the piece server and the registry mirror each have one): it owns the sender
+    threads of the uvloop path and remembers whether the event loop has a sendfile of its own.
+    :meth:`send` picks the way out per connection, as the module docstring describes. Slices of
+    :data:`SEND_SLICE` bytes bound the stall timeout of the loop's sendfile and are the unit of
+    the optional rate limit (a :class:`TokenBucket`, shared by all sends of this sender).
+    """
+
+    def __init__(
+        self,
+        *,
+        stall_timeout: float,
+        max_threads: int = MAX_SENDER_THREADS,
+        use_sendfile: bool = True,
+        bucket: TokenBucket | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        if stall_timeout <= 0:
+            raise ValueError(f"stall_timeout must be positive, got {stall_timeout}")
+        if max_threads < 1:
+            raise ValueError(f"max_threads must be at least 1, got {max_threads}")
+        self._stall_timeout = stall_timeout
+        self._max_threads = max_threads
+        self._use_sendfile = use_sendfile and hasattr(os, "sendfile")
+        self._loop_has_sendfile = True  # cleared when the loop turns out to have none (uvloop)
+        self._bucket = bucket
+        self._clock: Clock = clock or SystemClock()
+        self._senders: concurrent.futures.ThreadPoolExecutor | None = None
+
+    @property
+    def uses_sendfile(self) -> bool:
+        """Whether plain-TCP regions go out by sendfile (the loop's own, or in sender threads)."""
+        return self._use_sendfile
+
+    @property
+    def sendfile_in_threads(self) -> bool:
+        """True once the event loop turned out to have no sendfile (uvloop): threads send instead."""
+        return self._use_sendfile and not self._loop_has_sendfile
+
+    def close(self) -> None:
+        """Let go of the sender threads (a later send starts new ones)."""
+        senders, self._senders = self._senders, None
+        if senders is not None:
+            # cancelled sends have told their threads to stop; they do within a poll interval
+            senders.shutdown(wait=False, cancel_futures=True)
+
+    async def send(
+        self, request: web.BaseRequest, writer: AbstractStreamWriter, file: BinaryIO, offset: int, count: int
+    ) -> None:
+        """Send bytes [offset, offset+count) of `file` on the request's connection.
+
+        The response is prepared (its headers may still be buffered) and nothing else writes to
+        the connection until this returns. Raises ConnectionError or OSError (TimeoutError for a
+        stalled client) when the bytes cannot all go out: the response is then incomplete and
+        its connection must be closed, never reused.
+        """
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("connection lost")
+        path = self._path_for(transport)
+        # An unlimited threaded send is one job: its thread watches progress itself.
+        whole = path is _SendPath.THREAD and self._bucket is None
+        end = offset + count
+        while offset < end:
+            size = end - offset if whole else min(SEND_SLICE, end - offset)
+            await self._throttle(size)
+            if transport.is_closing():  # loop.sendfile would raise RuntimeError
+                raise ConnectionResetError("connection lost")
+            if path is _SendPath.LOOP:
+                try:
+                    async with asyncio.timeout(self._stall_timeout):
+                        await asyncio.get_running_loop().sendfile(transport, file, offset, size, fallback=False)
+                except NotImplementedError:  # the loop has no sendfile at all (uvloop)
+                    self._loop_has_sendfile = False
+                    path = _SendPath.THREAD
+                    whole = self._bucket is None
+                    size = end - offset if whole else size
+                except asyncio.SendfileNotAvailableError:  # not for this transport or file
+                    path = _SendPath.CHUNKS
+            if path is _SendPath.THREAD:
+                await self._send_in_thread(transport, writer, file, offset, size)
+            elif path is _SendPath.CHUNKS:
+                await self._send_chunks(writer, file, offset, size)
+            offset += size
+
+    def _path_for(self, transport: asyncio.BaseTransport) -> _SendPath:
+        if not self._use_sendfile:
+            return _SendPath.CHUNKS
+        if transport.get_extra_info("sslcontext") is not None or transport.get_extra_info("socket") is None:
+            return _SendPath.CHUNKS  # TLS encrypts in user space: there is no raw socket to send on
+        return _SendPath.LOOP if self._loop_has_sendfile else _SendPath.THREAD
+
+    async def _throttle(self, count: int) -> None:
+        if self._bucket is not None:
+            delay = self._bucket.reserve(count, self._clock.time())
+            if delay > 0:
+                await self._clock.sleep(delay)
+
+    async def _send_in_thread(
+        self, transport: asyncio.Transport, writer: AbstractStreamWriter, file: BinaryIO, offset: int, count: int
+    ) -> None:
+        """os.sendfile on the connection's socket in a sender thread; the event loop stays free.
+
+        The transport's own buffer (the response headers) is flushed first, and nothing else
+        writes to the connection until the send returns, so the bytes cannot interleave.
+        """
+        await self._flush(transport, writer)
+        sock = transport.get_extra_info("socket")
+        job = _SenderJob(sock.fileno(), file.fileno(), offset, count, self._stall_timeout)
+        try:
+            future = self._sender_pool().submit(job.run)
+        except BaseException:
+            job.close()
+            raise
+        try:
+            await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            job.aborted.set()  # a running thread stops within a poll interval
+            if future.cancel():  # it never started: its descriptors are still ours to close
+                job.close()
+            raise
+
+    async def _flush(self, transport: asyncio.Transport, writer: AbstractStreamWriter) -> None:
+        """Wait until the transport has handed everything it buffered to the kernel."""
+        if not transport.get_write_buffer_size():
+            return
+        low, high = transport.get_write_buffer_limits()
+        # With a zero high-water mark the protocol is paused until the buffer is empty, so the
+        # writer's drain() waits exactly for that.
+        transport.set_write_buffer_limits(high=0, low=0)
+        try:
+            async with asyncio.timeout(self._stall_timeout):
+                await writer.drain()
+        finally:
+            if not transport.is_closing():
+                transport.set_write_buffer_limits(high=high, low=low)
+        if transport.get_write_buffer_size():
+            raise ConnectionResetError("connection lost while flushing the response headers")
+
+    def _sender_pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._senders is None:
+            # Own threads, so that slow clients cannot starve the default executor (file I/O).
+            self._senders = concurrent.futures.ThreadPoolExecutor(
+                max_workers=self._max_threads, thread_name_prefix="file-sender"
+            )
+        return self._senders
+
+    async def _send_chunks(self, writer: AbstractStreamWriter, file: BinaryIO, offset: int, count: int) -> None:
+        fd = file.fileno()
+        end = offset + count
+        while offset < end:
+            length = min(FALLBACK_CHUNK, end - offset)
+            chunk = await asyncio.to_thread(_pread_exactly, fd, length, offset)
+            async with asyncio.timeout(self._stall_timeout):
+                await writer.write(chunk)
+            offset += length
+
+
 class PieceServer:
     """aiohttp server of complete pieces with a bounded number of concurrent uploads.
 
@@ -199,12 +360,14 @@ class PieceServer:
         self._upload_slots = upload_slots
         self._slot_wait = slot_wait
         self._slots = asyncio.Semaphore(upload_slots)
-        self._use_sendfile = use_sendfile and hasattr(os, "sendfile")
-        self._loop_has_sendfile = True  # cleared when the loop turns out to have none (uvloop)
-        self._stall_timeout = stall_timeout
-        self._clock: Clock = clock or SystemClock()
-        self._bucket = TokenBucket(rate_limit, rate_burst, self._clock.time()) if rate_limit else None
-        self._senders: concurrent.futures.ThreadPoolExecutor | None = None
+        clock = clock or SystemClock()
+        self._sender = FileRegionSender(
+            stall_timeout=stall_timeout,
+            max_threads=min(upload_slots, MAX_SENDER_THREADS),
+            use_sendfile=use_sendfile,
+            bucket=TokenBucket(rate_limit, rate_burst, clock.time()) if rate_limit else None,
+            clock=clock,
+        )
         self._uploads = 0
         self._runner: web.AppRunner | None = None
         self.app = web.Application()
@@ -219,12 +382,12 @@ class PieceServer:
     @property
     def uses_sendfile(self) -> bool:
         """Whether plain-TCP pieces go out by sendfile (the loop's own, or in sender threads)."""
-        return self._use_sendfile
+        return self._sender.uses_sendfile
 
     @property
     def sendfile_in_threads(self) -> bool:
         """True once the event loop turned out to have no sendfile (uvloop): threads send instead."""
-        return self._use_sendfile and not self._loop_has_sendfile
+        return self._sender.sendfile_in_threads
 
     @property
     def uploads_in_progress(self) -> int:
@@ -253,10 +416,7 @@ class PieceServer:
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
-        senders, self._senders = self._senders, None
-        if senders is not None:
-            # cancelled handlers have told their threads to stop; they do within a poll interval
-            senders.shutdown(wait=False, cancel_futures=True)
+        self._sender.close()
 
     # ---- handlers ----------------------------------------------------------------------------
 
@@ -324,7 +484,7 @@ class PieceServer:
                 if writer is None:
                     raise ConnectionResetError("response not prepared")
                 if span.length:
-                    await self._send_region(request, writer, file, span)
+                    await self._sender.send(request, writer, file, span.offset, span.length)
                 # Like aiohttp's FileResponse after loop.sendfile: the body went around the
                 # writer, so ending the response here (nothing left to write) completes it and
                 # keeps the connection reusable.
@@ -340,108 +500,3 @@ class PieceServer:
         self._metrics.upload_traffic.inc(span.length)
         self._metrics.upload_pieces.labels("succeeded").inc()
         return response
-
-    # ---- sending -----------------------------------------------------------------------------
-
-    def _path_for(self, transport: asyncio.Transport) -> _SendPath:
-        if not self._use_sendfile:
-            return _SendPath.CHUNKS
-        if transport.get_extra_info("sslcontext") is not None or transport.get_extra_info("socket") is None:
-            return _SendPath.CHUNKS  # TLS encrypts in user space: there is no raw socket to send on
-        return _SendPath.LOOP if self._loop_has_sendfile else _SendPath.THREAD
-
-    async def _send_region(
-        self, request: web.Request, writer: AbstractStreamWriter, file: BinaryIO, span: PieceSpan
-    ) -> None:
-        transport = request.transport
-        if transport is None or transport.is_closing():
-            raise ConnectionResetError("connection lost")
-        path = self._path_for(transport)
-        # Slices bound the stall timeout of the loop's sendfile and are the unit of the rate limit;
-        # an unlimited threaded send is one job (its thread watches progress itself).
-        whole = path is _SendPath.THREAD and self._bucket is None
-        offset = span.offset
-        while offset < span.end:
-            count = span.end - offset if whole else min(SEND_SLICE, span.end - offset)
-            await self._throttle(count)
-            if path is _SendPath.LOOP:
-                try:
-                    async with asyncio.timeout(self._stall_timeout):
-                        await asyncio.get_running_loop().sendfile(transport, file, offset, count, fallback=False)
-                except NotImplementedError:  # the loop has no sendfile at all (uvloop)
-                    self._loop_has_sendfile = False
-                    path = _SendPath.THREAD
-                    whole = self._bucket is None
-                    count = span.end - offset if whole else count
-                except asyncio.SendfileNotAvailableError:  # not for this transport or file
-                    path = _SendPath.CHUNKS
-            if path is _SendPath.THREAD:
-                await self._send_in_thread(transport, writer, file, offset, count)
-            elif path is _SendPath.CHUNKS:
-                await self._send_chunks(writer, file, offset, count)
-            offset += count
-
-    async def _throttle(self, count: int) -> None:
-        if self._bucket is not None:
-            delay = self._bucket.reserve(count, self._clock.time())
-            if delay > 0:
-                await self._clock.sleep(delay)
-
-    async def _send_in_thread(
-        self, transport: asyncio.Transport, writer: AbstractStreamWriter, file: BinaryIO, offset: int, count: int
-    ) -> None:
-        """os.sendfile on the connection's socket in a sender thread; the event loop stays free.
-
-        The transport's own buffer (the response headers) is flushed first, and nothing else
-        writes to the connection until the handler returns, so the bytes cannot interleave.
-        """
-        await self._flush(transport, writer)
-        sock = transport.get_extra_info("socket")
-        job = _SenderJob(sock.fileno(), file.fileno(), offset, count, self._stall_timeout)
-        try:
-            future = self._sender_pool().submit(job.run)
-        except BaseException:
-            job.close()
-            raise
-        try:
-            await asyncio.wrap_future(future)
-        except asyncio.CancelledError:
-            job.aborted.set()  # a running thread stops within a poll interval
-            if future.cancel():  # it never started: its descriptors are still ours to close
-                job.close()
-            raise
-
-    async def _flush(self, transport: asyncio.Transport, writer: AbstractStreamWriter) -> None:
-        """Wait until the transport has handed everything it buffered to the kernel."""
-        if not transport.get_write_buffer_size():
-            return
-        low, high = transport.get_write_buffer_limits()
-        # With a zero high-water mark the protocol is paused until the buffer is empty, so the
-        # writer's drain() waits exactly for that.
-        transport.set_write_buffer_limits(high=0, low=0)
-        try:
-            async with asyncio.timeout(self._stall_timeout):
-                await writer.drain()
-        finally:
-            if not transport.is_closing():
-                transport.set_write_buffer_limits(high=high, low=low)
-        if transport.get_write_buffer_size():
-            raise ConnectionResetError("connection lost while flushing the response headers")
-
-    def _sender_pool(self) -> concurrent.futures.ThreadPoolExecutor:
-        if self._senders is None:
-            # Own threads, so that slow clients cannot starve the default executor (file I/O).
-            self._senders = concurrent.futures.ThreadPoolExecutor(
-                max_workers=min(self._upload_slots, MAX_SENDER_THREADS), thread_name_prefix="piece-sender"
-            )
-        return self._senders
-
-    async def _send_chunks(self, writer: AbstractStreamWriter, file: BinaryIO, offset: int, count: int) -> None:
-        fd = file.fileno()
-        end = offset + count
-        while offset < end:
-            length = min(FALLBACK_CHUNK, end - offset)
-            chunk = await asyncio.to_thread(_pread_exactly, fd, length, offset)
-            async with asyncio.timeout(self._stall_timeout):
-                await writer.write(chunk)
-            offset += length

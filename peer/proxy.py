@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -51,7 +50,7 @@ from common.errors import (
 from common.origin import OriginResponseError
 from common.pieces import pieces_covering
 from peer.engine import Conductor, DownloadRequest
-from peer.piece_server import _SenderJob
+from peer.piece_server import FileRegionSender
 from peer.proxy_auth import BlobAccess
 from peer.range_header import ByteRange, parse_range, select_range, unsatisfied_content_range
 
@@ -136,7 +135,7 @@ class Proxy:
         self._default_registry = config.registry_mirror.rstrip("/")
         self._runner: web.ServerRunner | None = None
         self._session: aiohttp.ClientSession | None = None
-        self._loop_has_sendfile = True  # cleared when the loop turns out to have none (uvloop)
+        self._sender = FileRegionSender(stall_timeout=config.piece_timeout)
         self._tunnels: set[asyncio.Task[Any]] = set()
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -168,6 +167,7 @@ class Proxy:
         if self._session is not None:
             await self._session.close()
             self._session = None
+        self._sender.close()
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -423,58 +423,8 @@ class Proxy:
             last = local.span(numbers[run_end - 1])
             offset = max(start, first.offset)
             stop = min(end + 1, last.end)
-            await self._send_region(request, writer, file, offset, stop - offset)
+            await self._sender.send(request, writer, file, offset, stop - offset)
             index = run_end
-
-    # -- sending file regions --------------------------------------------------------------------
-
-    async def _send_region(self, request: web.BaseRequest, writer: AbstractStreamWriter, file: BinaryIO,
-                           offset: int, count: int) -> None:
-        """Bytes [offset, offset+count) of the file on the connection, by sendfile when possible."""
-        transport = request.transport
-        if transport is None or transport.is_closing():
-            raise ConnectionResetError("connection lost")
-        plain = transport.get_extra_info("sslcontext") is None and transport.get_extra_info("socket") is not None
-        if plain and self._loop_has_sendfile:
-            try:
-                await writer.drain()
-                await asyncio.get_running_loop().sendfile(transport, file, offset, count, fallback=False)
-                return
-            except NotImplementedError:  # uvloop: no loop.sendfile at all
-                self._loop_has_sendfile = False
-            except asyncio.SendfileNotAvailableError:
-                plain = False
-        if plain:
-            await self._send_in_thread(transport, writer, file, offset, count)
-        else:
-            await self._send_chunks(writer, file, offset, count)
-
-    async def _send_in_thread(self, transport: asyncio.Transport, writer: AbstractStreamWriter, file: BinaryIO,
-                              offset: int, count: int) -> None:
-        # The piece server's sender job: os.sendfile on duplicated descriptors in a thread.
-        await _flush(transport, writer, self._config.piece_timeout)
-        sock = transport.get_extra_info("socket")
-        job = _SenderJob(sock.fileno(), file.fileno(), offset, count, self._config.piece_timeout)
-        try:
-            future = asyncio.get_running_loop().run_in_executor(None, job.run)
-        except BaseException:
-            job.close()
-            raise
-        try:
-            await future
-        except asyncio.CancelledError:
-            job.aborted.set()
-            raise
-
-    async def _send_chunks(self, writer: AbstractStreamWriter, file: BinaryIO, offset: int, count: int) -> None:
-        fd = file.fileno()
-        end = offset + count
-        while offset < end:
-            chunk = await asyncio.to_thread(os.pread, fd, min(_CHUNK, end - offset), offset)
-            if not chunk:
-                raise OSError(f"content file ends at {offset}")
-            await writer.write(chunk)
-            offset += len(chunk)
 
     # -- CONNECT ---------------------------------------------------------------------------------
 
@@ -537,22 +487,6 @@ async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
             writer.write_eof()
     except (ConnectionError, OSError):
         writer.close()
-
-
-async def _flush(transport: asyncio.Transport, writer: AbstractStreamWriter, stall: float) -> None:
-    """Wait until the transport handed everything it buffered (the headers) to the kernel."""
-    if not transport.get_write_buffer_size():
-        return
-    low, high = transport.get_write_buffer_limits()
-    transport.set_write_buffer_limits(high=0, low=0)  # drain() now waits for an empty buffer
-    try:
-        async with asyncio.timeout(stall):
-            await writer.drain()
-    finally:
-        if not transport.is_closing():
-            transport.set_write_buffer_limits(high=high, low=low)
-    if transport.get_write_buffer_size():
-        raise ConnectionResetError("connection lost while flushing the response headers")
 
 
 def _abort(request: web.BaseRequest) -> None:
