@@ -48,6 +48,8 @@ PROMTOOL = "/usr/bin/promtool"
 DASHBOARDS = Path(__file__).resolve().parents[2] / "charts" / "damselfly" / "dashboards"
 MIB = 1 << 20
 BLOB_SIZE = 32 * MIB  # 8 pieces of 4 MiB
+SMALL_SIZE = 16 * MIB  # a second blob: peer2's quota cannot hold both, so its GC evicts the first
+PEER2_QUOTA = 48 * MIB
 SCRAPE_INTERVAL = 1.0
 TO_ORIGIN = 'type="back_to_source"'
 FROM_PEERS = 'type="remote_peer"'
@@ -176,7 +178,7 @@ def start_network(cluster: LocalCluster) -> tuple[Node, Node, list[Node]]:
     seed = cluster.plan_dfdaemon("seed", seed=True)
     scheduler = cluster.start_scheduler(seeds=[seed])
     cluster.start_dfdaemon("seed", node=seed)
-    daemons = [cluster.start_dfdaemon(f"peer{i}") for i in (1, 2)]
+    daemons = [cluster.start_dfdaemon("peer1"), cluster.start_dfdaemon("peer2", "--cache-quota", str(PEER2_QUOTA))]
     cluster.wait_ready(scheduler, seed, *daemons)
     return scheduler, seed, daemons
 
@@ -241,9 +243,10 @@ def test_prometheus_scrapes_every_family_and_every_dashboard_query_returns_data(
     started = time.time()
     wait_until(lambda: scraped_after(prometheus, started, 4), 30, "Prometheus to scrape every target")
 
-    # Traffic: the blob through both dfdaemons at once, then again on peer1 (a cache hit), a
-    # blob the registry does not have (a failed task), requests through peer2's registry mirror,
-    # and a task the scheduler does not know.
+    # Traffic: the blob through both dfdaemons at once, then again on peer1 (a cache hit),
+    # requests through peer2's registry mirror, a second blob on peer2 (over its quota: the GC
+    # evicts the first), a blob the registry does not have (a failed task; last, as the seed's
+    # failed trigger makes the scheduler skip it for a while), a task the scheduler does not know.
     downloads = [start_dfget(node, url, tmp_path / f"{node.name}.blob") for node in (peer1, peer2)]
     for node, process in zip((peer1, peer2), downloads, strict=True):
         _, stderr = process.communicate(timeout=120)
@@ -251,14 +254,17 @@ def test_prometheus_scrapes_every_family_and_every_dashboard_query_returns_data(
         assert sha256_file(tmp_path / f"{node.name}.blob") == digest
     again = run_dfget(peer1, url, tmp_path / "again.blob", timeout=60)
     assert again.returncode == 0, again.stderr
-    missing = run_dfget(peer1, registry.blob_url("monitoring/missing", "sha256:" + "0" * 64),
-                        tmp_path / "missing.blob", timeout=60)
-    assert missing.returncode != 0
     # Through peer2's registry mirror: a Range read of the blob (P2P) and the /v2/ ping (straight).
     blob_path = f"/v2/monitoring/blob/blobs/{digest}"
     status, body = proxy_get(peer2, blob_path, {"X-Dragonfly-Registry": registry.url, "Range": "bytes=0-9"})
     assert (status, body) == (206, blob.read_bytes()[:10])
     assert proxy_get(peer2, "/v2/", {"X-Dragonfly-Registry": registry.url})[0] == 200
+    small_digest, _ = push_random_blob(registry, "monitoring/small", SMALL_SIZE, seed=45)
+    small = run_dfget(peer2, registry.blob_url("monitoring/small", small_digest), tmp_path / "small.blob", timeout=60)
+    assert small.returncode == 0, small.stderr
+    missing = run_dfget(peer1, registry.blob_url("monitoring/missing", "sha256:" + "0" * 64),
+                        tmp_path / "missing.blob", timeout=60)
+    assert missing.returncode != 0
     with grpc.insecure_channel(f"127.0.0.1:{scheduler.ports['grpc']}") as channel:
         with pytest.raises(grpc.RpcError) as unknown:
             scheduler_pb2_grpc.SchedulerStub(channel).StatTask(
@@ -340,9 +346,9 @@ def plausible_values(prometheus: Prometheus, peer1: Node, peer2: Node) -> dict[s
         assert len(found) == 2, (expr, found)
         return found
 
-    # The seed read the blob from the origin once; the dfdaemons got it from peers.
+    # The seed read each blob from the origin once; the dfdaemons got them from peers.
     origin = one("seed back_to_source bytes", f'sum({series(f"{d}_download_traffic_bytes_total", seed, TO_ORIGIN)})')
-    assert BLOB_SIZE <= origin <= 1.05 * BLOB_SIZE
+    assert BLOB_SIZE + SMALL_SIZE <= origin <= 1.05 * (BLOB_SIZE + SMALL_SIZE)
     remote = per_daemon("remote_peer bytes", series(f"{d}_download_traffic_bytes_total", daemons, FROM_PEERS))
     assert all(b > 0 for b in remote.values()), remote
     received = per_daemon("bytes received",
@@ -367,10 +373,13 @@ def plausible_values(prometheus: Prometheus, peer1: Node, peer2: Node) -> dict[s
     assert one("origin errors", f"sum({d}_back_to_source_errors_total)") >= 0
     assert one("concurrent downloads", f"sum({d}_concurrent_downloads)") == 0
     assert one("concurrent uploads", f"sum({d}_concurrent_uploads)") == 0
-    cache = per_daemon("cache used", series(f"{d}_cache_used_bytes", daemons))
-    assert all(b >= BLOB_SIZE for b in cache.values()), cache
-    assert one("seed cache used", series(f"{d}_cache_used_bytes", seed)) >= BLOB_SIZE
-    assert one("cache quota (0: none)", f"sum({d}_cache_quota_bytes)") == 0
+    # peer1 and the seed have no quota and keep everything; peer2's GC made room for the second blob.
+    assert one("peer1 cache used", series(f"{d}_cache_used_bytes", on_peer1)) == BLOB_SIZE
+    assert one("seed cache used", series(f"{d}_cache_used_bytes", seed)) == BLOB_SIZE + SMALL_SIZE
+    assert one("peer2 cache used", series(f"{d}_cache_used_bytes", on_peer2)) == SMALL_SIZE
+    assert one("peer2 cache quota", series(f"{d}_cache_quota_bytes", on_peer2)) == PEER2_QUOTA
+    assert one("cache quota of the others (0: none)", f"sum({d}_cache_quota_bytes) - {PEER2_QUOTA}") == 0
+    assert one("peer2 GC evictions (quota)", series(f"{d}_gc_evicted_tasks_total", on_peer2, 'reason="quota"')) == 1
     # Every route x status class exists on every node; peer2 answered the two mirror requests.
     assert one("proxy request series", f"count({d}_proxy_requests_total)") == 3 * len(PROXY_ROUTES) * 4
     proxied = f"{d}_proxy_requests_total"
@@ -390,7 +399,7 @@ def plausible_values(prometheus: Prometheus, peer1: Node, peer2: Node) -> dict[s
     assert one("seed triggers", series(f"{s}_schedule_decisions_total", 'kind="seed_trigger"')) >= 1
     assert one("schedule duration count", f"{s}_schedule_duration_seconds_count") >= 3
     reported_origin = one("reported back_to_source bytes", series(f"{s}_piece_bytes_total", TO_ORIGIN))
-    assert BLOB_SIZE <= reported_origin <= 1.05 * BLOB_SIZE
+    assert reported_origin == origin
     assert one("reported remote_peer bytes", series(f"{s}_piece_bytes_total", FROM_PEERS)) > 0
     assert one("reported back_to_source pieces", series(f"{s}_piece_reports_total", TO_ORIGIN)) >= 8
     assert one("StatTask NOT_FOUND", series(f"{s}_grpc_errors_total", 'method="StatTask"', 'code="NOT_FOUND"')) >= 1
