@@ -55,8 +55,11 @@ from scheduler.scheduling import is_bad_parent, is_descendant, select_parents
 WAKE_LIMIT = 64
 PUSH_LIMIT = 8
 PUSH_SCAN = 32
-# A parent reported failed by this many distinct children is not offered again.
-FAILED_BY_LIMIT = 2
+# A parent reported failed (not temporarily) by this many distinct children is not offered again
+# for the task. One is enough: a non-temporary failure means the parent served bytes that did not
+# match the relayed digest, or could not be reached at all; either way no child should wait on it.
+# Children are cluster members (mutual TLS when enabled), so one report is trusted.
+FAILED_BY_LIMIT = 1
 
 
 class Code(StrEnum):

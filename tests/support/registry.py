@@ -28,7 +28,6 @@ import json
 import random
 import secrets
 import shutil
-import socket
 import subprocess
 import tarfile
 import time
@@ -39,6 +38,7 @@ from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import urlencode, urljoin, urlsplit
 
+from seed.up import free_port
 from tests.support.token_auth import TokenServer, parse_www_authenticate
 
 REGISTRY_BINARY = "/usr/bin/docker-registry"
@@ -123,13 +123,6 @@ class Registry:
 
 def basic_auth_value(user: str, password: str) -> str:
     return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
-
-
-def free_port() -> int:
-    """A port that was free on 127.0.0.1 a moment ago (for processes that cannot take port 0)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def htpasswd_lines(users: Mapping[str, str]) -> str:

@@ -16,6 +16,7 @@ from common.config import SchedulerConfig
 from scheduler.core import SchedulerCore
 from scheduler.server import main
 from scheduler.service import SchedulerService
+from seed.up import free_port
 
 TASK = "a" * 64
 DIGEST = "xxh3:" + "0123456789abcdef" * 2
@@ -202,14 +203,6 @@ async def test_failed_seed_trigger_sends_the_peer_back_to_source() -> None:
 def test_main_rejects_bad_config(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--retry-interval", "soon"]) == 2
     assert "retry_interval" in capsys.readouterr().err
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def test_serve_answers_grpc_and_http_then_stops() -> None:
