@@ -27,7 +27,7 @@ import hashlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
@@ -377,6 +377,7 @@ class Conductor:
         if self.local.state == "succeeded" and self._content_complete():
             self.content_known.set()
             self.engine.metrics.cache_hits.inc()
+            self.engine.metrics.download_traffic.labels("local_peer").inc(self.local.content_length or 0)
             return
         if self.local.state != "running":
             self.local.mark_running()
@@ -727,7 +728,8 @@ class Conductor:
         headers = dict(self.request.request_header)
         stat = None
         if self.local.content_length is None:
-            stat = await origin.stat(self.request.url, headers)
+            with self._counting_origin_errors():
+                stat = await origin.stat(self.request.url, headers)
             if stat.content_length is None:
                 await self._back_source_stream(headers)
                 return
@@ -766,34 +768,53 @@ class Conductor:
         for attempt in range(1, ORIGIN_ATTEMPTS + 1):
             started = time.monotonic()
             try:
-                async with self.engine.origin.get(self.request.url, headers, start=span.offset,
-                                                  length=span.length) as body:
-                    digest = await self.local.write_piece(number, body.chunks(_CHUNK))
+                with self._counting_origin_errors():
+                    async with self.engine.origin.get(self.request.url, headers, start=span.offset,
+                                                      length=span.length) as body:
+                        digest = await self.local.write_piece(number, body.chunks(_CHUNK))
                 break
             except OriginStatusError as exc:
-                metrics.back_source_errors.labels("status").inc()
                 if exc.status < 500 or attempt == ORIGIN_ATTEMPTS:
                     raise
             except OriginError:
-                metrics.back_source_errors.labels("network").inc()
                 if attempt == ORIGIN_ATTEMPTS:
                     raise
             await asyncio.sleep(ORIGIN_BACKOFF * 2 ** (attempt - 1))
         cost = time.monotonic() - started
         metrics.back_source_duration.observe(cost)
+        self._origin_piece_done(number, digest, cost)
+
+    @contextlib.contextmanager
+    def _counting_origin_errors(self) -> Iterator[None]:
+        """Count origin failures by kind (the status the origin answered, or the network)."""
+        try:
+            yield
+        except OriginStatusError:
+            self.engine.metrics.back_source_errors.labels("status").inc()
+            raise
+        except OriginError:
+            self.engine.metrics.back_source_errors.labels("network").inc()
+            raise
+
+    def _origin_piece_done(self, number: int, digest: str, cost: float) -> None:
+        """Count a piece fetched from the origin and report it with its digest."""
+        span = self.local.span(number)
+        metrics = self.engine.metrics
         metrics.download_traffic.labels("back_to_source").inc(span.length)
         metrics.piece_duration.labels("back_to_source").observe(cost)
         self._traffic["back_to_source"] += span.length
-        self._report_origin_piece(number, digest, cost)
-
-    def _report_origin_piece(self, number: int, digest: str, cost: float) -> None:
-        span = self.local.span(number)
         self._stream_send(download_piece_back_to_source_finished_request=scheduler_pb2.DownloadPieceBackToSourceFinishedRequest(
             piece=common_pb2.Piece(number=number, offset=span.offset, length=span.length, digest=digest,
                                    traffic_type=common_pb2.BACK_TO_SOURCE, cost=_duration(cost))))
 
     async def _back_source_stream(self, headers: dict[str, str]) -> None:
         """One plain GET, cut into pieces: for origins without Range or without a length."""
+        started = time.monotonic()
+        with self._counting_origin_errors():
+            await self._back_source_stream_from(headers)
+        self.engine.metrics.back_source_duration.observe(time.monotonic() - started)
+
+    async def _back_source_stream_from(self, headers: dict[str, str]) -> None:
         async with self.engine.origin.get(self.request.url, headers) as body:
             if body.content_length is None:
                 raise DownloadFailed(f"origin gives no length for {self.request.url}; cannot cut it into pieces")
@@ -814,8 +835,7 @@ class Conductor:
                         yield part
 
                 digest = await self.local.write_piece(number, replay())
-                self.engine.metrics.download_traffic.labels("back_to_source").inc(span.length)
-                self._report_origin_piece(number, digest, time.monotonic() - started)
+                self._origin_piece_done(number, digest, time.monotonic() - started)
 
     # -- the end ---------------------------------------------------------------------------------
 

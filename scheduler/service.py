@@ -65,6 +65,10 @@ UNIMPLEMENTED_RPCS = (
 T = TypeVar("T")
 
 
+# Errors of a seed trigger that mean the seed is down (it goes on cool-down), not that its download failed.
+SEED_DOWN_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+
+
 class SchedulerMetrics:
     """Metric families of the scheduler, in their own registry. Labels never carry ids or URLs."""
 
@@ -280,6 +284,16 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):  # type: ignore[mi
         except grpc.aio.AioRpcError as exc:
             log.warning("seed trigger of task %s on %s failed: %s %s", trigger.task_id, trigger.address,
                         exc.code().name, exc.details())
+            self.metrics.grpc_errors.labels("SeedTrigger", exc.code().name).inc()
+            if exc.code() not in SEED_DOWN_CODES:
+                # The seed answered: the download itself failed (an origin 404, say). The seed is
+                # fine; its peer's own failure report already told the waiting children.
+                return
+            # A channel that failed to connect backs off for longer and longer; the seed may be
+            # back before the cool-down ends, so the next trigger gets a fresh channel.
+            stale = self._channels.pop(trigger.address, None)
+            if stale is not None:
+                await stale.close()
             self._dispatch(self.core.seed_trigger_failed(trigger.address, trigger.task_id))
 
     # ----------------------------------------------------------------------------------------
