@@ -62,11 +62,14 @@ def counter(metric: object) -> float:
     return float(metric._value.get())  # type: ignore[attr-defined]
 
 
-async def eventually(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Wait until `condition()` holds: the server counts an upload after the client has the bytes."""
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.01)
+async def eventually(condition: Callable[[], bool], attempts: int = 500) -> None:
+    """Wait until `condition()` holds (polled every 10 ms, 5 s at most): the server counts an
+    upload only after the client has all the bytes."""
+    for _ in range(attempts):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not met within the deadline")
 
 
 def sha256(data: bytes | bytearray) -> str:
