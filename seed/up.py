@@ -25,7 +25,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.ids import parse_oci_blob_url
+
 READY_TIMEOUT = 30.0
+_FROM_ORIGIN = 'damselfly_dfdaemon_download_traffic_bytes_total{type="back_to_source"}'
+_FROM_PEERS = 'damselfly_dfdaemon_download_traffic_bytes_total{type="remote_peer"}'
+_UPLOADED = "damselfly_dfdaemon_upload_traffic_bytes_total"
 
 
 # Ports are chosen below the kernel's ephemeral range (32768+ by default): a port picked there
@@ -240,8 +245,10 @@ def running_cluster(root: Path, peers: int, log_level: str = "info") -> Iterator
 
 
 def _fetch_everywhere(cluster: LocalCluster, url: str, out_dir: Path) -> int:
+    """dfget `url` through every dfdaemon at once; print who got which bytes from where."""
     daemons = [n for n in cluster.nodes if n.kind == "dfdaemon"]
     out_dir.mkdir(parents=True, exist_ok=True)
+    blob = parse_oci_blob_url(url)
 
     def fetch(node: Node) -> tuple[Node, int, float, str]:
         output = out_dir / f"{node.name}.out"
@@ -250,23 +257,26 @@ def _fetch_everywhere(cluster: LocalCluster, url: str, out_dir: Path) -> int:
         result = subprocess.run(dfget_command(cluster.python, url, output, node.socket_path),
                                 capture_output=True, text=True)
         elapsed = time.monotonic() - started
-        detail = sha256_file(output) if result.returncode == 0 else result.stderr.strip()
-        return node, result.returncode, elapsed, detail
+        if result.returncode != 0:
+            return node, result.returncode, elapsed, result.stderr.strip()
+        digest = sha256_file(output)
+        verdict = " (= blob digest)" if blob and digest == blob.digest else ""
+        return node, 0, elapsed, digest + verdict
 
     with ThreadPoolExecutor(len(daemons)) as pool:
         results = list(pool.map(fetch, daemons))
-    print(f"\n{'peer':<10} {'exit':>4} {'seconds':>8}  {'from origin':>12} {'from peers':>12}  sha256 / error")
-    failures = 0
+    print(f"\n{'peer':<8} {'exit':>4} {'seconds':>8} {'from origin':>12} {'from peers':>11} {'served':>9}  "
+          "sha256 / error")
     for node, code, elapsed, detail in results:
         m = node.metrics()
-        origin = m.get('damselfly_dfdaemon_download_traffic_bytes_total{type="back_to_source"}', 0)
-        remote = m.get('damselfly_dfdaemon_download_traffic_bytes_total{type="remote_peer"}', 0)
-        print(f"{node.name:<10} {code:>4} {elapsed:>8.2f}  {origin / 1e6:>10.1f}MB {remote / 1e6:>10.1f}MB  {detail}")
-        failures += code != 0
+        origin, remote, served = m.get(_FROM_ORIGIN, 0), m.get(_FROM_PEERS, 0), m.get(_UPLOADED, 0)
+        print(f"{node.name:<8} {code:>4} {elapsed:>8.2f} {origin / 1e6:>10.1f}MB {remote / 1e6:>9.1f}MB "
+              f"{served / 1e6:>7.1f}MB  {detail}")
     seed = next(n for n in cluster.nodes if n.kind == "seed")
-    seed_origin = seed.metrics().get('damselfly_dfdaemon_download_traffic_bytes_total{type="back_to_source"}', 0)
-    print(f"seed read {seed_origin / 1e6:.1f} MB from the origin")
-    return 1 if failures else 0
+    metrics = seed.metrics()
+    print(f"seed     read {metrics.get(_FROM_ORIGIN, 0) / 1e6:.1f} MB from the origin, "
+          f"served {metrics.get(_UPLOADED, 0) / 1e6:.1f} MB to peers")
+    return 1 if any(code for _, code, _, _ in results) else 0
 
 
 def main(argv: list[str] | None = None) -> int:
