@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import re
 import socket
 from collections.abc import Callable, Mapping, Sequence
@@ -135,6 +136,20 @@ def _parse_float(value: object) -> float:
     return float(value)  # type: ignore[arg-type]
 
 
+_HOST_PATTERN_RE = re.compile(r"^(?:\*\.)?[a-z0-9]([a-z0-9.-]*[a-z0-9])?(?::(\d{1,5}))?$"
+                              r"|^\[[0-9a-f:.]+\](?::(\d{1,5}))?$")
+
+
+def _parse_host_pattern(value: object) -> str:
+    """``registry.example.com``, ``*.example.com`` or either with ``:port``, lowercased."""
+    text = str(value).strip().lower()
+    match = _HOST_PATTERN_RE.match(text)
+    port = match and (match[2] or match[3])
+    if not match or (port and not 0 < int(port) < 65536):
+        raise ValueError(f"{value!r} is not a host pattern like registry.example.com, *.example.com or host:443")
+    return text
+
+
 def _parse_str(value: object) -> str:
     if isinstance(value, dict | list):
         raise ValueError(f"{value!r} is not a string")
@@ -240,6 +255,19 @@ class DfdaemonConfig(LoggingConfig):
     prefetch: bool = option(True, "after a Range read, fetch the rest of the blob in the background")
     proxy_auth_ttl: float = option("60s", "how long a registry's yes to a client's credentials for a blob is "
                                    "trusted before the proxy asks again", parse_duration)
+    proxy_intercept_hosts: tuple[str, ...] = option(
+        (), "HTTPS hosts whose CONNECT tunnels the proxy opens (TLS ends at the proxy with a certificate signed "
+        "by proxy_ca_cert) so their blobs go through P2P: host, *.domain, optionally :port",
+        _parse_list(_parse_host_pattern))
+    proxy_ca_cert: str = option("", "PEM CA certificate that signs the certificates of proxy_intercept_hosts "
+                                "(clients must trust it)")
+    proxy_ca_key: str = option("", "unencrypted PEM private key of proxy_ca_cert")
+    proxy_upstream_ca_cert: str = option("", "PEM CA bundle the proxy trusts for upstream HTTPS besides the system "
+                                         "store (private registries)")
+    proxy_p2p_concurrency: int = option(0, "P2P proxy requests served at once; more get 429 (0: no limit)",
+                                        minimum=0)
+    proxy_p2p_rate: float = option(0.0, "P2P proxy requests admitted per second, bursts up to one second's "
+                                   "worth; more get 429 (0: no limit)", minimum=0.0)
     task_ttl: float = option("6h", "evict a completed task not read for this long", parse_duration)
     cache_quota: int = option(0, "cache size limit (0: no quota, only the disk)", parse_size)
     gc_high_watermark: float = option(0.9, "start evicting at this fraction of the quota", minimum=0.0)
@@ -307,6 +335,16 @@ def _validate(config: LoggingConfig) -> None:
                 re.compile(rule)
             except re.error as exc:
                 raise ConfigError("proxy_rule", f"{rule!r} is not a valid regex: {exc}") from None
+        if config.proxy_intercept_hosts:
+            for key in ("proxy_ca_cert", "proxy_ca_key"):
+                if not getattr(config, key):
+                    raise ConfigError(key, "needed by proxy_intercept_hosts (the CA that signs their certificates)")
+        for key in ("proxy_ca_cert", "proxy_ca_key", "proxy_upstream_ca_cert"):
+            path = getattr(config, key)
+            if path and not Path(path).is_file():
+                raise ConfigError(key, f"{path} is not a file")
+            if path and not os.access(path, os.R_OK):
+                raise ConfigError(key, f"{path} is not readable")
     if isinstance(config, SchedulerConfig) and config.retry_back_to_source_limit > config.retry_limit:
         raise ConfigError("retry_back_to_source_limit", "must not exceed retry_limit")
 
