@@ -7,7 +7,9 @@ Three kinds of request arrive here:
    ``mirrors``. The upstream registry is the ``X-Dragonfly-Registry`` header, else the ``ns``
    query parameter (containerd), else ``--registry-mirror``.
 2. **Forward proxy**, absolute form (``GET http://host/...``), from nydusd's backend ``proxy``
-   and ``HTTP_PROXY`` users; ``CONNECT host:port`` is tunnelled byte for byte.
+   and ``HTTP_PROXY`` users; ``CONNECT host:port`` is tunnelled byte for byte, unless the host
+   is one of ``proxy_intercept_hosts``: then TLS ends here and the requests inside are handled
+   as absolute-form ``https://host:port/...`` ones (:mod:`peer.proxy_tls`).
 3. Anything else gets a clear ``400``.
 
 A ``GET`` whose URL matches a ``proxy_rule`` regex (default ``blobs/sha256.*``) goes through P2P
@@ -21,14 +23,18 @@ file with sendfile; the rest of the blob follows in the background. Range semant
 that the registry lets this client read this blob. A download failure aborts the response
 (the connection is closed: the client sees a short body, never wrong bytes).
 
-Errors of the proxy itself carry ``X-Dragonfly-Error-Type: proxy``.
+Errors of the proxy itself carry ``X-Dragonfly-Error-Type: proxy``; among them ``429`` with
+``Retry-After`` for P2P requests over ``proxy_p2p_concurrency`` or ``proxy_p2p_rate``
+(:class:`P2PAdmission`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
+import ssl
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, BinaryIO
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -37,8 +43,10 @@ import aiohttp
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from multidict import CIMultiDict
+from prometheus_client import Counter
 from yarl import URL
 
+from common.clock import Clock, SystemClock
 from common.errors import (
     DamselflyError,
     InvalidRange,
@@ -47,16 +55,17 @@ from common.errors import (
     OriginStatusError,
     RangeNotSatisfiable,
 )
-from common.origin import OriginResponseError
+from common.origin import OriginClient, OriginResponseError
 from common.pieces import pieces_covering
 from peer.engine import Conductor, DownloadRequest
+from peer.metrics import PREFIX
 from peer.piece_server import FileRegionSender
 from peer.proxy_auth import BlobAccess
+from peer.proxy_tls import Interceptor, inner_url, origin_of, upstream_ssl_context
 from peer.range_header import ByteRange, parse_range, select_range, unsatisfied_content_range
 
 if TYPE_CHECKING:
     from common.config import DfdaemonConfig
-    from common.origin import OriginClient
     from peer.engine import Engine
     from peer.metrics import DaemonMetrics
     from peer.storage import LocalTask
@@ -122,19 +131,71 @@ def _flag(value: str | None, default: bool) -> bool:
     return value.strip().lower() in ("1", "true", "yes", "on")
 
 
+# Seconds a client refused by the concurrency limit is told to wait (Retry-After).
+CONCURRENCY_RETRY_AFTER = 1
+# Which limit refused a request: the label of the rate-limited counter.
+ADMISSION_LIMITS = ("concurrency", "rate")
+
+
+class P2PAdmission:
+    """May one more P2P proxy request start? At most `concurrency` at once (0: no limit), and
+    `rate` a second on average in bursts of up to one second's worth (0: no limit).
+
+    Pure policy: the caller passes the time, and releases each request it was admitted.
+    """
+
+    def __init__(self, concurrency: int, rate: float, now: float) -> None:
+        self.concurrency = concurrency
+        self.rate = rate
+        self.active = 0
+        self._burst = max(1.0, rate)
+        self._tokens = self._burst
+        self._updated = now
+
+    def admit(self, now: float) -> tuple[str, int] | None:
+        """None: admitted, call :meth:`release` when done. Else the limit hit and the seconds to wait."""
+        if self.concurrency and self.active >= self.concurrency:
+            return "concurrency", CONCURRENCY_RETRY_AFTER
+        if self.rate:
+            self._tokens = min(self._burst, self._tokens + max(0.0, now - self._updated) * self.rate)
+            self._updated = now
+            if self._tokens < 1:
+                return "rate", max(1, math.ceil((1 - self._tokens) / self.rate))
+            self._tokens -= 1
+        self.active += 1
+        return None
+
+    def release(self) -> None:
+        """An admitted request is over."""
+        self.active -= 1
+
+
 class Proxy:
     """The mirror / proxy server of one dfdaemon; see the module docstring."""
 
     def __init__(self, *, engine: Engine, origin: OriginClient, config: DfdaemonConfig,
-                 metrics: DaemonMetrics) -> None:
+                 metrics: DaemonMetrics, clock: Clock | None = None) -> None:
         self._engine = engine
         self._config = config
         self._metrics = metrics
         self._rules = [re.compile(rule) for rule in config.proxy_rule]
-        self.access = BlobAccess(origin, config.proxy_auth_ttl)
         self._default_registry = config.registry_mirror.rstrip("/")
         self._runner: web.ServerRunner | None = None
         self._session: aiohttp.ClientSession | None = None
+        # Both raise ConfigError naming the key when a CA file is unusable: the daemon fails at start-up.
+        self._interceptor = Interceptor.from_config(config)
+        self._upstream_ssl = upstream_ssl_context(config.proxy_upstream_ca_cert)
+        if config.proxy_upstream_ca_cert:
+            # The access check must trust a private registry's CA like straight-through requests do.
+            origin = OriginClient(session=self.session)
+        self.access = BlobAccess(origin, config.proxy_auth_ttl)
+        self._clock: Clock = clock or SystemClock()
+        self._admission = P2PAdmission(config.proxy_p2p_concurrency, config.proxy_p2p_rate, self._clock.time())
+        # With the proxy's other families once peer/metrics.py has a place for it.
+        self.rate_limited = Counter(f"{PREFIX}_proxy_rate_limited", "P2P proxy requests refused with 429, by limit",
+                                    ["limit"], registry=metrics.registry)
+        for limit in ADMISSION_LIMITS:
+            self.rate_limited.labels(limit)
         self._sender = FileRegionSender(stall_timeout=config.piece_timeout)
         self._tunnels: set[asyncio.Task[Any]] = set()
 
@@ -162,6 +223,8 @@ class Proxy:
         runner, self._runner = self._runner, None
         for tunnel in list(self._tunnels):
             tunnel.cancel()
+        if self._interceptor is not None:
+            self._interceptor.close()
         if runner is not None:
             await runner.cleanup()
         if self._session is not None:
@@ -174,24 +237,25 @@ class Proxy:
         """Keep-alive pool for straight-through requests."""
         if self._session is None:
             timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=self._config.piece_timeout * 2)
-            self._session = aiohttp.ClientSession(timeout=timeout, auto_decompress=False,
-                                                  connector=aiohttp.TCPConnector(limit=0, limit_per_host=64))
+            connector = aiohttp.TCPConnector(limit=0, limit_per_host=64, ssl=self._upstream_ssl)
+            self._session = aiohttp.ClientSession(timeout=timeout, auto_decompress=False, connector=connector)
         return self._session
 
     # -- dispatch --------------------------------------------------------------------------------
 
-    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def _handle(self, request: web.BaseRequest, origin: str | None = None) -> web.StreamResponse:
+        """Answer one request; `origin` (``https://host:port``) when it came inside an intercepted CONNECT."""
         route = "other"
         response: web.StreamResponse
         try:
-            if request.method == "CONNECT":
+            if request.method == "CONNECT" and origin is None:
                 route = "connect"
                 response = await self._connect(request)
             else:
-                url, route = self._upstream_url(request)
+                url, route = self._upstream_url(request) if origin is None else self._inner_url(request, origin)
                 if self._use_p2p(request, url):
                     route = "p2p"
-                    response = await self._p2p(request, url)
+                    response = await self._admitted_p2p(request, url)
                 else:
                     response = await self._straight(request, url)
         except _Relayed as exc:
@@ -200,6 +264,14 @@ class Proxy:
             response = _error(exc.status, str(exc))
         self._metrics.proxy_requests.labels(route, f"{response.status // 100}xx").inc()
         return response
+
+    @staticmethod
+    def _inner_url(request: web.BaseRequest, origin: str) -> tuple[str, str]:
+        """Inside an intercepted CONNECT: the request as the absolute-form ``https://`` one it stands for."""
+        try:
+            return inner_url(origin, request.method, request.raw_path), "forward"
+        except InvalidRequest as exc:
+            raise ProxyError(400, str(exc)) from None
 
     def _upstream_url(self, request: web.BaseRequest) -> tuple[str, str]:
         """The URL to fetch and the route name (``mirror`` or ``forward``)."""
@@ -297,6 +369,20 @@ class Proxy:
                                    byte_range=_engine_range(headers.get("Range")), prefetch=prefetch)
         except InvalidRequest as exc:
             raise ProxyError(400, str(exc)) from None
+
+    async def _admitted_p2p(self, request: web.BaseRequest, url: str) -> web.StreamResponse:
+        """:meth:`_p2p` within the limits of proxy_p2p_concurrency and proxy_p2p_rate, else 429."""
+        refused = self._admission.admit(self._clock.time())
+        if refused is not None:
+            limit, retry_after = refused
+            self.rate_limited.labels(limit).inc()
+            response = _error(429, f"too many P2P requests ({limit} limit); retry in {retry_after}s")
+            response.headers["Retry-After"] = str(retry_after)
+            return response
+        try:
+            return await self._p2p(request, url)
+        finally:
+            self._admission.release()
 
     async def _p2p(self, request: web.BaseRequest, url: str) -> web.StreamResponse:
         download = self._download_request(request, url)
@@ -435,6 +521,8 @@ class Proxy:
         host = host.strip("[]")
         if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
             raise ProxyError(400, f"CONNECT needs host:port, got {authority!r}")
+        if self._interceptor is not None and self._interceptor.intercepts(host, int(port_text)):
+            return await self._intercept(request, host, int(port_text))
         try:
             async with asyncio.timeout(10):
                 upstream_reader, upstream_writer = await asyncio.open_connection(host, int(port_text))
@@ -467,6 +555,26 @@ class Proxy:
                 pump.cancel()
             upstream_writer.close()
             transport.close()
+        return response
+
+    async def _intercept(self, request: web.BaseRequest, host: str, port: int) -> web.StreamResponse:
+        """Answer the CONNECT, end TLS here with a certificate minted for `host`, and handle the requests
+        inside as absolute-form ``https://host:port/...`` ones (peer/proxy_tls.py)."""
+        assert self._interceptor is not None
+        try:
+            context = await self._interceptor.server_context(host)
+        except (ValueError, ssl.SSLError, OSError) as exc:
+            raise ProxyError(502, f"cannot mint a certificate for {host}: {exc}") from None
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            raise ProxyError(400, "client went away")
+        response = web.StreamResponse(status=200, reason="Connection Established")
+        response.force_close()
+        writer = await response.prepare(request)
+        if writer is not None:
+            await writer.drain()
+        origin = origin_of(host, port)
+        await self._interceptor.serve(transport, context, lambda inner: self._handle(inner, origin))
         return response
 
 
