@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import yaml
 
 from common.errors import ConfigError
+from common.tls import check_settings, tls_enabled
 
 DEFAULT_SCHEDULER_PORT = 8002
 DEFAULT_SCHEDULER_METRICS_PORT = 8000
@@ -36,6 +37,12 @@ DEFAULT_SEED_UPLOAD_SLOTS = 2000
 DEFAULT_CONCURRENT_PIECES = 16
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
+_TLS_CA_HELP = "PEM CA certificate that signs every node of the cluster (TLS off when tls_* are empty)"
+_TLS_CERT_HELP = "PEM certificate of this node (IP SAN of its address; docs/security.md)"
+_TLS_KEY_HELP = "PEM private key of tls_cert (unencrypted)"
+_TLS_CLIENT_AUTH_HELP = "mutual TLS: servers require a client certificate signed by tls_ca_cert"
+_TLS_SERVER_NAME_HELP = ("check every server's certificate for this DNS name instead of the address dialed "
+                         "(when nodes' certificates cannot carry their IPs)")
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
@@ -212,6 +219,11 @@ class SchedulerConfig(LoggingConfig):
     host_ttl: float = option("5m", "forget a host that has not announced itself for this long", parse_duration)
     gc_interval: float = option("30s", "how often expired peers, tasks and hosts are collected", parse_duration)
     seed_cooldown: float = option("30s", "skip a seed whose trigger failed for this long", parse_duration)
+    tls_ca_cert: str = option("", _TLS_CA_HELP)
+    tls_cert: str = option("", _TLS_CERT_HELP)
+    tls_key: str = option("", _TLS_KEY_HELP)
+    tls_client_auth: bool = option(True, _TLS_CLIENT_AUTH_HELP)
+    tls_server_name: str = option("", _TLS_SERVER_NAME_HELP)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,6 +285,11 @@ class DfdaemonConfig(LoggingConfig):
     gc_high_watermark: float = option(0.9, "start evicting at this fraction of the quota", minimum=0.0)
     gc_low_watermark: float = option(0.7, "evict down to this fraction of the quota", minimum=0.0)
     gc_interval: float = option("60s", "how often the cache is collected", parse_duration)
+    tls_ca_cert: str = option("", _TLS_CA_HELP)
+    tls_cert: str = option("", _TLS_CERT_HELP)
+    tls_key: str = option("", _TLS_KEY_HELP)
+    tls_client_auth: bool = option(True, _TLS_CLIENT_AUTH_HELP)
+    tls_server_name: str = option("", _TLS_SERVER_NAME_HELP)
 
     @property
     def effective_upload_slots(self) -> int:
@@ -325,6 +342,9 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: Mapping
 
 
 def _validate(config: LoggingConfig) -> None:
+    if isinstance(config, SchedulerConfig | DfdaemonConfig) and tls_enabled(config):
+        check_settings(ca_cert=config.tls_ca_cert, cert=config.tls_cert, key=config.tls_key,
+                       client_auth=config.tls_client_auth)
     if isinstance(config, DfdaemonConfig):
         if not config.scheduler and not config.seed:
             raise ConfigError("scheduler", "at least one scheduler address is needed")
