@@ -32,6 +32,7 @@ from common.config import DfdaemonConfig, add_config_arguments, config_from_args
 from common.errors import ConfigError
 from common.logs import setup_logging
 from common.origin import OriginClient
+from common.tls import add_port, tls_from_config
 from peer.engine import Engine
 from peer.gc import CacheCollector
 from peer.metrics import DaemonMetrics
@@ -52,6 +53,7 @@ class Daemon:
 
     def __init__(self, config: DfdaemonConfig) -> None:
         self.config = config
+        self.tls = tls_from_config(config)  # ConfigError at start-up when a TLS file is wrong
         self.metrics = DaemonMetrics()
         self.host_id = ids.host_id(config.host_ip, config.hostname, seed=config.seed)
         self.store = PieceStore(Path(config.data_dir), metrics=self.metrics)
@@ -95,15 +97,17 @@ class Daemon:
         self._collector_task = asyncio.create_task(self.collector.run(), name="cache-gc")
         self._scrub_task = asyncio.create_task(self._scrub(), name="scrub")
         host, port = split_address(config.upload_listen)
-        self.upload_port = await self.piece_server.start(host, port)
-        self.scheduler = SchedulerClient(config.scheduler, self.host_message(), config.announce_interval)
+        piece_ssl = self.tls.server_ssl_context() if self.tls is not None else None
+        self.upload_port = await self.piece_server.start(host, port, ssl_context=piece_ssl)
+        self.scheduler = SchedulerClient(config.scheduler, self.host_message(), config.announce_interval,
+                                         tls=self.tls)
         self.engine = Engine(config=config, store=self.store, scheduler=self.scheduler, origin=self.origin,
-                             metrics=self.metrics, host_id=self.host_id, collector=self.collector)
+                             metrics=self.metrics, host_id=self.host_id, collector=self.collector, tls=self.tls)
 
         upload = grpc.aio.server()
         dfdaemon_pb2_grpc.add_DfdaemonUploadServicer_to_server(
             UploadService(self.engine, self.store, config.host_ip, self.upload_port), upload)
-        if upload.add_insecure_port(config.grpc_listen) == 0:
+        if add_port(upload, config.grpc_listen, self.tls) == 0:
             raise ConfigError("grpc_listen", f"cannot listen on {config.grpc_listen}")
         await upload.start()
         self._grpc_servers.append(upload)
@@ -112,7 +116,7 @@ class Daemon:
         await asyncio.to_thread(_prepare_socket_path, socket_path)
         download = grpc.aio.server()
         dfdaemon_pb2_grpc.add_DfdaemonDownloadServicer_to_server(DownloadService(self.engine, self.store), download)
-        download.add_insecure_port(f"unix://{socket_path}")
+        download.add_insecure_port(f"unix://{socket_path}")  # local, guarded by file permissions: no TLS
         await download.start()
         self._grpc_servers.append(download)
 
@@ -121,8 +125,10 @@ class Daemon:
         await self._start_http(config.metrics_listen, self._metrics_app())
         await self._start_http(config.health_listen, self._health_app())
         await self.scheduler.start()
-        log.info("dfdaemon %s ready: gRPC %s, pieces %s:%d, socket %s%s", self.host_id, config.grpc_listen,
-                 config.host_ip, self.upload_port, config.socket, " (seed)" if config.seed else "")
+        log.info("dfdaemon %s ready: gRPC %s, pieces %s://%s:%d, socket %s%s%s", self.host_id, config.grpc_listen,
+                 self.engine.piece_scheme, config.host_ip, self.upload_port, config.socket,
+                 " (seed)" if config.seed else "",
+                 "" if self.tls is None else " (mutual TLS)" if self.tls.client_auth else " (TLS)")
 
     async def _scrub(self) -> None:
         """Check the pieces found on disk at start against their digests, in the background."""

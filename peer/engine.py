@@ -49,6 +49,7 @@ from common.errors import (
     SchedulerUnavailable,
 )
 from common.pieces import piece_count, piece_length_for, pieces_covering
+from common.tls import TlsCredentials, open_channel, url_scheme
 from peer.scheduler_client import UNAVAILABLE_CODES, AnnounceStream, SchedulerClient
 
 if TYPE_CHECKING:
@@ -664,7 +665,7 @@ class Conductor:
 
     async def _fetch_piece_from(self, number: int, parent: Parent) -> None:
         expected = await self._digest_of(number)
-        url = f"http://{parent.ip}:{parent.download_port}/pieces/{self.task_id}/{number}"
+        url = f"{self.engine.piece_scheme}://{parent.ip}:{parent.download_port}/pieces/{self.task_id}/{number}"
         started = time.monotonic()
         timeout = aiohttp.ClientTimeout(total=self.engine.config.piece_timeout)
         async with self.engine.http.get(url, timeout=timeout) as response:
@@ -892,8 +893,10 @@ class Engine:
 
     def __init__(self, *, config: DfdaemonConfig, store: PieceStore, scheduler: SchedulerClient | None,
                  origin: OriginClient, metrics: DaemonMetrics, host_id: str,
-                 collector: CacheCollector | None = None) -> None:
+                 collector: CacheCollector | None = None, tls: TlsCredentials | None = None) -> None:
         self.config = config
+        self.tls = tls  # None: plaintext gRPC and http:// pieces (every node of a cluster agrees)
+        self.piece_scheme = url_scheme(tls)
         self.store = store
         self.scheduler = scheduler
         self.origin = origin
@@ -909,7 +912,8 @@ class Engine:
     def http(self) -> aiohttp.ClientSession:
         """Keep-alive HTTP pool for piece transfers from parents."""
         if self._http is None:
-            connector = aiohttp.TCPConnector(limit=0, limit_per_host=self.config.concurrent_piece_count * 2)
+            connector = aiohttp.TCPConnector(limit=0, limit_per_host=self.config.concurrent_piece_count * 2,
+                                             ssl=self.tls.client_ssl_context() if self.tls is not None else True)
             self._http = aiohttp.ClientSession(connector=connector, auto_decompress=False)
         return self._http
 
@@ -918,7 +922,7 @@ class Engine:
         address = f"{ip}:{port}"
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = grpc.aio.insecure_channel(address)
+            channel = self._channels[address] = open_channel(address, self.tls)
         return channel
 
     async def check_digest(self, request: DownloadRequest, local: LocalTask) -> None:

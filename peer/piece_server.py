@@ -29,6 +29,7 @@ import enum
 import logging
 import os
 import select
+import ssl
 import threading
 import time
 from typing import BinaryIO
@@ -394,21 +395,22 @@ class PieceServer:
         """Pieces being sent now (announced as the upload connection count)."""
         return self._uploads
 
-    async def start(self, host: str, port: int) -> int:
-        """Listen on host:port (0 picks a free port) and return the bound port."""
+    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> int:
+        """Listen on host:port (0 picks a free port) and return the bound port; HTTPS with `ssl_context`."""
         if self._runner is not None:
             raise RuntimeError("piece server already started")
         runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=5.0)
         await runner.setup()
         try:
-            site = web.TCPSite(runner, host, port, reuse_address=True)
+            site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=ssl_context)
             await site.start()
         except BaseException:
             await runner.cleanup()
             raise
         self._runner = runner
         bound = runner.addresses[0][1]
-        log.info("piece server listening on %s:%d (%d upload slots)", host, bound, self._upload_slots)
+        log.info("piece server listening on %s:%d (%s, %d upload slots)", host, bound,
+                 "https" if ssl_context is not None else "http", self._upload_slots)
         return int(bound)
 
     async def stop(self) -> None:

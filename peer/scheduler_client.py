@@ -20,6 +20,7 @@ from google.protobuf import duration_pb2
 
 from common import hashring
 from common.errors import SchedulerUnavailable
+from common.tls import TlsCredentials, open_channel
 
 log = logging.getLogger(__name__)
 
@@ -82,11 +83,12 @@ class AnnounceStream:
 class SchedulerClient:
     """Channels to all schedulers, host announcements, and per-task streams."""
 
-    def __init__(self, addresses: Sequence[str], host: common_pb2.Host, announce_interval: float) -> None:
+    def __init__(self, addresses: Sequence[str], host: common_pb2.Host, announce_interval: float,
+                 tls: TlsCredentials | None = None) -> None:
         self.addresses = list(addresses)
         self.host = host
         self.announce_interval = announce_interval
-        self._channels = {address: grpc.aio.insecure_channel(address) for address in self.addresses}
+        self._channels = {address: open_channel(address, tls) for address in self.addresses}
         self._stubs = {a: scheduler_pb2_grpc.SchedulerStub(c) for a, c in self._channels.items()}
         self._announced: set[str] = set()
         self._announcer: asyncio.Task[None] | None = None

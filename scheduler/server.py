@@ -18,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from common.clock import SystemClock
 from common.config import SchedulerConfig, add_config_arguments, config_from_args, split_address
 from common.errors import ConfigError
+from common.tls import add_port, tls_from_config
 from scheduler.core import SchedulerCore
 from scheduler.service import SchedulerService
 
@@ -50,13 +51,14 @@ def metrics_app(service: SchedulerService, ready: asyncio.Event) -> web.Applicat
 
 async def serve(config: SchedulerConfig) -> None:
     """Serve until cancelled, then stop gracefully."""
+    tls = tls_from_config(config)  # ConfigError now, not at the first handshake
     core = SchedulerCore(config, SystemClock())
-    service = SchedulerService(core)
+    service = SchedulerService(core, tls=tls)
     ready = asyncio.Event()
 
     server = grpc.aio.server()
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(service, server)
-    if server.add_insecure_port(config.listen) == 0:
+    if add_port(server, config.listen, tls) == 0:
         raise OSError(f"cannot listen on {config.listen}")
 
     runner = web.AppRunner(metrics_app(service, ready), access_log=None)
@@ -67,7 +69,8 @@ async def serve(config: SchedulerConfig) -> None:
         await server.start()
         service.start()
         ready.set()
-        log.info("scheduler serving gRPC on %s, metrics on %s", config.listen, config.metrics_listen)
+        log.info("scheduler serving gRPC on %s (%s), metrics on %s", config.listen,
+                 "plaintext" if tls is None else "mutual TLS" if tls.client_auth else "TLS", config.metrics_listen)
         await asyncio.Event().wait()  # until cancelled
     finally:
         ready.clear()
@@ -118,11 +121,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _setup_logging(config)
     try:
-        import uvloop
-    except ImportError:
-        asyncio.run(_run(config))
-    else:
-        uvloop.run(_run(config))
+        try:
+            import uvloop
+        except ImportError:
+            asyncio.run(_run(config))
+        else:
+            uvloop.run(_run(config))
+    except ConfigError as exc:  # TLS files are read when serving starts
+        print(f"damselfly scheduler: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -22,6 +22,7 @@ from google.protobuf import duration_pb2, empty_pb2, timestamp_pb2
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from common.errors import TaskNotFound
+from common.tls import TlsCredentials, open_channel
 from scheduler.core import (
     Candidate,
     Code,
@@ -122,8 +123,10 @@ class _Stream:
 class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):  # type: ignore[misc]
     """``scheduler.v2.Scheduler`` over a :class:`SchedulerCore`."""
 
-    def __init__(self, core: SchedulerCore, metrics: SchedulerMetrics | None = None) -> None:
+    def __init__(self, core: SchedulerCore, metrics: SchedulerMetrics | None = None,
+                 tls: TlsCredentials | None = None) -> None:
         self.core = core
+        self._tls = tls  # for channels to seeds; None: plaintext
         self.metrics = metrics or SchedulerMetrics(core)
         self._streams: dict[str, _Stream] = {}
         self._background: set[asyncio.Task[None]] = set()
@@ -273,7 +276,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):  # type: ignore[mi
     async def _trigger_seed(self, trigger: TriggerSeed) -> None:
         channel = self._channels.get(trigger.address)
         if channel is None:
-            channel = grpc.aio.insecure_channel(trigger.address)
+            channel = open_channel(trigger.address, self._tls)
             self._channels[trigger.address] = channel
         stub = dfdaemon_pb2_grpc.DfdaemonUploadStub(channel)
         request = dfdaemon_pb2.DownloadTaskRequest(download=download_to_proto(trigger.download))
