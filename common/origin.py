@@ -31,6 +31,7 @@ import base64
 import hashlib
 import json
 import re
+import ssl
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -243,6 +244,7 @@ class _CachedToken:
 class OriginClient:
     """Async client of the origins, with a keep-alive connection pool and a token cache.
 
+    `ssl_context` sets which CAs HTTPS origins are checked against (default: the system store).
     `credentials` maps a registry host (``registry.example.com`` or ``host:port``) to
     ``(username, password)``, used when the caller sends none. Pass `session` to share a pool;
     otherwise the client opens one on first use and :meth:`close` closes it.
@@ -257,6 +259,7 @@ class OriginClient:
         connections_per_host: int = DEFAULT_CONNECTIONS_PER_HOST,
         credentials: Mapping[str, tuple[str, str]] | None = None,
         clock: Clock | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self._session = session
         self._owns_session = session is None
@@ -264,6 +267,7 @@ class OriginClient:
             total=None, connect=connect_timeout, sock_connect=connect_timeout, sock_read=sock_read_timeout
         )
         self._connections_per_host = connections_per_host
+        self._ssl: ssl.SSLContext | bool = ssl_context if ssl_context is not None else True
         self._credentials = {
             host.lower(): basic_authorization(*pair) for host, pair in (credentials or {}).items()
         }
@@ -291,7 +295,7 @@ class OriginClient:
         if self._session is None:
             if not self._owns_session:
                 raise RuntimeError("OriginClient is closed")
-            connector = aiohttp.TCPConnector(limit=0, limit_per_host=self._connections_per_host)
+            connector = aiohttp.TCPConnector(limit=0, limit_per_host=self._connections_per_host, ssl=self._ssl)
             self._session = aiohttp.ClientSession(
                 connector=connector, timeout=self._timeout, auto_decompress=False
             )

@@ -38,6 +38,7 @@ from peer.gc import CacheCollector
 from peer.metrics import DaemonMetrics
 from peer.piece_server import PieceServer
 from peer.proxy import Proxy
+from peer.proxy_tls import upstream_ssl_context
 from peer.scheduler_client import SchedulerClient
 from peer.services import DownloadService, UploadService
 from peer.storage import PieceStore
@@ -65,7 +66,9 @@ class Daemon:
             metrics=self.metrics, clock=self.store.clock)
         self._collector_task: asyncio.Task[None] | None = None
         self._scrub_task: asyncio.Task[None] | None = None
-        self.origin = OriginClient(sock_read_timeout=config.origin_read_timeout)
+        # Back-sourcing trusts the same extra CA as the proxy's straight-through requests.
+        upstream_ssl = upstream_ssl_context(config.proxy_upstream_ca_cert) if config.proxy_upstream_ca_cert else None
+        self.origin = OriginClient(sock_read_timeout=config.origin_read_timeout, ssl_context=upstream_ssl)
         self.scheduler: SchedulerClient | None = None
         self.engine: Engine | None = None
         self.proxy: Proxy | None = None
