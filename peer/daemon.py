@@ -14,12 +14,10 @@ Parts and who uses whom (explicit wiring, no globals)::
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
 import os
-import signal
 from pathlib import Path
 
 import grpc
@@ -28,10 +26,10 @@ from dragonfly_api import common_pb2, dfdaemon_pb2_grpc
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from common import ids
-from common.config import DfdaemonConfig, add_config_arguments, config_from_args, split_address
+from common.config import DfdaemonConfig, split_address
 from common.errors import ConfigError
-from common.logs import setup_logging
 from common.origin import OriginClient
+from common.runtime import component_main
 from common.tls import add_port, tls_from_config
 from peer.engine import Engine
 from peer.gc import CacheCollector
@@ -217,30 +215,17 @@ def _probe_writable(directory: Path) -> None:
 
 
 async def serve(config: DfdaemonConfig) -> None:
-    """Run a dfdaemon until SIGTERM/SIGINT or cancellation."""
+    """Run a dfdaemon until cancelled (SIGTERM/SIGINT cancel it), then stop it cleanly."""
     daemon = Daemon(config)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     try:
         await daemon.start()
-        await stop.wait()
-        log.info("stopping")
+        await asyncio.Event().wait()
     finally:
+        log.info("stopping")
         await daemon.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``damselfly dfdaemon``."""
-    parser = argparse.ArgumentParser(prog="damselfly dfdaemon", description="Run the per-node P2P daemon.")
-    add_config_arguments(parser, DfdaemonConfig)
-    args = parser.parse_args(argv)
-    try:
-        config = config_from_args(DfdaemonConfig, args)
-    except ConfigError as exc:
-        parser.exit(2, f"damselfly dfdaemon: error: {exc}\n")
-    setup_logging(config.log_level, config.log_format)
-    from common.runtime import run
-
-    return run(serve(config), "dfdaemon")
+    return component_main(argv, name="dfdaemon", description="Run the per-node P2P daemon (--seed: a seed peer).",
+                          config_class=DfdaemonConfig, serve=serve)

@@ -84,7 +84,27 @@ async def _download_responses(
                                                         dfdaemon_pb2.DownloadPieceFinishedResponse(piece=piece)))
 
 
-class UploadService(dfdaemon_pb2_grpc.DfdaemonUploadServicer):  # type: ignore[misc]
+class _LocalTaskRpcs:
+    """StatTask and DeleteTask, the same on both services."""
+
+    store: PieceStore
+
+    async def StatTask(self, request: dfdaemon_pb2.StatTaskRequest,
+                       context: grpc.aio.ServicerContext[Any, Any]) -> common_pb2.Task:
+        local = self.store.get(request.task_id)
+        if local is None:
+            await _abort(context, TaskNotFound(request.task_id))
+        return task_message(local, piece_digests=True)
+
+    async def DeleteTask(self, request: dfdaemon_pb2.DeleteTaskRequest,
+                         context: grpc.aio.ServicerContext[Any, Any]) -> empty_pb2.Empty:
+        if self.store.get(request.task_id) is None:
+            await _abort(context, TaskNotFound(request.task_id))
+        await self.store.delete(request.task_id)
+        return empty_pb2.Empty()
+
+
+class UploadService(_LocalTaskRpcs, dfdaemon_pb2_grpc.DfdaemonUploadServicer):  # type: ignore[misc]
     """`dfdaemon.v2.DfdaemonUpload`: what other peers and the scheduler call on this node."""
 
     def __init__(self, engine: Engine, store: PieceStore, host_ip: str, upload_port: int) -> None:
@@ -113,13 +133,6 @@ class UploadService(dfdaemon_pb2_grpc.DfdaemonUploadServicer):  # type: ignore[m
         except DamselflyError as exc:
             await context.abort(grpc.StatusCode.ABORTED, f"task {request.task_id}: {exc}")
 
-    async def StatTask(self, request: dfdaemon_pb2.StatTaskRequest,
-                       context: grpc.aio.ServicerContext[Any, Any]) -> common_pb2.Task:
-        local = self.store.get(request.task_id)
-        if local is None:
-            await _abort(context, TaskNotFound(request.task_id))
-        return task_message(local, piece_digests=True)
-
     async def DownloadTask(
         self, request: dfdaemon_pb2.DownloadTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[dfdaemon_pb2.DownloadTaskResponse]:
@@ -136,15 +149,8 @@ class UploadService(dfdaemon_pb2_grpc.DfdaemonUploadServicer):  # type: ignore[m
         except DamselflyError as exc:
             await _abort(context, exc)
 
-    async def DeleteTask(self, request: dfdaemon_pb2.DeleteTaskRequest,
-                         context: grpc.aio.ServicerContext[Any, Any]) -> empty_pb2.Empty:
-        if self.store.get(request.task_id) is None:
-            await _abort(context, TaskNotFound(request.task_id))
-        await self.store.delete(request.task_id)
-        return empty_pb2.Empty()
 
-
-class DownloadService(dfdaemon_pb2_grpc.DfdaemonDownloadServicer):  # type: ignore[misc]
+class DownloadService(_LocalTaskRpcs, dfdaemon_pb2_grpc.DfdaemonDownloadServicer):  # type: ignore[misc]
     """`dfdaemon.v2.DfdaemonDownload` on the unix socket: dfget and local tools."""
 
     def __init__(self, engine: Engine, store: PieceStore) -> None:
@@ -171,20 +177,6 @@ class DownloadService(dfdaemon_pb2_grpc.DfdaemonDownloadServicer):  # type: igno
             await _abort(context, exc)
         except OSError as exc:
             await context.abort(grpc.StatusCode.INTERNAL, f"cannot write {output}: {exc.strerror}")
-
-    async def StatTask(self, request: dfdaemon_pb2.StatTaskRequest,
-                       context: grpc.aio.ServicerContext[Any, Any]) -> common_pb2.Task:
-        local = self.store.get(request.task_id)
-        if local is None:
-            await _abort(context, TaskNotFound(request.task_id))
-        return task_message(local, piece_digests=True)
-
-    async def DeleteTask(self, request: dfdaemon_pb2.DeleteTaskRequest,
-                         context: grpc.aio.ServicerContext[Any, Any]) -> empty_pb2.Empty:
-        if self.store.get(request.task_id) is None:
-            await _abort(context, TaskNotFound(request.task_id))
-        await self.store.delete(request.task_id)
-        return empty_pb2.Empty()
 
     StatLocalTask = _unimplemented("StatLocalTask")
     ListLocalTasks = _unimplemented("ListLocalTasks")

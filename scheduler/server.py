@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import contextlib
-import json
 import logging
-import signal
 import sys
 
 import grpc
@@ -16,8 +12,8 @@ from dragonfly_api import scheduler_pb2_grpc
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from common.clock import SystemClock
-from common.config import SchedulerConfig, add_config_arguments, config_from_args, split_address
-from common.errors import ConfigError
+from common.config import SchedulerConfig, split_address
+from common.runtime import component_main
 from common.tls import add_port, tls_from_config
 from scheduler.core import SchedulerCore
 from scheduler.service import SchedulerService
@@ -80,57 +76,10 @@ async def serve(config: SchedulerConfig) -> None:
         await runner.cleanup()
 
 
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {"time": self.formatTime(record), "level": record.levelname.lower(), "logger": record.name,
-                 "message": record.getMessage()}
-        if record.exc_info:
-            entry["error"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
-
-
-def _setup_logging(config: SchedulerConfig) -> None:
-    handler = logging.StreamHandler()
-    if config.log_format == "json":
-        handler.setFormatter(_JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=config.log_level.upper(), handlers=[handler], force=True)
-
-
-async def _run(config: SchedulerConfig) -> None:
-    main_task = asyncio.current_task()
-    loop = asyncio.get_running_loop()
-    if main_task is not None:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(signum, main_task.cancel)
-    with contextlib.suppress(asyncio.CancelledError):
-        await serve(config)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``damselfly scheduler``."""
-    parser = argparse.ArgumentParser(prog="damselfly scheduler", description="Damselfly scheduler")
-    add_config_arguments(parser, SchedulerConfig)
-    args = parser.parse_args(argv)
-    try:
-        config = config_from_args(SchedulerConfig, args)
-    except ConfigError as exc:
-        print(f"damselfly scheduler: {exc}", file=sys.stderr)
-        return 2
-    _setup_logging(config)
-    try:
-        try:
-            import uvloop
-        except ImportError:
-            asyncio.run(_run(config))
-        else:
-            uvloop.run(_run(config))
-    except ConfigError as exc:  # TLS files are read when serving starts
-        print(f"damselfly scheduler: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return component_main(argv, name="scheduler", description="Run the central scheduler.",
+                          config_class=SchedulerConfig, serve=serve)
 
 
 if __name__ == "__main__":
