@@ -31,6 +31,7 @@ Errors of the proxy itself carry ``X-Dragonfly-Error-Type: proxy``; among them `
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import math
 import re
@@ -99,6 +100,8 @@ _CHUNK = 1 << 20
 STREAM_WINDOW = 4
 TUNNEL_BUFFER = 256 * 1024
 MAX_PRIORITY = 6
+# Longer numbers in a header or a CONNECT port are refused before int() sees them.
+_MAX_NUMBER_DIGITS = 12
 
 
 class ProxyError(Exception):
@@ -253,6 +256,7 @@ class Proxy:
                 response = await self._connect(request)
             else:
                 url, route = self._upstream_url(request) if origin is None else self._inner_url(request, origin)
+                _check_upstream(url)
                 if self._use_p2p(request, url):
                     route = "p2p"
                     response = await self._admitted_p2p(request, url)
@@ -292,7 +296,11 @@ class Proxy:
     def _registry_for(self, header: str | None, namespace: str | None) -> str:
         if header:
             registry = header if "://" in header else f"https://{header}"
-            if urlsplit(registry).scheme not in ("http", "https") or not urlsplit(registry).hostname:
+            try:
+                parts = urlsplit(registry)
+            except ValueError:  # bad IPv6 brackets, a netloc that changes under NFKC
+                parts = urlsplit("")
+            if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise ProxyError(400, f"{HEADER_REGISTRY} {header!r} is not a registry URL")
             return registry.rstrip("/")
         if namespace:
@@ -356,7 +364,7 @@ class Proxy:
     def _download_request(self, request: web.BaseRequest, url: str) -> DownloadRequest:
         headers = request.headers
         priority_text = _header(headers, HEADER_PRIORITY) or "0"
-        if not priority_text.isdigit() or int(priority_text) > MAX_PRIORITY:
+        if not _small_number(priority_text) or int(priority_text) > MAX_PRIORITY:
             raise ProxyError(400, f"{HEADER_PRIORITY} {priority_text!r} is not 0-{MAX_PRIORITY}")
         filtered = tuple(p.strip() for p in (_header(headers, HEADER_FILTERED) or "").split(",") if p.strip())
         forwarded = {k: v for k, v in headers.items()
@@ -519,8 +527,12 @@ class Proxy:
         authority = request.raw_path
         host, sep, port_text = authority.rpartition(":")
         host = host.strip("[]")
-        if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        if not sep or not host or not _small_number(port_text) or not 0 < int(port_text) < 65536:
             raise ProxyError(400, f"CONNECT needs host:port, got {authority!r}")
+        try:
+            _check_host(host)
+        except ValueError as exc:
+            raise ProxyError(400, f"CONNECT host {host[:200]!r} is not a host name: {exc}") from None
         if self._interceptor is not None and self._interceptor.intercepts(host, int(port_text)):
             return await self._intercept(request, host, int(port_text))
         try:
@@ -595,6 +607,36 @@ async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
             writer.write_eof()
     except (ConnectionError, OSError):
         writer.close()
+
+
+def _small_number(text: str) -> bool:
+    """ASCII digits, few enough for int() (which refuses over 4300 digits, and takes other scripts)."""
+    return text.isascii() and text.isdigit() and len(text) <= _MAX_NUMBER_DIGITS
+
+
+def _check_host(host: str) -> None:
+    """ValueError unless a resolver can take `host`: an IP address, or labels IDNA can encode."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        host.encode("idna")  # UnicodeError (a ValueError): an empty label, or one over 63 characters
+
+
+def _check_upstream(url: str) -> None:
+    """A 400 unless `url` has a host and port an upstream connection can use.
+
+    Otherwise urllib, yarl and the resolvers raise ValueError (UnicodeError for a label over 63
+    characters, bad IPv6 brackets, a netloc that changes under NFKC, a port out of range) deep
+    inside the request, where it would become a 500.
+    """
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port out of range
+        if not parts.hostname:
+            raise ValueError("no host")
+        _check_host(parts.hostname)
+    except ValueError as exc:
+        raise ProxyError(400, f"{url[:200]!r} has no usable host: {exc}") from None
 
 
 def _abort(request: web.BaseRequest) -> None:
