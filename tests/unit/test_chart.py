@@ -6,7 +6,9 @@ into .cache/helm). Without it the tests are skipped, unless CI is set: then they
 Every rendered manifest is checked against the Kubernetes OpenAPI schemas (kubernetes-validate,
 strict: unknown fields are errors); Prometheus Operator resources, which are CRDs, are checked by
 structure. Every rendered scheduler.yaml / dfdaemon.yaml is loaded with the project's own config
-loader, so the chart and the code cannot drift apart.
+loader, so the chart and the code cannot drift apart. The chart creates no Secrets: for the
+TLS values file, the Secrets it names are made with a throwaway CA and their keys written where
+the pod would see them, so loading a config also proves its certificate paths are mounted.
 """
 
 from __future__ import annotations
@@ -51,8 +53,17 @@ DOMAIN = f"{NAMESPACE}.svc.cluster.local"
 
 # None: no -f at all (the chart's own defaults).
 VALUES_FILES: list[str | None] = [
-    None, "default-values.yaml", "ha-values.yaml", "mirror-monitoring-values.yaml",
+    None, "default-values.yaml", "ha-values.yaml", "mirror-monitoring-values.yaml", "tls-values.yaml",
 ]
+TLS_VALUES = "tls-values.yaml"
+# workload, container, config file key, config class
+COMPONENTS: list[tuple[str, str, str, type[Any]]] = [
+    (f"{RELEASE}-scheduler", "scheduler", "scheduler.yaml", SchedulerConfig),
+    (f"{RELEASE}-seed-peer", "seed-peer", "dfdaemon-seed.yaml", DfdaemonConfig),
+    (f"{RELEASE}-dfdaemon", "dfdaemon", "dfdaemon.yaml", DfdaemonConfig),
+]
+# config keys naming a file that comes from a Secret
+SECRET_FILE_KEYS = ("tls_ca_cert", "tls_cert", "tls_key", "proxy_ca_cert", "proxy_ca_key", "proxy_upstream_ca_cert")
 
 
 def _obtain_helm() -> tuple[str | None, str]:
@@ -151,6 +162,57 @@ def load_rendered_config(
     return load_config(cls, path)
 
 
+@pytest.fixture(scope="module")
+def secrets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, bytes]]:
+    """The Secrets tls-values.yaml names, as cert-manager / kubectl would have made them."""
+    from cryptography.hazmat.primitives import serialization
+
+    from tests.support.certs import TestCA
+
+    values = yaml.safe_load((CI_DIR / TLS_VALUES).read_text())
+    directory = tmp_path_factory.mktemp("secrets")
+    cluster = TestCA(directory / "cluster")
+    # pods are dialed at IPs no Secret can know: one DNS SAN, checked through tls_server_name
+    node = cluster.issue("member", ips=(), dns=(values["tls"]["serverName"],))
+    member = {"ca.crt": cluster.cert_path.read_bytes(), "tls.crt": node.cert.read_bytes(),
+              "tls.key": node.key.read_bytes()}
+    proxy_ca = TestCA(directory / "proxy", "proxy-ca")
+    proxy_key = proxy_ca.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption())
+    registry_ca = TestCA(directory / "registry", "registry-ca")
+    made = {name: member for name in (values["tls"]["existingSecret"], *values["tls"]["componentSecrets"].values())}
+    made[values["dfdaemon"]["proxy"]["caSecret"]] = {"tls.crt": proxy_ca.cert_path.read_bytes(), "tls.key": proxy_key}
+    made[values["dfdaemon"]["proxy"]["upstreamCASecret"]] = {"ca.crt": registry_ca.cert_path.read_bytes()}
+    return made
+
+
+def workload(docs: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    return next(d for d in workloads(docs) if d["metadata"]["name"] == name)
+
+
+def secret_mounts(w: dict[str, Any], cname: str) -> dict[str, dict[str, Any]]:
+    """mountPath -> Secret volume source, for each Secret the container mounts."""
+    volumes = {v["name"]: v for v in pod_spec(w)["volumes"]}
+    return {m["mountPath"]: volumes[m["name"]]["secret"] for m in container(w, cname).get("volumeMounts", [])
+            if "secret" in volumes.get(m["name"], {})}
+
+
+def localize(text: str, w: dict[str, Any], cname: str, root: Path, secrets: dict[str, dict[str, bytes]]) -> str:
+    """The config text with each Secret mount of the container replaced by a local directory
+    holding that Secret's keys (what the kubelet projects), so the loader can open the files."""
+    config = yaml.safe_load(text)
+    for mount_path, source in secret_mounts(w, cname).items():
+        assert source["secretName"] in secrets, f"no test contents for Secret {source['secretName']}"
+        local = root / cname / mount_path.lstrip("/")
+        local.mkdir(parents=True, exist_ok=True)
+        for key, data in secrets[source["secretName"]].items():
+            (local / key).write_bytes(data)
+        for name, value in config.items():
+            if isinstance(value, str) and value.startswith(mount_path + "/"):
+                config[name] = str(local) + value[len(mount_path):]
+    return yaml.safe_dump(config)
+
+
 def labels_match(selector: dict[str, str], labels: dict[str, str]) -> bool:
     return all(labels.get(k) == v for k, v in selector.items())
 
@@ -217,6 +279,12 @@ def test_schema_rejects_bad_values(helm: str) -> None:
         ("scheduler.replica=3", "replica"),
         ("dfdaemon.hostNetwork=yes", "hostNetwork"),
         ("containerd.injectMirror.registries[0].server=registry-1.docker.io", "server"),
+        ("tls.clientAuth=maybe", "clientAuth"),
+        ("tls.existingSecret=Not_A_Secret_Name", "existingSecret"),
+        ("tls.componentSecrets.seed=x", "seed"),
+        ("tls.serverName=bad name", "serverName"),
+        ("dfdaemon.proxy.p2pConcurrency=-1", "p2pConcurrency"),
+        ("dfdaemon.proxy.caSecret=Bad_Name", "caSecret"),
     ]
     for setting, where in bad:
         flag = "--set-string" if setting.startswith("dfdaemon.hostNetwork") else "--set"
@@ -278,19 +346,19 @@ def test_ports_match_the_binaries_defaults(helm: str) -> None:
 
 @pytest.mark.parametrize("values", VALUES_FILES)
 def test_every_rendered_config_loads_with_the_project_loader(
-    helm: str, values: str | None, tmp_path: Path
+    helm: str, values: str | None, tmp_path: Path, secrets: dict[str, dict[str, bytes]]
 ) -> None:
     docs = render(helm, values)
-    loaders = {"scheduler.yaml": SchedulerConfig, "dfdaemon.yaml": DfdaemonConfig,
-               "dfdaemon-seed.yaml": DfdaemonConfig}
+    loaders = {key: (w, cname, cls) for w, cname, key, cls in COMPONENTS}
     loaded = 0
     for cm in find(docs, "ConfigMap"):
         for key, text in cm.get("data", {}).items():
             if key not in loaders:
                 continue
+            name, cname, cls = loaders[key]
             path = tmp_path / f"{cm['metadata']['name']}-{key}"
-            path.write_text(text)
-            config = load_config(loaders[key], path)
+            path.write_text(localize(text, workload(docs, name), cname, tmp_path, secrets))
+            config = load_config(cls, path)
             loaded += 1
             listens = [v for f, v in vars(config).items() if f.endswith("listen")]
             assert listens and all(v.startswith("0.0.0.0:") for v in listens), listens
@@ -320,7 +388,9 @@ def test_config_files_are_mounted_where_the_args_point(helm: str, values: str | 
 
 
 @pytest.mark.parametrize("values", VALUES_FILES)
-def test_container_args_parse_with_the_binaries_flags(helm: str, values: str | None, tmp_path: Path) -> None:
+def test_container_args_parse_with_the_binaries_flags(
+    helm: str, values: str | None, tmp_path: Path, secrets: dict[str, dict[str, bytes]]
+) -> None:
     """The args of each container, with the downward API filled in, parse with the real flags."""
     docs = render(helm, values)
     downward = {"$(HOST_IP)": "10.1.2.3", "$(NODE_NAME)": "node-a", "$(POD_NAME)": "pod-a"}
@@ -332,7 +402,7 @@ def test_container_args_parse_with_the_binaries_flags(helm: str, values: str | N
         key = Path(args[args.index("--config") + 1]).name
         cm = next(c for c in find(docs, "ConfigMap") if key in c.get("data", {}))
         local = tmp_path / f"{cname}-{key}"
-        local.write_text(cm["data"][key])
+        local.write_text(localize(cm["data"][key], w, cname, tmp_path, secrets))
         args[args.index("--config") + 1] = str(local)
         parser = argparse.ArgumentParser(exit_on_error=False)
         add_config_arguments(parser, cls)
@@ -400,6 +470,14 @@ def test_default_install(helm: str, tmp_path: Path) -> None:
     assert env_field(sp, "HOST_IP") == "status.podIP"
     assert sp["args"][sp["args"].index("--hostname") + 1] == "$(POD_NAME)"
     assert sp["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "health"}
+
+    # TLS and HTTPS interception are off by default: no Secret is mounted, no tls_*/proxy CA key
+    for w in workloads(docs):
+        assert not [v for v in pod_spec(w)["volumes"] if "secret" in v], w["metadata"]["name"]
+    for config in (dfdaemon, seed, scheduler):
+        assert (config.tls_ca_cert, config.tls_cert, config.tls_key, config.tls_server_name) == ("",) * 4
+    assert (dfdaemon.proxy_intercept_hosts, dfdaemon.proxy_ca_cert, dfdaemon.proxy_upstream_ca_cert) == ((), "", "")
+    assert (dfdaemon.proxy_p2p_concurrency, dfdaemon.proxy_p2p_rate) == (0, 0)
 
     # monitoring is off by default
     assert not [d for d in docs if d["kind"] in CRD_KINDS]
@@ -554,3 +632,102 @@ def test_notes_explain_containerd_and_nydusd(helm: str) -> None:
         assert "http://127.0.0.1:4001" in notes
         assert "nydusd" in notes and "/healthy" in notes and "/metrics" in notes
         assert "dfget --endpoint /var/run/damselfly/dfdaemon.sock" in notes
+
+
+# ---------------------------------------------------------------------------------------------
+# TLS and HTTPS interception (tls-values.yaml)
+
+
+def test_tls_secrets_are_mounted_where_the_configs_point(
+    helm: str, tmp_path: Path, secrets: dict[str, dict[str, bytes]]
+) -> None:
+    values = yaml.safe_load((CI_DIR / TLS_VALUES).read_text())
+    tls, proxy = values["tls"], values["dfdaemon"]["proxy"]
+    docs = render(helm, TLS_VALUES)
+    # the scheduler has its own Secret (componentSecrets), seeds and dfdaemons share existingSecret
+    tls_secret = {"scheduler": tls["componentSecrets"]["scheduler"], "seed-peer": tls["existingSecret"],
+                  "dfdaemon": tls["existingSecret"]}
+    mounted_secrets = {"scheduler": {tls_secret["scheduler"]},
+                       "seed-peer": {tls["existingSecret"], proxy["upstreamCASecret"]},
+                       "dfdaemon": {tls["existingSecret"], proxy["caSecret"], proxy["upstreamCASecret"]}}
+    for name, cname, key, cls in COMPONENTS:
+        w = workload(docs, name)
+        mounts = secret_mounts(w, cname)
+        assert {m["secretName"] for m in mounts.values()} == mounted_secrets[cname]
+        for mount in container(w, cname)["volumeMounts"]:
+            if mount["mountPath"] in mounts:
+                assert mount["readOnly"] is True
+                assert not mount["mountPath"].startswith("/etc/damselfly/"), "inside the ConfigMap mount"
+        assert all(m["defaultMode"] == 0o400 for m in mounts.values())
+
+        text = find(docs, "ConfigMap", name)[0]["data"][key]
+        raw = yaml.safe_load(text)
+        assert raw["tls_cert"].endswith("/tls.crt")
+        # every file the config names is a key of a Secret mounted at the file's directory
+        for file_key in SECRET_FILE_KEYS:
+            if file_key in raw:
+                path = Path(raw[file_key])
+                assert str(path.parent) in mounts, f"{cname} {file_key}={path} is not under a Secret mount"
+                assert path.name in secrets[mounts[str(path.parent)]["secretName"]], (cname, file_key)
+        assert mounts[str(Path(raw["tls_cert"]).parent)]["secretName"] == tls_secret[cname]
+
+        local = tmp_path / f"{cname}.yaml"
+        local.write_text(localize(text, w, cname, tmp_path, secrets))
+        config = load_config(cls, local)  # opens and checks the CA, the certificate and its key
+        assert config.tls_client_auth is True
+        assert config.tls_server_name == tls["serverName"]
+
+        if cname == "dfdaemon":
+            assert list(config.proxy_intercept_hosts) == proxy["interceptHosts"]
+            assert mounts[str(Path(raw["proxy_ca_cert"]).parent)]["secretName"] == proxy["caSecret"]
+            assert Path(raw["proxy_ca_key"]).parent == Path(raw["proxy_ca_cert"]).parent
+            assert config.proxy_p2p_concurrency == proxy["p2pConcurrency"]
+            assert config.proxy_p2p_rate == proxy["p2pRate"]
+        if cname == "seed-peer":
+            # seeds back-source from the private registry but do not intercept
+            assert "proxy_ca_cert" not in raw and config.proxy_intercept_hosts == ()
+            assert config.proxy_p2p_concurrency == 0
+        if cname != "scheduler":
+            assert mounts[str(Path(raw["proxy_upstream_ca_cert"]).parent)]["secretName"] == proxy["upstreamCASecret"]
+
+        # probes stay on the plaintext health / metrics listener (docs/security.md)
+        c = container(w, cname)
+        listener = raw["metrics_listen"] if cname == "scheduler" else raw["health_listen"]
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+            get = c[probe]["httpGet"]
+            assert get.get("scheme", "HTTP") == "HTTP"
+            assert ports_by_name(c)[get["port"]]["containerPort"] == int(listener.rsplit(":", 1)[1])
+
+
+def test_tls_and_interception_refuse_to_render_without_their_secrets(helm: str) -> None:
+    result = _template(helm, None, "--set", "tls.enabled=true")
+    assert result.returncode != 0 and "tls.existingSecret" in result.stderr, result.stderr
+    result = _template(helm, None, "--set", "tls.enabled=true", "--set", "tls.componentSecrets.scheduler=s",
+                       "--set", "tls.componentSecrets.seedPeer=s")
+    assert result.returncode != 0 and "tls.componentSecrets.dfdaemon" in result.stderr, result.stderr
+    result = _template(helm, None, "--set", "dfdaemon.proxy.interceptHosts={registry.example.com}")
+    assert result.returncode != 0 and "dfdaemon.proxy.caSecret" in result.stderr, result.stderr
+    # one Secret per component and no shared one is fine
+    result = _template(helm, None, "--set", "tls.enabled=true", "--set", "tls.componentSecrets.scheduler=a",
+                       "--set", "tls.componentSecrets.seedPeer=b", "--set", "tls.componentSecrets.dfdaemon=c")
+    assert result.returncode == 0, result.stderr
+    docs = [d for d in yaml.safe_load_all(result.stdout) if d]
+    assert {cname: {m["secretName"] for m in secret_mounts(workload(docs, name), cname).values()}
+            for name, cname, _, _ in COMPONENTS} == {"scheduler": {"a"}, "seed-peer": {"b"}, "dfdaemon": {"c"}}
+
+
+def test_notes_mention_tls_when_enabled(helm: str) -> None:
+    def notes(*args: str) -> str:
+        install = _run_helm(helm, "install", RELEASE, str(CHART), "--namespace", NAMESPACE, "--dry-run=client", *args)
+        assert install.returncode == 0, install.stderr
+        return install.stdout.split("NOTES:", 1)[1]
+
+    assert "TLS" not in notes()
+    values = yaml.safe_load((CI_DIR / TLS_VALUES).read_text())
+    text = notes("-f", str(CI_DIR / TLS_VALUES))
+    assert "TLS is on (mutual" in text
+    assert f"scheduler: {values['tls']['componentSecrets']['scheduler']}" in text
+    assert f"dfdaemon: {values['tls']['existingSecret']}" in text
+    assert values["tls"]["serverName"] in text and "rollout restart" in text
+    assert "HTTPS interception" in text and values["dfdaemon"]["proxy"]["caSecret"] in text
+    assert "WARNING: tls.serverName is empty" in notes("--set", "tls.enabled=true", "--set", "tls.existingSecret=s")

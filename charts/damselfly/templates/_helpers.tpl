@@ -89,6 +89,74 @@ user value wins, including false, 0 and "". Call with (dict "defaults" $d "user"
 {{- toYaml $config }}
 {{- end }}
 
+{{/*
+Where Secrets are mounted (read-only). Separate from /etc/damselfly, the ConfigMap mount.
+*/}}
+{{- define "damselfly.secretPaths" -}}
+tls: /var/run/secrets/damselfly/tls
+proxyCA: /var/run/secrets/damselfly/proxy-ca
+upstreamCA: /var/run/secrets/damselfly/upstream-ca
+{{- end }}
+
+{{/* The TLS Secret of a component; call with (dict "ctx" $ "component" "scheduler"). */}}
+{{- define "damselfly.tls.secretName" -}}
+{{- $tls := .ctx.Values.tls }}
+{{- $name := get ($tls.componentSecrets | default dict) .component | default $tls.existingSecret }}
+{{- if not $name }}
+{{- fail (printf "tls.enabled is true: set tls.existingSecret (or tls.componentSecrets.%s) to a Secret with ca.crt, tls.crt and tls.key" .component) }}
+{{- end }}
+{{- $name }}
+{{- end }}
+
+{{/* tls_* config keys of every component (empty when TLS is off). */}}
+{{- define "damselfly.tls.config" -}}
+{{- if .Values.tls.enabled }}
+{{- $paths := include "damselfly.secretPaths" . | fromYaml }}
+tls_ca_cert: {{ $paths.tls }}/ca.crt
+tls_cert: {{ $paths.tls }}/tls.crt
+tls_key: {{ $paths.tls }}/tls.key
+tls_client_auth: {{ .Values.tls.clientAuth }}
+{{- with .Values.tls.serverName }}
+tls_server_name: {{ . | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Secret volumes and their mounts of a component, as YAML {volumes: [...], mounts: [...]};
+call with (dict "ctx" $ "component" "scheduler"|"seedPeer"|"dfdaemon").
+*/}}
+{{- define "damselfly.secretVolumes" -}}
+{{- $values := .ctx.Values }}
+{{- $paths := include "damselfly.secretPaths" .ctx | fromYaml }}
+{{- $secrets := list }}
+{{- if $values.tls.enabled }}
+{{- $secrets = append $secrets (dict "name" "tls" "secret" (include "damselfly.tls.secretName" .) "path" $paths.tls) }}
+{{- end }}
+{{- if ne .component "scheduler" }}
+{{- $proxy := $values.dfdaemon.proxy }}
+{{- if and (eq .component "dfdaemon") $proxy.caSecret }}
+{{- $secrets = append $secrets (dict "name" "proxy-ca" "secret" $proxy.caSecret "path" $paths.proxyCA) }}
+{{- end }}
+{{- if $proxy.upstreamCASecret }}
+{{- $secrets = append $secrets (dict "name" "upstream-ca" "secret" $proxy.upstreamCASecret "path" $paths.upstreamCA) }}
+{{- end }}
+{{- end }}
+volumes:
+{{- range $secrets }}
+  - name: {{ .name }}
+    secret:
+      secretName: {{ .secret }}
+      defaultMode: 0400
+{{- end }}
+mounts:
+{{- range $secrets }}
+  - name: {{ .name }}
+    mountPath: {{ .path }}
+    readOnly: true
+{{- end }}
+{{- end }}
+
 {{/* scheduler.yaml */}}
 {{- define "damselfly.scheduler.config" -}}
 {{- $ports := include "damselfly.ports" . | fromYaml }}
@@ -99,6 +167,7 @@ user value wins, including false, 0 and "". Call with (dict "defaults" $d "user"
   "metrics_listen" (printf "0.0.0.0:%v" $ports.schedulerMetrics)
   "seed_peer" (include "damselfly.seedPeer.addresses" . | fromYamlArray)
 }}
+{{- $defaults = merge $defaults (include "damselfly.tls.config" . | fromYaml) }}
 {{- include "damselfly.mergeConfig" (dict "defaults" $defaults "user" .Values.scheduler.config) }}
 {{- end }}
 
@@ -116,11 +185,35 @@ proxy_listen: 0.0.0.0:{{ $ports.dfdaemonProxy }}
 metrics_listen: 0.0.0.0:{{ $ports.dfdaemonMetrics }}
 health_listen: 0.0.0.0:{{ $ports.dfdaemonHealth }}
 upload_listen: 0.0.0.0:{{ $ports.dfdaemonUpload }}
+{{- with include "damselfly.tls.config" . }}
+{{ . }}
+{{- end }}
+{{- if .Values.dfdaemon.proxy.upstreamCASecret }}
+proxy_upstream_ca_cert: {{ (include "damselfly.secretPaths" . | fromYaml).upstreamCA }}/ca.crt
+{{- end }}
 {{- end }}
 
 {{/* dfdaemon.yaml */}}
 {{- define "damselfly.dfdaemon.config" -}}
 {{- $defaults := include "damselfly.dfdaemon.baseConfig" . | fromYaml }}
+{{- $proxy := .Values.dfdaemon.proxy }}
+{{- if $proxy.interceptHosts }}
+{{- if not $proxy.caSecret }}
+{{- fail "dfdaemon.proxy.interceptHosts needs dfdaemon.proxy.caSecret: a Secret with the CA (tls.crt, tls.key) that signs the intercepted hosts' certificates" }}
+{{- end }}
+{{- $_ := set $defaults "proxy_intercept_hosts" $proxy.interceptHosts }}
+{{- end }}
+{{- if $proxy.caSecret }}
+{{- $dir := (include "damselfly.secretPaths" . | fromYaml).proxyCA }}
+{{- $_ := set $defaults "proxy_ca_cert" (printf "%s/tls.crt" $dir) }}
+{{- $_ := set $defaults "proxy_ca_key" (printf "%s/tls.key" $dir) }}
+{{- end }}
+{{- if $proxy.p2pConcurrency }}
+{{- $_ := set $defaults "proxy_p2p_concurrency" $proxy.p2pConcurrency }}
+{{- end }}
+{{- if $proxy.p2pRate }}
+{{- $_ := set $defaults "proxy_p2p_rate" $proxy.p2pRate }}
+{{- end }}
 {{- include "damselfly.mergeConfig" (dict "defaults" $defaults "user" .Values.dfdaemon.config) }}
 {{- end }}
 
