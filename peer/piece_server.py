@@ -329,6 +329,22 @@ class FileRegionSender:
             offset += length
 
 
+async def listen(runner: web.BaseRunner, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> int:
+    """Set up `runner` and serve it on host:port (0 picks a free port); the bound port.
+
+    Shared by the piece server and the registry mirror. When the port cannot be bound the runner
+    is cleaned up again before the error propagates.
+    """
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=ssl_context)
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return int(runner.addresses[0][1])
+
+
 class PieceServer:
     """aiohttp server of complete pieces with a bounded number of concurrent uploads.
 
@@ -400,18 +416,11 @@ class PieceServer:
         if self._runner is not None:
             raise RuntimeError("piece server already started")
         runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=5.0)
-        await runner.setup()
-        try:
-            site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=ssl_context)
-            await site.start()
-        except BaseException:
-            await runner.cleanup()
-            raise
+        bound = await listen(runner, host, port, ssl_context)
         self._runner = runner
-        bound = runner.addresses[0][1]
         log.info("piece server listening on %s:%d (%s, %d upload slots)", host, bound,
                  "https" if ssl_context is not None else "http", self._upload_slots)
-        return int(bound)
+        return bound
 
     async def stop(self) -> None:
         """Stop listening and close connections (waits briefly for uploads in progress)."""

@@ -60,7 +60,7 @@ from common.origin import OriginClient, OriginResponseError
 from common.pieces import pieces_covering
 from peer.engine import Conductor, DownloadRequest
 from peer.metrics import PREFIX
-from peer.piece_server import FileRegionSender
+from peer.piece_server import FileRegionSender, listen
 from peer.proxy_auth import BlobAccess
 from peer.proxy_tls import Interceptor, inner_url, origin_of, upstream_ssl_context
 from peer.range_header import ByteRange, parse_range, select_range, unsatisfied_content_range
@@ -208,15 +208,8 @@ class Proxy:
         """Listen on host:port (0 picks a free port); the bound port."""
         server = web.Server(self._handle)
         runner = web.ServerRunner(server, access_log=None, shutdown_timeout=2.0)
-        await runner.setup()
-        try:
-            site = web.TCPSite(runner, host, port, reuse_address=True)
-            await site.start()
-        except BaseException:
-            await runner.cleanup()
-            raise
+        bound = await listen(runner, host, port)
         self._runner = runner
-        bound = int(runner.addresses[0][1])
         log.info("registry mirror / proxy listening on %s:%d%s", host, bound,
                  f" (default registry {self._default_registry})" if self._default_registry else "")
         return bound
