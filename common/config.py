@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import re
 import socket
@@ -60,8 +61,8 @@ def parse_duration(value: object) -> float:
         if not match:
             raise ValueError(f"{value!r} is not a duration like 30s, 500ms, 5m or 24h")
         seconds = float(match[1]) * _DURATION_UNITS[match[2]]
-    if seconds < 0:
-        raise ValueError(f"{value!r} is negative")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"{value!r} is not a finite, non-negative duration")
     return seconds
 
 
@@ -76,7 +77,10 @@ def parse_size(value: object) -> int:
         if not match:
             raise ValueError(f"{value!r} is not a size like 512MiB or 10GiB")
         unit = (match[2] or "b").lower()[0]
-        size = int(float(match[1]) * 1024 ** "bkmgt".index(unit))
+        number = float(match[1])
+        if not math.isfinite(number) or number > 2**62:
+            raise ValueError(f"{value!r} is too large")
+        size = int(number * 1024 ** "bkmgt".index(unit))
     if size < 0:
         raise ValueError(f"{value!r} is negative")
     return size
@@ -140,7 +144,10 @@ def _parse_int(value: object) -> int:
 def _parse_float(value: object) -> float:
     if isinstance(value, bool):
         raise ValueError(f"{value!r} is not a number")
-    return float(value)  # type: ignore[arg-type]
+    number = float(value)  # type: ignore[arg-type]
+    if not math.isfinite(number):
+        raise ValueError(f"{value!r} is not a finite number")
+    return number
 
 
 _HOST_PATTERN_RE = re.compile(r"^(?:\*\.)?[a-z0-9]([a-z0-9.-]*[a-z0-9])?(?::(\d{1,5}))?$"
@@ -306,6 +313,8 @@ def _check(cls: type[C], values: Mapping[str, object], source: str) -> dict[str,
     fields = {f.name: f for f in dataclasses.fields(cls)}
     parsed: dict[str, Any] = {}
     for key, raw in values.items():
+        if not isinstance(key, str):
+            raise ConfigError(str(key), f"keys must be strings (in {source})")
         name = key.replace("-", "_")
         field = fields.get(name)
         if field is None:
@@ -313,7 +322,7 @@ def _check(cls: type[C], values: Mapping[str, object], source: str) -> dict[str,
             raise ConfigError(key, f"unknown key in {source}; known keys: {known}")
         try:
             value = _parser_for(field)(raw)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError) as exc:
             raise ConfigError(key, f"{exc} (in {source})") from None
         minimum = field.metadata.get("minimum")
         if minimum is not None and value < minimum:

@@ -13,7 +13,7 @@ import re
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import SplitResult, parse_qsl, urlencode, urlsplit, urlunsplit
 
 from common.errors import InvalidRequest
 
@@ -33,9 +33,22 @@ class OciBlobRef:
     digest: str
 
 
+def _split(url: str) -> SplitResult:
+    """urlsplit, with its ValueError (bad IPv6 brackets, invalid characters) as InvalidRequest."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - evaluated for its check of the port
+    except ValueError as exc:
+        raise InvalidRequest(f"URL {url!r} cannot be parsed: {exc}") from None
+    return parts
+
+
 def parse_oci_blob_url(url: str) -> OciBlobRef | None:
     """The registry, repository and digest of an OCI blob URL, or None for other URLs."""
-    parts = urlsplit(url)
+    try:
+        parts = _split(url)
+    except InvalidRequest:
+        return None
     if parts.scheme not in ("http", "https") or not parts.netloc:
         return None
     match = _OCI_BLOB_PATH.match(parts.path)
@@ -46,7 +59,7 @@ def parse_oci_blob_url(url: str) -> OciBlobRef | None:
 
 def validate_url(url: str) -> None:
     """Raise InvalidRequest unless `url` is an absolute http(s) URL."""
-    parts = urlsplit(url)
+    parts = _split(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise InvalidRequest(f"URL {url!r} is not an absolute http:// or https:// URL")
 

@@ -1,9 +1,7 @@
 """Properties of the pure parsers that take outside input: task ids and URLs, and the config loader.
 
-(The Range parser's properties are in test_range_header.py.) Known bugs outside the files of the
-fuzz work are pinned by strict xfail tests at the end: each property leaves that one class of
-input out with ``assume`` and names the xfail test that covers it, so fixing the bug makes the
-xfail test fail until the exclusion is removed.
+(The Range parser's properties are in test_range_header.py.) The bugs these properties found
+have regression tests at the end.
 """
 
 from __future__ import annotations
@@ -43,19 +41,6 @@ registries = st.builds(
 sha256_digests = st.binary(min_size=32, max_size=32).map(lambda b: "sha256:" + b.hex())
 param_names = st.text(string.ascii_letters + string.digits + "-_.", min_size=1, max_size=8)
 param_values = st.text(max_size=12)
-
-
-def _urlsplit_rejects(url: str) -> bool:
-    """Inputs on which urllib itself raises ValueError (bad IPv6 brackets, NFKC netlocs).
-
-    common/ids.py lets that ValueError escape instead of raising InvalidRequest:
-    test_known_bug_ids_let_urlsplit_errors_escape.
-    """
-    try:
-        urlsplit(url)
-    except ValueError:
-        return True
-    return False
 
 
 # ---- task ids and URLs ------------------------------------------------------------------------
@@ -121,7 +106,6 @@ url_texts = st.one_of(
 @example("javascript:alert(1)")
 @example("http://user@/x")
 def test_any_text_is_a_task_id_or_invalid_request(url: str) -> None:
-    assume(not _urlsplit_rejects(url))
     try:
         task = ids.task_id(url, filtered_query_params=("sig",))
     except InvalidRequest:
@@ -152,7 +136,6 @@ def test_blob_urls_never_carry_traversal_or_a_bad_digest(
     registry: str, segments: list[str], digest: str, suffix: str
 ) -> None:
     url = f"{registry}/v2/{'/'.join(segments)}/blobs/{digest}{suffix}"
-    assume(not _urlsplit_rejects(url))
     blob = ids.parse_oci_blob_url(url)
     if blob is None:
         return
@@ -203,14 +186,12 @@ def test_random_yaml_documents_load_or_fail_with_the_key(
 ) -> None:
     path = tmp_path_factory.mktemp("config") / "config.yaml"
     path.write_text(yaml.safe_dump(document))
-    assume(not _overflowing_size(document))
     _assert_loads_or_names_the_key(cls, set(document), path=path)
 
 
 @settings(max_examples=300)
 @given(st.sampled_from(CLASSES), st.dictionaries(keys, values, max_size=4))
 def test_random_overrides_load_or_fail_with_the_key(cls: type[Any], overrides: dict[str, Any]) -> None:
-    assume(not _overflowing_size(overrides))
     _assert_loads_or_names_the_key(cls, set(overrides), overrides=overrides)
 
 
@@ -229,47 +210,35 @@ def test_any_text_file_loads_or_fails_with_config_error(
         document = yaml.safe_load(text)
     except yaml.YAMLError:
         document = None
-    assume(not (isinstance(document, dict) and any(not isinstance(k, str) for k in document)))
-    assume(not (isinstance(document, dict) and _overflowing_size(document)))
     _assert_loads_or_names_the_key(cls, set(document) if isinstance(document, dict) else set(), path=path)
 
 
-def _overflowing_size(values: dict[Any, Any]) -> bool:
-    """Sizes too big for a float (``'9' * 400``): test_known_bug_config_huge_size_overflows."""
-    return any(
-        isinstance(v, str) and re.search(r"\d{309}", v) is not None
-        for k, v in values.items() if isinstance(k, str) and k.replace("-", "_") in SIZE_KEYS
-    )
+# ---- regressions of what the properties found ------------------------------------------------
 
 
-SIZE_KEYS = {"upload_rate_limit", "cache_quota"}
-
-
-# ---- known bugs outside this task's files (strict: fixing them turns these red) ------------------
-
-
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="common/ids.py: urlsplit's ValueError escapes")
-@pytest.mark.parametrize("url", ["http://[::1/x", "http://ex\uff03ample/x", "http://[zz]/x"])
-def test_known_bug_ids_let_urlsplit_errors_escape(url: str) -> None:
+@pytest.mark.parametrize("url", ["http://[::1/x", "http://ex\uff03ample/x", "http://[zz]/x", "http://h:99999/x"])
+def test_unparseable_urls_are_invalid_requests(url: str) -> None:
     with pytest.raises(InvalidRequest):
         ids.task_id(url)
+    assert ids.parse_oci_blob_url(url + "/v2/a/blobs/sha256:" + "0" * 64) is None
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError, reason="common/config.py: non-string keys")
-def test_known_bug_config_non_string_key(tmp_path: Path) -> None:
+def test_config_keys_must_be_strings(tmp_path: Path) -> None:
     path = tmp_path / "config.yaml"
     path.write_text("1: 2\n")
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="keys must be strings"):
         load_config(DfdaemonConfig, path=path)
 
 
-@pytest.mark.xfail(strict=True, raises=OverflowError, reason="common/config.py: float overflow in parse_size")
-def test_known_bug_config_huge_size_overflows() -> None:
-    with pytest.raises(ConfigError):
-        load_config(DfdaemonConfig, overrides={"cache_quota": "9" * 400})
+@pytest.mark.parametrize("size", ["9" * 400, "1e400", "inf"])
+def test_config_huge_sizes_are_refused(size: str) -> None:
+    with pytest.raises(ConfigError, match="cache_quota"):
+        load_config(DfdaemonConfig, overrides={"cache_quota": size})
 
 
-@pytest.mark.xfail(strict=True, reason="common/config.py: a NaN duration is accepted")
-def test_known_bug_config_nan_duration() -> None:
-    with pytest.raises(ConfigError):
-        load_config(DfdaemonConfig, overrides={"piece_timeout": float("nan")})
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), "inf", "nan"])
+def test_config_durations_and_numbers_must_be_finite(value: object) -> None:
+    with pytest.raises(ConfigError, match="piece_timeout"):
+        load_config(DfdaemonConfig, overrides={"piece_timeout": value})
+    with pytest.raises(ConfigError, match="gc_low_watermark"):
+        load_config(DfdaemonConfig, overrides={"gc_low_watermark": value})
