@@ -632,22 +632,29 @@ class Conductor:
         # A per-peer shuffled order spreads children over different pieces, so they can trade.
         # Prioritized pieces (a Range read waits for them) go first, in order.
         ready.sort(key=lambda n: (0, n) if n in self._priority else (1, hash((self._order_seed, n))))
+        # Seeds are the last resort: while normal parents keep this peer busy, pieces only a seed
+        # has are left for the others to fetch once and pass around (a Range read waiting for a
+        # piece does not wait for that).
+        peers_busy = any(p.in_flight for p in self._parents.values() if not p.is_seed)
         for number in ready:
             if len(self._in_flight) >= limit:
                 break
-            parent = self._pick_parent(self._holders[number])
+            use_seed = not peers_busy or number in self._priority
+            parent = self._pick_parent(self._holders[number], use_seed)
             if parent is None:
                 continue
+            peers_busy = peers_busy or not parent.is_seed
             parent.in_flight += 1
             self._in_flight[number] = asyncio.create_task(self._fetch_piece(number, parent))
 
-    def _pick_parent(self, holders: set[str]) -> Parent | None:
+    def _pick_parent(self, holders: set[str], use_seed: bool) -> Parent | None:
         """Prefer normal peers over seeds (offload the seed), then the least busy."""
         has_peers = any(not p.is_seed for p in self._parents.values())
         seed_limit = SEED_PIECE_LIMIT_WITH_PEERS if has_peers else SEED_PIECE_LIMIT
         live = [
             parent for parent in (self._parents.get(p) for p in holders)
-            if parent is not None and parent.in_flight < (seed_limit if parent.is_seed else PARENT_PIECE_LIMIT)
+            if parent is not None and (use_seed or not parent.is_seed)
+            and parent.in_flight < (seed_limit if parent.is_seed else PARENT_PIECE_LIMIT)
         ]
         if not live:
             return None

@@ -38,15 +38,22 @@ _UPLOADED = "damselfly_dfdaemon_upload_traffic_bytes_total"
 _PORT_RANGE = (15000, 32000)
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now, outside the ephemeral range."""
+def free_port(taken: set[int] | None = None) -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now, outside the ephemeral range.
+
+    Ports in `taken` (handed out already, not yet bound) are skipped, and the new one is added.
+    """
+    taken = set() if taken is None else taken
     for _ in range(100):
         port = random.randrange(*_PORT_RANGE)
+        if port in taken:
+            continue
         with socket.socket() as sock:
             try:
                 sock.bind(("127.0.0.1", port))
             except OSError:
                 continue
+            taken.add(port)
             return port
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -118,7 +125,8 @@ class LocalCluster:
         self.nodes: list[Node] = []
         self.scheduler: Node | None = None
         # Known before the scheduler starts: seeds and the scheduler each need the other's address.
-        self.scheduler_ports = {"grpc": free_port(), "metrics": free_port()}
+        self._ports: set[int] = set()  # every port handed out, so no two nodes get the same one
+        self.scheduler_ports = {"grpc": free_port(self._ports), "metrics": free_port(self._ports)}
         root.mkdir(parents=True, exist_ok=True)
 
     def _spawn(self, node: Node) -> Node:
@@ -145,7 +153,7 @@ class LocalCluster:
 
     def plan_dfdaemon(self, name: str, *, seed: bool = False, ports: dict[str, int] | None = None) -> Node:
         """Allocate a dfdaemon's ports and directories without starting it."""
-        ports = ports or {p: free_port() for p in ("grpc", "upload", "proxy", "metrics", "health")}
+        ports = ports or {p: free_port(self._ports) for p in ("grpc", "upload", "proxy", "metrics", "health")}
         data_dir = self.root / name / "data"
         socket_path = self.root / name / "dfdaemon.sock"
         args = [
