@@ -32,6 +32,8 @@ STATUS_CLASSES = ("2xx", "3xx", "4xx", "5xx")
 BACK_SOURCE_ERROR_KINDS = ("status", "network")
 # Why the cache GC evicted a task: unread for task_ttl, or the cache went over its quota.
 GC_REASONS = ("ttl", "quota")
+# Which limit refused a P2P proxy request with 429 (proxy_p2p_concurrency, proxy_p2p_rate).
+ADMISSION_LIMITS = ("concurrency", "rate")
 
 _DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 _PIECE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -71,6 +73,8 @@ class DaemonMetrics:
                                       ["route", "status"], registry=r)
         self.range_requests = Counter(f"{PREFIX}_proxy_range_requests", "Proxy requests that carried a Range",
                                       registry=r)
+        self.proxy_rate_limited = Counter(f"{PREFIX}_proxy_rate_limited",
+                                          "P2P proxy requests refused with 429, by limit", ["limit"], registry=r)
         self.cache_hits = Counter(f"{PREFIX}_cache_hits", "Requests answered entirely from the local cache",
                                   registry=r)
         self.cache_used = Gauge(f"{PREFIX}_cache_used_bytes", "Bytes of content in the piece cache", registry=r)
@@ -98,6 +102,8 @@ class DaemonMetrics:
             self.back_source_errors.labels(kind)
         for reason in GC_REASONS:
             self.gc_evictions.labels(reason)
+        for limit in ADMISSION_LIMITS:
+            self.proxy_rate_limited.labels(limit)
 
     def count_proxy_request(self, route: str, status: int, *, has_range: bool = False) -> None:
         """Count one answered proxy request: `route` is one of PROXY_ROUTES, `status` the HTTP status."""

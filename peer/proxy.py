@@ -44,7 +44,6 @@ import aiohttp
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from multidict import CIMultiDict
-from prometheus_client import Counter
 from yarl import URL
 
 from common.clock import Clock, SystemClock
@@ -59,7 +58,6 @@ from common.errors import (
 from common.origin import OriginClient, OriginResponseError
 from common.pieces import pieces_covering
 from peer.engine import Conductor, DownloadRequest
-from peer.metrics import PREFIX
 from peer.piece_server import FileRegionSender, listen
 from peer.proxy_auth import BlobAccess
 from peer.proxy_tls import Interceptor, inner_url, origin_of, upstream_ssl_context
@@ -137,7 +135,6 @@ def _flag(value: str | None, default: bool) -> bool:
 # Seconds a client refused by the concurrency limit is told to wait (Retry-After).
 CONCURRENCY_RETRY_AFTER = 1
 # Which limit refused a request: the label of the rate-limited counter.
-ADMISSION_LIMITS = ("concurrency", "rate")
 
 
 class P2PAdmission:
@@ -194,11 +191,6 @@ class Proxy:
         self.access = BlobAccess(origin, config.proxy_auth_ttl)
         self._clock: Clock = clock or SystemClock()
         self._admission = P2PAdmission(config.proxy_p2p_concurrency, config.proxy_p2p_rate, self._clock.time())
-        # With the proxy's other families once peer/metrics.py has a place for it.
-        self.rate_limited = Counter(f"{PREFIX}_proxy_rate_limited", "P2P proxy requests refused with 429, by limit",
-                                    ["limit"], registry=metrics.registry)
-        for limit in ADMISSION_LIMITS:
-            self.rate_limited.labels(limit)
         self._sender = FileRegionSender(stall_timeout=config.piece_timeout)
         self._tunnels: set[asyncio.Task[Any]] = set()
 
@@ -259,7 +251,7 @@ class Proxy:
             response = exc.response
         except ProxyError as exc:
             response = _error(exc.status, str(exc))
-        self._metrics.proxy_requests.labels(route, f"{response.status // 100}xx").inc()
+        self._metrics.count_proxy_request(route, response.status)
         return response
 
     @staticmethod
@@ -376,7 +368,7 @@ class Proxy:
         refused = self._admission.admit(self._clock.time())
         if refused is not None:
             limit, retry_after = refused
-            self.rate_limited.labels(limit).inc()
+            self._metrics.proxy_rate_limited.labels(limit).inc()
             response = _error(429, f"too many P2P requests ({limit} limit); retry in {retry_after}s")
             response.headers["Retry-After"] = str(retry_after)
             return response

@@ -34,6 +34,7 @@ DAEMON_LABELS: dict[str, tuple[str, ...]] = {
     "route": peer_metrics.PROXY_ROUTES,
     "status": peer_metrics.STATUS_CLASSES,
     "kind": peer_metrics.BACK_SOURCE_ERROR_KINDS,
+    "limit": peer_metrics.ADMISSION_LIMITS,
 }
 
 
