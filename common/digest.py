@@ -7,6 +7,7 @@ Digest strings are ``algorithm:lowercase-hex``; piece digests use the algorithm 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from typing import Protocol
 
@@ -57,6 +58,15 @@ def new_piece_hasher() -> Hasher:
 def format_digest(algorithm: str, hasher: Hasher) -> str:
     """``algo:hex`` of a finished hasher."""
     return f"{algorithm}:{hasher.hexdigest()}"
+
+
+def file_digest(path: str | os.PathLike[str], algorithm: str = "sha256") -> str:
+    """``algo:hex`` of a whole file, read in 4 MiB chunks (call it in a thread for big files)."""
+    hasher = new_hasher(algorithm)
+    with open(path, "rb") as file:
+        while chunk := file.read(4 << 20):
+            hasher.update(chunk)
+    return format_digest(algorithm, hasher)
 
 
 def piece_digest(data: bytes | memoryview) -> str:

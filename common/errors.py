@@ -10,7 +10,9 @@ party (the origin, a parent peer, the scheduler) are kept apart from misuse by t
     │   ├── InvalidRequest          malformed input from a client (URL, header, digest)
     │   │   └── InvalidRange        a Range header that cannot be parsed
     │   ├── RangeNotSatisfiable     a well-formed range outside the content
-    │   └── TaskNotFound            no such task in this store / scheduler
+    │   ├── TaskNotFound            no such task in this store / scheduler
+    │   ├── PeerNotFound            no such peer in the scheduler
+    │   └── HostNotFound            no such host in the scheduler (not announced, or forgotten)
     ├── StorageError                the local disk failed us
     │   ├── DiskFull                a write does not fit in the cache quota or the disk
     │   └── PieceNotAvailable       a piece is not (yet) complete on this node
@@ -70,6 +72,22 @@ class TaskNotFound(LocalError):
     def __init__(self, task_id: str) -> None:
         super().__init__(f"task {task_id} not found")
         self.task_id = task_id
+
+
+class PeerNotFound(LocalError):
+    """No such peer in the scheduler."""
+
+    def __init__(self, peer_id: str) -> None:
+        super().__init__(f"peer {peer_id} not found")
+        self.peer_id = peer_id
+
+
+class HostNotFound(LocalError):
+    """No such host in the scheduler."""
+
+    def __init__(self, host_id: str) -> None:
+        super().__init__(f"host {host_id} not found")
+        self.host_id = host_id
 
 
 class StorageError(DamselflyError):

@@ -32,7 +32,7 @@ from dragonfly_api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc
 from google.protobuf import duration_pb2
 
 from common.config import parse_duration
-from common.digest import new_hasher, parse_digest
+from common.digest import file_digest, parse_digest
 from common.errors import DamselflyError, DownloadFailed, InvalidRequest
 from common.ids import validate_url
 
@@ -41,7 +41,6 @@ DEFAULT_TIMEOUT = "2h"
 # How long dfget waits for a socket that accepted the connection to speak gRPC.
 CONNECT_TIMEOUT = 5.0
 # Reads of the digest re-check.
-HASH_CHUNK = 1 << 20
 # Progress redraws per second, at most.
 PROGRESS_REDRAWS_PER_SECOND = 10
 # An ETA beyond this (seconds) is noise, shown as --:--.
@@ -424,16 +423,12 @@ def verify_file(path: str, content_length: int | None, digest: str) -> None:
     if not digest:
         return
     algorithm, expected = parse_digest(digest)
-    hasher = new_hasher(algorithm)
     try:
-        with open(path, "rb") as content:
-            while chunk := content.read(HASH_CHUNK):
-                hasher.update(chunk)
+        actual = file_digest(path, algorithm)
     except OSError as exc:
         raise DownloadFailed(f"cannot read the downloaded file {path}: {exc.strerror or exc}") from None
-    actual = hasher.hexdigest()
-    if actual != expected:
-        raise DownloadFailed(f"content digest {algorithm}:{actual} does not match --digest {digest}")
+    if actual != f"{algorithm}:{expected}":
+        raise DownloadFailed(f"content digest {actual} does not match --digest {digest}")
 
 
 def _run(coroutine: Coroutine[Any, Any, int | None]) -> int | None:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
-import hashlib
 import logging
 import random
 import time
@@ -37,7 +36,7 @@ from dragonfly_api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc, scheduler
 from google.protobuf import duration_pb2
 
 from common import ids
-from common.digest import parse_digest
+from common.digest import file_digest, parse_digest
 from common.errors import (
     ContentDigestMismatch,
     DamselflyError,
@@ -857,7 +856,7 @@ class Conductor:
         algorithm, _ = parse_digest(expected)
         if algorithm not in ("sha256", "sha512"):
             return
-        actual = await asyncio.to_thread(_file_digest, str(self.local.content_path), algorithm)
+        actual = await asyncio.to_thread(file_digest, self.local.content_path, algorithm)
         if actual != expected:
             await self.engine.store.delete(self.task_id)
             raise ContentDigestMismatch(expected, actual)
@@ -885,14 +884,6 @@ async def _take(chunks: AsyncIterator[bytes], leftover: bytes, length: int) -> t
         leftover = chunk[need:]
         need -= len(parts[-1])
     return parts, leftover
-
-
-def _file_digest(path: str, algorithm: str) -> str:
-    hasher = hashlib.new(algorithm)
-    with open(path, "rb") as file:
-        while chunk := file.read(4 * _CHUNK):
-            hasher.update(chunk)
-    return f"{algorithm}:{hasher.hexdigest()}"
 
 
 class Engine:
@@ -939,7 +930,7 @@ class Engine:
             return  # the conductor verified local.digest already
         algorithm, _ = parse_digest(wanted)
         with local.reader():
-            actual = await asyncio.to_thread(_file_digest, str(local.content_path), algorithm)
+            actual = await asyncio.to_thread(file_digest, local.content_path, algorithm)
         if actual != wanted:
             raise ContentDigestMismatch(wanted, actual)
 

@@ -525,15 +525,11 @@ class Proxy:
                 upstream_reader, upstream_writer = await asyncio.open_connection(host, int(port_text))
         except (OSError, TimeoutError) as exc:
             raise ProxyError(502, f"cannot connect to {authority}: {exc}") from None
-        transport = request.transport
-        if transport is None or transport.is_closing():
+        try:
+            transport, response = await _accept_connect(request)
+        except ProxyError:
             upstream_writer.close()
-            raise ProxyError(400, "client went away")
-        response = web.StreamResponse(status=200, reason="Connection Established")
-        response.force_close()
-        writer = await response.prepare(request)
-        if writer is not None:
-            await writer.drain()
+            raise
         # From here the client connection is a byte pipe: take it from aiohttp's HTTP parser.
         client_reader = asyncio.StreamReader(limit=TUNNEL_BUFFER)
         protocol = asyncio.StreamReaderProtocol(client_reader)
@@ -562,14 +558,7 @@ class Proxy:
             context = await self._interceptor.server_context(host)
         except (ValueError, ssl.SSLError, OSError) as exc:
             raise ProxyError(502, f"cannot mint a certificate for {host}: {exc}") from None
-        transport = request.transport
-        if transport is None or transport.is_closing():
-            raise ProxyError(400, "client went away")
-        response = web.StreamResponse(status=200, reason="Connection Established")
-        response.force_close()
-        writer = await response.prepare(request)
-        if writer is not None:
-            await writer.drain()
+        transport, response = await _accept_connect(request)
         origin = origin_of(host, port)
         await self._interceptor.serve(transport, context, lambda inner: self._handle(inner, origin))
         return response
@@ -581,6 +570,19 @@ class _Relayed(ProxyError):
     def __init__(self, response: web.Response) -> None:
         super().__init__(response.status, "relayed")
         self.response = response
+
+
+async def _accept_connect(request: web.BaseRequest) -> tuple[asyncio.Transport, web.StreamResponse]:
+    """Answer a CONNECT with 200 and flush it; the connection is ours from then on."""
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        raise ProxyError(400, "client went away")
+    response = web.StreamResponse(status=200, reason="Connection Established")
+    response.force_close()
+    writer = await response.prepare(request)
+    if writer is not None:
+        await writer.drain()
+    return transport, response
 
 
 async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

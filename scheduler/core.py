@@ -29,18 +29,16 @@ from enum import StrEnum
 from common import hashring
 from common.clock import Clock
 from common.config import SchedulerConfig
-from common.errors import TaskNotFound
+from common.errors import HostNotFound, PeerNotFound, TaskNotFound
 from scheduler.resource import (
     FETCHING_STATES,
     TERMINAL_STATES,
     DownloadSpec,
     Host,
     HostInfo,
-    HostNotFound,
     InvalidTransition,
     Peer,
     PeerEvent,
-    PeerNotFound,
     PeerState,
     PieceRecord,
     Task,

@@ -42,22 +42,6 @@ class InvalidTransition(LocalError):
         self.event = event
 
 
-class PeerNotFound(LocalError):
-    """No such peer in the scheduler."""
-
-    def __init__(self, peer_id: str) -> None:
-        super().__init__(f"peer {peer_id} not found")
-        self.peer_id = peer_id
-
-
-class HostNotFound(LocalError):
-    """No such host in the scheduler."""
-
-    def __init__(self, host_id: str) -> None:
-        super().__init__(f"host {host_id} not found")
-        self.host_id = host_id
-
-
 # --------------------------------------------------------------------------------------------
 # Lifecycles
 # --------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from dragonfly_api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc, scheduler
 from google.protobuf import duration_pb2, empty_pb2, timestamp_pb2
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from common.errors import TaskNotFound
+from common.errors import HostNotFound, PeerNotFound, TaskNotFound
 from common.tls import TlsCredentials, open_channel
 from scheduler.core import (
     Candidate,
@@ -34,7 +34,7 @@ from scheduler.core import (
     SendNormal,
     TriggerSeed,
 )
-from scheduler.resource import DownloadSpec, HostInfo, HostNotFound, PeerNotFound, PieceRecord
+from scheduler.resource import DownloadSpec, HostInfo, PieceRecord
 
 log = logging.getLogger(__name__)
 

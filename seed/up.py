@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import random
 import signal
 import socket
@@ -25,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.digest import file_digest
 from common.ids import parse_oci_blob_url
 
 READY_TIMEOUT = 30.0
@@ -229,11 +229,7 @@ def dfget_command(python: str, url: str, output: Path, socket_path: Path, *extra
 
 def sha256_file(path: Path) -> str:
     """sha256:<hex> of a file, streamed."""
-    hasher = hashlib.sha256()
-    with path.open("rb") as file:
-        while chunk := file.read(1 << 22):
-            hasher.update(chunk)
-    return f"sha256:{hasher.hexdigest()}"
+    return file_digest(path)
 
 
 @contextlib.contextmanager

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import urlencode, urljoin, urlsplit
 
+from common.digest import file_digest
 from seed.up import free_port
 from tests.support.token_auth import TokenServer, parse_www_authenticate
 
@@ -312,14 +313,6 @@ def _base_and_auth(registry: Registry | str, auth: Auth) -> tuple[str, Auth]:
     return registry, auth
 
 
-def _file_digest(path: Path) -> str:
-    hasher = hashlib.sha256()
-    with path.open("rb") as stream:
-        while chunk := stream.read(1 << 20):
-            hasher.update(chunk)
-    return f"sha256:{hasher.hexdigest()}"
-
-
 def push_blob(
     registry: Registry | str, repo: str, content: str | Path | bytes | BinaryIO, auth: Auth = None
 ) -> str:
@@ -334,7 +327,7 @@ def push_blob(
     client = _Client(base, auth)
     if isinstance(content, str | Path):
         path = Path(content)
-        digest = _file_digest(path)
+        digest = file_digest(path)
         status, _, _ = client.request("HEAD", f"/v2/{repo}/blobs/{digest}", expect=(200, 404))
         if status == 200:
             return digest
@@ -423,14 +416,14 @@ def _is_gzip(path: Path) -> bool:
 def _diff_id(path: Path) -> str:
     """Digest of the uncompressed layer, as the image config lists it."""
     if not _is_gzip(path):
-        return _file_digest(path)
+        return file_digest(path)
     hasher = hashlib.sha256()
     try:
         with gzip.open(path, "rb") as stream:
             while chunk := stream.read(1 << 20):
                 hasher.update(chunk)
     except (OSError, EOFError):
-        return _file_digest(path)  # random bytes that happen to start like gzip
+        return file_digest(path)  # random bytes that happen to start like gzip
     return f"sha256:{hasher.hexdigest()}"
 
 

@@ -9,7 +9,7 @@ import pytest
 from common import hashring
 from common.clock import ManualClock
 from common.config import SchedulerConfig
-from common.errors import TaskNotFound
+from common.errors import PeerNotFound, TaskNotFound
 from scheduler.core import (
     PUSH_LIMIT,
     Code,
@@ -27,7 +27,6 @@ from scheduler.resource import (
     InvalidTransition,
     Peer,
     PeerEvent,
-    PeerNotFound,
     PeerState,
 )
 from scheduler.scheduling import (
