@@ -22,18 +22,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import logging
 import random
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, cast
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import grpc
 from dragonfly_api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc, scheduler_pb2
-from google.protobuf import duration_pb2
 
 from common import ids
 from common.digest import file_digest, parse_digest
@@ -47,8 +45,9 @@ from common.errors import (
     ParentError,
     SchedulerUnavailable,
 )
-from common.pieces import piece_count, piece_length_for, pieces_covering
+from common.pieces import piece_length_for
 from common.tls import TlsCredentials, open_channel, url_scheme
+from peer.request import DownloadRequest, duration
 from peer.scheduler_client import UNAVAILABLE_CODES, AnnounceStream, SchedulerClient
 
 if TYPE_CHECKING:
@@ -76,89 +75,6 @@ PARENT_FAILURE_LIMIT = 2
 DIGEST_WAIT = 5.0
 ORIGIN_ATTEMPTS = 3
 ORIGIN_BACKOFF = 0.5
-
-
-@dataclass(frozen=True)
-class DownloadRequest:
-    """What a client asked for, in the form every entry point (dfget, proxy, seed trigger) shares."""
-
-    url: str
-    digest: str = ""
-    tag: str = ""
-    application: str = ""
-    priority: int = 0
-    filtered_query_params: tuple[str, ...] = ()
-    request_header: Mapping[str, str] = field(default_factory=dict)
-    piece_length: int | None = None
-    disable_back_to_source: bool = False
-    need_back_to_source: bool = False
-    timeout: float | None = None
-    # A Range read: (start, length), length None for "to the end"; a negative start -N means
-    # the last N bytes. With prefetch off only the pieces covering it are fetched.
-    byte_range: tuple[int, int | None] | None = None
-    prefetch: bool = True
-
-    def __post_init__(self) -> None:
-        ids.validate_url(self.url)
-        if self.digest:
-            parse_digest(self.digest)
-
-    @property
-    def task_id(self) -> str:
-        """The task id (OCI blobs: from the blob digest)."""
-        return ids.task_id(self.url, tag=self.tag, application=self.application,
-                           filtered_query_params=self.filtered_query_params, piece_length=self.piece_length)
-
-    @property
-    def content_digest(self) -> str | None:
-        """The digest that defines the content: an OCI blob's own, else the requested one.
-
-        A blob URL names its digest, so a wrong ``--digest`` from one client cannot make the
-        node discard a good blob; that client's request fails alone (Engine.check_digest).
-        """
-        blob = ids.parse_oci_blob_url(self.url)
-        if blob is not None:
-            return blob.digest
-        return self.digest.lower() or None
-
-    def covering_pieces(self, content_length: int, piece_length: int) -> range:
-        """Piece numbers that hold the requested range (all of them without a range)."""
-        if self.byte_range is None:
-            return range(piece_count(content_length, piece_length))
-        start, length = self.byte_range
-        if start < 0:
-            start, length = max(0, content_length + start), None
-        end = content_length if length is None else min(content_length, start + length)
-        return pieces_covering(start, end - start, content_length, piece_length)
-
-    def to_proto(self) -> common_pb2.Download:
-        """As the Dragonfly `common.v2.Download` message."""
-        download = common_pb2.Download(
-            url=self.url, digest=self.digest, tag=self.tag, application=self.application,
-            priority=cast(common_pb2.Priority, self.priority), filtered_query_params=list(self.filtered_query_params),
-            request_header=dict(self.request_header), disable_back_to_source=self.disable_back_to_source,
-            need_back_to_source=self.need_back_to_source,
-        )
-        if self.piece_length:
-            download.piece_length = self.piece_length
-        if self.timeout:
-            duration = duration_pb2.Duration()
-            duration.FromTimedelta(datetime.timedelta(seconds=self.timeout))
-            download.timeout.CopyFrom(duration)
-        return download
-
-    @classmethod
-    def from_proto(cls, download: common_pb2.Download) -> DownloadRequest:
-        """From a `common.v2.Download` (raises InvalidRequest on a bad URL or digest)."""
-        timeout = download.timeout.ToTimedelta().total_seconds() if download.HasField("timeout") else None
-        return cls(
-            url=download.url, digest=download.digest, tag=download.tag, application=download.application,
-            priority=int(download.priority), filtered_query_params=tuple(download.filtered_query_params),
-            request_header=dict(download.request_header),
-            piece_length=download.piece_length if download.HasField("piece_length") else None,
-            disable_back_to_source=download.disable_back_to_source,
-            need_back_to_source=download.need_back_to_source, timeout=timeout or None,
-        )
 
 
 @dataclass
@@ -213,12 +129,6 @@ class _Wake:
 
 
 _Event = _Have | _ParentInfo | _ParentGone | _PieceDone | _SchedulerMessage | _Wake
-
-
-def _duration(seconds: float) -> duration_pb2.Duration:
-    duration = duration_pb2.Duration()
-    duration.FromTimedelta(datetime.timedelta(seconds=seconds))
-    return duration
 
 
 class Conductor:
@@ -688,7 +598,7 @@ class Conductor:
         self._stream_send(download_piece_finished_request=scheduler_pb2.DownloadPieceFinishedRequest(
             piece=common_pb2.Piece(number=number, parent_id=parent.peer_id, offset=span.offset,
                                    length=span.length, digest=digest, traffic_type=common_pb2.REMOTE_PEER,
-                                   cost=_duration(cost))))
+                                   cost=duration(cost))))
 
     async def _digest_of(self, number: int) -> str:
         """The digest the back-sourcing peer reported for a piece, as relayed by the scheduler."""
@@ -812,7 +722,7 @@ class Conductor:
         self._traffic["back_to_source"] += span.length
         self._stream_send(download_piece_back_to_source_finished_request=scheduler_pb2.DownloadPieceBackToSourceFinishedRequest(
             piece=common_pb2.Piece(number=number, offset=span.offset, length=span.length, digest=digest,
-                                   traffic_type=common_pb2.BACK_TO_SOURCE, cost=_duration(cost))))
+                                   traffic_type=common_pb2.BACK_TO_SOURCE, cost=duration(cost))))
 
     async def _back_source_stream(self, headers: dict[str, str]) -> None:
         """One plain GET, cut into pieces: for origins without Range or without a length."""

@@ -57,11 +57,12 @@ from common.errors import (
 )
 from common.origin import OriginClient, OriginResponseError
 from common.pieces import pieces_covering
-from peer.engine import Conductor, DownloadRequest
+from peer.engine import Conductor
 from peer.piece_server import FileRegionSender, listen
 from peer.proxy_auth import BlobAccess
 from peer.proxy_tls import Interceptor, inner_url, origin_of, upstream_ssl_context
 from peer.range_header import ByteRange, parse_range, select_range, unsatisfied_content_range
+from peer.request import DownloadRequest
 
 if TYPE_CHECKING:
     from common.config import DfdaemonConfig
