@@ -38,8 +38,10 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
 from common.clock import Clock, SystemClock
+from common.errors import InvalidRange, RangeNotSatisfiable
 from common.pieces import PieceSpan
 from peer.metrics import DaemonMetrics
+from peer.range_header import ByteRange, select_range, unsatisfied_content_range
 from peer.storage import TASK_ID_RE, LocalTask, PieceStore
 
 log = logging.getLogger(__name__)
@@ -449,6 +451,14 @@ class PieceServer:
         if digest is None:
             return self._refuse(404, "not_found", f"piece {raw_number} of task {task_id} is not available")
         span = task.span(number)
+        try:  # a Range applies within the piece (resuming a piece, or a part of it)
+            part = select_range(request.headers.get("Range"), span.length)
+        except InvalidRange as exc:
+            return self._refuse(400, "bad_request", str(exc))
+        except RangeNotSatisfiable as exc:
+            response = self._refuse(416, "bad_request", str(exc))
+            response.headers["Content-Range"] = unsatisfied_content_range(span.length)
+            return response
 
         if not await self._acquire_slot():
             response = self._refuse(503, "busy", "all upload slots are busy")
@@ -459,7 +469,7 @@ class PieceServer:
         try:
             with task.reader():
                 task.touch()
-                return await self._send_piece(request, task, span, digest)
+                return await self._send_piece(request, task, span, digest, part)
         finally:
             self._uploads -= 1
             self._metrics.concurrent_uploads.dec()
@@ -478,7 +488,7 @@ class PieceServer:
         return web.Response(status=status, text=message + "\n")
 
     async def _send_piece(
-        self, request: web.Request, task: LocalTask, span: PieceSpan, digest: str
+        self, request: web.Request, task: LocalTask, span: PieceSpan, digest: str, part: ByteRange | None
     ) -> web.StreamResponse:
         try:
             # open() of a local file costs a lookup, not a disk read; the file is closed after the send
@@ -487,15 +497,21 @@ class PieceServer:
             return self._refuse(404, "not_found", f"task {task.task_id} not found")
         with file:
             response = web.StreamResponse(
-                headers={PIECE_DIGEST_HEADER: digest, "Content-Type": "application/octet-stream"}
+                headers={PIECE_DIGEST_HEADER: digest, "Content-Type": "application/octet-stream",
+                         "Accept-Ranges": "bytes"}
             )
-            response.content_length = span.length
+            offset, length = span.offset, span.length
+            if part is not None:
+                response.set_status(206)
+                response.headers["Content-Range"] = part.content_range
+                offset, length = span.offset + part.start, part.length
+            response.content_length = length
             try:
                 writer = await response.prepare(request)
                 if writer is None:
                     raise ConnectionResetError("response not prepared")
-                if span.length:
-                    await self._sender.send(request, writer, file, span.offset, span.length)
+                if length:
+                    await self._sender.send(request, writer, file, offset, length)
                 # Like aiohttp's FileResponse after loop.sendfile: the body went around the
                 # writer, so ending the response here (nothing left to write) completes it and
                 # keeps the connection reusable.
@@ -508,6 +524,6 @@ class PieceServer:
                 if request.transport is not None:
                     request.transport.close()
                 return response
-        self._metrics.upload_traffic.inc(span.length)
+        self._metrics.upload_traffic.inc(length)
         self._metrics.upload_pieces.labels("succeeded").inc()
         return response

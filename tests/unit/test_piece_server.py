@@ -251,6 +251,40 @@ def test_bad_requests(run: Run[None], store: PieceStore, path: str, status: int,
     run(scenario())
 
 
+@pytest.mark.parametrize(
+    ("range_header", "status", "start", "end"),
+    [
+        ("bytes=0-99", 206, 0, 99),
+        ("bytes=1000-", 206, 1000, PIECE - 1),  # resume the rest of a piece
+        ("bytes=-10", 206, PIECE - 10, PIECE - 1),
+        (f"bytes=100-{PIECE * 2}", 206, 100, PIECE - 1),  # clamped to the piece
+        (f"bytes={PIECE}-", 416, 0, 0),
+        ("bytes=5-1", 400, 0, 0),
+        ("lines=1-2", 400, 0, 0),
+    ],
+)
+def test_range_within_a_piece(
+    run: Run[None], store: PieceStore, use_sendfile: bool, range_header: str, status: int, start: int, end: int
+) -> None:
+    data = content_bytes(3 * PIECE)
+
+    async def scenario() -> None:
+        await add_task(store, data, [0, 1, 2])
+        async with serving(store, use_sendfile=use_sendfile) as served, served.session.get(
+            f"{served.base}/pieces/{TASK}/1", headers={"Range": range_header}
+        ) as response:
+            assert response.status == status
+            body = await response.read()
+            if status == 206:
+                assert body == data[PIECE + start:PIECE + end + 1]
+                assert response.headers["Content-Range"] == f"bytes {start}-{end}/{PIECE}"
+                await eventually(lambda: counter(served.metrics.upload_traffic) == end - start + 1)
+            elif status == 416:
+                assert response.headers["Content-Range"] == f"bytes */{PIECE}"
+
+    run(scenario())
+
+
 def test_busy_slots_answer_503(run: Run[None], store: PieceStore, use_sendfile: bool) -> None:
     big = 32 * MIB  # far more than loopback socket buffers: the send blocks on the client
     data = bytes(big)
