@@ -10,19 +10,23 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import os
 import random
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from common.digest import file_digest
 from common.ids import parse_oci_blob_url
@@ -31,6 +35,8 @@ READY_TIMEOUT = 30.0
 _FROM_ORIGIN = 'damselfly_dfdaemon_download_traffic_bytes_total{type="back_to_source"}'
 _FROM_PEERS = 'damselfly_dfdaemon_download_traffic_bytes_total{type="remote_peer"}'
 _UPLOADED = "damselfly_dfdaemon_upload_traffic_bytes_total"
+_CLONE_NEWNET = 0x40000000
+_T = TypeVar("_T")
 
 
 # Ports are chosen below the kernel's ephemeral range (32768+ by default): a port picked there
@@ -71,6 +77,42 @@ def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
         return 0, b""
 
 
+def enter_netns(netns: str) -> None:
+    """Move the calling thread (only it) into the named network namespace (`ip netns add` name).
+
+    Sockets the thread opens afterwards, and processes it starts, live in that namespace. Needs root.
+    """
+    fd = os.open(f"/var/run/netns/{netns}", os.O_RDONLY)
+    try:
+        if ctypes.CDLL(None, use_errno=True).setns(fd, _CLONE_NEWNET) != 0:
+            errno = ctypes.get_errno()
+            raise OSError(errno, f"setns({netns}): {os.strerror(errno)}")
+    finally:
+        os.close(fd)
+
+
+def in_netns(netns: str | None, fn: Callable[[], _T]) -> _T:
+    """`fn()` run in network namespace `netns` (in a throwaway thread), or right here when None."""
+    if netns is None:
+        return fn()
+    outcome: list[_T] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            enter_netns(netns)
+            outcome.append(fn())
+        except BaseException as exc:  # handed to the caller's thread
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, name=f"netns-{netns}", daemon=True)
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
+    return outcome[0]
+
+
 def wait_until(condition: object, timeout: float, what: str, interval: float = 0.05) -> None:
     """Poll `condition()` until it is true; raise TimeoutError naming `what` after `timeout`."""
     deadline = time.monotonic() + timeout
@@ -92,10 +134,16 @@ class Node:
     data_dir: Path | None = None
     socket_path: Path | None = None
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    host: str = "127.0.0.1"  # the address every listener binds
+    netns: str | None = None  # network namespace the process runs in (None: this one)
 
     def url(self, port_name: str, path: str = "") -> str:
-        """http://127.0.0.1:<port><path>."""
-        return f"http://127.0.0.1:{self.ports[port_name]}{path}"
+        """http://<host>:<port><path> (host is 127.0.0.1 unless the node was given a host IP)."""
+        return f"http://{self.host}:{self.ports[port_name]}{path}"
+
+    def get(self, port_name: str, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
+        """:func:`http_get` of one of this node's URLs, from inside the node's namespace."""
+        return in_netns(self.netns, lambda: http_get(self.url(port_name, path), timeout))
 
     @property
     def alive(self) -> bool:
@@ -104,7 +152,7 @@ class Node:
 
     def metrics(self) -> dict[str, float]:
         """This node's Prometheus metrics as {'name{labels}': value}."""
-        status, body = http_get(self.url("metrics", "/metrics"))
+        status, body = self.get("metrics", "/metrics")
         if status != 200:
             return {}
         values: dict[str, float] = {}
@@ -116,12 +164,20 @@ class Node:
 
 
 class LocalCluster:
-    """Scheduler, seeds and dfdaemons as real processes on loopback."""
+    """Scheduler, seeds and dfdaemons as real processes on loopback.
 
-    def __init__(self, root: Path, *, python: str = sys.executable, log_level: str = "info") -> None:
+    Optionally each node runs in a network namespace of its own with a host IP there
+    (`scheduler_netns`/`scheduler_ip`, and `netns`/`host_ip` of :meth:`plan_dfdaemon`): the
+    process is started with ``ip netns exec NS`` and every listener binds that IP.
+    """
+
+    def __init__(self, root: Path, *, python: str = sys.executable, log_level: str = "info",
+                 scheduler_ip: str = "127.0.0.1", scheduler_netns: str | None = None) -> None:
         self.root = root
         self.python = python
         self.log_level = log_level
+        self.scheduler_ip = scheduler_ip
+        self.scheduler_netns = scheduler_netns
         self.nodes: list[Node] = []
         self.scheduler: Node | None = None
         # Known before the scheduler starts: seeds and the scheduler each need the other's address.
@@ -131,8 +187,9 @@ class LocalCluster:
 
     def _spawn(self, node: Node) -> Node:
         log = node.log_path.open("ab")
+        prefix = ["ip", "netns", "exec", node.netns] if node.netns else []
         node.process = subprocess.Popen(
-            [self.python, "-m", "common.cli", node.kind if node.kind != "seed" else "dfdaemon", *node.args],
+            [*prefix, self.python, "-m", "common.cli", node.kind if node.kind != "seed" else "dfdaemon", *node.args],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
         )
         log.close()
@@ -143,31 +200,39 @@ class LocalCluster:
     def start_scheduler(self, *extra: str, seeds: list[Node] | None = None) -> Node:
         """Start the scheduler (one per cluster here)."""
         ports = self.scheduler_ports
-        args = ["--listen", f"127.0.0.1:{ports['grpc']}", "--metrics-listen", f"127.0.0.1:{ports['metrics']}",
+        ip = self.scheduler_ip
+        args = ["--listen", f"{ip}:{ports['grpc']}", "--metrics-listen", f"{ip}:{ports['metrics']}",
                 "--log-level", self.log_level, *extra]
         for seed in seeds or []:
-            args += ["--seed-peer", f"127.0.0.1:{seed.ports['grpc']}"]
-        node = Node("scheduler", "scheduler", args, ports, self.root / "scheduler.log")
+            args += ["--seed-peer", f"{seed.host}:{seed.ports['grpc']}"]
+        node = Node("scheduler", "scheduler", args, ports, self.root / "scheduler.log", host=ip,
+                    netns=self.scheduler_netns)
         self.scheduler = self._spawn(node)
         return node
 
-    def plan_dfdaemon(self, name: str, *, seed: bool = False, ports: dict[str, int] | None = None) -> Node:
-        """Allocate a dfdaemon's ports and directories without starting it."""
+    def plan_dfdaemon(self, name: str, *, seed: bool = False, ports: dict[str, int] | None = None,
+                      netns: str | None = None, host_ip: str = "127.0.0.1") -> Node:
+        """Allocate a dfdaemon's ports and directories without starting it.
+
+        `netns` runs it in that network namespace; `host_ip` is its advertised address and what
+        every listener binds (the unix socket stays a path, reachable from any namespace).
+        """
         ports = ports or {p: free_port(self._ports) for p in ("grpc", "upload", "proxy", "metrics", "health")}
         data_dir = self.root / name / "data"
         socket_path = self.root / name / "dfdaemon.sock"
+        ip = host_ip
         args = [
-            "--scheduler", f"127.0.0.1:{self.scheduler_ports['grpc']}", "--data-dir", str(data_dir),
-            "--host-ip", "127.0.0.1", "--hostname", name,
-            "--grpc-listen", f"127.0.0.1:{ports['grpc']}", "--upload-listen", f"127.0.0.1:{ports['upload']}",
-            "--proxy-listen", f"127.0.0.1:{ports['proxy']}", "--metrics-listen", f"127.0.0.1:{ports['metrics']}",
-            "--health-listen", f"127.0.0.1:{ports['health']}", "--socket", str(socket_path),
+            "--scheduler", f"{self.scheduler_ip}:{self.scheduler_ports['grpc']}", "--data-dir", str(data_dir),
+            "--host-ip", ip, "--hostname", name,
+            "--grpc-listen", f"{ip}:{ports['grpc']}", "--upload-listen", f"{ip}:{ports['upload']}",
+            "--proxy-listen", f"{ip}:{ports['proxy']}", "--metrics-listen", f"{ip}:{ports['metrics']}",
+            "--health-listen", f"{ip}:{ports['health']}", "--socket", str(socket_path),
             "--log-level", self.log_level,
         ]
         if seed:
             args.append("--seed")
         return Node(name, "seed" if seed else "dfdaemon", args, ports, self.root / f"{name}.log", data_dir,
-                    socket_path)
+                    socket_path, host=ip, netns=netns)
 
     def start_dfdaemon(self, name: str, *extra: str, seed: bool = False, node: Node | None = None) -> Node:
         """Start a dfdaemon (or a seed) pointing at the scheduler."""
@@ -188,7 +253,7 @@ class LocalCluster:
                 if not node.alive:
                     raise RuntimeError(f"{node.name} exited with {node.process and node.process.returncode}; "
                                        f"log {node.log_path}:\n{tail(node.log_path)}")
-                return http_get(node.url(port, "/ready"))[0] == 200
+                return node.get(port, "/ready")[0] == 200
 
             wait_until(ready, timeout, f"{node.name} to be ready")
 
