@@ -25,7 +25,7 @@ from dragonfly_api import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 from common import ids
 from seed.up import LocalCluster, Node, http_get, sha256_file, wait_until
-from tests.support.cluster import run_dfget, start_dfget
+from tests.support.cluster import run_dfget, start_dfget, start_network
 from tests.support.registry import Registry, push_random_blob, write_random_file
 from tests.support.relay import ByteCountingRelay
 
@@ -41,17 +41,6 @@ DIGEST_FAILURES = 'damselfly_dfdaemon_piece_failures_total{reason="digest"}'
 
 def figures(scenario: str, **values: object) -> None:
     print(f"\nFIGURES {scenario}: " + ", ".join(f"{k}={v}" for k, v in values.items()))
-
-
-def start_network(cluster: LocalCluster, names: list[str], *extra: str, seed_extra: tuple[str, ...] = (),
-                  scheduler_extra: tuple[str, ...] = ()) -> tuple[Node, list[Node]]:
-    seed = cluster.plan_dfdaemon("seed", seed=True)
-    cluster.start_scheduler(*scheduler_extra, seeds=[seed])
-    cluster.start_dfdaemon("seed", *extra, *seed_extra, node=seed)
-    daemons = [cluster.start_dfdaemon(name, *extra) for name in names]
-    assert cluster.scheduler is not None
-    cluster.wait_ready(cluster.scheduler, seed, *daemons)
-    return seed, daemons
 
 
 def content_path(node: Node, url: str) -> Path:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from seed.up import LocalCluster, Node, sha256_file, wait_until
-from tests.support.cluster import run_dfget, start_dfget
+from seed.up import LocalCluster, sha256_file, wait_until
+from tests.support.cluster import run_dfget, start_dfget, start_network
 from tests.support.registry import Registry, push_random_blob
 from tests.support.relay import ByteCountingRelay
 
@@ -29,24 +29,13 @@ FROM_PEERS = 'damselfly_dfdaemon_download_traffic_bytes_total{type="remote_peer"
 FROM_ORIGIN = 'damselfly_dfdaemon_download_traffic_bytes_total{type="back_to_source"}'
 
 
-def start_network(cluster: LocalCluster, peers: int, *extra: str) -> tuple[Node, list[Node]]:
-    """Scheduler + one seed + `peers` dfdaemons, all ready."""
-    seed = cluster.plan_dfdaemon("seed", seed=True)
-    cluster.start_scheduler(seeds=[seed])
-    cluster.start_dfdaemon("seed", *extra, node=seed)
-    daemons = [cluster.start_dfdaemon(f"peer{i}", *extra) for i in range(1, peers + 1)]
-    assert cluster.scheduler is not None
-    cluster.wait_ready(cluster.scheduler, seed, *daemons)
-    return seed, daemons
-
-
 def test_eight_peers_pull_one_blob_and_the_origin_serves_it_once(
     cluster: LocalCluster, registry: Registry, registry_relay: ByteCountingRelay, tmp_path: Path
 ) -> None:
     size = 256 * MIB
     digest, _ = push_random_blob(registry, "p2p/eight", size, seed=8)
     url = f"{registry_relay.url}/v2/p2p/eight/blobs/{digest}"
-    seed, daemons = start_network(cluster, 8)
+    seed, daemons = start_network(cluster, [f"peer{i}" for i in range(1, 9)])
     registry_relay.reset()
 
     downloads = [start_dfget(node, url, tmp_path / f"{node.name}.blob") for node in daemons]
@@ -69,7 +58,7 @@ def test_eight_peers_pull_one_blob_and_the_origin_serves_it_once(
 
 
 def test_origin_404_fails_cleanly(cluster: LocalCluster, registry: Registry, tmp_path: Path) -> None:
-    _, (peer,) = start_network(cluster, 1)
+    _, (peer,) = start_network(cluster, ["peer1"])
     missing = "sha256:" + "0" * 64
     output = tmp_path / "missing.blob"
     result = run_dfget(peer, registry.blob_url("p2p/missing", missing), output)
@@ -107,7 +96,7 @@ def failing_origin() -> Iterator[str]:
 
 
 def test_origin_500_fails_cleanly(cluster: LocalCluster, failing_origin: str, tmp_path: Path) -> None:
-    _, (peer,) = start_network(cluster, 1)
+    _, (peer,) = start_network(cluster, ["peer1"])
     output = tmp_path / "broken.bin"
     result = run_dfget(peer, failing_origin, output)
     assert result.returncode != 0
@@ -118,7 +107,7 @@ def test_origin_500_fails_cleanly(cluster: LocalCluster, failing_origin: str, tm
 def test_wrong_digest_fails_and_keeps_the_good_blob(cluster: LocalCluster, registry: Registry, tmp_path: Path) -> None:
     digest, _ = push_random_blob(registry, "p2p/digest", 6 * MIB, seed=3)
     url = registry.blob_url("p2p/digest", digest)
-    _, (peer,) = start_network(cluster, 1)
+    _, (peer,) = start_network(cluster, ["peer1"])
     wrong = "sha256:" + "ab" * 32
     output = tmp_path / "wrong.blob"
     result = run_dfget(peer, url, output, "--digest", wrong)
@@ -161,7 +150,7 @@ def test_children_finish_when_a_parent_is_killed_mid_transfer(
     digest, _ = push_random_blob(registry, "p2p/killed", size, seed=11)
     url = registry.blob_url("p2p/killed", digest)
     # Uploads are rate-limited so that the kill lands while children are mid-transfer.
-    _, (parent, *children) = start_network(cluster, 3, "--upload-rate-limit", "40MiB")
+    _, (parent, *children) = start_network(cluster, ["peer1", "peer2", "peer3"], "--upload-rate-limit", "40MiB")
     first = run_dfget(parent, url, tmp_path / "parent.blob")
     assert first.returncode == 0, first.stderr
 

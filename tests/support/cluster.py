@@ -46,6 +46,18 @@ def start_dfget(node: Node, url: str, output: Path, *extra: str) -> subprocess.P
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def start_network(cluster: LocalCluster, names: list[str], *extra: str, seed_extra: tuple[str, ...] = (),
+                  scheduler_extra: tuple[str, ...] = ()) -> tuple[Node, list[Node]]:
+    """A scheduler, one seed and a dfdaemon per name, all ready; `extra` flags go to every daemon."""
+    seed = cluster.plan_dfdaemon("seed", seed=True)
+    cluster.start_scheduler(*scheduler_extra, seeds=[seed])
+    cluster.start_dfdaemon("seed", *extra, *seed_extra, node=seed)
+    daemons = [cluster.start_dfdaemon(name, *extra) for name in names]
+    assert cluster.scheduler is not None
+    cluster.wait_ready(cluster.scheduler, seed, *daemons)
+    return seed, daemons
+
+
 @pytest.fixture
 def dfget() -> Callable[..., subprocess.CompletedProcess[str]]:
     return run_dfget
