@@ -601,7 +601,8 @@ class Conductor:
                                    cost=duration(cost))))
 
     async def _digest_of(self, number: int) -> str:
-        """The digest the back-sourcing peer reported for a piece, as relayed by the scheduler."""
+        """The digest the back-sourcing peer reported for a piece, as relayed by the scheduler
+        (or, while the scheduler is unreachable, as a seed parent reports it)."""
         deadline = time.monotonic() + DIGEST_WAIT
         delay = 0.05
         while number not in self._digests:
@@ -619,13 +620,34 @@ class Conductor:
         return self._digests[number]
 
     async def _refresh_digests(self) -> None:
+        """Ask the scheduler for the digests it relays; without a scheduler, ask the seed parents.
+
+        A seed back-sources every task it holds, so the digests it reports are the ones it
+        computed from the origin's bytes: the same the scheduler would relay. That a parent is a
+        seed is the scheduler's word (its host type in the candidate list), so the trust stays
+        anchored there; normal parents' digests are never used.
+        """
         assert self.engine.scheduler is not None
         address = self._stream.address if self._stream is not None else None
         try:
             task = await self.engine.scheduler.stat_task(self.task_id, address)
         except SchedulerUnavailable as exc:
-            log.info("task %s: cannot refresh piece digests: %s", self.task_id, exc)
+            log.info("task %s: scheduler cannot relay piece digests (%s); asking seed parents", self.task_id, exc)
+            await self._digests_from_seeds()
             return
+        self._learn_digests(task)
+
+    async def _digests_from_seeds(self) -> None:
+        for parent in [p for p in self._parents.values() if p.is_seed]:
+            stub = dfdaemon_pb2_grpc.DfdaemonUploadStub(self.engine.parent_channel(parent.ip, parent.grpc_port))
+            try:
+                task = await stub.StatTask(dfdaemon_pb2.StatTaskRequest(task_id=self.task_id), timeout=5)
+            except grpc.aio.AioRpcError as exc:
+                log.info("task %s: seed %s gives no digests: %s", self.task_id, parent.peer_id, exc.details())
+                continue
+            self._learn_digests(task)
+
+    def _learn_digests(self, task: common_pb2.Task) -> None:
         for piece in task.pieces:
             if piece.digest:
                 self._digests.setdefault(piece.number, piece.digest)
