@@ -883,9 +883,16 @@ class Engine:
         runner = asyncio.create_task(conductor.run(), name=f"task-{task_id[:12]}")
         self._runners.add(runner)
         runner.add_done_callback(self._runners.discard)
-        # Nobody may await the outcome (a seed trigger whose caller left): don't log it as lost.
-        conductor.done.add_done_callback(lambda f: f.cancelled() or f.exception())
+        conductor.done.add_done_callback(lambda _: self._forget(conductor))
         return conductor
+
+    def _forget(self, conductor: Conductor) -> None:
+        """A finished download leaves the table (its outcome stays with whoever awaits it)."""
+        if self._conductors.get(conductor.task_id) is conductor:
+            del self._conductors[conductor.task_id]
+        if not conductor.done.cancelled():
+            # Nobody may await the outcome (a seed trigger whose caller left): don't log it as lost.
+            conductor.done.exception()
 
     async def wait_piece(self, request: DownloadRequest, number: int) -> Conductor:
         """Wait until piece `number` of the request's task is on this node; raises on failure.
