@@ -371,8 +371,12 @@ def main(argv: list[str] | None = None) -> int:
             if args.fetch:
                 return _fetch_everywhere(cluster, args.fetch, root / "downloads")
             print("ready; Ctrl-C stops everything")
-            with contextlib.suppress(KeyboardInterrupt):
-                signal.sigwait({signal.SIGINT, signal.SIGTERM})
+            # Blocked, the signals wait for sigwait: SIGTERM would otherwise kill this process
+            # at once and leave the nodes (in their own sessions) running.
+            stop_signals = {signal.SIGINT, signal.SIGTERM}
+            signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+            signal.sigwait(stop_signals)
+            print("stopping")
     except (TimeoutError, RuntimeError) as exc:
         print(f"damselfly up: error: {exc}", file=sys.stderr)
         return 1
