@@ -86,7 +86,7 @@ class OriginResponseError(OriginStatusError):
     @property
     def www_authenticate(self) -> str | None:
         """The origin's ``WWW-Authenticate`` challenge, if it sent one."""
-        return _get_header(self.headers, "WWW-Authenticate")
+        return get_header(self.headers, "WWW-Authenticate")
 
 
 @dataclass(frozen=True)
@@ -312,7 +312,7 @@ class OriginClient:
             if 200 <= response.status < 300:
                 head_headers = _flat_headers(response)
                 length = _int_header(head_headers, "Content-Length")
-                accept = (_get_header(head_headers, "Accept-Ranges") or "").lower()
+                accept = (get_header(head_headers, "Accept-Ranges") or "").lower()
                 if length is not None and accept == "bytes":
                     return OriginStat(length, head_headers, True, final_url)
                 if length is not None and accept == "none":
@@ -327,7 +327,7 @@ class OriginClient:
             got = _flat_headers(response)
             if response.status == 206:
                 try:
-                    _, _, total = parse_content_range(_get_header(got, "Content-Range") or "")
+                    _, _, total = parse_content_range(get_header(got, "Content-Range") or "")
                 except ValueError as exc:
                     raise OriginError(f"{url}: bad Content-Range in the answer to bytes=0-0: {exc}") from None
                 return OriginStat(total, {**head_headers, **_entity_headers(got)}, True, final_url)
@@ -376,7 +376,7 @@ class OriginClient:
         base["Accept-Encoding"] = "identity"
         if range_value is not None:
             base["Range"] = range_value
-        caller_auth = _get_header(headers, "Authorization")
+        caller_auth = get_header(headers, "Authorization")
         origin = _origin_of(url)
         hint_key = _hint_key(url)
         authorization = caller_auth
@@ -532,7 +532,8 @@ def _hint_key(url: str) -> tuple[str, str]:
     return _origin_of(url), match["name"] if match else parts.path
 
 
-def _get_header(headers: Mapping[str, str], name: str) -> str | None:
+def get_header(headers: Mapping[str, str], name: str) -> str | None:
+    """The value of header `name` in a plain mapping, whatever the case of its key."""
     lowered = name.lower()
     for key, value in headers.items():
         if key.lower() == lowered:
@@ -541,7 +542,7 @@ def _get_header(headers: Mapping[str, str], name: str) -> str | None:
 
 
 def _int_header(headers: Mapping[str, str], name: str) -> int | None:
-    value = _get_header(headers, name)
+    value = get_header(headers, name)
     if value is None or not value.strip().isdigit():
         return None
     return int(value)

@@ -55,7 +55,7 @@ from common.errors import (
     OriginStatusError,
     RangeNotSatisfiable,
 )
-from common.origin import OriginClient, OriginResponseError
+from common.origin import OriginClient, OriginResponseError, get_header
 from common.pieces import pieces_covering
 from peer.engine import Conductor
 from peer.piece_server import FileRegionSender, listen
@@ -442,7 +442,7 @@ class Proxy:
             conductor.prioritize(numbers)
         response = web.StreamResponse(status=206 if chosen is not None else 200)
         for name in _ENTITY_HEADERS:
-            value = _get(local.response_headers, name)
+            value = get_header(local.response_headers, name)
             if value is not None:
                 response.headers[name] = value
         response.headers.setdefault("Content-Type", "application/octet-stream")
@@ -649,9 +649,3 @@ def _engine_range(header: str | None) -> tuple[int, int | None] | None:
     return spec.first, None if spec.last is None else spec.last - spec.first + 1
 
 
-def _get(headers: Mapping[str, str], name: str) -> str | None:
-    lowered = name.lower()
-    for key, value in headers.items():
-        if key.lower() == lowered:
-            return value
-    return None
