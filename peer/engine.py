@@ -153,7 +153,6 @@ class Conductor:
         self._stream_reader: asyncio.Task[None] | None = None
         self._scheduler_alive = False
         self._back_to_source = False
-        self._traffic: dict[str, int] = {"back_to_source": 0, "remote_peer": 0, "local_peer": 0}
         self._order_seed = random.random()
         self._priority: set[int] = set()
         # Pieces this download must fetch; None means all of them (the normal case).
@@ -185,11 +184,6 @@ class Conductor:
         if self._wanted is not None:
             self._wanted = None
             self._events.put_nowait(_Wake())
-
-    @property
-    def partial(self) -> bool:
-        """True when this download fetches only some pieces (Range reads without prefetch)."""
-        return self._wanted is not None
 
     def _resolve_ranges(self) -> None:
         """Once the size is known, turn pending Range reads into wanted, prioritized pieces."""
@@ -592,7 +586,6 @@ class Conductor:
                                                   expected_digest=expected, parent_id=parent.peer_id)
         cost = time.monotonic() - started
         span = self.local.span(number)
-        self._traffic["remote_peer"] += span.length
         self.engine.metrics.download_traffic.labels("remote_peer").inc(span.length)
         self.engine.metrics.piece_duration.labels("remote_peer").observe(cost)
         self._stream_send(download_piece_finished_request=scheduler_pb2.DownloadPieceFinishedRequest(
@@ -741,7 +734,6 @@ class Conductor:
         metrics = self.engine.metrics
         metrics.download_traffic.labels("back_to_source").inc(span.length)
         metrics.piece_duration.labels("back_to_source").observe(cost)
-        self._traffic["back_to_source"] += span.length
         self._stream_send(download_piece_back_to_source_finished_request=scheduler_pb2.DownloadPieceBackToSourceFinishedRequest(
             piece=common_pb2.Piece(number=number, offset=span.offset, length=span.length, digest=digest,
                                    traffic_type=common_pb2.BACK_TO_SOURCE, cost=duration(cost))))
