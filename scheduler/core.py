@@ -205,6 +205,9 @@ class SchedulerCore:
             host.announced_at = now
         if info.is_seed:
             self._seed_hosts[info.id] = host
+            # A seed that announces itself is up: a trigger that failed while it was down must
+            # not keep it out of service for the rest of the cool-down.
+            self._cooldown.pop(info.grpc_address, None)
         else:
             self._seed_hosts.pop(info.id, None)
         return []
@@ -222,6 +225,13 @@ class SchedulerCore:
 
     def list_hosts(self) -> list[HostInfo]:
         return [host.info for host in self.hosts.values()]
+
+    @property
+    def available_seed_host_count(self) -> int:
+        """Announced seed hosts that a trigger may go to now (not cooling down)."""
+        now = self.clock.time()
+        return sum(1 for host in self._seed_hosts.values()
+                   if self._cooldown.get(host.info.grpc_address, 0.0) <= now)
 
     def available_seeds(self) -> list[str]:
         """``ip:port`` of seeds that may be triggered now: configured and announced, minus cool-down."""

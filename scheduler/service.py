@@ -93,6 +93,10 @@ class SchedulerMetrics:
         self.peers = Gauge(f"{PREFIX}_peers", "Peers known", registry=r)
         self.tasks = Gauge(f"{PREFIX}_tasks", "Tasks known", registry=r)
         self.waiting = Gauge(f"{PREFIX}_waiting_peers", "Peers waiting for a parent", registry=r)
+        self.seed_hosts = Gauge(f"{PREFIX}_seed_hosts_available",
+                                "Announced seed hosts that new tasks may be triggered on (not cooling down)",
+                                registry=r)
+        self.seed_hosts.set_function(lambda: core.available_seed_host_count)
         self.hosts.set_function(lambda: core.host_count)
         self.peers.set_function(lambda: core.peer_count)
         self.tasks.set_function(lambda: core.task_count)

@@ -36,6 +36,7 @@ PIECE = 4 * MIB
 UPLOAD = "damselfly_dfdaemon_upload_traffic_bytes_total"
 FROM_PEERS = 'damselfly_dfdaemon_download_traffic_bytes_total{type="remote_peer"}'
 FROM_ORIGIN = 'damselfly_dfdaemon_download_traffic_bytes_total{type="back_to_source"}'
+SEEDS_AVAILABLE = "damselfly_scheduler_seed_hosts_available"
 DIGEST_FAILURES = 'damselfly_dfdaemon_piece_failures_total{reason="digest"}'
 
 
@@ -186,7 +187,7 @@ def test_without_seed_peers_back_source_and_the_seed_is_used_when_back(
     first, _ = push_random_blob(registry, "faults/noseed", size, seed=104)
     second, _ = push_random_blob(registry, "faults/noseed", size, seed=105)
     seed = cluster.plan_dfdaemon("seed", seed=True)
-    scheduler = cluster.start_scheduler("--seed-cooldown", "1s", seeds=[seed])
+    scheduler = cluster.start_scheduler(seeds=[seed])  # the default 30 s cool-down: the announce ends it
     peer = cluster.start_dfdaemon("peer")
     cluster.wait_ready(scheduler, peer)
 
@@ -200,6 +201,9 @@ def test_without_seed_peers_back_source_and_the_seed_is_used_when_back(
 
     cluster.start_dfdaemon("seed", node=seed)
     cluster.wait_ready(seed)
+    # The first trigger failed and cooled the seed down; its announce ends that. Wait until the
+    # scheduler offers it again, not on the cool-down being shorter than a restart.
+    wait_until(lambda: scheduler.metrics().get(SEEDS_AVAILABLE, 0) >= 1, 30, "the scheduler to see the seed")
     url = f"{registry_relay.url}/v2/faults/noseed/blobs/{second}"
     assert run_dfget(peer, url, tmp_path / "second.blob").returncode == 0
     assert sha256_file(tmp_path / "second.blob") == second

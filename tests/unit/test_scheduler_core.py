@@ -345,6 +345,29 @@ def test_seed_trigger_failure_cools_the_seed_down() -> None:
     assert first.address in w.core.available_seeds()
 
 
+def test_a_seed_that_announces_itself_ends_its_cool_down() -> None:
+    w = World(seed_cooldown=30.0)
+    seed_host = w.host("seed", seed=True)
+    address = w.core.hosts[seed_host].info.grpc_address
+    assert w.core.available_seed_host_count == 1
+    w.core.seed_trigger_failed(address)
+    assert address not in w.core.available_seeds()
+    assert w.core.available_seed_host_count == 0
+    w.clock.advance(1.0)
+    w.core.announce_host(w.core.hosts[seed_host].info)  # restarted within the cool-down
+    assert address in w.core.available_seeds()
+    assert w.core.available_seed_host_count == 1
+    (trigger,) = w.register("a")
+    assert isinstance(trigger, TriggerSeed) and trigger.address == address
+
+
+def test_a_normal_host_announcing_does_not_end_a_seed_cool_down() -> None:
+    w = World(seed_peer=("10.0.1.1:4000",), seed_cooldown=30.0)
+    w.core.seed_trigger_failed("10.0.1.1:4000")
+    w.host("peer")
+    assert w.core.available_seeds() == []
+
+
 def test_seed_trigger_failure_without_other_seed_goes_back_to_source() -> None:
     w = World(seed_peer=("10.0.1.1:4000",))
     w.register("a")
