@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 import yaml
 
 from common.errors import ConfigError
-from common.tls import check_settings, tls_enabled
+from common.tls_settings import check_settings, tls_enabled
 
 DEFAULT_SCHEDULER_PORT = 8002
 DEFAULT_SCHEDULER_METRICS_PORT = 8000

@@ -26,6 +26,9 @@ certificate of the cluster CA that carries the name passes, whatever address it 
 
 :func:`open_channel` and :func:`add_port` pick secure or plaintext by whether credentials are
 given, so callers have one code path; ``None`` means plaintext (the default).
+
+What the ``tls_*`` keys must look like (:func:`check_settings`, :func:`tls_enabled`, re-exported
+here) lives in :mod:`common.tls_settings`, so that config validation does not load grpc.
 """
 
 from __future__ import annotations
@@ -33,33 +36,18 @@ from __future__ import annotations
 import dataclasses
 import ssl
 from pathlib import Path
-from typing import Protocol
 
 import grpc
 
 from common.errors import ConfigError
 
+# Re-exported: callers that build TLS from a config find the settings checks here too.
+from common.tls_settings import TlsSettings as TlsSettings
+from common.tls_settings import check_settings as check_settings
+from common.tls_settings import tls_enabled as tls_enabled
+
 # Python's default client context already refuses anything older; servers get the same floor.
 MINIMUM_TLS_VERSION = ssl.TLSVersion.TLSv1_2
-
-
-class TlsSettings(Protocol):
-    """The config fields TLS is built from (SchedulerConfig and DfdaemonConfig have them)."""
-
-    @property
-    def tls_ca_cert(self) -> str: ...
-
-    @property
-    def tls_cert(self) -> str: ...
-
-    @property
-    def tls_key(self) -> str: ...
-
-    @property
-    def tls_client_auth(self) -> bool: ...
-
-    @property
-    def tls_server_name(self) -> str: ...
 
 
 def _no_password() -> bytes:
@@ -177,22 +165,6 @@ class TlsCredentials:
         context.minimum_version = MINIMUM_TLS_VERSION
         context.load_cert_chain(self.cert_path, self.key_path, password=_no_password)
         return context
-
-
-def check_settings(*, ca_cert: str, cert: str, key: str, client_auth: bool) -> None:
-    """Check that the TLS keys go together, without touching the files (ConfigError if not)."""
-    if not cert:
-        raise ConfigError("tls_cert", "is required for TLS (every node serves something)")
-    if not key:
-        raise ConfigError("tls_key", "is required when tls_cert is set")
-    if client_auth and not ca_cert:
-        raise ConfigError("tls_ca_cert", "is required for mutual TLS (tls_client_auth); "
-                          "set it, or turn tls_client_auth off")
-
-
-def tls_enabled(config: TlsSettings) -> bool:
-    """True when any tls_* file is configured (then all that TLS needs must be)."""
-    return bool(config.tls_cert or config.tls_key or config.tls_ca_cert)
 
 
 def tls_from_config(config: TlsSettings) -> TlsCredentials | None:
