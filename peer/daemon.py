@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 from pathlib import Path
 
 import grpc
@@ -26,6 +27,7 @@ from dragonfly_api import common_pb2, dfdaemon_pb2_grpc
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from common import ids
+from common.clock import SystemClock
 from common.config import DfdaemonConfig, split_address
 from common.errors import ConfigError
 from common.origin import OriginClient
@@ -103,7 +105,8 @@ class Daemon:
         self.scheduler = SchedulerClient(config.scheduler, self.host_message(), config.announce_interval,
                                          tls=self.tls)
         self.engine = Engine(config=config, store=self.store, scheduler=self.scheduler, origin=self.origin,
-                             metrics=self.metrics, host_id=self.host_id, collector=self.collector, tls=self.tls)
+                             metrics=self.metrics, host_id=self.host_id, clock=SystemClock(), rng=random.Random(),
+                             collector=self.collector, tls=self.tls)
 
         upload = grpc.aio.server()
         dfdaemon_pb2_grpc.add_DfdaemonUploadServicer_to_server(

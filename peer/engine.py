@@ -13,9 +13,13 @@ When the scheduler does not answer, the conductor back-sources on its own (unles
 forbids it). When parents run dry, it asks for new ones, then falls back to the origin for the
 pieces still missing. The whole content's sha256 is checked when the digest is known.
 
-The conductor is an actor: one loop owns the state (which parent has which piece, what is in
-flight) and reacts to events that parent sessions, piece workers and the scheduler stream put
-in its queue, so no state is shared between coroutines.
+The decisions — which piece next, from which parent, when to drop a parent, ask for others or
+go back to source — are made by a pure :class:`~peer.download.policy.DownloadPolicy`. The
+conductor is the loop around it: parent sessions, piece workers and the scheduler stream put
+events in its queue; the loop feeds them to the policy and carries out the commands it returns
+(start a piece transfer, report a failure, cancel a parent's session, send a reschedule).
+Readers on the same event loop (the proxy, the gRPC services) tell it what they wait for through
+:meth:`Conductor.prioritize`, :meth:`Conductor.add_range` and :meth:`Conductor.want_all`.
 """
 
 from __future__ import annotations
@@ -24,7 +28,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -34,6 +37,7 @@ import grpc
 from dragonfly_api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc, scheduler_pb2
 
 from common import ids
+from common.clock import Clock
 from common.digest import file_digest, parse_digest
 from common.errors import (
     ContentDigestMismatch,
@@ -47,6 +51,16 @@ from common.errors import (
 )
 from common.pieces import piece_length_for
 from common.tls import TlsCredentials, open_channel, url_scheme
+from peer.download.policy import (
+    BackToSource,
+    Command,
+    DownloadPolicy,
+    DropParent,
+    FetchPiece,
+    Finished,
+    ReportPieceFailed,
+    Reschedule,
+)
 from peer.request import DownloadRequest, duration
 from peer.scheduler_client import UNAVAILABLE_CODES, AnnounceStream, SchedulerClient
 
@@ -64,13 +78,6 @@ log = logging.getLogger(__name__)
 PIECE_LENGTH_HEADER = "X-Damselfly-Piece-Length"
 RESPONSE_HEADER_PREFIX = "X-Damselfly-Response-"
 _CHUNK = 1 << 20
-# Pieces in flight from one parent. A seed gets fewer as soon as normal parents exist: every
-# child would otherwise take each new piece from the seed at once, and peers would never trade.
-PARENT_PIECE_LIMIT = 8
-SEED_PIECE_LIMIT = 4
-SEED_PIECE_LIMIT_WITH_PEERS = 1
-# A parent that failed this many pieces of the task is dropped and reported to the scheduler.
-PARENT_FAILURE_LIMIT = 2
 # How long to keep asking the scheduler for a piece digest still in flight from the seed.
 DIGEST_WAIT = 5.0
 ORIGIN_ATTEMPTS = 3
@@ -79,7 +86,7 @@ ORIGIN_BACKOFF = 0.5
 
 @dataclass
 class Parent:
-    """A candidate parent as this child sees it."""
+    """Where a candidate parent is, and the session that learns its pieces."""
 
     peer_id: str
     host_id: str
@@ -87,8 +94,6 @@ class Parent:
     grpc_port: int
     download_port: int
     is_seed: bool
-    in_flight: int = 0
-    failures: int = 0
     session: asyncio.Task[None] | None = None
 
 
@@ -142,27 +147,29 @@ class Conductor:
         self.peer_id = ids.peer_id(engine.config.host_ip, engine.config.hostname)
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.content_known = asyncio.Event()
+        self.clock = engine.clock
+        self.policy = DownloadPolicy(
+            peer_id=self.peer_id, clock=engine.clock, rng=engine.rng,
+            concurrent_pieces=engine.config.concurrent_piece_count,
+            schedule_timeout=engine.config.schedule_timeout,
+            # Only a Range read with prefetch off fetches just the pieces it covers.
+            want_everything=request.prefetch or request.byte_range is None,
+        )
         self._events: asyncio.Queue[_Event] = asyncio.Queue()
         self._parents: dict[str, Parent] = {}
-        self._blocked: set[str] = set()
-        self._holders: dict[int, set[str]] = {}
         self._in_flight: dict[int, asyncio.Task[None]] = {}
         self._digests: dict[int, str] = {}
         self._digest_refresh: asyncio.Task[None] | None = None
         self._stream: AnnounceStream | None = None
         self._stream_reader: asyncio.Task[None] | None = None
-        self._scheduler_alive = False
         self._back_to_source = False
-        self._order_seed = random.random()
-        self._priority: set[int] = set()
-        # Pieces this download must fetch; None means all of them (the normal case).
-        self._wanted: set[int] | None = None if request.prefetch or request.byte_range is None else set()
+        # Range reads that came before the content's size was known (their pieces are unknown).
         self._ranges: list[DownloadRequest] = [request] if request.byte_range is not None else []
-        self.started_at = time.monotonic()
+        self.started_at = self.clock.time()
 
     def prioritize(self, numbers: Iterable[int]) -> None:
         """Fetch these pieces before the others: a reader is waiting for them."""
-        self._priority.update(numbers)
+        self.policy.prioritize(numbers)
         self._events.put_nowait(_Wake())
 
     def add_range(self, request: DownloadRequest) -> bool:
@@ -172,8 +179,7 @@ class Conductor:
         if self.content_known.is_set():
             assert self.local.content_length is not None and self.local.piece_length is not None
             numbers = request.covering_pieces(self.local.content_length, self.local.piece_length)
-            if self._wanted is not None:
-                self._wanted.update(numbers)
+            self.policy.want(numbers)
             self.prioritize(numbers)
         else:
             self._ranges.append(request)
@@ -181,29 +187,21 @@ class Conductor:
 
     def want_all(self) -> None:
         """Fetch every piece after all (a whole read or a prefetch joined a Range read)."""
-        if self._wanted is not None:
-            self._wanted = None
+        if not self.policy.want_everything:
+            self.policy.want_all()
             self._events.put_nowait(_Wake())
 
-    def _resolve_ranges(self) -> None:
-        """Once the size is known, turn pending Range reads into wanted, prioritized pieces."""
-        if not self.content_known.is_set() or not self._ranges:
-            return
+    def _on_content_known(self) -> None:
+        """The size is known: tell the policy, and turn pending Range reads into wanted pieces."""
         assert self.local.content_length is not None and self.local.piece_length is not None
+        self.content_known.set()
+        if not self.policy.content_known:
+            self.policy.content_info(self.local.piece_count, self.local.finished_pieces())
         for request in self._ranges:
             numbers = request.covering_pieces(self.local.content_length, self.local.piece_length)
-            if self._wanted is not None:
-                self._wanted.update(numbers)
-            self._priority.update(numbers)
+            self.policy.want(numbers)
+            self.policy.prioritize(numbers)
         self._ranges.clear()
-
-    def _finished_wanted(self) -> bool:
-        if not self.content_known.is_set():
-            return False
-        self._resolve_ranges()
-        if self._wanted is None:
-            return self.local.is_complete()
-        return all(self.local.has_piece(n) for n in self._wanted)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -228,7 +226,7 @@ class Conductor:
                 raise
         else:
             metrics.tasks.labels("succeeded").inc()
-            metrics.task_duration.observe(time.monotonic() - self.started_at)
+            metrics.task_duration.observe(self.clock.time() - self.started_at)
             self._finish_stream(failed=None)
             if not self.done.done():
                 self.done.set_result(None)
@@ -279,14 +277,14 @@ class Conductor:
     async def _run(self) -> None:
         self.local.touch()
         if self.local.state == "succeeded" and self._content_complete():
-            self.content_known.set()
+            self._on_content_known()
             self.engine.metrics.cache_hits.inc()
             self.engine.metrics.download_traffic.labels("local_peer").inc(self.local.content_length or 0)
             return
         if self.local.state != "running":
             self.local.mark_running()
         if self.local.content_length is not None:
-            self.content_known.set()
+            self._on_content_known()
         first = await self._register()
         if first is None:
             await self._back_source("scheduler unreachable")
@@ -299,7 +297,7 @@ class Conductor:
             if first.HasField("normal_task_response"):
                 self._add_parents(first.normal_task_response.candidate_parents)
             await self._download_from_parents()
-        if self._wanted is None or self._content_complete():
+        if self.policy.want_everything or self._content_complete():
             await self._verify_content()
             self.local.mark_succeeded()
 
@@ -346,7 +344,6 @@ class Conductor:
         if response is None:
             return None, "closed the stream without an answer"
         self._stream = stream
-        self._scheduler_alive = True
         self._stream_reader = asyncio.create_task(self._read_scheduler(stream))
         return response
 
@@ -361,16 +358,16 @@ class Conductor:
             await self._events.put(_SchedulerMessage(None, f"{exc.code().name}: {exc.details()}"))
 
     def _stream_send(self, **message: Any) -> None:
-        if self._stream is not None and self._scheduler_alive:
+        if self._stream is not None and self.policy.scheduler_alive:
             self._stream.send(**message)
 
     # -- from parents ----------------------------------------------------------------------------
 
     def _add_parents(self, candidates: Any) -> None:
         for candidate in candidates:
-            if candidate.id in self._parents or candidate.id in self._blocked or candidate.id == self.peer_id:
-                continue
             host = candidate.host
+            if not self.policy.add_parent(candidate.id, is_seed=host.type != 0):
+                continue
             parent = Parent(peer_id=candidate.id, host_id=host.id, ip=host.ip, grpc_port=host.port,
                             download_port=host.download_port, is_seed=host.type != 0)
             self._parents[parent.peer_id] = parent
@@ -403,59 +400,48 @@ class Conductor:
                 await collector.ensure_room(content_length - self.local.used_bytes)
             length = piece_length or self.request.piece_length or piece_length_for(content_length)
             self.local.set_content_info(content_length, length, headers)
-        self.content_known.set()
-        self._resolve_ranges()
+        self._on_content_known()
 
     def _missing(self) -> list[int]:
-        """Pieces still to fetch (of those wanted)."""
-        if self.local.content_length is None:
-            return []
-        self._resolve_ranges()
-        finished = set(self.local.finished_pieces())
-        numbers = range(self.local.piece_count) if self._wanted is None else sorted(self._wanted)
-        return [n for n in numbers if n not in finished]
+        """Wanted pieces not on disk yet (the store's word: transfers may have just ended)."""
+        return [n for n in self.policy.wanted_pieces() if not self.local.has_piece(n)]
 
     async def _download_from_parents(self) -> None:
-        """The actor loop: dispatch pieces to parents, react to events, until complete."""
-        config = self.engine.config
-        stalled_since: float | None = None
-        asked_reschedule = False
+        """The loop: carry out the policy's commands, feed it events, until done or back-to-source."""
         while True:
-            if self._finished_wanted():
-                return
-            self._dispatch()
-            idle = not self._in_flight
-            if idle and not self._has_live_parent_with_work():
-                # Nothing to do with current parents: ask for more, then fall back to the origin.
-                now = time.monotonic()
-                if stalled_since is None:
-                    stalled_since = now
-                    if self._scheduler_alive and not asked_reschedule:
-                        asked_reschedule = True
-                        self._reschedule("parents have no more pieces for us")
-                if not self._scheduler_alive or now - stalled_since > config.schedule_timeout:
-                    await self._back_source("parents could not provide every piece")
+            for command in self.policy.next_commands():
+                if isinstance(command, Finished):
                     return
-            else:
-                stalled_since = None
+                if isinstance(command, BackToSource):
+                    await self._back_source(command.reason)
+                    return
+                self._carry_out(command)
             try:
                 event = await asyncio.wait_for(self._events.get(), timeout=1.0)
             except TimeoutError:
-                continue
-            stop = await self._handle(event)
-            if stop:
-                await self._back_source(stop)
-                return
+                continue  # time passed: the policy may decide the parents have stalled
+            await self._handle(event)
 
-    def _has_live_parent_with_work(self) -> bool:
-        """True while some live parent session may still announce a piece we miss."""
-        return any(p.session is not None and not p.session.done() for p in self._parents.values())
+    def _carry_out(self, command: Command) -> None:
+        if isinstance(command, FetchPiece):
+            parent = self._parents[command.parent_id]
+            self._in_flight[command.number] = asyncio.create_task(self._fetch_piece(command.number, parent))
+        elif isinstance(command, ReportPieceFailed):
+            self._stream_send(download_piece_failed_request=scheduler_pb2.DownloadPieceFailedRequest(
+                piece_number=command.number, parent_id=command.parent_id, temporary=command.temporary))
+        elif isinstance(command, DropParent):
+            dropped = self._parents.pop(command.parent_id, None)
+            if dropped is not None and dropped.session is not None and not dropped.session.done():
+                dropped.session.cancel()
+        elif isinstance(command, Reschedule):
+            peers = [common_pb2.Peer(id=peer_id) for peer_id in command.blocked]
+            self._stream_send(reschedule_peer_request=scheduler_pb2.ReschedulePeerRequest(
+                candidate_parents=peers, description=command.description))
 
-    async def _handle(self, event: _Event) -> str:
-        """Apply one event; returns a reason to switch to back-to-source, or ''."""
+    async def _handle(self, event: _Event) -> None:
+        """Apply one event to the policy (and carry out what it answers at once)."""
         if isinstance(event, _Have):
-            if event.parent_id in self._parents:
-                self._holders.setdefault(event.number, set()).add(event.parent_id)
+            self.policy.parent_has(event.parent_id, event.number)
         elif isinstance(event, _ParentInfo):
             if self.local.content_length is None:
                 task = event.task
@@ -465,103 +451,36 @@ class Conductor:
                 await self._set_content_info(task.content_length, headers, piece_length)
             # The parent's own piece digests are not used: only those the scheduler relays count.
         elif isinstance(event, _ParentGone):
-            parent = self._parents.get(event.parent_id)
-            if parent is not None and event.reason:
+            if event.reason and event.parent_id in self._parents:
                 log.info("task %s: parent %s gone: %s", self.task_id, event.parent_id, event.reason)
-                # Tell the scheduler the parent failed us, so it stops offering a dead node.
-                missing = self._missing()
-                self._stream_send(download_piece_failed_request=scheduler_pb2.DownloadPieceFailedRequest(
-                    piece_number=missing[0] if missing else 0, parent_id=parent.peer_id, temporary=False))
-                self._drop_parent(parent, event.reason)
+            for command in self.policy.parent_ended(event.parent_id, event.reason):
+                self._carry_out(command)
         elif isinstance(event, _PieceDone):
             self._in_flight.pop(event.number, None)
-            parent = self._parents.get(event.parent_id)
-            if parent is not None:
-                parent.in_flight -= 1
-            if event.error is not None and parent is not None:
-                self._piece_failed(event.number, parent, event.error)
+            if event.error is None:
+                self.policy.piece_succeeded(event.number, event.parent_id)
+                return
+            integrity = isinstance(event.error, IntegrityError)
+            if event.parent_id in self.policy.parents:  # not dropped meanwhile
+                self.engine.metrics.piece_failures.labels("digest" if integrity else "parent").inc()
+                log.info("task %s: piece %d from %s failed: %s", self.task_id, event.number, event.parent_id,
+                         event.error)
+            for command in self.policy.piece_failed(event.number, event.parent_id, str(event.error),
+                                                    integrity=integrity):
+                self._carry_out(command)
         elif isinstance(event, _SchedulerMessage):
-            return self._on_scheduler(event)
-        return ""
+            self._on_scheduler(event)
 
-    def _on_scheduler(self, event: _SchedulerMessage) -> str:
+    def _on_scheduler(self, event: _SchedulerMessage) -> None:
         response = event.response
         if response is None:
-            if self._scheduler_alive:
+            if self.policy.scheduler_alive:
                 log.info("task %s: scheduler stream ended %s", self.task_id, event.error)
-            self._scheduler_alive = False
-            return ""
-        if response.HasField("normal_task_response"):
+            self.policy.scheduler_lost()
+        elif response.HasField("normal_task_response"):
             self._add_parents(response.normal_task_response.candidate_parents)
         elif response.HasField("need_back_to_source_response"):
-            return response.need_back_to_source_response.description or "scheduler said so"
-        return ""
-
-    def _piece_failed(self, number: int, parent: Parent, error: BaseException) -> None:
-        reason = "digest" if isinstance(error, IntegrityError) else "parent"
-        self.engine.metrics.piece_failures.labels(reason).inc()
-        log.info("task %s: piece %d from %s failed: %s", self.task_id, number, parent.peer_id, error)
-        self._stream_send(download_piece_failed_request=scheduler_pb2.DownloadPieceFailedRequest(
-            piece_number=number, parent_id=parent.peer_id, temporary=not isinstance(error, IntegrityError)))
-        parent.failures += 1
-        if isinstance(error, IntegrityError) or parent.failures >= PARENT_FAILURE_LIMIT:
-            self._drop_parent(parent, str(error))
-
-    def _drop_parent(self, parent: Parent, reason: str) -> None:
-        self._parents.pop(parent.peer_id, None)
-        self._blocked.add(parent.peer_id)
-        for holders in self._holders.values():
-            holders.discard(parent.peer_id)
-        if parent.session is not None and not parent.session.done():
-            parent.session.cancel()
-        self._reschedule(f"parent {parent.peer_id} dropped: {reason}", [parent.peer_id])
-
-    def _reschedule(self, description: str, blocked: list[str] | None = None) -> None:
-        peers = [common_pb2.Peer(id=peer_id) for peer_id in blocked or []]
-        self._stream_send(reschedule_peer_request=scheduler_pb2.ReschedulePeerRequest(
-            candidate_parents=peers, description=description))
-
-    def _dispatch(self) -> None:
-        """Start piece transfers up to the concurrency limit."""
-        if not self.content_known.is_set():
-            return
-        limit = self.engine.config.concurrent_piece_count
-        if len(self._in_flight) >= limit:
-            return
-        finished = set(self.local.finished_pieces())
-        wanted = self._wanted
-        ready = [n for n, holders in self._holders.items()
-                 if holders and n not in finished and n not in self._in_flight and (wanted is None or n in wanted)]
-        # A per-peer shuffled order spreads children over different pieces, so they can trade.
-        # Prioritized pieces (a Range read waits for them) go first, in order.
-        ready.sort(key=lambda n: (0, n) if n in self._priority else (1, hash((self._order_seed, n))))
-        # Seeds are the last resort: while normal parents keep this peer busy, pieces only a seed
-        # has are left for the others to fetch once and pass around (a Range read waiting for a
-        # piece does not wait for that).
-        peers_busy = any(p.in_flight for p in self._parents.values() if not p.is_seed)
-        for number in ready:
-            if len(self._in_flight) >= limit:
-                break
-            use_seed = not peers_busy or number in self._priority
-            parent = self._pick_parent(self._holders[number], use_seed)
-            if parent is None:
-                continue
-            peers_busy = peers_busy or not parent.is_seed
-            parent.in_flight += 1
-            self._in_flight[number] = asyncio.create_task(self._fetch_piece(number, parent))
-
-    def _pick_parent(self, holders: set[str], use_seed: bool) -> Parent | None:
-        """Prefer normal peers over seeds (offload the seed), then the least busy."""
-        has_peers = any(not p.is_seed for p in self._parents.values())
-        seed_limit = SEED_PIECE_LIMIT_WITH_PEERS if has_peers else SEED_PIECE_LIMIT
-        live = [
-            parent for parent in (self._parents.get(p) for p in holders)
-            if parent is not None and (use_seed or not parent.is_seed)
-            and parent.in_flight < (seed_limit if parent.is_seed else PARENT_PIECE_LIMIT)
-        ]
-        if not live:
-            return None
-        return min(live, key=lambda p: (p.is_seed, p.in_flight, random.random()))
+            self.policy.scheduler_says_back_to_source(response.need_back_to_source_response.description)
 
     async def _fetch_piece(self, number: int, parent: Parent) -> None:
         error: BaseException | None = None
@@ -576,7 +495,7 @@ class Conductor:
     async def _fetch_piece_from(self, number: int, parent: Parent) -> None:
         expected = await self._digest_of(number)
         url = f"{self.engine.piece_scheme}://{parent.ip}:{parent.download_port}/pieces/{self.task_id}/{number}"
-        started = time.monotonic()
+        started = self.clock.time()
         timeout = aiohttp.ClientTimeout(total=self.engine.config.piece_timeout)
         async with self.engine.http.get(url, timeout=timeout) as response:
             if response.status != 200:
@@ -584,7 +503,7 @@ class Conductor:
                 raise ParentError(parent.peer_id, f"HTTP {response.status} for piece {number}: {reason}")
             digest = await self.local.write_piece(number, response.content.iter_chunked(_CHUNK),
                                                   expected_digest=expected, parent_id=parent.peer_id)
-        cost = time.monotonic() - started
+        cost = self.clock.time() - started
         span = self.local.span(number)
         self.engine.metrics.download_traffic.labels("remote_peer").inc(span.length)
         self.engine.metrics.piece_duration.labels("remote_peer").observe(cost)
@@ -596,7 +515,7 @@ class Conductor:
     async def _digest_of(self, number: int) -> str:
         """The digest the back-sourcing peer reported for a piece, as relayed by the scheduler
         (or, while the scheduler is unreachable, as a seed parent reports it)."""
-        deadline = time.monotonic() + DIGEST_WAIT
+        deadline = self.clock.time() + DIGEST_WAIT
         delay = 0.05
         while number not in self._digests:
             if self.engine.scheduler is None:
@@ -606,9 +525,9 @@ class Conductor:
             await asyncio.shield(self._digest_refresh)
             if number in self._digests:
                 break
-            if time.monotonic() > deadline:
+            if self.clock.time() > deadline:
                 raise DownloadFailed(f"the scheduler has no digest for piece {number} yet")
-            await asyncio.sleep(delay)
+            await self.clock.sleep(delay)
             delay = min(delay * 2, 0.5)
         return self._digests[number]
 
@@ -676,29 +595,21 @@ class Conductor:
 
         async def fetch_until_done() -> None:
             while queue:
-                await self._origin_piece(self._next_piece(queue), headers)
+                await self._origin_piece(self.policy.next_origin_piece(queue), headers)
 
-        concurrency = self.engine.config.back_to_source_concurrency
-        workers = [asyncio.create_task(fetch_until_done()) for _ in range(concurrency)]
         try:
-            await asyncio.gather(*workers)
-        finally:
-            for worker in workers:
-                worker.cancel()
-            await asyncio.gather(*workers, return_exceptions=True)
-
-    def _next_piece(self, queue: list[int]) -> int:
-        """Take the next piece to fetch from `queue`: a prioritized one if any, else the first."""
-        for index, number in enumerate(queue):
-            if number in self._priority:
-                return queue.pop(index)
-        return queue.pop(0)
+            async with asyncio.TaskGroup() as workers:
+                for _ in range(self.engine.config.back_to_source_concurrency):
+                    workers.create_task(fetch_until_done())
+        except BaseExceptionGroup as group:
+            # The first failure cancelled the other workers; it is the download's error.
+            raise group.exceptions[0] from None
 
     async def _origin_piece(self, number: int, headers: dict[str, str]) -> None:
         span = self.local.span(number)
         metrics = self.engine.metrics
         for attempt in range(1, ORIGIN_ATTEMPTS + 1):
-            started = time.monotonic()
+            started = self.clock.time()
             try:
                 with self._counting_origin_errors():
                     async with self.engine.origin.get(self.request.url, headers, start=span.offset,
@@ -711,8 +622,8 @@ class Conductor:
             except OriginError:
                 if attempt == ORIGIN_ATTEMPTS:
                     raise
-            await asyncio.sleep(ORIGIN_BACKOFF * 2 ** (attempt - 1))
-        cost = time.monotonic() - started
+            await self.clock.sleep(ORIGIN_BACKOFF * 2 ** (attempt - 1))
+        cost = self.clock.time() - started
         metrics.back_source_duration.observe(cost)
         self._origin_piece_done(number, digest, cost)
 
@@ -740,10 +651,10 @@ class Conductor:
 
     async def _back_source_stream(self, headers: dict[str, str]) -> None:
         """One plain GET, cut into pieces: for origins without Range or without a length."""
-        started = time.monotonic()
+        started = self.clock.time()
         with self._counting_origin_errors():
             await self._back_source_stream_from(headers)
-        self.engine.metrics.back_source_duration.observe(time.monotonic() - started)
+        self.engine.metrics.back_source_duration.observe(self.clock.time() - started)
 
     async def _back_source_stream_from(self, headers: dict[str, str]) -> None:
         async with self.engine.origin.get(self.request.url, headers) as body:
@@ -756,7 +667,7 @@ class Conductor:
             leftover = b""
             for number in range(self.local.piece_count):
                 span = self.local.span(number)
-                started = time.monotonic()
+                started = self.clock.time()
                 piece_chunks, leftover = await _take(chunks, leftover, span.length)
                 if self.local.has_piece(number):
                     continue
@@ -766,7 +677,7 @@ class Conductor:
                         yield part
 
                 digest = await self.local.write_piece(number, replay())
-                self._origin_piece_done(number, digest, time.monotonic() - started)
+                self._origin_piece_done(number, digest, self.clock.time() - started)
 
     # -- the end ---------------------------------------------------------------------------------
 
@@ -814,9 +725,11 @@ class Engine:
     """Owns the conductors of this node and the connections they share."""
 
     def __init__(self, *, config: DfdaemonConfig, store: PieceStore, scheduler: SchedulerClient | None,
-                 origin: OriginClient, metrics: DaemonMetrics, host_id: str,
+                 origin: OriginClient, metrics: DaemonMetrics, host_id: str, clock: Clock, rng: random.Random,
                  collector: CacheCollector | None = None, tls: TlsCredentials | None = None) -> None:
         self.config = config
+        self.clock = clock
+        self.rng = rng  # every conductor's policy draws from it (peer order, parent ties)
         self.tls = tls  # None: plaintext gRPC and http:// pieces (every node of a cluster agrees)
         self.piece_scheme = url_scheme(tls)
         self.store = store

@@ -1,0 +1,308 @@
+"""The download policy of one task on one node: which piece next, from which parent, and when to
+give up on parents. Pure and synchronous: no asyncio, no sockets, no disk, no protobuf.
+
+The engine (:mod:`peer.engine`) feeds it events — the content's size became known, a parent
+joined / has a piece / went away, a piece arrived or failed, a reader waits for pieces, the
+scheduler stream ended or said "back to source" — and carries out the commands it returns:
+
+- :class:`FetchPiece` — start fetching a piece from a parent;
+- :class:`ReportPieceFailed` — tell the scheduler a piece from a parent failed;
+- :class:`DropParent` — stop using a parent for this task (its session is cancelled);
+- :class:`Reschedule` — ask the scheduler for other parents;
+- :class:`BackToSource` — stop using parents and fetch what is missing from the origin;
+- :class:`Finished` — every wanted piece is here.
+
+Time comes from an injected :class:`~common.clock.Clock` and every random choice from an
+injected :class:`random.Random`, so a test (or a simulator of many peers) drives it step by step.
+
+The rules, each tested in ``tests/unit/test_download_policy.py``:
+
+- Pieces a reader waits for (prioritized) go first, in order; the rest go in an order shuffled
+  per peer, so children of one parent fetch different pieces and can trade them.
+- At most ``concurrent_pieces`` pieces in flight, and per parent at most
+  :data:`PARENT_PIECE_LIMIT` (normal) or :data:`SEED_PIECE_LIMIT` (seed;
+  :data:`SEED_PIECE_LIMIT_WITH_PEERS` once a normal parent exists).
+- Seeds are the last resort: while a normal parent keeps this peer busy, a piece only a seed has
+  waits (a prioritized piece does not).
+- Among holders: normal before seed, then the least busy, ties broken at random.
+- A piece that fails its digest drops its parent at once; other failures drop it after
+  :data:`PARENT_FAILURE_LIMIT`. A parent whose session ends in an error is reported and dropped.
+  A dropped parent is blocked for the task and the scheduler is asked for others.
+- Stalled (nothing in flight, no live parent that could still announce a piece): ask the
+  scheduler once for new parents; back to source after ``schedule_timeout`` of stall, or at once
+  when the scheduler stream is gone.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from common.clock import Clock
+
+# Pieces in flight from one parent. A seed gets fewer as soon as normal parents exist: every
+# child would otherwise take each new piece from the seed at once, and peers would never trade.
+PARENT_PIECE_LIMIT = 8
+SEED_PIECE_LIMIT = 4
+SEED_PIECE_LIMIT_WITH_PEERS = 1
+# A parent that failed this many pieces of the task is dropped and reported to the scheduler.
+PARENT_FAILURE_LIMIT = 2
+
+
+# -- commands ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FetchPiece:
+    number: int
+    parent_id: str
+
+
+@dataclass(frozen=True)
+class ReportPieceFailed:
+    """``temporary`` False means: do not offer this parent to me again."""
+
+    number: int
+    parent_id: str
+    temporary: bool
+
+
+@dataclass(frozen=True)
+class DropParent:
+    parent_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Reschedule:
+    description: str
+    blocked: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class BackToSource:
+    reason: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    pass
+
+
+Command = FetchPiece | ReportPieceFailed | DropParent | Reschedule | BackToSource | Finished
+
+
+# -- state ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class ParentState:
+    """A candidate parent as this child sees it."""
+
+    peer_id: str
+    is_seed: bool
+    in_flight: int = 0
+    failures: int = 0
+    # False once its piece announcements ended: it will not offer anything new.
+    live: bool = True
+
+
+@dataclass
+class DownloadPolicy:
+    """Decides the next steps of one task's download; see the module docstring."""
+
+    peer_id: str
+    clock: Clock
+    rng: random.Random
+    concurrent_pieces: int
+    schedule_timeout: float
+    # Fetch every piece (True), or only those asked for with want() (a Range read, prefetch off).
+    want_everything: bool = True
+    piece_count: int | None = None
+    parents: dict[str, ParentState] = field(default_factory=dict)
+    blocked: set[str] = field(default_factory=set)
+    holders: dict[int, set[str]] = field(default_factory=dict)
+    in_flight: dict[int, str] = field(default_factory=dict)  # piece -> parent
+    finished: set[int] = field(default_factory=set)
+    priority: set[int] = field(default_factory=set)
+    wanted: set[int] = field(default_factory=set)
+    scheduler_alive: bool = True
+    stalled_since: float | None = None
+    asked_reschedule: bool = False
+    back_to_source_reason: str = ""
+
+    def __post_init__(self) -> None:
+        self._order_salt = self.rng.random()
+
+    # -- what is known -----------------------------------------------------------------------
+
+    @property
+    def content_known(self) -> bool:
+        return self.piece_count is not None
+
+    def wanted_pieces(self) -> Iterable[int]:
+        if self.piece_count is None:
+            return ()
+        return range(self.piece_count) if self.want_everything else sorted(self.wanted)
+
+    def missing(self) -> list[int]:
+        """Wanted pieces not here yet, in number order."""
+        return [n for n in self.wanted_pieces() if n not in self.finished]
+
+    def is_finished(self) -> bool:
+        return self.content_known and not self.missing()
+
+    def has_live_parent(self) -> bool:
+        """True while some parent may still announce a piece."""
+        return any(parent.live for parent in self.parents.values())
+
+    # -- events ------------------------------------------------------------------------------
+
+    def content_info(self, piece_count: int, finished: Iterable[int] = ()) -> None:
+        """The content's geometry is known; `finished` are the pieces already on disk."""
+        self.piece_count = piece_count
+        self.finished.update(finished)
+
+    def want(self, numbers: Iterable[int]) -> None:
+        """Fetch these pieces too (a Range read joined)."""
+        self.wanted.update(numbers)
+
+    def want_all(self) -> None:
+        """Fetch every piece after all (a whole read or a prefetch joined)."""
+        self.want_everything = True
+
+    def prioritize(self, numbers: Iterable[int]) -> None:
+        """A reader waits for these pieces: they go before all others."""
+        self.priority.update(numbers)
+
+    def add_parent(self, peer_id: str, *, is_seed: bool) -> bool:
+        """A candidate parent from the scheduler; False when it is known, blocked or this peer."""
+        if peer_id in self.parents or peer_id in self.blocked or peer_id == self.peer_id:
+            return False
+        self.parents[peer_id] = ParentState(peer_id, is_seed)
+        return True
+
+    def parent_has(self, parent_id: str, number: int) -> None:
+        if parent_id in self.parents:
+            self.holders.setdefault(number, set()).add(parent_id)
+
+    def parent_ended(self, parent_id: str, error: str = "") -> list[Command]:
+        """A parent's piece announcements ended: cleanly (it has all it will have) or in error."""
+        parent = self.parents.get(parent_id)
+        if parent is None:
+            return []
+        parent.live = False
+        if not error:
+            return []
+        # Tell the scheduler the parent failed us, so it stops offering a dead node.
+        missing = self.missing()
+        report = ReportPieceFailed(missing[0] if missing else 0, parent_id, temporary=False)
+        return [report, *self._drop(parent, error)]
+
+    def piece_succeeded(self, number: int, parent_id: str) -> None:
+        self._settle(number, parent_id)
+        self.finished.add(number)
+
+    def piece_failed(self, number: int, parent_id: str, error: str, *, integrity: bool) -> list[Command]:
+        """A piece from `parent_id` failed; `integrity` when its bytes did not match the digest."""
+        parent = self._settle(number, parent_id)
+        if parent is None:
+            return []
+        commands: list[Command] = [ReportPieceFailed(number, parent_id, temporary=not integrity)]
+        parent.failures += 1
+        if integrity or parent.failures >= PARENT_FAILURE_LIMIT:
+            commands += self._drop(parent, error)
+        return commands
+
+    def piece_abandoned(self, number: int, parent_id: str) -> None:
+        """A fetch ended without an outcome (cancelled): the piece may be tried again."""
+        self._settle(number, parent_id)
+
+    def scheduler_lost(self) -> None:
+        self.scheduler_alive = False
+
+    def scheduler_says_back_to_source(self, reason: str) -> None:
+        self.back_to_source_reason = reason or "scheduler said so"
+
+    # -- decisions ---------------------------------------------------------------------------
+
+    def next_commands(self) -> list[Command]:
+        """What to do now: finish, fetch pieces, ask for parents, or go back to source."""
+        if self.back_to_source_reason:
+            return [BackToSource(self.back_to_source_reason)]
+        if self.is_finished():
+            return [Finished()]
+        commands: list[Command] = list(self._dispatch())
+        if self.in_flight or self.has_live_parent():
+            self.stalled_since = None
+            return commands
+        # Nothing to do with the parents we have: ask for more, then fall back to the origin.
+        now = self.clock.time()
+        if self.stalled_since is None:
+            self.stalled_since = now
+            if self.scheduler_alive and not self.asked_reschedule:
+                self.asked_reschedule = True
+                commands.append(Reschedule("parents have no more pieces for us"))
+        if not self.scheduler_alive or now - self.stalled_since > self.schedule_timeout:
+            commands.append(BackToSource("parents could not provide every piece"))
+        return commands
+
+    def next_origin_piece(self, queue: list[int]) -> int:
+        """Take the next piece to back-source from `queue`: a prioritized one if any, else the first."""
+        for index, number in enumerate(queue):
+            if number in self.priority:
+                return queue.pop(index)
+        return queue.pop(0)
+
+    def _dispatch(self) -> Iterable[FetchPiece]:
+        if not self.content_known or len(self.in_flight) >= self.concurrent_pieces:
+            return
+        wanted = None if self.want_everything else self.wanted
+        ready = [n for n, holders in self.holders.items()
+                 if holders and n not in self.finished and n not in self.in_flight
+                 and (wanted is None or n in wanted)]
+        ready.sort(key=self._order)
+        peers_busy = any(p.in_flight for p in self.parents.values() if not p.is_seed)
+        for number in ready:
+            if len(self.in_flight) >= self.concurrent_pieces:
+                return
+            parent = self._pick_parent(self.holders[number], use_seed=not peers_busy or number in self.priority)
+            if parent is None:
+                continue
+            peers_busy = peers_busy or not parent.is_seed
+            parent.in_flight += 1
+            self.in_flight[number] = parent.peer_id
+            yield FetchPiece(number, parent.peer_id)
+
+    def _order(self, number: int) -> tuple[int, int]:
+        # Prioritized pieces first, in order; the rest in this peer's own shuffled order.
+        return (0, number) if number in self.priority else (1, hash((self._order_salt, number)))
+
+    def _pick_parent(self, holders: set[str], *, use_seed: bool) -> ParentState | None:
+        has_peers = any(not p.is_seed for p in self.parents.values())
+        seed_limit = SEED_PIECE_LIMIT_WITH_PEERS if has_peers else SEED_PIECE_LIMIT
+        candidates = [
+            parent for parent in (self.parents.get(p) for p in sorted(holders))
+            if parent is not None and (use_seed or not parent.is_seed)
+            and parent.in_flight < (seed_limit if parent.is_seed else PARENT_PIECE_LIMIT)
+        ]
+        if not candidates:
+            return None
+        return min(candidates, key=lambda p: (p.is_seed, p.in_flight, self.rng.random()))
+
+    def _settle(self, number: int, parent_id: str) -> ParentState | None:
+        if self.in_flight.get(number) == parent_id:
+            del self.in_flight[number]
+        parent = self.parents.get(parent_id)
+        if parent is not None and parent.in_flight > 0:
+            parent.in_flight -= 1
+        return parent
+
+    def _drop(self, parent: ParentState, reason: str) -> list[Command]:
+        del self.parents[parent.peer_id]
+        self.blocked.add(parent.peer_id)
+        for holders in self.holders.values():
+            holders.discard(parent.peer_id)
+        return [DropParent(parent.peer_id, reason),
+                Reschedule(f"parent {parent.peer_id} dropped: {reason}", (parent.peer_id,))]

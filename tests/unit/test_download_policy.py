@@ -1,0 +1,377 @@
+"""Table-driven tests of the pure download policy on a ManualClock: no sockets, no sleeps."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+
+from common.clock import ManualClock
+from peer.download.policy import (
+    PARENT_FAILURE_LIMIT,
+    PARENT_PIECE_LIMIT,
+    SEED_PIECE_LIMIT,
+    SEED_PIECE_LIMIT_WITH_PEERS,
+    BackToSource,
+    Command,
+    DownloadPolicy,
+    DropParent,
+    FetchPiece,
+    Finished,
+    ReportPieceFailed,
+    Reschedule,
+)
+
+SCHEDULE_TIMEOUT = 10.0
+
+
+def policy(pieces: int | None = 8, *, concurrent: int = 16, everything: bool = True, seed: int = 0,
+           **parents: bool) -> DownloadPolicy:
+    """A policy on a manual clock; ``parents`` maps parent id -> is_seed."""
+    p = DownloadPolicy(peer_id="me", clock=ManualClock(), rng=random.Random(seed), concurrent_pieces=concurrent,
+                       schedule_timeout=SCHEDULE_TIMEOUT, want_everything=everything)
+    if pieces is not None:
+        p.content_info(pieces)
+    for parent_id, is_seed in parents.items():
+        assert p.add_parent(parent_id, is_seed=is_seed)
+    return p
+
+
+def has(p: DownloadPolicy, parent_id: str, numbers: Any) -> None:
+    for number in numbers:
+        p.parent_has(parent_id, number)
+
+
+def fetches(commands: list[Command]) -> list[tuple[int, str]]:
+    return [(c.number, c.parent_id) for c in commands if isinstance(c, FetchPiece)]
+
+
+def kinds(commands: list[Command]) -> list[str]:
+    return [type(c).__name__ for c in commands]
+
+
+def advance(p: DownloadPolicy, seconds: float) -> None:
+    clock = p.clock
+    assert isinstance(clock, ManualClock)
+    clock.advance(seconds)
+
+
+# -- finishing -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("pieces", "finished", "everything", "wanted", "done"), [
+    (4, [0, 1, 2, 3], True, [], True),
+    (4, [0, 1, 2], True, [], False),
+    (4, [1], False, [1], True),
+    (4, [1], False, [1, 2], False),
+    (0, [], True, [], True),  # empty content: nothing to fetch
+])
+def test_finished_when_every_wanted_piece_is_here(
+    pieces: int, finished: list[int], everything: bool, wanted: list[int], done: bool
+) -> None:
+    p = policy(None, everything=everything)
+    p.content_info(pieces, finished)
+    p.want(wanted)
+    assert (p.next_commands() == [Finished()]) is done
+
+
+def test_nothing_is_fetched_before_the_content_is_known() -> None:
+    p = policy(None, a=False)
+    has(p, "a", range(4))
+    assert fetches(p.next_commands()) == []
+    p.content_info(4)
+    assert sorted(n for n, _ in fetches(p.next_commands())) == [0, 1, 2, 3]
+
+
+def test_a_range_read_without_prefetch_fetches_only_its_pieces() -> None:
+    p = policy(8, everything=False, a=False)
+    has(p, "a", range(8))
+    p.want([2, 3])
+    assert sorted(n for n, _ in fetches(p.next_commands())) == [2, 3]
+    p.piece_succeeded(2, "a")
+    p.piece_succeeded(3, "a")
+    assert p.next_commands() == [Finished()]
+
+
+def test_want_all_turns_a_range_download_into_a_whole_one() -> None:
+    p = policy(4, everything=False, a=False)
+    has(p, "a", range(4))
+    p.want([0])
+    p.want_all()
+    assert sorted(n for n, _ in fetches(p.next_commands())) == [0, 1, 2, 3]
+
+
+def test_missing_lists_wanted_pieces_not_here_in_order() -> None:
+    p = policy(None)
+    p.content_info(6, [1, 4])
+    assert p.missing() == [0, 2, 3, 5]
+
+
+# -- piece order ---------------------------------------------------------------------------------
+
+
+def test_prioritized_pieces_go_first_in_number_order() -> None:
+    p = policy(32, concurrent=3, a=False)
+    has(p, "a", range(32))
+    p.prioritize([20, 7, 13])
+    assert fetches(p.next_commands()) == [(7, "a"), (13, "a"), (20, "a")]
+
+
+def test_the_rest_goes_in_an_order_shuffled_per_peer() -> None:
+    orders = []
+    for seed in (1, 2):
+        p = policy(64, concurrent=8, seed=seed, a=False)
+        has(p, "a", range(64))
+        orders.append([n for n, _ in fetches(p.next_commands())])
+    assert orders[0] != orders[1], "two peers fetch different pieces first, so they can trade"
+    assert orders[0] != sorted(orders[0]) or orders[1] != sorted(orders[1])
+
+
+def test_the_same_seed_gives_the_same_decisions() -> None:
+    runs = []
+    for _ in range(2):
+        p = policy(64, concurrent=8, seed=7, a=False, b=False)
+        has(p, "a", range(64))
+        has(p, "b", range(64))
+        runs.append(p.next_commands())
+    assert runs[0] == runs[1]
+
+
+def test_pieces_no_parent_has_are_not_fetched() -> None:
+    p = policy(8, a=False)
+    has(p, "a", [5])
+    assert fetches(p.next_commands()) == [(5, "a")]
+
+
+def test_finished_and_in_flight_pieces_are_not_fetched_again() -> None:
+    p = policy(None, a=False)
+    p.content_info(4, [0])
+    has(p, "a", range(4))
+    first = fetches(p.next_commands())
+    assert sorted(n for n, _ in first) == [1, 2, 3]
+    assert fetches(p.next_commands()) == []
+
+
+def test_back_to_source_order_takes_prioritized_pieces_first() -> None:
+    p = policy(8)
+    p.prioritize([6])
+    queue = [0, 1, 6, 7]
+    assert [p.next_origin_piece(queue) for _ in range(4)] == [6, 0, 1, 7]
+
+
+# -- limits --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("concurrent", "parents", "expected"), [
+    (16, {"a": False}, PARENT_PIECE_LIMIT),
+    (4, {"a": False}, 4),
+    (16, {"a": False, "b": False}, 16),
+    (16, {"s": True}, SEED_PIECE_LIMIT),
+])
+def test_pieces_in_flight_are_bounded_per_task_and_per_parent(
+    concurrent: int, parents: dict[str, bool], expected: int
+) -> None:
+    p = policy(64, concurrent=concurrent, **parents)
+    for parent_id in parents:
+        has(p, parent_id, range(64))
+    assert len(fetches(p.next_commands())) == expected
+
+
+def test_a_finished_piece_frees_a_slot_for_the_next() -> None:
+    p = policy(64, concurrent=2, a=False)
+    has(p, "a", range(64))
+    first = fetches(p.next_commands())
+    assert len(first) == 2
+    p.piece_succeeded(first[0][0], "a")
+    assert len(fetches(p.next_commands())) == 1
+
+
+def test_the_least_busy_holder_gets_the_piece() -> None:
+    p = policy(64, concurrent=3, a=False, b=False)
+    has(p, "a", range(64))
+    has(p, "b", range(64))
+    chosen = [parent for _, parent in fetches(p.next_commands())]
+    assert sorted(chosen) in (["a", "a", "b"], ["a", "b", "b"])
+
+
+# -- seeds are the last resort -------------------------------------------------------------------
+
+
+def test_normal_parents_are_preferred_over_a_seed() -> None:
+    p = policy(4, s=True, a=False)
+    has(p, "s", range(4))
+    has(p, "a", range(4))
+    assert {parent for _, parent in fetches(p.next_commands())} == {"a"}
+
+
+def test_a_piece_only_the_seed_has_waits_while_peers_keep_us_busy() -> None:
+    p = policy(8, s=True, a=False)
+    has(p, "a", [0])
+    assert fetches(p.next_commands()) == [(0, "a")]
+    has(p, "s", range(8))
+    assert fetches(p.next_commands()) == [], "the seed's pieces wait while a normal parent keeps us busy"
+    p.piece_succeeded(0, "a")
+    assert len(fetches(p.next_commands())) == SEED_PIECE_LIMIT_WITH_PEERS
+
+
+def test_the_seed_is_used_when_normal_parents_leave_us_idle() -> None:
+    p = policy(8, s=True, a=False)
+    has(p, "s", range(8))
+    # "a" has nothing yet: the seed gets one piece at a time while a normal parent exists
+    assert len(fetches(p.next_commands())) == SEED_PIECE_LIMIT_WITH_PEERS
+
+
+def test_a_prioritized_piece_comes_from_the_seed_even_when_peers_are_busy() -> None:
+    p = policy(8, s=True, a=False)
+    has(p, "s", range(8))
+    has(p, "a", [0])
+    p.prioritize([5])
+    assert sorted(fetches(p.next_commands())) == [(0, "a"), (5, "s")]
+
+
+def test_a_seed_alone_gets_its_own_limit() -> None:
+    p = policy(8, s=True)
+    has(p, "s", range(8))
+    assert len(fetches(p.next_commands())) == SEED_PIECE_LIMIT
+
+
+# -- parents -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("parent_id", "added"), [("new", True), ("me", False), ("a", False), ("bad", False)])
+def test_add_parent_skips_itself_known_and_blocked_parents(parent_id: str, added: bool) -> None:
+    p = policy(4, a=False, bad=False)
+    p.piece_failed(0, "bad", "wrong bytes", integrity=True)
+    assert p.add_parent(parent_id, is_seed=False) is added
+
+
+def test_an_integrity_failure_drops_the_parent_at_once() -> None:
+    p = policy(4, a=False, b=False)
+    has(p, "a", range(4))
+    p.next_commands()
+    commands = p.piece_failed(0, "a", "digest mismatch", integrity=True)
+    assert commands == [ReportPieceFailed(0, "a", temporary=False), DropParent("a", "digest mismatch"),
+                        Reschedule("parent a dropped: digest mismatch", ("a",))]
+    assert "a" not in p.parents and "a" in p.blocked
+    assert all("a" not in holders for holders in p.holders.values())
+
+
+def test_other_failures_drop_the_parent_after_the_limit() -> None:
+    p = policy(8, a=False)
+    has(p, "a", range(8))
+    p.next_commands()
+    for attempt in range(1, PARENT_FAILURE_LIMIT + 1):
+        commands = p.piece_failed(attempt, "a", "HTTP 503", integrity=False)
+        assert commands[0] == ReportPieceFailed(attempt, "a", temporary=True)
+        assert (DropParent("a", "HTTP 503") in commands) is (attempt == PARENT_FAILURE_LIMIT)
+
+
+def test_a_failed_piece_is_fetched_again_from_another_holder() -> None:
+    p = policy(1, a=False, b=False)
+    has(p, "a", [0])
+    assert fetches(p.next_commands()) == [(0, "a")]
+    has(p, "b", [0])
+    p.piece_failed(0, "a", "bad", integrity=True)
+    assert fetches(p.next_commands()) == [(0, "b")]
+
+
+def test_a_parent_that_ends_in_error_is_reported_and_dropped() -> None:
+    p = policy(None, a=False)
+    p.content_info(4, [0, 1])
+    commands = p.parent_ended("a", "UNAVAILABLE: connection refused")
+    assert kinds(commands) == ["ReportPieceFailed", "DropParent", "Reschedule"]
+    assert commands[0] == ReportPieceFailed(2, "a", temporary=False)  # the first missing piece
+
+
+def test_a_parent_that_ends_cleanly_stays_but_offers_nothing_new() -> None:
+    p = policy(4, a=False)
+    has(p, "a", [0])
+    assert p.parent_ended("a") == []
+    assert "a" in p.parents and not p.has_live_parent()
+    assert fetches(p.next_commands()) == [(0, "a")]
+
+
+def test_events_about_unknown_parents_are_ignored() -> None:
+    p = policy(4)
+    p.parent_has("ghost", 0)
+    assert p.parent_ended("ghost", "gone") == []
+    assert p.piece_failed(0, "ghost", "x", integrity=True) == []
+    assert p.holders == {}
+
+
+def test_a_late_result_from_a_dropped_parent_changes_nothing() -> None:
+    p = policy(4, a=False, b=False)
+    has(p, "a", range(4))
+    has(p, "b", range(4))
+    p.next_commands()
+    p.piece_failed(0, "a", "bad", integrity=True)
+    in_flight = dict(p.in_flight)
+    assert p.piece_failed(1, "a", "bad", integrity=True) == []
+    assert {n: parent for n, parent in p.in_flight.items() if parent == "b"} == {
+        n: parent for n, parent in in_flight.items() if parent == "b"}
+
+
+# -- stalls, reschedule, back-to-source ----------------------------------------------------------
+
+
+def test_stall_asks_once_for_parents_then_backs_to_source_after_the_timeout() -> None:
+    p = policy(4, a=False)
+    p.parent_ended("a")  # nothing more will come
+    assert p.next_commands() == [Reschedule("parents have no more pieces for us")]
+    assert p.next_commands() == []  # asked once; waiting
+    advance(p, SCHEDULE_TIMEOUT)
+    assert p.next_commands() == []
+    advance(p, 0.1)
+    assert p.next_commands() == [BackToSource("parents could not provide every piece")]
+
+
+def test_new_work_ends_a_stall() -> None:
+    p = policy(4)
+    assert kinds(p.next_commands()) == ["Reschedule"]
+    advance(p, SCHEDULE_TIMEOUT - 1)
+    assert p.add_parent("a", is_seed=False)
+    has(p, "a", [0])
+    assert fetches(p.next_commands()) == [(0, "a")]
+    assert p.stalled_since is None
+    p.piece_succeeded(0, "a")
+    p.parent_ended("a")
+    advance(p, SCHEDULE_TIMEOUT - 1)  # a new stall starts its own clock
+    assert p.next_commands() == []
+
+
+def test_a_live_parent_is_waited_for_however_long() -> None:
+    p = policy(4, a=False)
+    advance(p, 10 * SCHEDULE_TIMEOUT)
+    assert p.next_commands() == []
+
+
+def test_without_the_scheduler_a_stall_backs_to_source_at_once() -> None:
+    p = policy(4)
+    p.scheduler_lost()
+    assert p.next_commands() == [BackToSource("parents could not provide every piece")]
+
+
+def test_the_scheduler_saying_back_to_source_wins() -> None:
+    p = policy(4, a=False)
+    has(p, "a", range(4))
+    p.scheduler_says_back_to_source("")
+    assert p.next_commands() == [BackToSource("scheduler said so")]
+
+
+def test_pieces_in_flight_are_not_a_stall() -> None:
+    p = policy(4, a=False)
+    has(p, "a", [0])
+    p.next_commands()
+    p.parent_ended("a")
+    advance(p, 10 * SCHEDULE_TIMEOUT)
+    assert p.next_commands() == []
+
+
+def test_an_abandoned_fetch_can_be_tried_again() -> None:
+    p = policy(1, a=False)
+    has(p, "a", [0])
+    assert fetches(p.next_commands()) == [(0, "a")]
+    p.piece_abandoned(0, "a")
+    assert p.parents["a"].in_flight == 0
+    assert fetches(p.next_commands()) == [(0, "a")]
