@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 import yaml
 
 from common.errors import ConfigError
+from common.hosts import default_upload_slots
 from common.tls_settings import check_settings, tls_enabled
 
 DEFAULT_SCHEDULER_PORT = 8002
@@ -33,8 +34,6 @@ DEFAULT_PROXY_PORT = 4001
 DEFAULT_DFDAEMON_METRICS_PORT = 4002
 DEFAULT_HEALTH_PORT = 4003
 DEFAULT_UPLOAD_PORT = 4005
-DEFAULT_UPLOAD_SLOTS = 200
-DEFAULT_SEED_UPLOAD_SLOTS = 2000
 DEFAULT_CONCURRENT_PIECES = 16
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
@@ -303,7 +302,7 @@ class DfdaemonConfig(LoggingConfig):
         """Upload slots after applying the seed / normal default."""
         if self.upload_slots:
             return self.upload_slots
-        return DEFAULT_SEED_UPLOAD_SLOTS if self.seed else DEFAULT_UPLOAD_SLOTS
+        return default_upload_slots(self.seed)
 
 
 C = TypeVar("C", bound=LoggingConfig)

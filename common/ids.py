@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from urllib.parse import SplitResult, parse_qsl, urlencode, urlsplit, urlunsplit
 
 from common.errors import InvalidRequest
+from common.hosts import SEED_HOST_ID_SUFFIX
 
 # <name> is one or more path components of [a-z0-9._-]; the digest is algorithm:hex.
 _OCI_BLOB_PATH = re.compile(
@@ -94,7 +95,7 @@ def task_id(
 
 def host_id(ip: str, hostname: str, *, seed: bool = False) -> str:
     """Stable id of a node: the same daemon on the same node keeps its id across restarts."""
-    return f"{ip}-{hostname}" + ("-seed" if seed else "")
+    return f"{ip}-{hostname}" + (SEED_HOST_ID_SUFFIX if seed else "")
 
 
 def peer_id(ip: str, hostname: str) -> str:

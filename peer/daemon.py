@@ -30,6 +30,7 @@ from common import ids
 from common.clock import SystemClock
 from common.config import DfdaemonConfig, split_address
 from common.errors import ConfigError
+from common.hosts import announced_type
 from common.origin import OriginClient
 from common.runtime import component_main
 from common.tls import add_port, tls_from_config
@@ -44,9 +45,6 @@ from peer.services import DownloadService, UploadService
 from peer.storage import PieceStore
 
 log = logging.getLogger(__name__)
-
-HOST_TYPE_NORMAL = 0
-HOST_TYPE_SUPER_SEED = 1
 
 
 class Daemon:
@@ -82,7 +80,7 @@ class Daemon:
         _, grpc_port = split_address(config.grpc_listen)
         _, proxy_port = split_address(config.proxy_listen)
         return common_pb2.Host(
-            id=self.host_id, type=HOST_TYPE_SUPER_SEED if config.seed else HOST_TYPE_NORMAL,
+            id=self.host_id, type=announced_type(config.seed),
             hostname=config.hostname, ip=config.host_ip, port=grpc_port, download_port=self.upload_port,
             proxy_port=proxy_port,
             network=common_pb2.Network(idc=config.idc, location=config.location,

@@ -49,6 +49,7 @@ from common.errors import (
     ParentError,
     SchedulerUnavailable,
 )
+from common.hosts import HostType
 from common.pieces import piece_length_for
 from common.tls import TlsCredentials, open_channel, url_scheme
 from peer.download.policy import (
@@ -366,10 +367,11 @@ class Conductor:
     def _add_parents(self, candidates: Any) -> None:
         for candidate in candidates:
             host = candidate.host
-            if not self.policy.add_parent(candidate.id, is_seed=host.type != 0):
+            is_seed = HostType.of(host.type).is_seed
+            if not self.policy.add_parent(candidate.id, is_seed=is_seed):
                 continue
             parent = Parent(peer_id=candidate.id, host_id=host.id, ip=host.ip, grpc_port=host.port,
-                            download_port=host.download_port, is_seed=host.type != 0)
+                            download_port=host.download_port, is_seed=is_seed)
             self._parents[parent.peer_id] = parent
             for piece in candidate.pieces:
                 if piece.digest:

@@ -24,13 +24,10 @@ from enum import StrEnum
 from typing import Generic, TypeVar
 
 from common.errors import LocalError
+from common.hosts import HostType, default_upload_slots
 
-# Upload slots assumed when a host does not say (network.max_tx_bandwidth == 0).
-DEFAULT_NORMAL_UPLOAD_SLOTS = 200
-DEFAULT_SEED_UPLOAD_SLOTS = 2000
 # Piece costs kept per parent for the bad-parent test.
 PIECE_COST_WINDOW = 100
-NORMAL_HOST_TYPE = 0
 
 
 class InvalidTransition(LocalError):
@@ -322,7 +319,7 @@ class HostInfo:
     id: str
     ip: str
     hostname: str = ""
-    type: int = NORMAL_HOST_TYPE
+    type: int = HostType.NORMAL
     port: int = 0  # dfdaemon gRPC (DfdaemonUpload)
     download_port: int = 0  # HTTP piece server
     proxy_port: int = 0
@@ -334,7 +331,7 @@ class HostInfo:
 
     @property
     def is_seed(self) -> bool:
-        return self.type != NORMAL_HOST_TYPE
+        return HostType.of(self.type).is_seed
 
     @property
     def grpc_address(self) -> str:
@@ -394,7 +391,7 @@ class Host:
     def upload_limit(self) -> int:
         if self.info.upload_slots > 0:
             return self.info.upload_slots
-        return DEFAULT_SEED_UPLOAD_SLOTS if self.info.is_seed else DEFAULT_NORMAL_UPLOAD_SLOTS
+        return default_upload_slots(self.info.is_seed)
 
     @property
     def free_upload_slots(self) -> int:
