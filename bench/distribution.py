@@ -40,7 +40,7 @@ from types import FrameType
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from seed.up import (  # noqa: E402
+from common.launcher import (  # noqa: E402
     _FROM_ORIGIN,
     _FROM_PEERS,
     _UPLOADED,

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from peer.metrics import DaemonMetrics
 from peer.piece_server import PieceServer
-from peer.storage import PieceStore
+from peer.storage.store import PieceStore
 
 TASK = "b" * 64
 MIB = 1024 * 1024

@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from seed.up import LocalCluster
+from common.launcher import LocalCluster
 from tests.support.registry import push_random_blob, start_registry
 
 MIB = 1024 * 1024

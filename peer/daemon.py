@@ -34,15 +34,15 @@ from common.hosts import announced_type
 from common.origin import OriginClient
 from common.runtime import component_main
 from common.tls import add_port, tls_from_config
-from peer.engine import Engine
-from peer.gc import CacheCollector
+from peer.download.engine import Engine
+from peer.download.scheduler_client import SchedulerClient
 from peer.metrics import DaemonMetrics
 from peer.piece_server import PieceServer
-from peer.proxy import Proxy
-from peer.proxy_tls import upstream_ssl_context
-from peer.scheduler_client import SchedulerClient
+from peer.proxy.server import Proxy
+from peer.proxy.tls import upstream_ssl_context
 from peer.services import DownloadService, UploadService
-from peer.storage import PieceStore
+from peer.storage.gc import CacheCollector
+from peer.storage.store import PieceStore
 
 log = logging.getLogger(__name__)
 

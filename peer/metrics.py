@@ -23,7 +23,7 @@ TASK_RESULTS = ("started", "succeeded", "failed")
 UPLOAD_RESULTS = ("succeeded", "failed", "busy", "not_found", "bad_request")
 # Why a piece from a parent was rejected: bad digest, or the transfer failed.
 PIECE_FAILURE_REASONS = ("digest", "parent")
-# Proxy / registry mirror (peer/proxy.py): p2p (a blob through the P2P network); passed straight
+# Proxy / registry mirror (peer/proxy/server.py): p2p (a blob through the P2P network); passed straight
 # to the upstream as a registry mirror request (mirror) or a forward-proxy request (forward);
 # an HTTPS tunnel (connect); anything else (other: refused).
 PROXY_ROUTES = ("p2p", "mirror", "forward", "connect", "other")

@@ -39,10 +39,10 @@ from aiohttp.abc import AbstractStreamWriter
 
 from common.clock import Clock, SystemClock
 from common.errors import InvalidRange, RangeNotSatisfiable
+from common.http import ByteRange, select_range, unsatisfied_content_range
 from common.pieces import PieceSpan
 from peer.metrics import DaemonMetrics
-from peer.range_header import ByteRange, select_range, unsatisfied_content_range
-from peer.storage import TASK_ID_RE, LocalTask, PieceStore
+from peer.storage.store import TASK_ID_RE, LocalTask, PieceStore
 
 log = logging.getLogger(__name__)
 

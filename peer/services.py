@@ -19,11 +19,11 @@ from dragonfly_api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc
 from google.protobuf import empty_pb2
 
 from common.errors import DamselflyError, InvalidRequest, LocalError, TaskNotFound
-from peer.engine import PIECE_LENGTH_HEADER, RESPONSE_HEADER_PREFIX, Conductor, Engine, progress
-from peer.request import DownloadRequest
+from peer.download.engine import PIECE_LENGTH_HEADER, RESPONSE_HEADER_PREFIX, Conductor, Engine, progress
+from peer.download.request import DownloadRequest
 
 if TYPE_CHECKING:
-    from peer.storage import LocalTask, PieceStore
+    from peer.storage.store import LocalTask, PieceStore
 
 log = logging.getLogger(__name__)
 

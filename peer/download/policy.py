@@ -1,7 +1,7 @@
 """The download policy of one task on one node: which piece next, from which parent, and when to
 give up on parents. Pure and synchronous: no asyncio, no sockets, no disk, no protobuf.
 
-The engine (:mod:`peer.engine`) feeds it events — the content's size became known, a parent
+The engine (:mod:`peer.download.engine`) feeds it events — the content's size became known, a parent
 joined / has a piece / went away, a piece arrived or failed, a reader waits for pieces, the
 scheduler stream ended or said "back to source" — and carries out the commands it returns:
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import msgpack  # type: ignore[import-untyped]
 import pytest
 
-from seed.up import LocalCluster, sha256_file, wait_until
+from common.launcher import LocalCluster, sha256_file, wait_until
 from tests.support.cluster import run_dfget
 from tests.support.registry import Registry, push_random_blob
 

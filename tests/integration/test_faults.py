@@ -24,7 +24,7 @@ from aiohttp import web
 from dragonfly_api import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 from common import ids
-from seed.up import LocalCluster, Node, http_get, sha256_file, wait_until
+from common.launcher import LocalCluster, Node, http_get, sha256_file, wait_until
 from tests.support.cluster import run_dfget, start_dfget, start_network
 from tests.support.registry import Registry, push_random_blob, write_random_file
 from tests.support.relay import ByteCountingRelay

@@ -36,11 +36,11 @@ from aiohttp.http_exceptions import HttpProcessingError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from common.launcher import LocalCluster, Node
 from common.pieces import piece_span
 from peer.metrics import DaemonMetrics
 from peer.piece_server import PieceServer
-from peer.storage import PieceStore
-from seed.up import LocalCluster, Node
+from peer.storage.store import PieceStore
 from tests.support.registry import Registry, push_random_blob
 
 pytestmark = pytest.mark.integration

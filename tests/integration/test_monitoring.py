@@ -36,8 +36,8 @@ import pytest
 import yaml
 from dragonfly_api import scheduler_pb2, scheduler_pb2_grpc
 
+from common.launcher import LocalCluster, Node, free_port, http_get, sha256_file, tail, wait_until
 from peer.metrics import PROXY_ROUTES
-from seed.up import LocalCluster, Node, free_port, http_get, sha256_file, tail, wait_until
 from tests.support.cluster import run_dfget, start_dfget
 from tests.support.registry import Registry, push_random_blob
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from seed.up import LocalCluster, sha256_file, wait_until
+from common.launcher import LocalCluster, sha256_file, wait_until
 from tests.support.cluster import run_dfget, start_dfget, start_network
 from tests.support.registry import Registry, push_random_blob
 from tests.support.relay import ByteCountingRelay

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from seed.up import LocalCluster, Node, sha256_file
+from common.launcher import LocalCluster, Node, sha256_file
 from tests.support.registry import Registry, push_image, push_random_blob, write_layer_tar
 
 pytestmark = pytest.mark.integration

@@ -33,9 +33,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from common.errors import InvalidRequest
-from peer.proxy import P2PAdmission
-from peer.proxy_tls import HostPattern, inner_url, origin_of
-from seed.up import LocalCluster, Node, free_port, sha256_file, tail, wait_until
+from common.launcher import LocalCluster, Node, free_port, sha256_file, tail, wait_until
+from peer.proxy.server import P2PAdmission
+from peer.proxy.tls import HostPattern, inner_url, origin_of
 from tests.support.registry import REGISTRY_BINARY, Registry, push_random_blob
 
 pytestmark = pytest.mark.integration

@@ -21,7 +21,7 @@ import pytest
 from dragonfly_api import dfdaemon_pb2, dfdaemon_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
 from common import ids
-from seed.up import LocalCluster, sha256_file
+from common.launcher import LocalCluster, sha256_file
 from tests.support.certs import Issued, TestCA
 from tests.support.cluster import run_dfget
 from tests.support.registry import Registry, push_random_blob

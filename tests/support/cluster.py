@@ -1,6 +1,6 @@
 """Fixtures that run Damselfly itself as real processes (scheduler, seeds, dfdaemons).
 
-``cluster``: a :class:`seed.up.LocalCluster` rooted in the test's tmp dir, stopped at the end;
+``cluster``: a :class:`common.launcher.LocalCluster` rooted in the test's tmp dir, stopped at the end;
 when the test failed, the tail of every node's log is printed to help the reader.
 ``dfget``: run the real dfget against a node, returning the CompletedProcess.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from seed.up import LocalCluster, Node, dfget_command, tail
+from common.launcher import LocalCluster, Node, dfget_command, tail
 
 
 @pytest.fixture

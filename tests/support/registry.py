@@ -39,7 +39,7 @@ from typing import BinaryIO
 from urllib.parse import urlencode, urljoin, urlsplit
 
 from common.digest import file_digest
-from seed.up import free_port
+from common.launcher import free_port
 from tests.support.token_auth import TokenServer, parse_www_authenticate
 
 REGISTRY_BINARY = "/usr/bin/docker-registry"

@@ -6,7 +6,7 @@ import pytest
 
 from common.errors import InvalidRequest
 from common.pieces import MIB
-from peer.request import DownloadRequest
+from peer.download.request import DownloadRequest
 
 BLOB = "sha256:" + "ab" * 32
 URL = f"http://registry.test/v2/library/python/blobs/{BLOB}"

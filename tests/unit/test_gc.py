@@ -13,9 +13,9 @@ from common.clock import ManualClock
 from common.digest import piece_digest
 from common.errors import DiskFull
 from common.pieces import piece_span
-from peer.gc import CacheCollector, TaskView, plan_evictions
 from peer.metrics import DaemonMetrics
-from peer.storage import LocalTask, PieceStore
+from peer.storage.gc import CacheCollector, TaskView, plan_evictions
+from peer.storage.store import LocalTask, PieceStore
 
 NOW = 10_000.0
 QUOTA = 1000

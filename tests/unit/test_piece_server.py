@@ -22,7 +22,7 @@ from common.digest import piece_digest
 from common.pieces import piece_span
 from peer.metrics import DaemonMetrics
 from peer.piece_server import PIECE_DIGEST_HEADER, PieceServer, TokenBucket
-from peer.storage import LocalTask, PieceStore
+from peer.storage.store import LocalTask, PieceStore
 
 TASK = "d" * 64
 PIECE = 256 * 1024

@@ -1,4 +1,4 @@
-"""The Range header as the registry mirror answers it (peer/range_header.py)."""
+"""The Range header as the registry mirror answers it (common/http.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from common.errors import InvalidRange, RangeNotSatisfiable
-from peer.range_header import ByteRange, RangeSpec, parse_range, select_range, unsatisfied_content_range
+from common.http import ByteRange, RangeSpec, parse_range, select_range, unsatisfied_content_range
 
 TOTAL = 1000
 

@@ -13,10 +13,10 @@ from prometheus_client import generate_latest
 
 from common.clock import SystemClock
 from common.config import SchedulerConfig
+from common.launcher import free_port
 from scheduler.core import SchedulerCore
 from scheduler.server import main
 from scheduler.service import SchedulerService
-from seed.up import free_port
 
 TASK = "a" * 64
 DIGEST = "xxh3:" + "0123456789abcdef" * 2

@@ -23,7 +23,7 @@ from common.errors import (
 )
 from common.pieces import piece_span
 from peer.metrics import DaemonMetrics
-from peer.storage import LocalTask, PieceStore
+from peer.storage.store import LocalTask, PieceStore
 
 TASK = "ab" + "c" * 62
 OTHER = "0" * 64

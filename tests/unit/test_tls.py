@@ -22,7 +22,7 @@ from common.errors import ConfigError
 from common.tls import TlsCredentials, add_port, open_channel, tls_from_config, url_scheme
 from peer.metrics import DaemonMetrics
 from peer.piece_server import PieceServer
-from peer.storage import PieceStore
+from peer.storage.store import PieceStore
 from tests.support.certs import Issued, TestCA
 
 TASK = "e" * 64

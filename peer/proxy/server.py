@@ -9,7 +9,7 @@ Three kinds of request arrive here:
 2. **Forward proxy**, absolute form (``GET http://host/...``), from nydusd's backend ``proxy``
    and ``HTTP_PROXY`` users; ``CONNECT host:port`` is tunnelled byte for byte, unless the host
    is one of ``proxy_intercept_hosts``: then TLS ends here and the requests inside are handled
-   as absolute-form ``https://host:port/...`` ones (:mod:`peer.proxy_tls`).
+   as absolute-form ``https://host:port/...`` ones (:mod:`peer.proxy.tls`).
 3. Anything else gets a clear ``400``.
 
 A ``GET`` whose URL matches a ``proxy_rule`` regex (default ``blobs/sha256.*``) goes through P2P
@@ -19,7 +19,7 @@ to the upstream, status and headers intact, streaming both ways.
 A P2P request is answered from the pieces of its task as they are verified: the pieces covering a
 ``Range`` are fetched first and the response starts with the first of them, sent from the content
 file with sendfile; the rest of the blob follows in the background. Range semantics are in
-:mod:`peer.range_header`. Before any byte is served, :class:`~peer.proxy_auth.BlobAccess` checks
+:mod:`common.http`. Before any byte is served, :class:`~peer.proxy.auth.BlobAccess` checks
 that the registry lets this client read this blob. A download failure aborts the response
 (the connection is closed: the client sees a short body, never wrong bytes).
 
@@ -55,20 +55,20 @@ from common.errors import (
     OriginStatusError,
     RangeNotSatisfiable,
 )
+from common.http import ByteRange, parse_range, select_range, unsatisfied_content_range
 from common.origin import OriginClient, OriginResponseError, get_header
 from common.pieces import pieces_covering
-from peer.engine import Conductor
+from peer.download.engine import Conductor
+from peer.download.request import DownloadRequest
 from peer.piece_server import FileRegionSender, listen
-from peer.proxy_auth import BlobAccess
-from peer.proxy_tls import Interceptor, inner_url, origin_of, upstream_ssl_context
-from peer.range_header import ByteRange, parse_range, select_range, unsatisfied_content_range
-from peer.request import DownloadRequest
+from peer.proxy.auth import BlobAccess
+from peer.proxy.tls import Interceptor, inner_url, origin_of, upstream_ssl_context
 
 if TYPE_CHECKING:
     from common.config import DfdaemonConfig
-    from peer.engine import Engine
+    from peer.download.engine import Engine
     from peer.metrics import DaemonMetrics
-    from peer.storage import LocalTask
+    from peer.storage.store import LocalTask
 
 log = logging.getLogger(__name__)
 
@@ -553,7 +553,7 @@ class Proxy:
 
     async def _intercept(self, request: web.BaseRequest, host: str, port: int) -> web.StreamResponse:
         """Answer the CONNECT, end TLS here with a certificate minted for `host`, and handle the requests
-        inside as absolute-form ``https://host:port/...`` ones (peer/proxy_tls.py)."""
+        inside as absolute-form ``https://host:port/...`` ones (peer/proxy/tls.py)."""
         assert self._interceptor is not None
         try:
             context = await self._interceptor.server_context(host)

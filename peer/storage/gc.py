@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from common.clock import Clock
 from common.errors import DiskFull
 from peer.metrics import DaemonMetrics
-from peer.storage import FAILED, RUNNING, SUCCEEDED, LocalTask, PieceStore
+from peer.storage.store import FAILED, RUNNING, SUCCEEDED, LocalTask, PieceStore
 
 log = logging.getLogger(__name__)
 

@@ -62,15 +62,15 @@ from peer.download.policy import (
     ReportPieceFailed,
     Reschedule,
 )
-from peer.request import DownloadRequest, duration
-from peer.scheduler_client import UNAVAILABLE_CODES, AnnounceStream, SchedulerClient
+from peer.download.request import DownloadRequest, duration
+from peer.download.scheduler_client import UNAVAILABLE_CODES, AnnounceStream, SchedulerClient
 
 if TYPE_CHECKING:
     from common.config import DfdaemonConfig
     from common.origin import OriginClient
-    from peer.gc import CacheCollector
     from peer.metrics import DaemonMetrics
-    from peer.storage import LocalTask, PieceStore
+    from peer.storage.gc import CacheCollector
+    from peer.storage.store import LocalTask, PieceStore
 
 log = logging.getLogger(__name__)
 

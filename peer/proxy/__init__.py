@@ -1,0 +1,1 @@
+"""The registry mirror and HTTP proxy: the server, the private-blob access check, HTTPS interception."""
