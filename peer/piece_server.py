@@ -388,6 +388,8 @@ class PieceServer:
             clock=clock,
         )
         self._uploads = 0
+        # The request tasks inside _upload: stop() finishes those aiohttp's shutdown leaves running.
+        self._upload_tasks: set[asyncio.Task[object]] = set()
         self._runner: web.AppRunner | None = None
         self.app = web.Application()
         self.app.router.add_get("/pieces/{task_id}/{number}", self._get_piece, allow_head=False)
@@ -425,10 +427,29 @@ class PieceServer:
         return bound
 
     async def stop(self) -> None:
-        """Stop listening and close connections (waits briefly for uploads in progress)."""
+        """Stop listening and close connections (waits briefly for uploads in progress).
+
+        No upload is left running when this returns, so the event loop may be closed right after.
+        """
         runner, self._runner = self._runner, None
         if runner is not None:
+            # Waits up to the shutdown timeout for requests in progress, then cancels the requests
+            # of the connections that are still open.
             await runner.cleanup()
+        # aiohttp's shutdown does not cancel the request of a connection that is already lost:
+        # connection_lost() forgets its request task (web_protocol.py RequestHandler.connection_lost:
+        # ``self._task_handler = None``) and Server.shutdown() then forgets the connection itself
+        # (web_server.py: ``self._connections.clear()``). An upload can outlive its connection: on
+        # uvloop a client that half-closes (EOF) has the transport closed while the sender thread goes
+        # on sending on its duplicate of the socket, until the stall timeout. Left running, such a
+        # task would be destroyed pending ("Task was destroyed but it is pending!") when the loop is
+        # closed after stop(), so it is cancelled here (its sender thread is told to stop) and
+        # waited for.
+        leftovers = [upload for upload in self._upload_tasks if not upload.done()]
+        for upload in leftovers:
+            upload.cancel()
+        if leftovers:
+            await asyncio.wait(leftovers)
         self._sender.close()
 
     # ---- handlers ----------------------------------------------------------------------------
@@ -460,6 +481,18 @@ class PieceServer:
             response.headers["Content-Range"] = unsatisfied_content_range(span.length)
             return response
 
+        upload = asyncio.current_task()
+        assert upload is not None  # aiohttp runs every request in a task of its own
+        self._upload_tasks.add(upload)
+        try:
+            return await self._upload(request, task, span, digest, part)
+        finally:
+            self._upload_tasks.discard(upload)
+
+    async def _upload(
+        self, request: web.Request, task: LocalTask, span: PieceSpan, digest: str, part: ByteRange | None
+    ) -> web.StreamResponse:
+        """Take an upload slot (or answer 503) and send the piece (or the requested part of it)."""
         if not await self._acquire_slot():
             response = self._refuse(503, "busy", "all upload slots are busy")
             response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)

@@ -263,8 +263,18 @@ class FlakyOrigin:
     port: int = 0
     attempts: dict[str, int] = field(default_factory=dict)
     served_ok: int = 0
+    handlers: set[asyncio.Task[object]] = field(default_factory=set)  # requests in progress
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        handler = asyncio.current_task()
+        assert handler is not None
+        self.handlers.add(handler)
+        try:
+            return await self._answer(request)
+        finally:
+            self.handlers.discard(handler)
+
+    async def _answer(self, request: web.Request) -> web.StreamResponse:
         size = self.path.stat().st_size
         key = request.headers.get("Range", "all")
         if request.method == "HEAD":
@@ -305,19 +315,44 @@ def flaky_origin(tmp_path: Path) -> Iterator[FlakyOrigin]:
     path = tmp_path / "origin.bin"
     write_random_file(path, 20 * MIB, seed=108)
     origin = FlakyOrigin(path, [])
-    loop = asyncio.new_event_loop()
-    app = web.Application()
-    app.router.add_route("*", "/{name}", origin.handle)
-    runner = web.AppRunner(app)
-    loop.run_until_complete(runner.setup())
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    loop.run_until_complete(site.start())
-    origin.port = runner.addresses[0][1]
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    runner = asyncio.Runner()
+    loop = runner.get_loop()
+    ready = threading.Event()
+    stop = asyncio.Event()
+
+    async def serve() -> None:
+        app = web.Application()
+        app.router.add_route("*", "/{name}", origin.handle)
+        app_runner = web.AppRunner(app)
+        await app_runner.setup()
+        await web.TCPSite(app_runner, "127.0.0.1", 0).start()
+        origin.port = app_runner.addresses[0][1]
+        ready.set()
+        try:
+            await stop.wait()
+        finally:
+            # aiohttp's shutdown neither cancels nor tracks a handler whose client already left
+            # (a stalled one sleeps for an hour): cancel them here, and let the Runner close the
+            # loop, so no pending task is left for the garbage collector to report during later
+            # tests ("Task was destroyed but it is pending!").
+            for handler in list(origin.handlers):
+                handler.cancel()
+            await asyncio.gather(*origin.handlers, return_exceptions=True)
+            await app_runner.cleanup()
+
+    def run() -> None:
+        with runner:
+            runner.run(serve())
+
+    thread = threading.Thread(target=run, name="flaky-origin", daemon=True)
     thread.start()
-    yield origin
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
+    assert ready.wait(10), "the flaky origin did not start"
+    try:
+        yield origin
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(30)
+        assert not thread.is_alive(), "the flaky origin did not stop"
 
 
 def test_flaky_origin_is_retried_and_a_dead_one_fails_cleanly(
