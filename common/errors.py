@@ -10,24 +10,30 @@ party (the origin, a parent peer, the scheduler) are kept apart from misuse by t
     │   ├── InvalidRequest          malformed input from a client (URL, header, digest)
     │   │   └── InvalidRange        a Range header that cannot be parsed
     │   ├── RangeNotSatisfiable     a well-formed range outside the content
-    │   ├── TaskNotFound            no such task in this store / scheduler
-    │   ├── PeerNotFound            no such peer in the scheduler
-    │   └── HostNotFound            no such host in the scheduler (not announced, or forgotten)
+    │   ├── InvalidTransition       an event a lifecycle table does not allow in the current state
+    │   └── NotFound                no such thing here (or at the remote party we asked)
+    │       ├── TaskNotFound        no such task in this store / scheduler
+    │       ├── PeerNotFound        no such peer in the scheduler
+    │       └── HostNotFound        no such host in the scheduler (not announced, or forgotten)
     ├── StorageError                the local disk failed us
-    │   ├── DiskFull                a write does not fit in the cache quota or the disk
-    │   └── PieceNotAvailable       a piece is not (yet) complete on this node
+    │   └── DiskFull                a write does not fit in the cache quota or the disk
     ├── IntegrityError              bytes that do not match the digest they must have
     │   ├── PieceDigestMismatch     one piece (names the parent that sent it)
     │   └── ContentDigestMismatch   the whole content against the requested digest
     ├── RemoteError                 a remote party failed; another source may work
     │   ├── OriginError             the origin (registry, HTTP server) failed
     │   │   ├── OriginStatusError   it answered a non-success status (keeps status and reason)
+    │   │   │   └── OriginResponseError   ... and its headers and body start, to relay them
+    │   │   │                             (in :mod:`common.origin`, beside the header helpers)
     │   │   └── OriginUnreachable   connection refused, reset, timed out
     │   ├── ParentError             a parent peer failed to serve a piece
     │   └── SchedulerUnavailable    no scheduler answers
-    └── DownloadFailed              a download gave up; the message says why
+    ├── DownloadFailed              a download gave up; the message says why
+    └── ProxyError                  an error answer of the proxy itself (keeps the HTTP status)
+        └── _Relayed                an upstream answer passed on as it is (private to the proxy)
 
-Third-party exceptions (aiohttp, grpc, OSError) are translated where they enter our code.
+Third-party exceptions (aiohttp, grpc, OSError) are translated where they enter our code; for
+gRPC, both directions of the translation are tables in :mod:`common.rpc`.
 """
 
 from __future__ import annotations
@@ -66,7 +72,20 @@ class RangeNotSatisfiable(LocalError):
         self.content_length = content_length
 
 
-class TaskNotFound(LocalError):
+class InvalidTransition(LocalError):
+    """An event that a lifecycle table does not allow in the current state."""
+
+    def __init__(self, what: str, ident: str, state: str, event: str) -> None:
+        super().__init__(f"{what} {ident}: event {event} is not allowed in state {state}")
+        self.state = state
+        self.event = event
+
+
+class NotFound(LocalError):
+    """No such thing here, or at the remote party we asked (its answer was "not found")."""
+
+
+class TaskNotFound(NotFound):
     """No such task here."""
 
     def __init__(self, task_id: str) -> None:
@@ -74,7 +93,7 @@ class TaskNotFound(LocalError):
         self.task_id = task_id
 
 
-class PeerNotFound(LocalError):
+class PeerNotFound(NotFound):
     """No such peer in the scheduler."""
 
     def __init__(self, peer_id: str) -> None:
@@ -82,7 +101,7 @@ class PeerNotFound(LocalError):
         self.peer_id = peer_id
 
 
-class HostNotFound(LocalError):
+class HostNotFound(NotFound):
     """No such host in the scheduler."""
 
     def __init__(self, host_id: str) -> None:
@@ -96,10 +115,6 @@ class StorageError(DamselflyError):
 
 class DiskFull(StorageError):
     """A write does not fit in the cache quota or on the disk."""
-
-
-class PieceNotAvailable(StorageError):
-    """A piece is not complete on this node."""
 
 
 class IntegrityError(DamselflyError):
@@ -167,3 +182,11 @@ class SchedulerUnavailable(RemoteError):
 
 class DownloadFailed(DamselflyError):
     """A download gave up; the message says why."""
+
+
+class ProxyError(DamselflyError):
+    """An answer of the proxy itself (bad request, upstream unreachable): HTTP status and message."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status

@@ -1,6 +1,7 @@
 """The dfdaemon's gRPC services: `DfdaemonUpload` (for peers and the scheduler, over TCP) and
 `DfdaemonDownload` (for dfget, over a unix socket). Both are thin: they translate messages and
-delegate to the engine and the piece store.
+delegate to the engine and the piece store; errors end a call with the status code
+:mod:`common.rpc` gives them.
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ import os
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from dragonfly_api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc
 from google.protobuf import empty_pb2
 
-from common.errors import DamselflyError, InvalidRequest, LocalError, TaskNotFound
+from common import rpc
+from common.errors import DamselflyError, InvalidRequest, TaskNotFound
 from peer.download.engine import PIECE_LENGTH_HEADER, RESPONSE_HEADER_PREFIX, Conductor, Engine, progress
 from peer.download.request import DownloadRequest
 
@@ -26,19 +28,6 @@ if TYPE_CHECKING:
     from peer.storage.store import LocalTask, PieceStore
 
 log = logging.getLogger(__name__)
-
-
-def _status_of(error: BaseException) -> grpc.StatusCode:
-    if isinstance(error, TaskNotFound):
-        return grpc.StatusCode.NOT_FOUND
-    if isinstance(error, InvalidRequest | LocalError):
-        return grpc.StatusCode.INVALID_ARGUMENT
-    return grpc.StatusCode.FAILED_PRECONDITION
-
-
-async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: BaseException) -> NoReturn:
-    await context.abort(_status_of(error), str(error))
-    raise AssertionError("abort returned")  # pragma: no cover - abort always raises
 
 
 def _unimplemented(name: str) -> Any:
@@ -94,13 +83,13 @@ class _LocalTaskRpcs:
                        context: grpc.aio.ServicerContext[Any, Any]) -> common_pb2.Task:
         local = self.store.get(request.task_id)
         if local is None:
-            await _abort(context, TaskNotFound(request.task_id))
+            await rpc.abort(context, TaskNotFound(request.task_id))
         return task_message(local, piece_digests=True)
 
     async def DeleteTask(self, request: dfdaemon_pb2.DeleteTaskRequest,
                          context: grpc.aio.ServicerContext[Any, Any]) -> empty_pb2.Empty:
         if self.store.get(request.task_id) is None:
-            await _abort(context, TaskNotFound(request.task_id))
+            await rpc.abort(context, TaskNotFound(request.task_id))
         await self.store.delete(request.task_id)
         return empty_pb2.Empty()
 
@@ -118,7 +107,7 @@ class UploadService(_LocalTaskRpcs, dfdaemon_pb2_grpc.DfdaemonUploadServicer):  
                          context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[dfdaemon_pb2.SyncPiecesResponse]:
         local = self.store.get(request.task_id)
         if local is None:
-            await _abort(context, TaskNotFound(request.task_id))
+            await rpc.abort(context, TaskNotFound(request.task_id))
         interested = set(request.interested_piece_numbers)
         try:
             async for number in local.subscribe():
@@ -131,8 +120,8 @@ class UploadService(_LocalTaskRpcs, dfdaemon_pb2_grpc.DfdaemonUploadServicer):  
                     interested.discard(number)
                     if not interested:
                         return
-        except DamselflyError as exc:
-            await context.abort(grpc.StatusCode.ABORTED, f"task {request.task_id}: {exc}")
+        except DamselflyError as exc:  # the task was deleted or failed under the subscriber
+            await rpc.abort(context, exc)
 
     async def DownloadTask(
         self, request: dfdaemon_pb2.DownloadTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -141,14 +130,14 @@ class UploadService(_LocalTaskRpcs, dfdaemon_pb2_grpc.DfdaemonUploadServicer):  
         try:
             download = DownloadRequest.from_proto(request.download)
         except DamselflyError as exc:
-            await _abort(context, exc)
+            await rpc.abort(context, exc)
         conductor = self.engine.download(download)
         log.info("download of task %s triggered remotely (%s)", conductor.task_id, download.url)
         try:
             async for response in _download_responses(conductor, self.engine.host_id):
                 yield response
         except DamselflyError as exc:
-            await _abort(context, exc)
+            await rpc.abort(context, exc)
 
 
 class DownloadService(_LocalTaskRpcs, dfdaemon_pb2_grpc.DfdaemonDownloadServicer):  # type: ignore[misc]
@@ -165,7 +154,7 @@ class DownloadService(_LocalTaskRpcs, dfdaemon_pb2_grpc.DfdaemonDownloadServicer
             download = DownloadRequest.from_proto(request.download)
             output = _check_output_path(request.download.output_path)
         except DamselflyError as exc:
-            await _abort(context, exc)
+            await rpc.abort(context, exc)
         conductor = self.engine.download(download)
         try:
             async for response in _download_responses(conductor, self.engine.host_id):
@@ -175,7 +164,7 @@ class DownloadService(_LocalTaskRpcs, dfdaemon_pb2_grpc.DfdaemonDownloadServicer
                 with conductor.local.reader():
                     await asyncio.to_thread(_copy_out, conductor.local.content_path, output)
         except DamselflyError as exc:
-            await _abort(context, exc)
+            await rpc.abort(context, exc)
         except OSError as exc:
             await context.abort(grpc.StatusCode.INTERNAL, f"cannot write {output}: {exc.strerror}")
 

@@ -63,10 +63,10 @@ FAILED_BY_LIMIT = 1
 class Code(StrEnum):
     """gRPC status codes the core asks the service to end a stream with (names of grpc.StatusCode)."""
 
-    NOT_FOUND = "NOT_FOUND"
-    FAILED_PRECONDITION = "FAILED_PRECONDITION"
-    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
-    ABORTED = "ABORTED"
+    NOT_FOUND = "NOT_FOUND"  # unknown host on register (the peer re-announces it), unknown peer
+    FAILED_PRECONDITION = "FAILED_PRECONDITION"  # an event the peer's lifecycle does not allow now
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"  # no parent in time and no back-to-source allowed
+    ABORTED = "ABORTED"  # the peer was removed (its host left, it registered again, deleted)
     INVALID_ARGUMENT = "INVALID_ARGUMENT"
 
 
@@ -248,9 +248,8 @@ class SchedulerCore:
     ) -> list[Decision]:
         """A peer asked for a download of `task_id` on `host_id`."""
         host = self.hosts.get(host_id)
-        if host is None:
-            return [FailPeer(peer_id, Code.FAILED_PRECONDITION,
-                             f"host {host_id} not announced; call AnnounceHost first")]
+        if host is None:  # not announced, or forgotten (a restart): the peer announces it and comes back
+            return [FailPeer(peer_id, Code.NOT_FOUND, str(HostNotFound(host_id)))]
         decisions: list[Decision] = []
         old = self.peers.get(peer_id)
         if old is not None:  # a retry with the same id: start over (its stream is this one now)

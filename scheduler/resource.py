@@ -23,20 +23,11 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Generic, TypeVar
 
-from common.errors import LocalError
+from common.errors import InvalidTransition as InvalidTransition
 from common.hosts import HostType, default_upload_slots
 
 # Piece costs kept per parent for the bad-parent test.
 PIECE_COST_WINDOW = 100
-
-
-class InvalidTransition(LocalError):
-    """An event that the lifecycle table does not allow in the current state."""
-
-    def __init__(self, what: str, ident: str, state: str, event: str) -> None:
-        super().__init__(f"{what} {ident}: event {event} is not allowed in state {state}")
-        self.state = state
-        self.event = event
 
 
 # --------------------------------------------------------------------------------------------

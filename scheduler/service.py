@@ -21,7 +21,8 @@ from dragonfly_api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc, scheduler
 from google.protobuf import duration_pb2, empty_pb2, timestamp_pb2
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from common.errors import HostNotFound, PeerNotFound, TaskNotFound
+from common.errors import DamselflyError, InvalidRequest
+from common.rpc import status_of
 from common.tls import TlsCredentials, open_channel
 from scheduler.core import (
     Candidate,
@@ -201,6 +202,8 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):  # type: ignore[mi
             raise
         except grpc.aio.AioRpcError as exc:  # the peer went away
             log.debug("AnnouncePeer stream of %s broke: %s", stream.peer_id, exc.code())
+        except grpc.aio.AbortError:  # we ended the stream (a FailPeer decision)
+            log.debug("AnnouncePeer stream of %s aborted", stream.peer_id)
         except Exception:
             log.exception("AnnouncePeer stream of %s failed", stream.peer_id)
         stream.queue.put_nowait(_END)
@@ -364,7 +367,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):  # type: ignore[mi
     ) -> empty_pb2.Empty:
         host = request.host
         if not host.id or not host.ip:
-            await self._abort(context, "AnnounceHost", grpc.StatusCode.INVALID_ARGUMENT, "host id and ip are required")
+            await self._abort_with(context, "AnnounceHost", InvalidRequest("host id and ip are required"))
         self._dispatch(self.core.announce_host(host_from_proto(host)))
         return empty_pb2.Empty()
 
@@ -380,12 +383,16 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):  # type: ignore[mi
         return empty_pb2.Empty()
 
     async def _call(self, context: grpc.aio.ServicerContext, method: str, fn: Callable[[], T]) -> T:
-        """Run a core query; unknown ids become NOT_FOUND."""
+        """Run a core query; its errors end the call with their status (unknown ids: NOT_FOUND)."""
         try:
             return fn()
-        except (TaskNotFound, PeerNotFound, HostNotFound) as exc:
-            await self._abort(context, method, grpc.StatusCode.NOT_FOUND, str(exc))
+        except DamselflyError as exc:
+            await self._abort_with(context, method, exc)
             raise AssertionError("unreachable") from None
+
+    async def _abort_with(self, context: grpc.aio.ServicerContext, method: str, error: DamselflyError) -> None:
+        """End the call with `error`'s status code (common.rpc) and its message."""
+        await self._abort(context, method, status_of(error), str(error))
 
     async def _abort(
         self, context: grpc.aio.ServicerContext, method: str, code: grpc.StatusCode, message: str

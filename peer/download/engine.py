@@ -28,13 +28,13 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec
 
 import aiohttp
 import grpc
-from dragonfly_api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc, scheduler_pb2
+from dragonfly_api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc
 
 from common import ids
 from common.clock import Clock
@@ -49,7 +49,6 @@ from common.errors import (
     ParentError,
     SchedulerUnavailable,
 )
-from common.hosts import HostType
 from common.pieces import piece_length_for
 from common.tls import TlsCredentials, open_channel, url_scheme
 from peer.download.policy import (
@@ -62,8 +61,16 @@ from peer.download.policy import (
     ReportPieceFailed,
     Reschedule,
 )
-from peer.download.request import DownloadRequest, duration
-from peer.download.scheduler_client import UNAVAILABLE_CODES, AnnounceStream, SchedulerClient
+from peer.download.request import DownloadRequest
+from peer.download.scheduler_client import (
+    Answer,
+    CandidateParent,
+    EmptyTask,
+    NeedBackToSource,
+    Parents,
+    SchedulerClient,
+    SchedulerSession,
+)
 
 if TYPE_CHECKING:
     from common.config import DfdaemonConfig
@@ -73,6 +80,7 @@ if TYPE_CHECKING:
     from peer.storage.store import LocalTask, PieceStore
 
 log = logging.getLogger(__name__)
+_P = ParamSpec("_P")
 
 # common.v2.Task has no piece length nor response headers: StatTask carries them in
 # `request_header` under these names (docs/protocol.md).
@@ -125,7 +133,7 @@ class _PieceDone:
 
 @dataclass(frozen=True)
 class _SchedulerMessage:
-    response: scheduler_pb2.AnnouncePeerResponse | None
+    answer: Answer | None  # None: the stream ended
     error: str = ""
 
 
@@ -161,7 +169,7 @@ class Conductor:
         self._in_flight: dict[int, asyncio.Task[None]] = {}
         self._digests: dict[int, str] = {}
         self._digest_refresh: asyncio.Task[None] | None = None
-        self._stream: AnnounceStream | None = None
+        self._session: SchedulerSession | None = None
         self._stream_reader: asyncio.Task[None] | None = None
         self._back_to_source = False
         # Range reads that came before the content's size was known (their pieces are unknown).
@@ -258,20 +266,19 @@ class Conductor:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     def _finish_stream(self, failed: str | None) -> None:
-        stream = self._stream
-        if stream is None:
+        session = self._session
+        if session is None:
             return
         if failed is None:
             if self._back_to_source:
-                stream.send(download_peer_back_to_source_finished_request=scheduler_pb2.DownloadPeerBackToSourceFinishedRequest())
+                session.back_to_source_finished()
             else:
-                stream.send(download_peer_finished_request=scheduler_pb2.DownloadPeerFinishedRequest())
+                session.finished()
         elif self._back_to_source:
-            stream.send(download_peer_back_to_source_failed_request=scheduler_pb2.DownloadPeerBackToSourceFailedRequest(
-                description=failed))
+            session.back_to_source_failed(failed)
         else:
-            stream.send(download_peer_failed_request=scheduler_pb2.DownloadPeerFailedRequest(description=failed))
-        stream.close()
+            session.failed(failed)
+        session.close()
 
     # -- the main flow ---------------------------------------------------------------------------
 
@@ -289,14 +296,13 @@ class Conductor:
         first = await self._register()
         if first is None:
             await self._back_source("scheduler unreachable")
-        elif first.HasField("need_back_to_source_response"):
-            await self._back_source(first.need_back_to_source_response.description or "scheduler said so")
-        elif first.HasField("empty_task_response"):
+        elif isinstance(first, NeedBackToSource):
+            await self._back_source(first.description or "scheduler said so")
+        elif isinstance(first, EmptyTask):
             await self._set_content_info(0, {})
         else:
-            self._stream_send(download_peer_started_request=scheduler_pb2.DownloadPeerStartedRequest())
-            if first.HasField("normal_task_response"):
-                self._add_parents(first.normal_task_response.candidate_parents)
+            self._report(SchedulerSession.download_started)
+            self._add_parents(first.candidates)
             await self._download_from_parents()
         if self.policy.want_everything or self._content_complete():
             await self._verify_content()
@@ -305,77 +311,47 @@ class Conductor:
     def _content_complete(self) -> bool:
         return self.local.content_length is not None and self.local.is_complete()
 
-    async def _register(self) -> scheduler_pb2.AnnouncePeerResponse | None:
-        """Register on the owning scheduler; None when no scheduler could be reached."""
+    async def _register(self) -> Answer | None:
+        """Register on the owning scheduler: its first answer; None when no scheduler took us."""
         client = self.engine.scheduler
         if client is None:
             return None
-        register = scheduler_pb2.RegisterPeerRequest(download=self.request.to_proto())
-        errors: list[str] = []
-        for address in client.ranked(self.task_id):
-            outcome = await self._open_stream(client, address, register)
-            if isinstance(outcome, tuple) and _forgot_host(outcome) and await client.announce_host(address):
-                # The scheduler restarted and forgot this host: announce it and register again.
-                outcome = await self._open_stream(client, address, register)
-            if not isinstance(outcome, tuple):
-                return outcome
-            code, detail = outcome
-            errors.append(f"{address}: {detail}")
-            if code is not None and code not in UNAVAILABLE_CODES:
-                log.warning("scheduler %s refused task %s: %s", address, self.task_id, detail)
-                break
-        log.info("task %s: no scheduler answered (%s)", self.task_id, "; ".join(errors))
-        return None
-
-    async def _open_stream(
-        self, client: SchedulerClient, address: str, register: scheduler_pb2.RegisterPeerRequest
-    ) -> scheduler_pb2.AnnouncePeerResponse | tuple[grpc.StatusCode | None, str]:
-        """Register on one scheduler: its first answer, or (status code, what went wrong)."""
-        stream = client.open_stream(address, self.task_id, self.peer_id)
-        stream.send(register_peer_request=register)
-        timeout = self.engine.config.schedule_timeout
         try:
-            response = await asyncio.wait_for(stream.receive(), timeout)
-        except TimeoutError:
-            stream.cancel()
-            return None, f"no answer in {timeout:.0f}s"
-        except grpc.aio.AioRpcError as exc:
-            stream.cancel()
-            return exc.code(), f"{exc.code().name}: {exc.details()}"
-        if response is None:
-            return None, "closed the stream without an answer"
-        self._stream = stream
-        self._stream_reader = asyncio.create_task(self._read_scheduler(stream))
-        return response
+            self._session, answer = await client.register(self.task_id, self.peer_id, self.request,
+                                                          answer_within=self.engine.config.schedule_timeout)
+        except DamselflyError:  # none answered, or one refused: the client logged which
+            return None
+        self._stream_reader = asyncio.create_task(self._read_scheduler(self._session))
+        return answer
 
-    async def _read_scheduler(self, stream: AnnounceStream) -> None:
+    async def _read_scheduler(self, session: SchedulerSession) -> None:
         try:
             while True:
-                response = await stream.receive()
-                await self._events.put(_SchedulerMessage(response))
-                if response is None:
+                answer = await session.receive()
+                await self._events.put(_SchedulerMessage(answer))
+                if answer is None:
                     return
-        except grpc.aio.AioRpcError as exc:
-            await self._events.put(_SchedulerMessage(None, f"{exc.code().name}: {exc.details()}"))
+        except DamselflyError as exc:  # the stream failed (the session mapped its status code)
+            await self._events.put(_SchedulerMessage(None, str(exc)))
 
-    def _stream_send(self, **message: Any) -> None:
-        if self._stream is not None and self.policy.scheduler_alive:
-            self._stream.send(**message)
+    def _report(self, report: Callable[Concatenate[SchedulerSession, _P], None], *args: _P.args,
+                **kwargs: _P.kwargs) -> None:
+        """Tell the scheduler, while its stream lives: `report` is a SchedulerSession method."""
+        if self._session is not None and self.policy.scheduler_alive:
+            report(self._session, *args, **kwargs)
 
     # -- from parents ----------------------------------------------------------------------------
 
-    def _add_parents(self, candidates: Any) -> None:
+    def _add_parents(self, candidates: Iterable[CandidateParent]) -> None:
         for candidate in candidates:
-            host = candidate.host
-            is_seed = HostType.of(host.type).is_seed
-            if not self.policy.add_parent(candidate.id, is_seed=is_seed):
+            if not self.policy.add_parent(candidate.peer_id, is_seed=candidate.is_seed):
                 continue
-            parent = Parent(peer_id=candidate.id, host_id=host.id, ip=host.ip, grpc_port=host.port,
-                            download_port=host.download_port, is_seed=is_seed)
+            parent = Parent(peer_id=candidate.peer_id, host_id=candidate.host_id, ip=candidate.ip,
+                            grpc_port=candidate.grpc_port, download_port=candidate.download_port,
+                            is_seed=candidate.is_seed)
             self._parents[parent.peer_id] = parent
-            for piece in candidate.pieces:
-                if piece.digest:
-                    self._digests.setdefault(piece.number, piece.digest)
+            for number, digest in candidate.digests:
+                self._digests.setdefault(number, digest)
             parent.session = asyncio.create_task(self._parent_session(parent), name=f"sync-{parent.peer_id}")
             log.debug("task %s: parent %s (%s:%d%s)", self.task_id, parent.peer_id, parent.ip,
                       parent.download_port, ", seed" if parent.is_seed else "")
@@ -429,16 +405,13 @@ class Conductor:
             parent = self._parents[command.parent_id]
             self._in_flight[command.number] = asyncio.create_task(self._fetch_piece(command.number, parent))
         elif isinstance(command, ReportPieceFailed):
-            self._stream_send(download_piece_failed_request=scheduler_pb2.DownloadPieceFailedRequest(
-                piece_number=command.number, parent_id=command.parent_id, temporary=command.temporary))
+            self._report(SchedulerSession.piece_failed, command.number, command.parent_id, command.temporary)
         elif isinstance(command, DropParent):
             dropped = self._parents.pop(command.parent_id, None)
             if dropped is not None and dropped.session is not None and not dropped.session.done():
                 dropped.session.cancel()
         elif isinstance(command, Reschedule):
-            peers = [common_pb2.Peer(id=peer_id) for peer_id in command.blocked]
-            self._stream_send(reschedule_peer_request=scheduler_pb2.ReschedulePeerRequest(
-                candidate_parents=peers, description=command.description))
+            self._report(SchedulerSession.reschedule, command.description, command.blocked)
 
     async def _handle(self, event: _Event) -> None:
         """Apply one event to the policy (and carry out what it answers at once)."""
@@ -474,15 +447,15 @@ class Conductor:
             self._on_scheduler(event)
 
     def _on_scheduler(self, event: _SchedulerMessage) -> None:
-        response = event.response
-        if response is None:
+        answer = event.answer
+        if answer is None:
             if self.policy.scheduler_alive:
                 log.info("task %s: scheduler stream ended %s", self.task_id, event.error)
             self.policy.scheduler_lost()
-        elif response.HasField("normal_task_response"):
-            self._add_parents(response.normal_task_response.candidate_parents)
-        elif response.HasField("need_back_to_source_response"):
-            self.policy.scheduler_says_back_to_source(response.need_back_to_source_response.description)
+        elif isinstance(answer, Parents):
+            self._add_parents(answer.candidates)
+        elif isinstance(answer, NeedBackToSource):
+            self.policy.scheduler_says_back_to_source(answer.description)
 
     async def _fetch_piece(self, number: int, parent: Parent) -> None:
         error: BaseException | None = None
@@ -509,10 +482,8 @@ class Conductor:
         span = self.local.span(number)
         self.engine.metrics.download_traffic.labels("remote_peer").inc(span.length)
         self.engine.metrics.piece_duration.labels("remote_peer").observe(cost)
-        self._stream_send(download_piece_finished_request=scheduler_pb2.DownloadPieceFinishedRequest(
-            piece=common_pb2.Piece(number=number, parent_id=parent.peer_id, offset=span.offset,
-                                   length=span.length, digest=digest, traffic_type=common_pb2.REMOTE_PEER,
-                                   cost=duration(cost))))
+        self._report(SchedulerSession.piece_finished, number, offset=span.offset, length=span.length, digest=digest,
+                     parent_id=parent.peer_id, cost=cost)
 
     async def _digest_of(self, number: int) -> str:
         """The digest the back-sourcing peer reported for a piece, as relayed by the scheduler
@@ -542,7 +513,7 @@ class Conductor:
         anchored there; normal parents' digests are never used.
         """
         assert self.engine.scheduler is not None
-        address = self._stream.address if self._stream is not None else None
+        address = self._session.address if self._session is not None else None
         try:
             task = await self.engine.scheduler.stat_task(self.task_id, address)
         except SchedulerUnavailable as exc:
@@ -587,8 +558,7 @@ class Conductor:
                 await self._back_source_stream(headers)
                 return
             await self._set_content_info(stat.content_length, stat.headers)
-        self._stream_send(download_peer_back_to_source_started_request=scheduler_pb2.DownloadPeerBackToSourceStartedRequest(
-            description=reason))
+        self._report(SchedulerSession.back_to_source_started, reason)
         missing = self._missing()
         if stat is not None and not stat.supports_range and len(missing) > 1:
             await self._back_source_stream(headers)
@@ -647,9 +617,8 @@ class Conductor:
         metrics = self.engine.metrics
         metrics.download_traffic.labels("back_to_source").inc(span.length)
         metrics.piece_duration.labels("back_to_source").observe(cost)
-        self._stream_send(download_piece_back_to_source_finished_request=scheduler_pb2.DownloadPieceBackToSourceFinishedRequest(
-            piece=common_pb2.Piece(number=number, offset=span.offset, length=span.length, digest=digest,
-                                   traffic_type=common_pb2.BACK_TO_SOURCE, cost=duration(cost))))
+        self._report(SchedulerSession.back_to_source_piece_finished, number, offset=span.offset, length=span.length,
+                     digest=digest, cost=cost)
 
     async def _back_source_stream(self, headers: dict[str, str]) -> None:
         """One plain GET, cut into pieces: for origins without Range or without a length."""
@@ -663,8 +632,7 @@ class Conductor:
             if body.content_length is None:
                 raise DownloadFailed(f"origin gives no length for {self.request.url}; cannot cut it into pieces")
             await self._set_content_info(body.content_length, dict(body.headers))
-            self._stream_send(download_peer_back_to_source_started_request=scheduler_pb2.DownloadPeerBackToSourceStartedRequest(
-                description="origin without Range support"))
+            self._report(SchedulerSession.back_to_source_started, "origin without Range support")
             chunks = body.chunks(_CHUNK)
             leftover = b""
             for number in range(self.local.piece_count):
@@ -697,11 +665,6 @@ class Conductor:
         if actual != expected:
             await self.engine.store.delete(self.task_id)
             raise ContentDigestMismatch(expected, actual)
-
-
-def _forgot_host(outcome: tuple[grpc.StatusCode | None, str]) -> bool:
-    code, detail = outcome
-    return code == grpc.StatusCode.FAILED_PRECONDITION and "announce" in detail.lower()
 
 
 async def _take(chunks: AsyncIterator[bytes], leftover: bytes, length: int) -> tuple[list[bytes], bytes]:

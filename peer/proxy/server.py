@@ -53,6 +53,7 @@ from common.errors import (
     InvalidRequest,
     OriginError,
     OriginStatusError,
+    ProxyError,
     RangeNotSatisfiable,
 )
 from common.http import ByteRange, parse_range, select_range, unsatisfied_content_range
@@ -101,14 +102,6 @@ TUNNEL_BUFFER = 256 * 1024
 MAX_PRIORITY = 6
 # Longer numbers in a header or a CONNECT port are refused before int() sees them.
 _MAX_NUMBER_DIGITS = 12
-
-
-class ProxyError(Exception):
-    """An answer of the proxy itself (bad request, upstream unreachable): status and message."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 def _error(status: int, message: str) -> web.Response:

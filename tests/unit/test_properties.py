@@ -210,7 +210,9 @@ def test_any_text_file_loads_or_fails_with_config_error(
         document = yaml.safe_load(text)
     except yaml.YAMLError:
         document = None
-    _assert_loads_or_names_the_key(cls, set(document) if isinstance(document, dict) else set(), path=path)
+    # A key the loader rejects is named as text: YAML's "?" alone is the document {None: None}.
+    keys_given = {str(key) for key in document} if isinstance(document, dict) else set()
+    _assert_loads_or_names_the_key(cls, keys_given, path=path)
 
 
 # ---- regressions of what the properties found ------------------------------------------------
@@ -221,6 +223,15 @@ def test_unparseable_urls_are_invalid_requests(url: str) -> None:
     with pytest.raises(InvalidRequest):
         ids.task_id(url)
     assert ids.parse_oci_blob_url(url + "/v2/a/blobs/sha256:" + "0" * 64) is None
+
+
+@pytest.mark.parametrize("text", ["?", "? \n", "~: 1\n"])
+def test_a_null_key_is_named_as_text(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="keys must be strings") as caught:
+        load_config(DfdaemonConfig, path=path)
+    assert caught.value.key == "None"
 
 
 def test_config_keys_must_be_strings(tmp_path: Path) -> None:

@@ -280,8 +280,7 @@ def test_seed_is_offloaded_once_normal_peers_have_pieces() -> None:
 def test_register_needs_an_announced_host() -> None:
     w = World()
     decisions = w.core.register_peer("h-ghost", TASK, "p", DownloadSpec(url="https://r/blob"))
-    assert decisions == [FailPeer("p", Code.FAILED_PRECONDITION,
-                                  "host h-ghost not announced; call AnnounceHost first")]
+    assert decisions == [FailPeer("p", Code.NOT_FOUND, "host h-ghost not found")]
 
 
 @pytest.mark.parametrize(

@@ -157,12 +157,44 @@ async def test_back_to_source_digest_relay_and_unimplemented() -> None:
         assert TASK not in text and "p1" not in text
 
 
-async def test_register_on_unannounced_host_fails() -> None:
+async def test_register_on_unannounced_host_is_not_found() -> None:
     async with Harness() as h:
         call = h.stub.AnnouncePeer()
         await call.write(register("ghost", "p1"))
-        assert await asyncio.wait_for(call.code(), DEADLINE) == grpc.StatusCode.FAILED_PRECONDITION
-        assert "host ghost not announced" in (await call.details() or "")
+        assert await asyncio.wait_for(call.code(), DEADLINE) == grpc.StatusCode.NOT_FOUND
+        assert h.metric("damselfly_scheduler_grpc_errors_total", method="AnnouncePeer", code="NOT_FOUND") == 1
+
+
+@pytest.mark.parametrize(
+    ("host", "code"),
+    [
+        (common_pb2.Host(id="", ip="10.0.0.1"), grpc.StatusCode.INVALID_ARGUMENT),  # InvalidRequest
+        (common_pb2.Host(id="h", ip=""), grpc.StatusCode.INVALID_ARGUMENT),
+    ],
+)
+async def test_bad_host_announcement_is_invalid_argument(host: common_pb2.Host, code: grpc.StatusCode) -> None:
+    async with Harness() as h:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await h.stub.AnnounceHost(scheduler_pb2.AnnounceHostRequest(host=host))
+        assert refused.value.code() == code
+        assert h.metric("damselfly_scheduler_grpc_errors_total", method="AnnounceHost", code=code.name) == 1
+
+
+@pytest.mark.parametrize(
+    ("method", "request_message"),
+    [
+        ("StatPeer", scheduler_pb2.StatPeerRequest(peer_id="nope")),
+        ("DeletePeer", scheduler_pb2.DeletePeerRequest(peer_id="nope")),
+        ("StatTask", scheduler_pb2.StatTaskRequest(task_id="nope")),
+        ("DeleteTask", scheduler_pb2.DeleteTaskRequest(task_id="nope")),
+    ],
+)
+async def test_unknown_ids_are_not_found(method: str, request_message: Any) -> None:
+    async with Harness() as h:
+        with pytest.raises(grpc.aio.AioRpcError) as missing:
+            await getattr(h.stub, method)(request_message)
+        assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+        assert h.metric("damselfly_scheduler_grpc_errors_total", method=method, code="NOT_FOUND") == 1
 
 
 async def test_seed_trigger_reaches_the_seed_with_request_headers() -> None:
