@@ -26,8 +26,8 @@ import uvloop
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from peer.metrics import DaemonMetrics
-from peer.piece_server import PieceServer
 from peer.storage.store import PieceStore
+from peer.upload.piece_server import PieceServer
 
 TASK = "b" * 64
 MIB = 1024 * 1024

@@ -37,12 +37,12 @@ from common.tls import add_port, tls_from_config
 from peer.download.engine import Engine
 from peer.download.scheduler_client import SchedulerClient
 from peer.metrics import DaemonMetrics
-from peer.piece_server import PieceServer
 from peer.proxy.server import Proxy
 from peer.proxy.tls import upstream_ssl_context
 from peer.services import DownloadService, UploadService
 from peer.storage.gc import CacheCollector
 from peer.storage.store import PieceStore
+from peer.upload.piece_server import PieceServer
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 PREFIX = "damselfly_dfdaemon"
 TRAFFIC_TYPES = ("back_to_source", "remote_peer", "local_peer")
 TASK_RESULTS = ("started", "succeeded", "failed")
-# Outcomes of one piece request to the piece server (peer/piece_server.py).
+# Outcomes of one piece request to the piece server (peer/upload/piece_server.py).
 UPLOAD_RESULTS = ("succeeded", "failed", "busy", "not_found", "bad_request")
 # Why a piece from a parent was rejected: bad digest, or the transfer failed.
 PIECE_FAILURE_REASONS = ("digest", "parent")

@@ -61,9 +61,9 @@ from common.origin import OriginClient, OriginResponseError, get_header
 from common.pieces import pieces_covering
 from peer.download.engine import Conductor
 from peer.download.request import DownloadRequest
-from peer.piece_server import FileRegionSender, listen
 from peer.proxy.auth import BlobAccess
 from peer.proxy.tls import Interceptor, inner_url, origin_of, upstream_ssl_context
+from peer.upload.piece_server import FileRegionSender, listen
 
 if TYPE_CHECKING:
     from common.config import DfdaemonConfig

@@ -40,8 +40,8 @@ from hypothesis import strategies as st
 from common.launcher import LocalCluster, Node
 from common.pieces import piece_span
 from peer.metrics import DaemonMetrics
-from peer.piece_server import PieceServer
 from peer.storage.store import PieceStore
+from peer.upload.piece_server import PieceServer
 from tests.support.registry import Registry, push_random_blob
 
 pytestmark = pytest.mark.integration

@@ -21,8 +21,8 @@ import uvloop
 from common.digest import piece_digest
 from common.pieces import piece_span
 from peer.metrics import DaemonMetrics
-from peer.piece_server import PIECE_DIGEST_HEADER, PieceServer, TokenBucket
 from peer.storage.store import LocalTask, PieceStore
+from peer.upload.piece_server import PIECE_DIGEST_HEADER, PieceServer, TokenBucket
 
 TASK = "d" * 64
 PIECE = 256 * 1024

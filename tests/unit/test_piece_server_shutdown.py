@@ -26,8 +26,8 @@ from aiohttp import web
 
 from common.pieces import piece_span
 from peer.metrics import DaemonMetrics
-from peer.piece_server import PieceServer
 from peer.storage.store import PieceStore
+from peer.upload.piece_server import PieceServer
 
 TASK = "f" * 64
 BIG = 16 * 1024 * 1024  # far more than loopback socket buffers hold for a client that reads nothing

@@ -21,8 +21,8 @@ from common.config import DfdaemonConfig, SchedulerConfig, add_config_arguments,
 from common.errors import ConfigError
 from common.tls import TlsCredentials, add_port, open_channel, tls_from_config, url_scheme
 from peer.metrics import DaemonMetrics
-from peer.piece_server import PieceServer
 from peer.storage.store import PieceStore
+from peer.upload.piece_server import PieceServer
 from tests.support.certs import Issued, TestCA
 
 TASK = "e" * 64

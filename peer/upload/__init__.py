@@ -1,0 +1,1 @@
+"""Serving pieces to other peers: the HTTP piece server (sendfile, upload slots, rate limit)."""
