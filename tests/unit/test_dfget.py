@@ -260,6 +260,11 @@ def test_timeout_is_the_rpc_deadline(
     assert entries(tmp_path) == []
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def test_ctrl_c_removes_the_temporary_file(daemon: Daemon, tmp_path: Path) -> None:
     output = tmp_path / "blob.bin"
     output.write_bytes(b"old")
@@ -267,6 +272,9 @@ def test_ctrl_c_removes_the_temporary_file(daemon: Daemon, tmp_path: Path) -> No
     proc = subprocess.Popen(
         [sys.executable, "-m", "peer.dfget", URL, "-O", str(output), "--endpoint", daemon.socket],
         cwd=REPO, stderr=subprocess.PIPE, text=True,
+        # Ctrl-C as a terminal delivers it: the test runner may run with SIGINT ignored (a job
+        # started with '&' by a shell without job control), and a child inherits that.
+        preexec_fn=_default_sigint,
     )
     try:
         assert daemon.scenario.hanging.wait(timeout=30)
