@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec
 
@@ -39,6 +39,7 @@ from dragonfly_api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc
 from common import ids
 from common.clock import Clock
 from common.digest import file_digest, parse_digest
+from common.download import DownloadRequest
 from common.errors import (
     ContentDigestMismatch,
     DamselflyError,
@@ -61,7 +62,6 @@ from peer.download.policy import (
     ReportPieceFailed,
     Reschedule,
 )
-from peer.download.request import DownloadRequest
 from peer.download.scheduler_client import (
     Answer,
     CandidateParent,
@@ -89,6 +89,9 @@ RESPONSE_HEADER_PREFIX = "X-Damselfly-Response-"
 _CHUNK = 1 << 20
 # How long to keep asking the scheduler for a piece digest still in flight from the seed.
 DIGEST_WAIT = 5.0
+# After the final report, how long the scheduler may take to end the stream before we cancel it
+# (cancelling it earlier could drop the report still queued behind it).
+STREAM_END_GRACE = 5.0
 ORIGIN_ATTEMPTS = 3
 ORIGIN_BACKOFF = 0.5
 
@@ -165,6 +168,10 @@ class Conductor:
             want_everything=request.prefetch or request.byte_range is None,
         )
         self._events: asyncio.Queue[_Event] = asyncio.Queue()
+        # Every coroutine working for this download (parent sessions, piece fetches, the
+        # scheduler reader) runs in this group: none outlives the download, and an unexpected
+        # error in one fails the download instead of vanishing.
+        self._workers: asyncio.TaskGroup | None = None
         self._parents: dict[str, Parent] = {}
         self._in_flight: dict[int, asyncio.Task[None]] = {}
         self._digests: dict[int, str] = {}
@@ -222,7 +229,8 @@ class Conductor:
         timeout = self.request.timeout or self.engine.config.download_timeout
         try:
             await asyncio.wait_for(self._run(), timeout)
-        except BaseException as exc:  # every outcome must reach the waiters
+        except BaseException as raised:  # every outcome must reach the waiters
+            exc = _first_error(raised)
             error = self._describe_failure(exc, timeout)
             log.warning("task %s failed: %s", self.task_id, error)
             metrics.tasks.labels("failed").inc()
@@ -242,6 +250,7 @@ class Conductor:
         finally:
             metrics.concurrent_downloads.dec()
             await self._shutdown_workers()
+            await self._end_stream()
 
     def _describe_failure(self, exc: BaseException, timeout: float) -> DamselflyError:
         if isinstance(exc, DownloadFailed | IntegrityError | OriginError):
@@ -256,14 +265,18 @@ class Conductor:
         return DownloadFailed(f"internal error: {type(exc).__name__}: {exc}")
 
     async def _shutdown_workers(self) -> None:
-        tasks = [t for t in self._in_flight.values() if not t.done()]
-        tasks += [p.session for p in self._parents.values() if p.session and not p.session.done()]
-        for extra in (self._stream_reader, self._digest_refresh):
-            if extra is not None and not extra.done():
-                tasks.append(extra)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        """Cancel every worker and wait until they are gone."""
+        await asyncio.gather(*self._cancel_workers(), return_exceptions=True)
+
+    async def _end_stream(self) -> None:
+        """Let the scheduler end the stream after our last report; cancel it if it does not."""
+        reader = self._stream_reader
+        if reader is None or reader.done():
+            return
+        await asyncio.wait({reader}, timeout=STREAM_END_GRACE)
+        if not reader.done():
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
 
     def _finish_stream(self, failed: str | None) -> None:
         session = self._session
@@ -283,6 +296,27 @@ class Conductor:
     # -- the main flow ---------------------------------------------------------------------------
 
     async def _run(self) -> None:
+        async with asyncio.TaskGroup() as workers:
+            self._workers = workers
+            try:
+                await self._download()
+            finally:
+                self._cancel_workers()  # parent sessions never end on their own; the group awaits them
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        assert self._workers is not None, "workers start only while the download runs"
+        return self._workers.create_task(coroutine, name=f"{name}-{self.task_id[:12]}")
+
+    def _cancel_workers(self) -> list[asyncio.Task[None]]:
+        tasks = [t for t in self._in_flight.values() if not t.done()]
+        tasks += [p.session for p in self._parents.values() if p.session and not p.session.done()]
+        if self._digest_refresh is not None and not self._digest_refresh.done():
+            tasks.append(self._digest_refresh)
+        for task in tasks:
+            task.cancel()
+        return tasks
+
+    async def _download(self) -> None:
         self.local.touch()
         if self.local.state == "succeeded" and self._content_complete():
             self._on_content_known()
@@ -321,7 +355,10 @@ class Conductor:
                                                           answer_within=self.engine.config.schedule_timeout)
         except DamselflyError:  # none answered, or one refused: the client logged which
             return None
-        self._stream_reader = asyncio.create_task(self._read_scheduler(self._session))
+        # The reader lives as long as the session, not as a worker: cancelling a read cancels
+        # the whole AnnouncePeer call, so it ends only after the final report (_end_stream).
+        self._stream_reader = asyncio.create_task(self._read_scheduler(self._session),
+                                                  name=f"scheduler-{self.task_id[:12]}")
         return answer
 
     async def _read_scheduler(self, session: SchedulerSession) -> None:
@@ -352,7 +389,7 @@ class Conductor:
             self._parents[parent.peer_id] = parent
             for number, digest in candidate.digests:
                 self._digests.setdefault(number, digest)
-            parent.session = asyncio.create_task(self._parent_session(parent), name=f"sync-{parent.peer_id}")
+            parent.session = self._spawn(self._parent_session(parent), f"sync-{parent.peer_id}")
             log.debug("task %s: parent %s (%s:%d%s)", self.task_id, parent.peer_id, parent.ip,
                       parent.download_port, ", seed" if parent.is_seed else "")
 
@@ -403,7 +440,8 @@ class Conductor:
     def _carry_out(self, command: Command) -> None:
         if isinstance(command, FetchPiece):
             parent = self._parents[command.parent_id]
-            self._in_flight[command.number] = asyncio.create_task(self._fetch_piece(command.number, parent))
+            self._in_flight[command.number] = self._spawn(self._fetch_piece(command.number, parent),
+                                                          f"piece-{command.number}")
         elif isinstance(command, ReportPieceFailed):
             self._report(SchedulerSession.piece_failed, command.number, command.parent_id, command.temporary)
         elif isinstance(command, DropParent):
@@ -494,7 +532,7 @@ class Conductor:
             if self.engine.scheduler is None:
                 raise DownloadFailed("no scheduler to relay piece digests")
             if self._digest_refresh is None or self._digest_refresh.done():
-                self._digest_refresh = asyncio.create_task(self._refresh_digests())
+                self._digest_refresh = self._spawn(self._refresh_digests(), "digests")
             await asyncio.shield(self._digest_refresh)
             if number in self._digests:
                 break
@@ -575,7 +613,7 @@ class Conductor:
                     workers.create_task(fetch_until_done())
         except BaseExceptionGroup as group:
             # The first failure cancelled the other workers; it is the download's error.
-            raise group.exceptions[0] from None
+            raise _first_error(group) from None
 
     async def _origin_piece(self, number: int, headers: dict[str, str]) -> None:
         span = self.local.span(number)
@@ -665,6 +703,13 @@ class Conductor:
         if actual != expected:
             await self.engine.store.delete(self.task_id)
             raise ContentDigestMismatch(expected, actual)
+
+
+def _first_error(error: BaseException) -> BaseException:
+    """The error that ended a task group (the first one raised), or `error` itself."""
+    while isinstance(error, BaseExceptionGroup) and error.exceptions:
+        error = error.exceptions[0]
+    return error
 
 
 async def _take(chunks: AsyncIterator[bytes], leftover: bytes, length: int) -> tuple[list[bytes], bytes]:
