@@ -85,6 +85,15 @@ def parse_size(value: object) -> int:
     return size
 
 
+def format_size(nbytes: float) -> str:
+    """Bytes for people: ``512 B``, ``1.5 KiB``, ``4.0 MiB`` ... ``2.0 TiB`` (binary units)."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(nbytes) < 1024:
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return f"{nbytes:.1f} TiB"
+
+
 def parse_address(value: object) -> str:
     """Validate ``HOST:PORT`` (IPv6 hosts in brackets) and return it unchanged."""
     text = str(value).strip()
@@ -100,7 +109,8 @@ def split_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _parse_bool(value: object) -> bool:
+def parse_bool(value: object) -> bool:
+    """True or False from a bool or ``true/yes/1/on``, ``false/no/0/off`` (any case); else ValueError."""
     if isinstance(value, bool):
         return value
     text = str(value).strip().lower()
@@ -185,7 +195,7 @@ def _parser_for(field: dataclasses.Field[Any]) -> Callable[[object], Any]:
         return parse  # type: ignore[no-any-return]
     kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", "")
     return {
-        "bool": _parse_bool,
+        "bool": parse_bool,
         "int": _parse_int,
         "float": _parse_float,
         "str": _parse_str,

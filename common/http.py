@@ -1,5 +1,9 @@
-"""The HTTP ``Range`` header (RFC 9110 §14), as the registry mirror answers it. Pure: no I/O.
+"""HTTP helpers every component shares (pure: no I/O): headers and the ``Range`` header.
 
+Headers: :data:`HOP_BY_HOP` (never forwarded), :func:`get_header` (case-insensitive lookup in a
+plain mapping), :func:`credential_key` (what caches keep instead of an ``Authorization`` value).
+
+The ``Range`` header (RFC 9110 §14), as the registry mirror answers it:
 :func:`parse_range` turns a header into range specs (syntax only); :func:`select_range` resolves
 them against a content length into what the proxy sends:
 
@@ -17,10 +21,35 @@ them against a content length into what the proxy sends:
 
 from __future__ import annotations
 
+import hashlib
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from common.errors import InvalidRange, RangeNotSatisfiable
+
+# Headers that describe one hop, never forwarded (RFC 9110 §7.6.1), lower case; and Host, which
+# each hop sets for itself.
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-connection", "proxy-authorization", "proxy-authenticate", "te",
+    "trailer", "transfer-encoding", "upgrade", "host",
+})
+
+
+def get_header(headers: Mapping[str, str], name: str) -> str | None:
+    """The value of header `name` in a plain mapping, whatever the case of its key."""
+    lowered = name.lower()
+    for key, value in headers.items():
+        if key.lower() == lowered:
+            return value
+    return None
+
+
+def credential_key(authorization: str | None) -> str:
+    """A hash of an ``Authorization`` value ("" for none): caches keyed by credential never hold
+    the secret itself."""
+    return hashlib.sha256(authorization.encode()).hexdigest() if authorization else ""
+
 
 # A position longer than this cannot be inside any content (and keeps int() cheap).
 _MAX_DIGITS = 19

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import json
 import re
 import ssl
@@ -43,6 +42,7 @@ from yarl import URL
 
 from common.clock import Clock, SystemClock
 from common.errors import InvalidRequest, OriginError, OriginStatusError, OriginUnreachable
+from common.http import HOP_BY_HOP, credential_key, get_header
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_SOCK_READ_TIMEOUT = 60.0
@@ -55,14 +55,7 @@ MAX_ERROR_BODY = 64 * 1024  # bytes of an error body kept for relaying and messa
 
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 # Headers of the caller that must not be forwarded: hop-by-hop ones, and the ones this client sets.
-_DROPPED_HEADERS = frozenset(
-    h.lower()
-    for h in (
-        "Host", "Connection", "Keep-Alive", "Proxy-Connection", "Proxy-Authorization", "TE", "Trailer",
-        "Transfer-Encoding", "Upgrade", "Content-Length", "Range", "If-Range", "Accept-Encoding",
-        "Authorization",
-    )
-)
+_DROPPED_HEADERS = HOP_BY_HOP | {"content-length", "range", "if-range", "accept-encoding", "authorization"}
 _V2_REPOSITORY = re.compile(r"^/v2/(?P<name>.+?)/(?:blobs|manifests|tags)/")
 _CHALLENGE_TOKEN = re.compile(
     r'\s*,?\s*(?:(?P<key>[A-Za-z][\w-]*)\s*=\s*(?P<value>"(?:[^"\\]|\\.)*"|[^,\s"]*)|(?P<scheme>[A-Za-z][\w-]*))'
@@ -449,7 +442,7 @@ class OriginClient:
     def _cached_token(self, origin: str, scopes: tuple[str, ...], credential: str | None) -> str | None:
         if not scopes:
             return None
-        entry = self._tokens.get((origin, " ".join(scopes), _credential_key(credential)))
+        entry = self._tokens.get((origin, " ".join(scopes), credential_key(credential)))
         if entry is None or entry.expires_at <= self._clock.time():
             return None
         return entry.value
@@ -463,7 +456,7 @@ class OriginClient:
         and the first fetch answers them all.
         """
         scopes = tuple(challenge.scopes)
-        key = (_origin_of(url), " ".join(scopes), _credential_key(basic))
+        key = (_origin_of(url), " ".join(scopes), credential_key(basic))
         lock = self._token_locks.setdefault(key, asyncio.Lock())
         async with lock:
             entry = self._tokens.get(key)
@@ -515,11 +508,6 @@ def _token_ttl(value: Any) -> float:
     return DEFAULT_TOKEN_TTL
 
 
-def _credential_key(credential: str | None) -> str:
-    # Tokens are cached per credential; keep a hash rather than the secret itself in the key.
-    return hashlib.sha256(credential.encode()).hexdigest() if credential else ""
-
-
 def _origin_of(url: str) -> str:
     parts = urlsplit(url)
     port = parts.port or {"http": 80, "https": 443}.get(parts.scheme, 0)
@@ -530,15 +518,6 @@ def _hint_key(url: str) -> tuple[str, str]:
     parts = urlsplit(url)
     match = _V2_REPOSITORY.match(parts.path)
     return _origin_of(url), match["name"] if match else parts.path
-
-
-def get_header(headers: Mapping[str, str], name: str) -> str | None:
-    """The value of header `name` in a plain mapping, whatever the case of its key."""
-    lowered = name.lower()
-    for key, value in headers.items():
-        if key.lower() == lowered:
-            return value
-    return None
 
 
 def _int_header(headers: Mapping[str, str], name: str) -> int | None:

@@ -1,4 +1,5 @@
-"""How every component's process runs: flags and config, logging, uvloop, signals, exit codes."""
+"""How every component's process runs: flags and config, logging, uvloop, signals, exit codes,
+and the HTTP status endpoints each serves (``/healthy``, ``/ready``, ``/metrics``)."""
 
 from __future__ import annotations
 
@@ -8,16 +9,22 @@ import contextlib
 import logging
 import signal
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
-from common.config import LoggingConfig, add_config_arguments, config_from_args
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from common.config import LoggingConfig, add_config_arguments, config_from_args, split_address
 from common.errors import ConfigError
 from common.logs import setup_logging
 
 log = logging.getLogger(__name__)
 
 C = TypeVar("C", bound=LoggingConfig)
+
+# What keeps a component from being ready: one line per problem, none when it is ready.
+ReadinessCheck = Callable[[], Awaitable[list[str]]]
 
 
 async def _until_signalled(main: Coroutine[Any, Any, None]) -> None:
@@ -65,3 +72,50 @@ def component_main(
         return 2
     setup_logging(config.log_level, config.log_format)
     return run(serve(config), name)
+
+
+def status_app(not_ready: ReadinessCheck, registry: CollectorRegistry | None = None) -> web.Application:
+    """``/healthy`` (the process answers), ``/ready`` (``503`` with one line per problem that
+    `not_ready` finds) and, given a registry, ``/metrics``.
+
+    ``/metrics`` is always the Prometheus text format. prometheus_client's own aiohttp handler
+    would let Prometheus negotiate OpenMetrics, under which Prometheus files a counter's metadata
+    without its ``_total`` suffix: a change for the metadata API and dashboards, not one to make
+    in passing.
+    """
+
+    async def healthy(request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def ready(request: web.Request) -> web.Response:
+        problems = await not_ready()
+        if problems:
+            return web.Response(status=503, text="\n".join(problems) + "\n")
+        return web.Response(text="ready\n")
+
+    app = web.Application()
+    if registry is not None:
+        app.router.add_get("/metrics", _metrics_handler(registry))
+    app.router.add_get("/healthy", healthy)
+    app.router.add_get("/ready", ready)
+    return app
+
+
+def _metrics_handler(registry: CollectorRegistry) -> Callable[[web.Request], Awaitable[web.Response]]:
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    return metrics
+
+
+async def start_http(app: web.Application, address: str) -> web.AppRunner:
+    """Serve `app` on ``HOST:PORT``; the runner to clean up when done."""
+    host, port = split_address(address)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner

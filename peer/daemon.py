@@ -24,7 +24,6 @@ from pathlib import Path
 import grpc
 from aiohttp import web
 from dragonfly_api import common_pb2, dfdaemon_pb2_grpc
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from common import ids
 from common.clock import SystemClock
@@ -32,7 +31,7 @@ from common.config import DfdaemonConfig, split_address
 from common.errors import ConfigError
 from common.hosts import announced_type
 from common.origin import OriginClient
-from common.runtime import component_main
+from common.runtime import component_main, start_http, status_app
 from common.tls import add_port, tls_from_config
 from peer.download.engine import Engine
 from peer.download.scheduler_client import SchedulerClient
@@ -124,8 +123,9 @@ class Daemon:
 
         self.proxy = Proxy(engine=self.engine, origin=self.origin, config=config, metrics=self.metrics)
         await self.proxy.start(*split_address(config.proxy_listen))
-        await self._start_http(config.metrics_listen, self._metrics_app())
-        await self._start_http(config.health_listen, self._health_app())
+        self._http_runners.append(await start_http(status_app(self._not_ready, self.metrics.registry),
+                                                   config.metrics_listen))
+        self._http_runners.append(await start_http(status_app(self._not_ready), config.health_listen))
         await self.scheduler.start()
         log.info("dfdaemon %s ready: gRPC %s, pieces %s://%s:%d, socket %s%s%s", self.host_id, config.grpc_listen,
                  self.engine.piece_scheme, config.host_ip, self.upload_port, config.socket,
@@ -138,48 +138,16 @@ class Daemon:
         if corrupt:
             log.warning("scrub: %d corrupt pieces found on disk and dropped", corrupt)
 
-    async def _start_http(self, address: str, app: web.Application) -> None:
-        host, port = split_address(address)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, host, port).start()
-        self._http_runners.append(runner)
-
-    def _metrics_app(self) -> web.Application:
-        async def metrics(request: web.Request) -> web.Response:
-            self.metrics.cache_used.set(self.store.used_bytes())
-            self.metrics.cache_quota.set(self.config.cache_quota)
-            return web.Response(body=generate_latest(self.metrics.registry),
-                                headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-        app = web.Application()
-        app.router.add_get("/metrics", metrics)
-        self._add_health_routes(app)
-        return app
-
-    def _health_app(self) -> web.Application:
-        app = web.Application()
-        self._add_health_routes(app)
-        return app
-
-    def _add_health_routes(self, app: web.Application) -> None:
-        async def healthy(request: web.Request) -> web.Response:
-            return web.Response(text="ok\n")
-
-        async def ready(request: web.Request) -> web.Response:
-            problems = []
-            try:
-                await asyncio.to_thread(_probe_writable, Path(self.config.data_dir))
-            except OSError as exc:
-                problems.append(f"storage not writable: {exc.strerror}")
-            if self.scheduler is not None and not self.scheduler.reachable:
-                problems.append("no scheduler reachable (downloads fall back to the origin)")
-            if problems:
-                return web.Response(status=503, text="\n".join(problems) + "\n")
-            return web.Response(text="ready\n")
-
-        app.router.add_get("/healthy", healthy)
-        app.router.add_get("/ready", ready)
+    async def _not_ready(self) -> list[str]:
+        """What keeps this node from being ready (``/ready``); nothing when it is."""
+        problems = []
+        try:
+            await asyncio.to_thread(_probe_writable, Path(self.config.data_dir))
+        except OSError as exc:
+            problems.append(f"storage not writable: {exc.strerror}")
+        if self.scheduler is not None and not self.scheduler.reachable:
+            problems.append("no scheduler reachable (downloads fall back to the origin)")
+        return problems
 
     async def stop(self) -> None:
         """Stop accepting work, cancel downloads, leave the schedulers."""

@@ -28,11 +28,11 @@ from importlib import metadata
 from typing import Any, TextIO
 
 import grpc
-from dragonfly_api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc
-from google.protobuf import duration_pb2
+from dragonfly_api import dfdaemon_pb2, dfdaemon_pb2_grpc
 
-from common.config import parse_duration
+from common.config import format_size, parse_duration
 from common.digest import file_digest, parse_digest
+from common.download import MAX_PRIORITY, DownloadRequest
 from common.errors import DamselflyError, DownloadFailed, InvalidRequest
 from common.ids import validate_url
 
@@ -45,7 +45,6 @@ CONNECT_TIMEOUT = 5.0
 PROGRESS_REDRAWS_PER_SECOND = 10
 # An ETA beyond this (seconds) is noise, shown as --:--.
 MAX_ETA = 100 * 3600
-MAX_PRIORITY = 6
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -223,14 +222,6 @@ def remove_quietly(path: str) -> None:
 # --- progress -------------------------------------------------------------------------------
 
 
-def _format_bytes(count: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if count < 1024:
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    return f"{count:.1f} TiB"
-
-
 def _format_duration(seconds: float) -> str:
     whole = int(seconds + 0.5)
     hours, rest = divmod(whole, 3600)
@@ -243,7 +234,7 @@ def format_progress(done: int, total: int | None, elapsed: float) -> str:
     rate = done / elapsed if elapsed > 0 else 0.0
     speed = f"{rate / 1e6:.1f} MB/s"
     if total is None:
-        return f"{_format_bytes(done)}  {speed}"
+        return f"{format_size(done)}  {speed}"
     percent = 100 if total == 0 else min(100, done * 100 // total)
     if done >= total:
         eta = _format_duration(elapsed)  # the time it took
@@ -251,7 +242,7 @@ def format_progress(done: int, total: int | None, elapsed: float) -> str:
         eta = _format_duration((total - done) / rate)
     else:
         eta = "--:--"
-    return f"{percent:3d}%  {_format_bytes(done)} / {_format_bytes(total)}  {speed}  ETA {eta}"
+    return f"{percent:3d}%  {format_size(done)} / {format_size(total)}  {speed}  ETA {eta}"
 
 
 class ProgressBar:
@@ -343,22 +334,19 @@ def probe_endpoint(endpoint: str) -> None:
 
 def build_request(options: Options, temp_path: str) -> dfdaemon_pb2.DownloadTaskRequest:
     """The DownloadTask request for `options`, writing into `temp_path`."""
-    timeout = duration_pb2.Duration()
-    timeout.FromNanoseconds(int(options.timeout * 1e9))
-    return dfdaemon_pb2.DownloadTaskRequest(
-        download=common_pb2.Download(
-            url=options.url,
-            digest=options.digest,
-            tag=options.tag,
-            application=options.application,
-            priority=f"LEVEL{options.priority}",
-            filtered_query_params=list(options.filtered_query_params),
-            request_header=options.headers,
-            output_path=temp_path,
-            timeout=timeout,
-            disable_back_to_source=options.disable_back_to_source,
-        )
-    )
+    download = DownloadRequest(
+        url=options.url,
+        digest=options.digest,
+        tag=options.tag,
+        application=options.application,
+        priority=options.priority,
+        filtered_query_params=options.filtered_query_params,
+        request_header=options.headers,
+        disable_back_to_source=options.disable_back_to_source,
+        timeout=options.timeout,
+    ).to_proto()
+    download.output_path = temp_path
+    return dfdaemon_pb2.DownloadTaskRequest(download=download)
 
 
 def _one_line(text: str) -> str:

@@ -20,9 +20,9 @@ from dragonfly_api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc
 from google.protobuf import empty_pb2
 
 from common import rpc
+from common.download import DownloadRequest
 from common.errors import DamselflyError, InvalidRequest, TaskNotFound
 from peer.download.engine import PIECE_LENGTH_HEADER, RESPONSE_HEADER_PREFIX, Conductor, Engine, progress
-from peer.download.request import DownloadRequest
 
 if TYPE_CHECKING:
     from peer.storage.store import LocalTask, PieceStore

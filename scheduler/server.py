@@ -9,11 +9,10 @@ import sys
 import grpc
 from aiohttp import web
 from dragonfly_api import scheduler_pb2_grpc
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from common.clock import SystemClock
-from common.config import SchedulerConfig, split_address
-from common.runtime import component_main
+from common.config import SchedulerConfig
+from common.runtime import component_main, start_http, status_app
 from common.tls import add_port, tls_from_config
 from scheduler.core import SchedulerCore
 from scheduler.service import SchedulerService
@@ -26,23 +25,10 @@ GRACEFUL_STOP_SECONDS = 5.0
 def metrics_app(service: SchedulerService, ready: asyncio.Event) -> web.Application:
     """``/metrics``, ``/healthy`` (the process answers) and ``/ready`` (gRPC is serving)."""
 
-    async def metrics(request: web.Request) -> web.Response:
-        body = generate_latest(service.metrics.registry)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+    async def not_ready() -> list[str]:
+        return [] if ready.is_set() else ["starting"]
 
-    async def healthy(request: web.Request) -> web.Response:
-        return web.Response(text="ok\n")
-
-    async def is_ready(request: web.Request) -> web.Response:
-        if ready.is_set():
-            return web.Response(text="ready\n")
-        return web.Response(status=503, text="starting\n")
-
-    app = web.Application()
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/healthy", healthy)
-    app.router.add_get("/ready", is_ready)
-    return app
+    return status_app(not_ready, service.metrics.registry)
 
 
 async def serve(config: SchedulerConfig) -> None:
@@ -57,11 +43,9 @@ async def serve(config: SchedulerConfig) -> None:
     if add_port(server, config.listen, tls) == 0:
         raise OSError(f"cannot listen on {config.listen}")
 
-    runner = web.AppRunner(metrics_app(service, ready), access_log=None)
-    await runner.setup()
+    runner: web.AppRunner | None = None
     try:
-        host, port = split_address(config.metrics_listen)
-        await web.TCPSite(runner, host, port).start()
+        runner = await start_http(metrics_app(service, ready), config.metrics_listen)
         await server.start()
         service.start()
         ready.set()
@@ -73,7 +57,8 @@ async def serve(config: SchedulerConfig) -> None:
         log.info("scheduler stopping")
         await server.stop(GRACEFUL_STOP_SECONDS)
         await service.close()
-        await runner.cleanup()
+        if runner is not None:
+            await runner.cleanup()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,9 +18,10 @@ from typing import Any, TypeVar, cast
 
 import grpc
 from dragonfly_api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
-from google.protobuf import duration_pb2, empty_pb2, timestamp_pb2
+from google.protobuf import empty_pb2, timestamp_pb2
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from common.download import DownloadRequest, seconds
 from common.errors import DamselflyError, InvalidRequest
 from common.rpc import status_of
 from common.tls import TlsCredentials, open_channel
@@ -239,12 +240,12 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):  # type: ignore[mi
             traffic = piece.traffic_type if piece.HasField("traffic_type") else common_pb2.REMOTE_PEER
             self._count_piece(traffic, piece.length)
             return core.piece_finished(peer_id, piece.number, piece.offset, piece.length, piece.parent_id,
-                                       _seconds(piece.cost))
+                                       seconds(piece.cost))
         if kind == "download_piece_back_to_source_finished_request":
             piece = request.download_piece_back_to_source_finished_request.piece
             self._count_piece(common_pb2.BACK_TO_SOURCE, piece.length)
             return core.back_to_source_piece_finished(peer_id, piece.number, piece.offset, piece.length,
-                                                      piece.digest, _seconds(piece.cost))
+                                                      piece.digest, seconds(piece.cost))
         if kind == "download_piece_failed_request":
             failed = request.download_piece_failed_request
             return core.piece_failed(peer_id, failed.piece_number, failed.parent_id, failed.temporary)
@@ -281,12 +282,19 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):  # type: ignore[mi
                 stream.queue.put_nowait(response_to_proto(decision))
 
     async def _trigger_seed(self, trigger: TriggerSeed) -> None:
+        try:
+            download = seed_download(trigger.download)
+        except InvalidRequest as exc:
+            # A URL or digest a seed refuses (INVALID_ARGUMENT) is not sent to be refused.
+            log.warning("seed trigger of task %s on %s not sent: %s", trigger.task_id, trigger.address, exc)
+            self.metrics.grpc_errors.labels("SeedTrigger", grpc.StatusCode.INVALID_ARGUMENT.name).inc()
+            return
         channel = self._channels.get(trigger.address)
         if channel is None:
             channel = open_channel(trigger.address, self._tls)
             self._channels[trigger.address] = channel
         stub = dfdaemon_pb2_grpc.DfdaemonUploadStub(channel)
-        request = dfdaemon_pb2.DownloadTaskRequest(download=download_to_proto(trigger.download))
+        request = dfdaemon_pb2.DownloadTaskRequest(download=download.to_proto())
         try:
             call = stub.DownloadTask(request, timeout=SEED_TRIGGER_TIMEOUT)
             async for _ in call:
@@ -424,10 +432,6 @@ for _name in UNIMPLEMENTED_RPCS:
 # Conversions
 
 
-def _seconds(duration: duration_pb2.Duration) -> float:
-    return float(duration.seconds) + duration.nanos / 1e9
-
-
 def _priority_label(priority: int) -> str:
     try:
         return str(common_pb2.Priority.Name(priority)).lower()
@@ -484,28 +488,19 @@ def download_from_proto(download: common_pb2.Download) -> DownloadSpec:
     )
 
 
-def download_to_proto(spec: DownloadSpec) -> common_pb2.Download:
-    download = common_pb2.Download(
-        url=spec.url,
-        type=cast(common_pb2.TaskType, spec.task_type),
-        priority=cast(common_pb2.Priority, spec.priority),
-        filtered_query_params=spec.filtered_query_params,
-        request_header=dict(spec.request_header),
-        need_back_to_source=spec.need_back_to_source,
+def seed_download(spec: DownloadSpec) -> DownloadRequest:
+    """The download a seed is triggered with, in the form every dfdaemon entry point takes.
+
+    The core has already made it a back-to-source of the whole content. Raises InvalidRequest for
+    a URL or digest no dfdaemon accepts. (The task type is not carried: ``AnnouncePeer`` only
+    serves standard tasks.)
+    """
+    return DownloadRequest(
+        url=spec.url, digest=spec.digest, tag=spec.tag, application=spec.application, priority=spec.priority,
+        filtered_query_params=spec.filtered_query_params, request_header=spec.request_header,
+        piece_length=spec.piece_length or None, need_back_to_source=spec.need_back_to_source,
         disable_back_to_source=spec.disable_back_to_source,
     )
-    if spec.digest:
-        download.digest = spec.digest
-    if spec.tag:
-        download.tag = spec.tag
-    if spec.application:
-        download.application = spec.application
-    if spec.piece_length:
-        download.piece_length = spec.piece_length
-    if spec.range_length:
-        download.range.start = spec.range_start
-        download.range.length = spec.range_length
-    return download
 
 
 def piece_to_proto(piece: PieceRecord) -> common_pb2.Piece:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import logging
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
@@ -26,14 +25,13 @@ from typing import cast
 
 import grpc
 from dragonfly_api import common_pb2, scheduler_pb2, scheduler_pb2_grpc
-from google.protobuf import duration_pb2
 
 from common import hashring
+from common.download import DownloadRequest, duration
 from common.errors import DamselflyError, HostNotFound, SchedulerUnavailable
 from common.hosts import HostType
 from common.rpc import map_rpc_errors
 from common.tls import TlsCredentials, open_channel
-from peer.download.request import DownloadRequest, duration
 
 log = logging.getLogger(__name__)
 
@@ -297,8 +295,7 @@ class SchedulerClient:
 
     async def announce_host(self, address: str) -> bool:
         """Announce this host to one scheduler; False when it does not answer."""
-        interval = duration_pb2.Duration()
-        interval.FromTimedelta(datetime.timedelta(seconds=self.announce_interval))
+        interval = duration(self.announce_interval)
         try:
             with map_rpc_errors(unreachable=SchedulerUnavailable):
                 await self._stubs[address].AnnounceHost(

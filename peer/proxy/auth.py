@@ -19,18 +19,13 @@ client (no check per credential) until the TTL ends.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 
 from common.clock import Clock, SystemClock
+from common.http import credential_key
 from common.origin import OriginClient
 
 # Entries kept before expired ones are pruned (bounded memory on a busy node).
 MAX_ENTRIES = 50_000
-
-
-def credential_key(authorization: str | None) -> str:
-    """A hash of the credential: the cache never holds the secret itself."""
-    return hashlib.sha256(authorization.encode()).hexdigest() if authorization else ""
 
 
 class BlobAccess:

@@ -47,6 +47,8 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from common.clock import Clock, SystemClock
+from common.config import parse_bool
+from common.download import MAX_PRIORITY, DownloadRequest
 from common.errors import (
     DamselflyError,
     InvalidRange,
@@ -56,11 +58,11 @@ from common.errors import (
     ProxyError,
     RangeNotSatisfiable,
 )
-from common.http import ByteRange, parse_range, select_range, unsatisfied_content_range
-from common.origin import OriginClient, OriginResponseError, get_header
+from common.http import HOP_BY_HOP, ByteRange, get_header, parse_range, select_range, unsatisfied_content_range
+from common.origin import OriginClient, OriginResponseError
 from common.pieces import pieces_covering
+from common.ratelimit import TokenBucket
 from peer.download.engine import Conductor
-from peer.download.request import DownloadRequest
 from peer.proxy.auth import BlobAccess
 from peer.proxy.tls import Interceptor, inner_url, origin_of, upstream_ssl_context
 from peer.upload.piece_server import FileRegionSender, listen
@@ -84,22 +86,16 @@ HEADER_TASK_ID = "X-Dragonfly-Task-ID"
 HEADER_ERROR_TYPE = "X-Dragonfly-Error-Type"
 DOCKER_HUB = "docker.io"
 DOCKER_HUB_REGISTRY = "https://registry-1.docker.io"
-# Headers that describe one hop, never forwarded (RFC 9110 §7.6.1), plus the ones we set.
-_HOP_BY_HOP = frozenset({
-    "connection", "keep-alive", "proxy-connection", "proxy-authorization", "proxy-authenticate", "te",
-    "trailer", "transfer-encoding", "upgrade", "host",
-})
 # Request headers a P2P download does not hand to the back-sourcing peer: ranges and validators
 # are per request, the content is fetched as stored.
-_NOT_FOR_P2P = _HOP_BY_HOP | {"range", "if-range", "if-match", "if-none-match", "if-modified-since",
-                              "if-unmodified-since", "accept-encoding", "content-length"}
+_NOT_FOR_P2P = HOP_BY_HOP | {"range", "if-range", "if-match", "if-none-match", "if-modified-since",
+                             "if-unmodified-since", "accept-encoding", "content-length"}
 # Origin response headers worth repeating on a P2P answer.
 _ENTITY_HEADERS = ("Content-Type", "Docker-Content-Digest", "ETag", "Last-Modified")
 _CHUNK = 1 << 20
 # Pieces ahead of a whole-content reader that are fetched first, so it streams in order.
 STREAM_WINDOW = 4
 TUNNEL_BUFFER = 256 * 1024
-MAX_PRIORITY = 6
 # Longer numbers in a header or a CONNECT port are refused before int() sees them.
 _MAX_NUMBER_DIGITS = 12
 
@@ -111,7 +107,7 @@ def _error(status: int, message: str) -> web.Response:
 def _relay(exc: OriginResponseError) -> web.Response:
     """The registry's refusal as it sent it (a 401 keeps its WWW-Authenticate)."""
     headers = CIMultiDict((k, v) for k, v in exc.headers.items()
-                          if k.lower() not in _HOP_BY_HOP and k.lower() != "content-length")
+                          if k.lower() not in HOP_BY_HOP and k.lower() != "content-length")
     return web.Response(status=exc.status, body=exc.body, headers=headers)
 
 
@@ -121,9 +117,13 @@ def _header(headers: Mapping[str, str], name: str) -> str | None:
 
 
 def _flag(value: str | None, default: bool) -> bool:
+    """A boolean header: `default` when absent or empty, false when it is not a boolean."""
     if value is None or not value.strip():
         return default
-    return value.strip().lower() in ("1", "true", "yes", "on")
+    try:
+        return parse_bool(value)
+    except ValueError:
+        return False
 
 
 # Seconds a client refused by the concurrency limit is told to wait (Retry-After).
@@ -142,20 +142,16 @@ class P2PAdmission:
         self.concurrency = concurrency
         self.rate = rate
         self.active = 0
-        self._burst = max(1.0, rate)
-        self._tokens = self._burst
-        self._updated = now
+        self._bucket = TokenBucket(rate, max(1.0, rate), now) if rate else None
 
     def admit(self, now: float) -> tuple[str, int] | None:
         """None: admitted, call :meth:`release` when done. Else the limit hit and the seconds to wait."""
         if self.concurrency and self.active >= self.concurrency:
             return "concurrency", CONCURRENCY_RETRY_AFTER
-        if self.rate:
-            self._tokens = min(self._burst, self._tokens + max(0.0, now - self._updated) * self.rate)
-            self._updated = now
-            if self._tokens < 1:
-                return "rate", max(1, math.ceil((1 - self._tokens) / self.rate))
-            self._tokens -= 1
+        if self._bucket is not None:
+            wait = self._bucket.take(1, now)
+            if wait:
+                return "rate", max(1, math.ceil(wait))
         self.active += 1
         return None
 
@@ -306,7 +302,7 @@ class Proxy:
 
     async def _straight(self, request: web.BaseRequest, url: str) -> web.StreamResponse:
         headers = CIMultiDict((k, v) for k, v in request.headers.items()
-                              if k.lower() not in _HOP_BY_HOP and not k.lower().startswith("x-dragonfly-"))
+                              if k.lower() not in HOP_BY_HOP and not k.lower().startswith("x-dragonfly-"))
         has_body = request.can_read_body
         if not has_body:
             headers.popall("Content-Length", None)
@@ -321,7 +317,7 @@ class Proxy:
         async with upstream:
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             for key, value in upstream.headers.items():
-                if key.lower() not in _HOP_BY_HOP:
+                if key.lower() not in HOP_BY_HOP:
                     response.headers.add(key, value)
             if request.method == "HEAD" or upstream.status in (204, 304):
                 await response.prepare(request)

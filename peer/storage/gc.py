@@ -28,6 +28,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from common.clock import Clock
+from common.config import format_size
 from common.errors import DiskFull
 from peer.metrics import DaemonMetrics
 from peer.storage.store import FAILED, RUNNING, SUCCEEDED, LocalTask, PieceStore
@@ -200,8 +201,8 @@ class CacheCollector:
 
     def _full_message(self, nbytes: int, used: int) -> str:
         held = _describe(t for t in self.store.tasks() if TaskView.of(t).protected)
-        return (f"cache quota {_size(self.quota)} ({self.quota} bytes) cannot take {_size(nbytes)} more: "
-                f"{_size(used)} in use and nothing more can be evicted ({held}); "
+        return (f"cache quota {format_size(self.quota)} ({self.quota} bytes) cannot take "
+                f"{format_size(nbytes)} more: {format_size(used)} in use and nothing more can be evicted ({held}); "
                 f"raise cache_quota or free space")
 
     async def run(self) -> None:
@@ -223,11 +224,3 @@ def _describe(protected: Iterable[LocalTask]) -> str:
     reading = sum(1 for t in tasks if t.readers > 0)
     downloading = sum(1 for t in tasks if t.state == RUNNING)
     return f"{reading} tasks being read, {downloading} being downloaded"
-
-
-def _size(nbytes: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(nbytes) < 1024:
-            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
-        nbytes /= 1024
-    return f"{nbytes:.1f} TiB"

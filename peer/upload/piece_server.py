@@ -15,8 +15,8 @@ which the registry mirror uses too):
   connection's socket in a sender thread of our own, which polls while the client is slow;
 * TLS, or sendfile turned off: file reads in a thread, written through the transport.
 
-An optional :class:`TokenBucket` caps the upload rate of the whole server; an upload that makes
-no progress for the stall timeout is given up and its connection closed.
+An optional :class:`~common.ratelimit.TokenBucket` caps the upload rate of the whole server; an
+upload that makes no progress for the stall timeout is given up and its connection closed.
 
 The handler is a thin edge: parse, look up in the :class:`~peer.storage.PieceStore`, send, count.
 """
@@ -40,7 +40,8 @@ from aiohttp.abc import AbstractStreamWriter
 from common.clock import Clock, SystemClock
 from common.errors import InvalidRange, RangeNotSatisfiable
 from common.http import ByteRange, select_range, unsatisfied_content_range
-from common.pieces import PieceSpan
+from common.pieces import MIB, PieceSpan
+from common.ratelimit import TokenBucket
 from peer.metrics import DaemonMetrics
 from peer.storage.store import TASK_ID_RE, LocalTask, PieceStore
 
@@ -50,7 +51,6 @@ PIECE_DIGEST_HEADER = "X-Damselfly-Piece-Digest"
 # How long a request waits for a free upload slot before it is told to come back.
 DEFAULT_SLOT_WAIT = 2.0
 RETRY_AFTER_SECONDS = 1
-MIB = 1024 * 1024
 # Read size of the chunked path (TLS connections, or sendfile turned off).
 FALLBACK_CHUNK = MIB
 # An upload that makes no progress for this long is given up and its connection closed.
@@ -71,33 +71,6 @@ class _SendPath(enum.Enum):
     LOOP = "loop.sendfile"  # the event loop's own sendfile (asyncio)
     THREAD = "thread sendfile"  # os.sendfile in a sender thread (uvloop has no loop.sendfile)
     CHUNKS = "chunks"  # pread + transport writes (TLS, or sendfile turned off)
-
-
-class TokenBucket:
-    """The upload budget shared by all uploads: ``rate`` bytes per second, ``burst`` saved at most.
-
-    Reservations may overdraw the bucket and are answered with how long to wait before sending,
-    so uploads asking at the same time are served in the order they asked. No I/O and no clock:
-    the caller passes the time and does the waiting.
-    """
-
-    def __init__(self, rate: float, burst: int, now: float) -> None:
-        if rate <= 0:
-            raise ValueError(f"rate must be positive, got {rate}")
-        if burst < 1:
-            raise ValueError(f"burst must be at least 1 byte, got {burst}")
-        self.rate = float(rate)
-        self.burst = burst
-        self._tokens = float(burst)
-        self._updated = now
-
-    def reserve(self, amount: int, now: float) -> float:
-        """Take `amount` bytes from the budget; seconds to wait before sending them."""
-        if now > self._updated:
-            self._tokens = min(float(self.burst), self._tokens + (now - self._updated) * self.rate)
-            self._updated = now
-        self._tokens -= amount
-        return 0.0 if self._tokens >= 0 else -self._tokens / self.rate
 
 
 def _pread_exactly(fd: int, length: int, offset: int) -> bytes:

@@ -13,10 +13,8 @@ The seed back-sources from the TLS origin and trusts the origin CA through ``SSL
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import http.client
-import ipaddress
 import secrets
 import ssl
 import subprocess
@@ -27,15 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from common.errors import InvalidRequest
 from common.launcher import LocalCluster, Node, free_port, sha256_file, tail, wait_until
 from peer.proxy.server import P2PAdmission
 from peer.proxy.tls import HostPattern, inner_url, origin_of
+from tests.support.certs import TestCA
 from tests.support.registry import REGISTRY_BINARY, Registry, push_random_blob
 
 pytestmark = pytest.mark.integration
@@ -46,38 +41,11 @@ FORWARD_OK = 'damselfly_dfdaemon_proxy_requests_total{route="forward",status="2x
 CONNECTS = 'damselfly_dfdaemon_proxy_requests_total{route="connect",status="2xx"}'
 FROM_PEERS = 'damselfly_dfdaemon_download_traffic_bytes_total{type="remote_peer"}'
 RATE_LIMITED = 'damselfly_dfdaemon_proxy_rate_limited_total{limit="concurrency"}'
+OPERATOR_CA = "Damselfly test operator CA"
+ORIGIN_CA = "Damselfly test origin CA"
 
 
 # -- certificates ----------------------------------------------------------------------------------
-
-
-def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-
-def _certificate(subject: str, issuer: x509.Certificate | None, issuer_key: ec.EllipticCurvePrivateKey | None,
-                 *, ca: bool, names: list[x509.GeneralName] | None = None
-                 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (x509.CertificateBuilder().subject_name(_name(subject))
-               .issuer_name(issuer.subject if issuer is not None else _name(subject))
-               .public_key(key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=2))
-               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-               .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False))
-    if names:
-        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
-    return builder.sign(issuer_key or key, hashes.SHA256()), key
-
-
-def _write(directory: Path, stem: str, certificate: x509.Certificate,
-           key: ec.EllipticCurvePrivateKey) -> tuple[Path, Path]:
-    cert_path, key_path = directory / f"{stem}.pem", directory / f"{stem}.key"
-    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert_path, key_path
 
 
 @dataclass
@@ -93,16 +61,11 @@ class Pki:
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     directory = tmp_path_factory.mktemp("pki")
-    operator, operator_key = _certificate("Damselfly test operator CA", None, None, ca=True)
-    origin_ca, origin_ca_key = _certificate("Damselfly test origin CA", None, None, ca=True)
-    leaf, leaf_key = _certificate("localhost", origin_ca, origin_ca_key, ca=False,
-                                  names=[x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
-    _, stray = _certificate("stray", None, None, ca=True)
-    operator_paths = _write(directory, "operator-ca", operator, operator_key)
-    origin_ca_path, _ = _write(directory, "origin-ca", origin_ca, origin_ca_key)
-    leaf_paths = _write(directory, "origin", leaf, leaf_key)
-    stray_path = _write(directory, "stray", operator, stray)[1]
-    return Pki(*operator_paths, origin_ca_path, *leaf_paths, stray_path)
+    operator = TestCA(directory / "operator", OPERATOR_CA)
+    origin_ca = TestCA(directory / "origin", ORIGIN_CA)
+    origin = origin_ca.issue("origin")  # localhost and 127.0.0.1
+    stray = TestCA(directory / "stray", "stray")
+    return Pki(operator.cert_path, operator.key_path, origin_ca.cert_path, origin.cert, origin.key, stray.key_path)
 
 
 # -- an HTTPS registry over the plain registry's storage ----------------------------------------------
@@ -255,7 +218,7 @@ def test_unlisted_host_is_tunnelled_unchanged(network: Network, registry: Regist
     assert (response.status, hashlib.sha256(body).digest()) == (200, hashlib.sha256(path.read_bytes()).digest())
     assert response.getheader("X-Dragonfly-Task-ID") is None
     issuer = {key: value for rdn in peer["issuer"] for key, value in rdn}
-    assert issuer["commonName"] == "Damselfly test origin CA", "the client saw the origin's own certificate"
+    assert issuer["organizationName"] == ORIGIN_CA, "the client saw the origin's own certificate"
     _counted(node, CONNECTS, before[CONNECTS] + 1)  # when the server has seen the tunnel close
     assert node.metrics()[P2P.format("2xx")] == before[P2P.format("2xx")]
 

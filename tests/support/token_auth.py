@@ -33,10 +33,11 @@ from pathlib import Path
 from types import TracebackType
 from urllib.parse import parse_qs, urlsplit
 
-from cryptography import x509
+import trustme
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
-from cryptography.x509.oid import NameOID
+
+from tests.support.certs import TestCA
 
 _PARAM = re.compile(r'([A-Za-z][\w-]*)\s*=\s*("(?:[^"\\]|\\.)*"|[^,\s]*)')
 
@@ -79,11 +80,15 @@ class TokenServer:
         self.expires_in = expires_in
         self.service = service
         self.issuer = issuer
-        self.cert_path = workdir / "token-signer.pem"
         self.issued = 0  # tokens handed out
         self.requests: list[tuple[str | None, list[str]]] = []  # (user, scopes) of every request
         self._lock = threading.Lock()
-        self._key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        # The registry trusts the signer's certificate (its rootcertbundle); RS256 needs an RSA key.
+        signer = TestCA(workdir / "token-signer", "damselfly test token signer", key_type=trustme.KeyType.RSA)
+        self.cert_path = signer.cert_path
+        key = serialization.load_pem_private_key(signer.key_path.read_bytes(), password=None)
+        assert isinstance(key, rsa.RSAPrivateKey)
+        self._key = key
         self._kid = libtrust_key_id(self._key.public_key())
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -100,7 +105,6 @@ class TokenServer:
 
     def start(self) -> TokenServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self._write_certificate()
         server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         server.daemon_threads = True
         self._server = server
@@ -129,22 +133,6 @@ class TokenServer:
         with self._lock:
             self.issued = 0
             self.requests.clear()
-
-    def _write_certificate(self) -> None:
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "damselfly test token signer")])
-        now = datetime.datetime.now(datetime.UTC)
-        certificate = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(self._key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=7))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(self._key, hashes.SHA256())
-        )
-        self.cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
 
     def sign(self, subject: str, access: list[dict[str, object]]) -> str:
         """A JWT the registry accepts, granting `access`."""

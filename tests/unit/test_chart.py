@@ -165,8 +165,6 @@ def load_rendered_config(
 @pytest.fixture(scope="module")
 def secrets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, bytes]]:
     """The Secrets tls-values.yaml names, as cert-manager / kubectl would have made them."""
-    from cryptography.hazmat.primitives import serialization
-
     from tests.support.certs import TestCA
 
     values = yaml.safe_load((CI_DIR / TLS_VALUES).read_text())
@@ -177,8 +175,7 @@ def secrets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, byt
     member = {"ca.crt": cluster.cert_path.read_bytes(), "tls.crt": node.cert.read_bytes(),
               "tls.key": node.key.read_bytes()}
     proxy_ca = TestCA(directory / "proxy", "proxy-ca")
-    proxy_key = proxy_ca.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption())
+    proxy_key = proxy_ca.key_path.read_bytes()
     registry_ca = TestCA(directory / "registry", "registry-ca")
     made = {name: member for name in (values["tls"]["existingSecret"], *values["tls"]["componentSecrets"].values())}
     made[values["dfdaemon"]["proxy"]["caSecret"]] = {"tls.crt": proxy_ca.cert_path.read_bytes(), "tls.key": proxy_key}

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from common.download import DownloadRequest
 from common.errors import InvalidRequest
 from common.pieces import MIB
-from peer.download.request import DownloadRequest
 
 BLOB = "sha256:" + "ab" * 32
 URL = f"http://registry.test/v2/library/python/blobs/{BLOB}"

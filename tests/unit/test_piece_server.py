@@ -22,7 +22,7 @@ from common.digest import piece_digest
 from common.pieces import piece_span
 from peer.metrics import DaemonMetrics
 from peer.storage.store import LocalTask, PieceStore
-from peer.upload.piece_server import PIECE_DIGEST_HEADER, PieceServer, TokenBucket
+from peer.upload.piece_server import PIECE_DIGEST_HEADER, PieceServer
 
 TASK = "d" * 64
 PIECE = 256 * 1024
@@ -393,24 +393,6 @@ def test_rate_limit_is_respected(run: Run[None], store: PieceStore, use_sendfile
         assert (len(data) - burst) / elapsed <= rate * 1.05
 
     run(scenario())
-
-
-@pytest.mark.parametrize(
-    ("rate", "burst", "steps", "delays"),
-    [
-        # (time, amount) reservations -> seconds to wait before sending
-        (100.0, 50, [(0.0, 50), (0.0, 10)], [0.0, 0.1]),  # the burst, then the rate
-        (100.0, 50, [(0.0, 30), (0.0, 30), (0.0, 30)], [0.0, 0.1, 0.4]),  # overdraft queues in order
-        (100.0, 50, [(0.0, 50), (10.0, 50)], [0.0, 0.0]),  # idle time refills up to the burst only
-        (100.0, 50, [(10.0, 50), (10.0, 60)], [0.0, 0.6]),
-        (100.0, 50, [(0.0, 200)], [1.5]),  # bigger than the burst: allowed, paid for by waiting
-        (100.0, 50, [(0.0, 100), (0.5, 10)], [0.5, 0.1]),  # debt is repaid before anything else
-        (100.0, 50, [(1.0, 10), (0.5, 10)], [0.0, 0.0]),  # a clock going back refills nothing
-    ],
-)
-def test_token_bucket(rate: float, burst: int, steps: list[tuple[float, int]], delays: list[float]) -> None:
-    bucket = TokenBucket(rate, burst, now=0.0)
-    assert [bucket.reserve(amount, now) for now, amount in steps] == pytest.approx(delays)
 
 
 async def test_start_twice_and_stop_idempotent(store: PieceStore) -> None:

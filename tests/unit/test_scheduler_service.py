@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -13,10 +15,11 @@ from prometheus_client import generate_latest
 
 from common.clock import SystemClock
 from common.config import SchedulerConfig
+from common.download import DownloadRequest, duration
 from common.launcher import free_port
 from scheduler.core import SchedulerCore
 from scheduler.server import main
-from scheduler.service import SchedulerService
+from scheduler.service import SchedulerService, download_from_proto, seed_download
 
 TASK = "a" * 64
 DIGEST = "xxh3:" + "0123456789abcdef" * 2
@@ -44,6 +47,17 @@ async def start_seed(seed: FakeSeed) -> tuple[grpc.aio.Server, str]:
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     return server, f"127.0.0.1:{port}"
+
+
+@contextlib.asynccontextmanager
+async def seeded(seed: FakeSeed) -> AsyncIterator[tuple[Harness, str]]:
+    """A scheduler with `seed` as its one seed peer; the harness and the seed's address."""
+    seed_server, address = await start_seed(seed)
+    try:
+        async with Harness(seed_peer=(address,)) as h:
+            yield h, address
+    finally:
+        await seed_server.stop(None)
 
 
 class Harness:
@@ -77,9 +91,9 @@ class Harness:
         return 0.0 if value is None else value
 
 
-def register(host_id: str, peer_id: str) -> scheduler_pb2.AnnouncePeerRequest:
-    download = common_pb2.Download(url="https://registry.local/v2/x/blobs/sha256:" + "1" * 64,
-                                   request_header=HEADERS, digest="sha256:" + "1" * 64)
+def register(host_id: str, peer_id: str, url: str = "https://registry.local/v2/x/blobs/sha256:" + "1" * 64
+             ) -> scheduler_pb2.AnnouncePeerRequest:
+    download = common_pb2.Download(url=url, request_header=HEADERS, digest="sha256:" + "1" * 64)
     return scheduler_pb2.AnnouncePeerRequest(
         host_id=host_id, task_id=TASK, peer_id=peer_id,
         register_peer_request=scheduler_pb2.RegisterPeerRequest(download=download))
@@ -199,37 +213,59 @@ async def test_unknown_ids_are_not_found(method: str, request_message: Any) -> N
 
 async def test_seed_trigger_reaches_the_seed_with_request_headers() -> None:
     seed = FakeSeed()
-    seed_server, address = await start_seed(seed)
-    try:
-        async with Harness(seed_peer=(address,)) as h:
-            host = await h.announce("node1", "10.0.0.1")
-            call = h.stub.AnnouncePeer()
-            await call.write(register(host, "p1"))
-            request = await asyncio.wait_for(seed.requests.get(), DEADLINE)
-            assert dict(request.download.request_header) == HEADERS
-            assert request.download.need_back_to_source is True
-            assert request.download.digest == "sha256:" + "1" * 64
-            assert h.metric("damselfly_scheduler_schedule_decisions_total", kind="seed_trigger") == 1
-            call.cancel()
-    finally:
-        await seed_server.stop(None)
+    async with seeded(seed) as (h, _):
+        host = await h.announce("node1", "10.0.0.1")
+        call = h.stub.AnnouncePeer()
+        await call.write(register(host, "p1"))
+        request = await asyncio.wait_for(seed.requests.get(), DEADLINE)
+        assert dict(request.download.request_header) == HEADERS
+        assert request.download.need_back_to_source is True
+        assert request.download.digest == "sha256:" + "1" * 64
+        assert h.metric("damselfly_scheduler_schedule_decisions_total", kind="seed_trigger") == 1
+        call.cancel()
+
+
+def test_seed_trigger_carries_the_registered_download_through_the_one_conversion() -> None:
+    registered = common_pb2.Download(
+        url="https://registry.local/v2/x/blobs/sha256:" + "1" * 64, digest="sha256:" + "1" * 64, tag="t",
+        application="app", priority=common_pb2.LEVEL3, filtered_query_params=["sig"], request_header=HEADERS,
+        piece_length=8 << 20, disable_back_to_source=False, range=common_pb2.Range(start=10, length=20),
+        timeout=duration(30.0), output_path="/tmp/not-for-the-seed",
+    )
+    # what the core makes of it for a trigger: a back-to-source of the whole content
+    spec = dataclasses.replace(download_from_proto(registered), need_back_to_source=True, range_start=0,
+                               range_length=0)
+    sent = seed_download(spec).to_proto()
+    assert DownloadRequest.from_proto(sent) == DownloadRequest(
+        url=registered.url, digest=registered.digest, tag="t", application="app", priority=3,
+        filtered_query_params=("sig",), request_header=HEADERS, piece_length=8 << 20, need_back_to_source=True,
+    )
+    assert not sent.HasField("range") and not sent.HasField("timeout") and not sent.output_path
+
+
+async def test_seed_trigger_for_a_url_no_dfdaemon_takes_is_not_sent() -> None:
+    seed = FakeSeed()
+    async with seeded(seed) as (h, _):
+        host = await h.announce("node1", "10.0.0.1")
+        call = h.stub.AnnouncePeer()
+        await call.write(register(host, "p1", url="s3://bucket/blob"))
+        await until(lambda: h.metric("damselfly_scheduler_grpc_errors_total", method="SeedTrigger",
+                                     code="INVALID_ARGUMENT") == 1, "the trigger to be refused")
+        assert seed.requests.empty()
+        call.cancel()
 
 
 async def test_failed_seed_trigger_sends_the_peer_back_to_source() -> None:
     seed = FakeSeed(fail=True)
-    seed_server, address = await start_seed(seed)
-    try:
-        async with Harness(seed_peer=(address,)) as h:
-            host = await h.announce("node1", "10.0.0.1")
-            call = h.stub.AnnouncePeer()
-            await call.write(register(host, "p1"))
-            answer = await asyncio.wait_for(call.read(), DEADLINE)
-            assert answer.WhichOneof("response") == "need_back_to_source_response"
-            assert address not in h.core.available_seeds()  # cooling down
-            call.cancel()
-            await until(lambda: h.core.stat_peer("p1").state == "Failed", "the closed stream to fail the peer")
-    finally:
-        await seed_server.stop(None)
+    async with seeded(seed) as (h, address):
+        host = await h.announce("node1", "10.0.0.1")
+        call = h.stub.AnnouncePeer()
+        await call.write(register(host, "p1"))
+        answer = await asyncio.wait_for(call.read(), DEADLINE)
+        assert answer.WhichOneof("response") == "need_back_to_source_response"
+        assert address not in h.core.available_seeds()  # cooling down
+        call.cancel()
+        await until(lambda: h.core.stat_peer("p1").state == "Failed", "the closed stream to fail the peer")
 
 
 def test_main_rejects_bad_config(capsys: pytest.CaptureFixture[str]) -> None:

@@ -19,9 +19,9 @@ from google.protobuf import empty_pb2
 
 from common.clock import SystemClock
 from common.config import SchedulerConfig
+from common.download import DownloadRequest, duration
 from common.errors import DamselflyError, DownloadFailed, HostNotFound, InvalidRequest, SchedulerUnavailable
 from common.launcher import free_port
-from peer.download.request import DownloadRequest, duration
 from peer.download.scheduler_client import (
     CandidateParent,
     EmptyTask,
