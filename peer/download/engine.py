@@ -27,9 +27,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from random import Random
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec
 
 import aiohttp
@@ -735,7 +735,7 @@ class Engine:
     """Owns the conductors of this node and the connections they share."""
 
     def __init__(self, *, config: DfdaemonConfig, store: PieceStore, scheduler: SchedulerClient | None,
-                 origin: OriginClient, metrics: DaemonMetrics, host_id: str, clock: Clock, rng: random.Random,
+                 origin: OriginClient, metrics: DaemonMetrics, host_id: str, clock: Clock, rng: Random,
                  collector: CacheCollector | None = None, tls: TlsCredentials | None = None) -> None:
         self.config = config
         self.clock = clock
