@@ -215,10 +215,6 @@ class DownloadPolicy:
             commands += self._drop(parent, error)
         return commands
 
-    def piece_abandoned(self, number: int, parent_id: str) -> None:
-        """A fetch ended without an outcome (cancelled): the piece may be tried again."""
-        self._settle(number, parent_id)
-
     def scheduler_lost(self) -> None:
         self.scheduler_alive = False
 

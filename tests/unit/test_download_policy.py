@@ -366,12 +366,3 @@ def test_pieces_in_flight_are_not_a_stall() -> None:
     p.parent_ended("a")
     advance(p, 10 * SCHEDULE_TIMEOUT)
     assert p.next_commands() == []
-
-
-def test_an_abandoned_fetch_can_be_tried_again() -> None:
-    p = policy(1, a=False)
-    has(p, "a", [0])
-    assert fetches(p.next_commands()) == [(0, "a")]
-    p.piece_abandoned(0, "a")
-    assert p.parents["a"].in_flight == 0
-    assert fetches(p.next_commands()) == [(0, "a")]
