@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(docker-registry skopeo prometheus aria2 curl unzip iproute2)
+# containerd (ctr) is a tested client; buildah + debootstrap build the image without a daemon.
+packages=(docker-registry skopeo prometheus aria2 curl unzip iproute2 containerd runc buildah debootstrap)
 python=${PYTHON:-python3}
 # Debian's own python3 makes virtualenvs only with python3-venv (ensurepip) installed.
 "$python" -c 'import ensurepip' 2>/dev/null || packages+=(python3-venv)
