@@ -6,11 +6,7 @@ delegate to the engine and the piece store; errors end a call with the status co
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-import os
-import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +18,7 @@ from google.protobuf import empty_pb2
 from common import rpc
 from common.download import DownloadRequest
 from common.errors import DamselflyError, InvalidRequest, TaskNotFound
+from peer.dfget_output import copy_to_client
 from peer.download.engine import PIECE_LENGTH_HEADER, RESPONSE_HEADER_PREFIX, Conductor, Engine, progress
 
 if TYPE_CHECKING:
@@ -162,7 +159,8 @@ class DownloadService(_LocalTaskRpcs, dfdaemon_pb2_grpc.DfdaemonDownloadServicer
             await self.engine.check_digest(download, conductor.local)
             if output is not None:
                 with conductor.local.reader():
-                    await asyncio.to_thread(_copy_out, conductor.local.content_path, output)
+                    # Stops and removes its partial copy if the client goes away (dfget killed).
+                    await copy_to_client(conductor.local.content_path, output)
         except DamselflyError as exc:
             await rpc.abort(context, exc)
         except OSError as exc:
@@ -182,13 +180,3 @@ def _check_output_path(path: str) -> Path | None:
     if not output.parent.is_dir():
         raise InvalidRequest(f"output directory {output.parent} does not exist")
     return output
-
-
-def _copy_out(source: Path, output: Path) -> None:
-    """Copy the content to the client's file (sendfile inside shutil); no partial file on error."""
-    try:
-        shutil.copyfile(source, output)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(output)
-        raise

@@ -1,0 +1,252 @@
+"""The output file of a dfget download, from the temporary file to FILE.
+
+Who does what:
+
+- dfget creates the temporary file ``.FILE.dfget-<12 hex>`` next to FILE itself, so it belongs
+  to the user who ran dfget, and holds an exclusive ``flock`` on it for as long as it lives. The
+  lock dies with the process, however it dies (SIGKILL included), so the next dfget knows a
+  temporary file nobody holds is stale and removes it (:func:`sweep_stale`).
+- the dfdaemon copies the content into that file (:func:`copy_into`, run by
+  :func:`copy_to_client`): it opens it without following symlinks, refuses anything but a
+  regular file with one link, and when the client goes away mid-copy it stops and removes what
+  it wrote, so a killed dfget leaves no full-size copy behind.
+- dfget checks the content and moves the file onto FILE (:func:`place`): without ``--overwrite``
+  an existing FILE is never replaced, not even one that appeared during the download.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import os
+import re
+import secrets
+import stat
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.errors import DownloadFailed, InvalidRequest
+
+TEMP_INFIX = ".dfget-"
+# ".<name>.dfget-<12 hex>": the names dfget gives its temporary files.
+_TEMP_NAME = re.compile(r"^\..+\.dfget-[0-9a-f]{12}$")
+# The daemon copies in steps of this size so that a client that goes away stops it soon.
+COPY_STEP = 8 << 20
+# New files get 0666 minus the umask, like any file a shell command creates.
+NEW_FILE_MODE = 0o666
+
+
+def temp_name_for(output: str) -> str:
+    """A fresh temporary path next to `output` (same file system: the final rename is atomic)."""
+    parent, name = os.path.split(output)
+    return os.path.join(parent, f".{name}{TEMP_INFIX}{secrets.token_hex(6)}")
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether `name` (a file name, no directory) is one of dfget's temporary files."""
+    return bool(_TEMP_NAME.match(name))
+
+
+@dataclass
+class TempFile:
+    """dfget's temporary file, locked while this process lives; close() releases it."""
+
+    path: str
+    fd: int
+
+    def remove(self) -> None:
+        """Unlink the file if it is still ours, and release the lock."""
+        with contextlib.suppress(OSError):
+            if _same_file(self.path, os.fstat(self.fd)):
+                os.unlink(self.path)
+        self.close()
+
+    def close(self) -> None:
+        """Release the lock (the file stays)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def create_temp(output: str) -> TempFile:
+    """Create and lock a fresh temporary file for `output`.
+
+    The file is created unnamed (``O_TMPFILE``), locked, then linked under its name, so no other
+    dfget can ever see it unlocked and take it for stale. File systems without ``O_TMPFILE`` get
+    an ``O_EXCL`` create followed by the lock.
+    """
+    parent = os.path.dirname(output)
+    flags = os.O_WRONLY | os.O_CLOEXEC
+    try:
+        fd = os.open(parent, flags | os.O_TMPFILE, NEW_FILE_MODE)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            raise
+    else:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            while True:
+                path = temp_name_for(output)
+                try:
+                    os.link(f"/proc/self/fd/{fd}", path)
+                    return TempFile(path, fd)
+                except FileExistsError:
+                    continue
+        except OSError:
+            os.close(fd)  # no /proc, say: fall back to a named create
+    while True:
+        path = temp_name_for(output)
+        try:
+            fd = os.open(path, flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, NEW_FILE_MODE)
+        except FileExistsError:
+            continue
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return TempFile(path, fd)
+
+
+def sweep_stale(directory: str) -> list[str]:
+    """Remove dfget temporary files in `directory` that no living dfget holds; their names.
+
+    A file is stale when its lock can be taken: the dfget that made it is gone (killed, crashed,
+    machine rebooted). Errors are ignored: the sweep is a courtesy, never a reason to fail.
+    """
+    removed: list[str] = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    for entry in entries:
+        if not is_temp_name(entry.name):
+            continue
+        try:
+            fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError:
+            continue
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a running dfget holds it
+            if _same_file(entry.path, info):
+                os.unlink(entry.path)
+                removed.append(entry.name)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+    return removed
+
+
+def place(temp: TempFile, output: str, *, overwrite: bool) -> None:
+    """Move the finished temporary file onto `output`.
+
+    Without `overwrite` the move is a hard link that fails when `output` exists (then the
+    temporary name goes), so a file that appeared meanwhile is never clobbered.
+    """
+    if overwrite:
+        os.replace(temp.path, output)
+        return
+    try:
+        os.link(temp.path, output, follow_symlinks=False)
+    except FileExistsError:
+        raise DownloadFailed(f"{output} exists (it appeared during the download); "
+                             "pass --overwrite to replace it") from None
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
+            raise
+        # A file system without hard links: check, then rename (a small window, but no other way).
+        if os.path.lexists(output):
+            raise DownloadFailed(f"{output} exists; pass --overwrite to replace it") from None
+        os.rename(temp.path, output)
+        return
+    os.unlink(temp.path)
+
+
+# --- the daemon side --------------------------------------------------------------------------
+
+
+def copy_into(source: Path, output: Path, stop: threading.Event) -> None:
+    """Copy `source` into the client's file `output` (runs in a thread of the daemon).
+
+    The file is opened without following a symlink and without blocking on a FIFO; it must be a
+    regular file with a single link (writing through a hard link could change another file).
+    It is created when missing (clients that name FILE itself). When `stop` is set, or the copy
+    fails, what was written is removed and the exception raised: no partial copy is left.
+    """
+    base = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    try:
+        fd = os.open(output, base)
+    except FileNotFoundError:
+        fd = os.open(output, base | os.O_CREAT | os.O_EXCL, NEW_FILE_MODE)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise InvalidRequest(f"output path {output} is a symbolic link; give the real path") from None
+        raise
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise InvalidRequest(f"output path {output} is not a regular file")
+        if info.st_nlink != 1:
+            raise InvalidRequest(f"output path {output} has {info.st_nlink} hard links; remove the others")
+        try:
+            os.ftruncate(fd, 0)
+            _copy_steps(source, fd, stop)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                if _same_file(str(output), info):
+                    os.unlink(output)
+            raise
+    finally:
+        os.close(fd)
+
+
+class CopyStopped(Exception):
+    """The client went away; the copy was abandoned and removed."""
+
+
+def _copy_steps(source: Path, fd: int, stop: threading.Event) -> None:
+    with open(source, "rb") as src:
+        size = os.fstat(src.fileno()).st_size
+        offset = 0
+        while offset < size:
+            if stop.is_set():
+                raise CopyStopped(f"client went away after {offset} of {size} bytes")
+            step = min(COPY_STEP, size - offset)
+            try:
+                # In the kernel, and a reflink on file systems that share extents (XFS, btrfs).
+                copied = os.copy_file_range(src.fileno(), fd, step, offset, offset)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
+                copied = os.sendfile(fd, src.fileno(), offset, step)
+            if copied == 0:
+                raise DownloadFailed(f"cache file {source} shrank to {offset} bytes while copying")
+            offset += copied
+
+
+async def copy_to_client(source: Path, output: Path) -> None:
+    """Run :func:`copy_into` in a thread; if this coroutine is cancelled (the client went away),
+    stop the copy, wait until its bytes are removed, and re-raise."""
+    stop = threading.Event()
+    work = asyncio.ensure_future(asyncio.to_thread(copy_into, source, output, stop))
+    try:
+        await asyncio.shield(work)
+    except asyncio.CancelledError:
+        stop.set()
+        with contextlib.suppress(Exception):
+            await work
+        raise
+
+
+def _same_file(path: str, info: os.stat_result) -> bool:
+    try:
+        now = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return False
+    return (now.st_dev, now.st_ino) == (info.st_dev, info.st_ino)
