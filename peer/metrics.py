@@ -113,6 +113,12 @@ class DaemonMetrics:
         if has_range:
             self.range_requests.inc()
 
+    def count_cache_hit(self, served: int) -> None:
+        """A request answered entirely from this node's cache: `served` bytes count as local_peer
+        traffic, as a dfget cache hit's do (dashboards add the three traffic types up)."""
+        self.cache_hits.inc()
+        self.download_traffic.labels("local_peer").inc(served)
+
     def count_gc_eviction(self, reason: str) -> None:
         """Count one task evicted by the cache GC; `reason` is one of GC_REASONS."""
         if reason not in GC_REASONS:

@@ -65,6 +65,7 @@ from common.ratelimit import TokenBucket
 from peer.download.engine import Conductor
 from peer.proxy.auth import BlobAccess
 from peer.proxy.tls import Interceptor, inner_url, origin_of, upstream_ssl_context
+from peer.proxy.upstream import Probe, SchemeCache
 from peer.upload.piece_server import FileRegionSender, listen
 
 if TYPE_CHECKING:
@@ -98,6 +99,10 @@ STREAM_WINDOW = 4
 TUNNEL_BUFFER = 256 * 1024
 # Longer numbers in a header or a CONNECT port are refused before int() sees them.
 _MAX_NUMBER_DIGITS = 12
+# Error answers logged: bursts of up to ERROR_LOG_BURST lines, ERROR_LOG_RATE a second on average.
+ERROR_LOG_BURST = 20
+ERROR_LOG_RATE = 1.0
+PING_TIMEOUT = 5.0  # seconds for a registry's /v2/ ping when probing its scheme
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -160,6 +165,25 @@ class P2PAdmission:
         self.active -= 1
 
 
+class ErrorAnswerLog:
+    """Which 4xx/5xx answers get a log line: all of them, up to a rate (pure; the caller passes the time).
+
+    A line that is let through after some were held back says how many (so nothing is silently lost).
+    """
+
+    def __init__(self, now: float, rate: float = ERROR_LOG_RATE, burst: int = ERROR_LOG_BURST) -> None:
+        self._bucket = TokenBucket(rate, burst, now)
+        self.suppressed = 0  # answers not logged since the last line
+
+    def admit(self, now: float) -> int | None:
+        """None: do not log this one. Else log it, with the number held back before it."""
+        if self._bucket.take(1, now):
+            self.suppressed += 1
+            return None
+        held, self.suppressed = self.suppressed, 0
+        return held
+
+
 class Proxy:
     """The mirror / proxy server of one dfdaemon; see the module docstring."""
 
@@ -183,6 +207,8 @@ class Proxy:
         self._admission = P2PAdmission(config.proxy_p2p_concurrency, config.proxy_p2p_rate, self._clock.time())
         self._sender = FileRegionSender(stall_timeout=config.piece_timeout)
         self._tunnels: set[asyncio.Task[Any]] = set()
+        self._schemes = SchemeCache(self._ping, self._clock)
+        self._error_log = ErrorAnswerLog(self._clock.time())
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -224,13 +250,14 @@ class Proxy:
     async def _handle(self, request: web.BaseRequest, origin: str | None = None) -> web.StreamResponse:
         """Answer one request; `origin` (``https://host:port``) when it came inside an intercepted CONNECT."""
         route = "other"
+        url = ""
         response: web.StreamResponse
         try:
             if request.method == "CONNECT" and origin is None:
                 route = "connect"
                 response = await self._connect(request)
             else:
-                url, route = self._upstream_url(request) if origin is None else self._inner_url(request, origin)
+                url, route = await self._upstream_url(request) if origin is None else self._inner_url(request, origin)
                 _check_upstream(url)
                 if self._use_p2p(request, url):
                     route = "p2p"
@@ -242,7 +269,25 @@ class Proxy:
         except ProxyError as exc:
             response = _error(exc.status, str(exc))
         self._metrics.count_proxy_request(route, response.status)
+        if response.status >= 400:
+            self._log_error_answer(request, route, url, response)
         return response
+
+    def _log_error_answer(self, request: web.BaseRequest, route: str, url: str,
+                          response: web.StreamResponse) -> None:
+        """One line per 4xx/5xx answer (rate-limited): a client that falls back to the registry on
+        an error must not do so silently. 5xx at WARNING, 4xx (401 token dances, 404s) at INFO."""
+        held = self._error_log.admit(self._clock.time())
+        if held is None:
+            return
+        if response.headers.get(HEADER_ERROR_TYPE) == "proxy" and isinstance(response, web.Response):
+            reason = (response.text or "").strip()
+        else:
+            reason = f"upstream {url} answered {response.status}"
+        more = f" ({held} more error answers not logged)" if held else ""
+        level = logging.WARNING if response.status >= 500 else logging.INFO
+        log.log(level, "answered %d to %s %s (%s): %s%s", response.status, request.method,
+                request.raw_path[:300], route, reason[:500], more)
 
     @staticmethod
     def _inner_url(request: web.BaseRequest, origin: str) -> tuple[str, str]:
@@ -252,7 +297,7 @@ class Proxy:
         except InvalidRequest as exc:
             raise ProxyError(400, str(exc)) from None
 
-    def _upstream_url(self, request: web.BaseRequest) -> tuple[str, str]:
+    async def _upstream_url(self, request: web.BaseRequest) -> tuple[str, str]:
         """The URL to fetch and the route name (``mirror`` or ``forward``)."""
         target = request.message.url
         if target.is_absolute():
@@ -263,12 +308,12 @@ class Proxy:
             raise ProxyError(400, f"{request.path!r} is not a registry API path (/v2/...); send absolute URLs "
                                   "(forward proxy) or CONNECT for anything else")
         query = [(k, v) for k, v in parse_qsl(request.query_string, keep_blank_values=True) if k != "ns"]
-        registry = self._registry_for(_header(request.headers, HEADER_REGISTRY), request.query.get("ns"))
+        registry = await self._registry_for(_header(request.headers, HEADER_REGISTRY), request.query.get("ns"))
         parts = urlsplit(registry)
         return urlunsplit((parts.scheme, parts.netloc, request.raw_path.split("?", 1)[0], urlencode(query), "")), \
             "mirror"
 
-    def _registry_for(self, header: str | None, namespace: str | None) -> str:
+    async def _registry_for(self, header: str | None, namespace: str | None) -> str:
         if header:
             registry = header if "://" in header else f"https://{header}"
             try:
@@ -286,11 +331,25 @@ class Proxy:
                 return DOCKER_HUB_REGISTRY
             if not re.fullmatch(r"[A-Za-z0-9.-]+(:\d+)?", namespace):
                 raise ProxyError(400, f"ns {namespace!r} is not a registry host")
-            return f"https://{namespace}"
+            # No scheme in ns: ask the registry's /v2/ ping (a plain-HTTP registry is not https).
+            return f"{await self._schemes.scheme(namespace)}://{namespace}"
         if self._default_registry:
             return self._default_registry
         raise ProxyError(400, f"no upstream registry: send {HEADER_REGISTRY}, ?ns=, or start the dfdaemon "
                               "with --registry-mirror")
+
+    async def _ping(self, url: str) -> Probe:
+        """How ``GET url`` (a registry's ``/v2/``) went: answered, not TLS at all, or unreachable."""
+        try:
+            async with self.session.get(url, allow_redirects=False,
+                                        timeout=aiohttp.ClientTimeout(total=PING_TIMEOUT)):
+                return Probe.ANSWERED
+        except aiohttp.ClientConnectorCertificateError:
+            return Probe.UNREACHABLE  # a TLS server whose certificate is not trusted: never downgrade
+        except (aiohttp.ClientConnectorSSLError, aiohttp.ClientSSLError, ssl.SSLError):
+            return Probe.NOT_TLS
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            return Probe.UNREACHABLE
 
     def _use_p2p(self, request: web.BaseRequest, url: str) -> bool:
         forced = _header(request.headers, HEADER_USE_P2P)
@@ -375,8 +434,10 @@ class Proxy:
             self._metrics.range_requests.inc()
         try:
             await self.access.check(url, request.headers.get("Authorization"))
-        except OriginResponseError as exc:
-            return _relay(exc)
+        except OriginResponseError:
+            # The check is a HEAD, whose answer has no body: ask with the client's own GET, so the
+            # client gets the registry's whole answer (its JSON error document, WWW-Authenticate).
+            return await self._straight(request, url)
         except OriginStatusError as exc:
             raise ProxyError(exc.status if exc.status >= 400 else 502, str(exc)) from None
         except OriginError as exc:
@@ -400,7 +461,7 @@ class Proxy:
         start, end = (chosen.start, chosen.end) if chosen is not None else (0, total - 1)
         numbers = pieces_covering(start, end - start + 1, total, local.piece_length)
         if all(local.has_piece(n) for n in numbers):
-            self._metrics.cache_hits.inc()  # every byte is on this node already
+            self._metrics.count_cache_hit(end - start + 1)  # every byte is on this node already
         elif conductor is None:
             conductor = self._engine.download(download)
         return await self._send_content(request, local, download, conductor, chosen)
