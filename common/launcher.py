@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import os
 import random
+import shlex
 import signal
 import socket
 import subprocess
@@ -64,6 +65,35 @@ def free_port(taken: set[int] | None = None) -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+# Fixed ports (`damselfly up --base-port B`): the scheduler takes B and B+1; node k (the seed is
+# 0, peerN is N) takes B + NODE_PORT_STRIDE*(k+1) + the offsets below, so a restart with the same
+# base port gives every node the ports its clients are configured with.
+SCHEDULER_PORT_OFFSETS = {"grpc": 0, "metrics": 1}
+NODE_PORT_OFFSETS = {"grpc": 0, "upload": 1, "proxy": 2, "metrics": 3, "health": 4}
+NODE_PORT_STRIDE = 10
+
+
+def fixed_node_ports(base_port: int, index: int) -> dict[str, int]:
+    """The ports of node `index` (seed 0, peerN N) under `--base-port base_port`."""
+    first = base_port + NODE_PORT_STRIDE * (index + 1)
+    return {name: first + offset for name, offset in NODE_PORT_OFFSETS.items()}
+
+
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something listens on host:port (or it cannot be bound for another reason).
+
+    Binds as the daemons do, with SO_REUSEADDR: connections of a previous run lingering in
+    TIME_WAIT do not keep a restarted node from its port.
+    """
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
 
 
 def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
@@ -172,7 +202,8 @@ class LocalCluster:
     """
 
     def __init__(self, root: Path, *, python: str = sys.executable, log_level: str = "info",
-                 scheduler_ip: str = "127.0.0.1", scheduler_netns: str | None = None) -> None:
+                 scheduler_ip: str = "127.0.0.1", scheduler_netns: str | None = None,
+                 base_port: int | None = None) -> None:
         self.root = root
         self.python = python
         self.log_level = log_level
@@ -182,7 +213,11 @@ class LocalCluster:
         self.scheduler: Node | None = None
         # Known before the scheduler starts: seeds and the scheduler each need the other's address.
         self._ports: set[int] = set()  # every port handed out, so no two nodes get the same one
-        self.scheduler_ports = {"grpc": free_port(self._ports), "metrics": free_port(self._ports)}
+        self.base_port = base_port  # None: free ports picked at random
+        if base_port is None:
+            self.scheduler_ports = {"grpc": free_port(self._ports), "metrics": free_port(self._ports)}
+        else:
+            self.scheduler_ports = {name: base_port + offset for name, offset in SCHEDULER_PORT_OFFSETS.items()}
         root.mkdir(parents=True, exist_ok=True)
 
     def _spawn(self, node: Node) -> Node:
@@ -298,19 +333,43 @@ def sha256_file(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def running_cluster(root: Path, peers: int, log_level: str = "info") -> Iterator[LocalCluster]:
-    """A scheduler, one seed and `peers` dfdaemons, all ready; stopped on exit."""
-    cluster = LocalCluster(root, log_level=log_level)
+def running_cluster(root: Path, peers: int, log_level: str = "info", *, base_port: int | None = None,
+                    dfdaemon_args: tuple[str, ...] = ()) -> Iterator[LocalCluster]:
+    """A scheduler, one seed and `peers` dfdaemons, all ready; stopped on exit.
+
+    `base_port` fixes every port (see :func:`fixed_node_ports`); `dfdaemon_args` go to every
+    dfdaemon and the seed.
+    """
+    cluster = LocalCluster(root, log_level=log_level, base_port=base_port)
     try:
-        seed = cluster.plan_dfdaemon("seed", seed=True)
+        names = ["seed", *(f"peer{i}" for i in range(1, peers + 1))]
+        planned = [cluster.plan_dfdaemon(name, seed=index == 0,
+                                         ports=None if base_port is None else fixed_node_ports(base_port, index))
+                   for index, name in enumerate(names)]
+        if base_port is not None:
+            _check_fixed_ports(base_port, cluster.scheduler_ports, planned)
+        seed = planned[0]
         cluster.start_scheduler(seeds=[seed])
-        cluster.start_dfdaemon("seed", node=seed)
-        daemons = [cluster.start_dfdaemon(f"peer{i}") for i in range(1, peers + 1)]
+        cluster.start_dfdaemon("seed", *dfdaemon_args, node=seed)
+        daemons = [cluster.start_dfdaemon(node.name, *dfdaemon_args, node=node) for node in planned[1:]]
         assert cluster.scheduler is not None
         cluster.wait_ready(cluster.scheduler, seed, *daemons)
         yield cluster
     finally:
         cluster.stop()
+
+
+def _check_fixed_ports(base_port: int, scheduler_ports: dict[str, int], nodes: list[Node]) -> None:
+    """RuntimeError naming the first port of the `--base-port` layout that is taken or out of range."""
+    wanted = [("scheduler", name, port) for name, port in scheduler_ports.items()]
+    wanted += [(node.name, name, port) for node in nodes for name, port in node.ports.items()]
+    for owner, name, port in wanted:
+        if not 0 < port < 65536:
+            raise RuntimeError(f"--base-port {base_port}: {owner} {name} port {port} is out of range; "
+                               f"choose a base port below {65535 - NODE_PORT_STRIDE * (len(nodes) + 1)}")
+        if port_in_use(port):
+            raise RuntimeError(f"--base-port {base_port}: 127.0.0.1:{port} ({owner} {name}) is in use; "
+                               "stop what holds it or choose another base port")
 
 
 def _fetch_everywhere(cluster: LocalCluster, url: str, out_dir: Path) -> int:
@@ -354,23 +413,44 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", help="where logs and caches go (default: a new temporary directory)")
     parser.add_argument("--peers", type=int, default=1, help="number of dfdaemons besides the seed (default 1)")
     parser.add_argument("--fetch", metavar="URL", help="download URL through every dfdaemon at once, then exit")
-    parser.add_argument("--log-level", default="info")
+    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                        help="log level of every node; each node logs to <data-dir>/<node>.log (default info)")
+    parser.add_argument("--registry-mirror", metavar="URL",
+                        help="default upstream registry of every dfdaemon's mirror (for clients that name no "
+                             "registry: registries.conf mirrors, docker), e.g. http://127.0.0.1:5000")
+    parser.add_argument("--base-port", type=int, metavar="PORT",
+                        help="fixed ports, the same after a restart: the scheduler gets PORT (gRPC) and PORT+1 "
+                             f"(metrics); node k (seed 0, peerN N) gets PORT+{NODE_PORT_STRIDE}*(k+1) + 0 gRPC, "
+                             "1 upload, 2 proxy, 3 metrics, 4 health (default: free ports picked at random)")
+    parser.add_argument("--dfdaemon-args", metavar="ARGS", default="",
+                        help="more flags for every dfdaemon and the seed, as one shell-quoted string, "
+                             "e.g. --dfdaemon-args='--proxy-p2p-rate 100 --prefetch false'")
     args = parser.parse_args(argv)
     if args.peers < 1:
         parser.error("--peers must be at least 1")
+    if args.base_port is not None and not 1024 <= args.base_port <= 65535 - NODE_PORT_STRIDE * (args.peers + 1):
+        parser.error(f"--base-port must be between 1024 and {65535 - NODE_PORT_STRIDE * (args.peers + 1)} "
+                     f"for {args.peers} peer(s)")
+    try:
+        dfdaemon_args = tuple(shlex.split(args.dfdaemon_args))
+    except ValueError as exc:
+        parser.error(f"--dfdaemon-args {args.dfdaemon_args!r}: {exc}")
+    if args.registry_mirror:
+        dfdaemon_args = ("--registry-mirror", args.registry_mirror, *dfdaemon_args)
     root = Path(args.data_dir or tempfile.mkdtemp(prefix="damselfly-up-")).resolve()
     print(f"damselfly up: data and logs under {root}")
     try:
-        with running_cluster(root, args.peers, args.log_level) as cluster:
+        with running_cluster(root, args.peers, args.log_level, base_port=args.base_port,
+                             dfdaemon_args=dfdaemon_args) as cluster:
             assert cluster.scheduler is not None
             print(f"  scheduler   gRPC 127.0.0.1:{cluster.scheduler.ports['grpc']}  "
                   f"metrics {cluster.scheduler.url('metrics', '/metrics')}")
             for node in cluster.nodes[1:]:
                 print(f"  {node.name:<10}  proxy 127.0.0.1:{node.ports['proxy']}  dfget --endpoint {node.socket_path}  "
-                      f"metrics {node.url('metrics', '/metrics')}")
+                      f"health {node.url('health', '/healthy')}  metrics {node.url('metrics', '/metrics')}")
             if args.fetch:
                 return _fetch_everywhere(cluster, args.fetch, root / "downloads")
-            print("ready; Ctrl-C stops everything")
+            print("ready; Ctrl-C stops everything", flush=True)  # also when stdout is a pipe or a file
             # Blocked, the signals wait for sigwait: SIGTERM would otherwise kill this process
             # at once and leave the nodes (in their own sessions) running.
             stop_signals = {signal.SIGINT, signal.SIGTERM}
