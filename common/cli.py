@@ -23,6 +23,7 @@ SUMMARIES = {
     "scheduler": "run the central scheduler",
     "dfdaemon": "run the per-node P2P daemon (add --seed for a seed peer)",
     "up": "run a scheduler, a seed and a dfdaemon on loopback (try it out)",
+    "preheat": "put an image's layers on the seed peers before nodes pull it",
 }
 
 NOT_INSTALLED = (f"damselfly: no commands found (entry point group {COMMAND_GROUP!r} is empty); "

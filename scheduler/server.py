@@ -15,6 +15,7 @@ from common.config import SchedulerConfig
 from common.runtime import component_main, start_http, status_app
 from common.tls import add_port, tls_from_config
 from scheduler.core import SchedulerCore
+from scheduler.preheat import PreheatingSchedulerService
 from scheduler.service import SchedulerService
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ async def serve(config: SchedulerConfig) -> None:
     """Serve until cancelled, then stop gracefully."""
     tls = tls_from_config(config)  # ConfigError now, not at the first handshake
     core = SchedulerCore(config, SystemClock())
-    service = SchedulerService(core, tls=tls)
+    service = PreheatingSchedulerService(core, tls=tls)  # scheduler.v2.Scheduler, preheat RPCs included
     ready = asyncio.Event()
 
     server = grpc.aio.server()
