@@ -18,7 +18,8 @@ from google.protobuf import duration_pb2
 
 from common import ids
 from common.digest import parse_digest
-from common.pieces import piece_count, pieces_covering
+from common.errors import InvalidRequest
+from common.pieces import MAX_PIECE_LENGTH, MIN_PIECE_LENGTH, piece_count, pieces_covering
 
 # Priorities are Dragonfly's LEVEL0 .. LEVEL6 (`common.v2.Priority`).
 MAX_PRIORITY = 6
@@ -48,6 +49,10 @@ class DownloadRequest:
         ids.validate_url(self.url)
         if self.digest:
             parse_digest(self.digest)
+        # A client's piece length shapes the task for everyone: keep it within what storage expects.
+        if self.piece_length is not None and not MIN_PIECE_LENGTH <= self.piece_length <= MAX_PIECE_LENGTH:
+            raise InvalidRequest(f"piece length {self.piece_length} is outside "
+                                 f"{MIN_PIECE_LENGTH} .. {MAX_PIECE_LENGTH} bytes (4 MiB .. 64 MiB)")
 
     @property
     def task_id(self) -> str:

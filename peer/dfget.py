@@ -1,13 +1,17 @@
-"""``dfget URL -O FILE``: download one file through the local dfdaemon.
+"""``dfget URL -O FILE``: download one file (or, with ``-r``, a directory) through the local dfdaemon.
 
-dfget does not move content bytes itself. It asks the dfdaemon on the unix socket
-(``DfdaemonDownload.DownloadTask``) to write the content into a temporary file next to FILE,
-shows progress from the piece messages of the response stream, checks ``--digest`` once more
-and renames the temporary file onto FILE. FILE therefore either holds the exact content or is
-left as it was: every failure removes the temporary file and prints one line
-``dfget: error: <reason>``.
+dfget does not move content bytes itself. It creates a locked temporary file next to FILE, asks
+the dfdaemon on the unix socket (``DfdaemonDownload.DownloadTask``) to write the content into it,
+shows progress from the piece messages of the response stream, checks ``--digest`` once more and
+moves the file onto FILE (:mod:`peer.dfget_output`). FILE therefore either holds the exact content
+or is left as it was: every failure, Ctrl-C and SIGTERM remove the temporary file and print one
+line ``dfget: error: <reason>``; after a SIGKILL the daemon removes its partial copy and the next
+dfget in that directory removes the stale file. An existing FILE is kept unless ``--overwrite``.
 
-Exit codes: 0 success, 1 any failure (including Ctrl-C and timeouts), 2 bad usage.
+Flags follow Dragonfly's dfget (docs/dfget.md has the table); the common ones also come from
+``DFGET_*`` environment variables, and a flag on the command line wins.
+
+Exit codes: 0 success, 1 any failure (including Ctrl-C, SIGTERM and timeouts), 2 bad usage.
 """
 
 from __future__ import annotations
@@ -17,37 +21,68 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
+import logging
+import math
 import os
-import secrets
+import signal
 import socket
 import stat
 import sys
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from importlib import metadata
+from types import FrameType
 from typing import Any, TextIO
 
+import aiohttp
 import grpc
 from dragonfly_api import dfdaemon_pb2, dfdaemon_pb2_grpc
 
-from common.config import format_size, parse_duration
+from common.config import format_size, parse_bool, parse_duration, parse_size
 from common.digest import file_digest, parse_digest
 from common.download import MAX_PRIORITY, DownloadRequest
 from common.errors import DamselflyError, DownloadFailed, InvalidRequest
 from common.ids import validate_url
+from common.pieces import MAX_PIECE_LENGTH, MIN_PIECE_LENGTH
+from peer import dfget_listing
+from peer.dfget_output import TempFile, create_temp, place, sweep_stale
+
+log = logging.getLogger("dfget")
 
 DEFAULT_ENDPOINT = "/var/run/damselfly/dfdaemon.sock"
 DEFAULT_TIMEOUT = "2h"
+# Dragonfly's default: LEVEL6, a seed peer back-sources a new task.
+DEFAULT_PRIORITY = 6
+DEFAULT_LOG_LEVEL = "warn"
+DEFAULT_MAX_CONCURRENT_REQUESTS = 5
 # How long dfget waits for a socket that accepted the connection to speak gRPC.
 CONNECT_TIMEOUT = 5.0
-# Reads of the digest re-check.
-# Progress redraws per second, at most.
+# Progress redraws per second, at most; the line is also redrawn this often while nothing moves.
 PROGRESS_REDRAWS_PER_SECOND = 10
 # An ETA beyond this (seconds) is noise, shown as --:--.
 MAX_ETA = 100 * 3600
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+
+LOG_LEVELS = {"trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO,
+              "warn": logging.WARNING, "warning": logging.WARNING, "error": logging.ERROR}
+
+# Flags that also come from the environment (Dragonfly's names; DFGET_ENDPOINT is ours).
+ENVIRONMENT = {
+    "endpoint": "DFGET_ENDPOINT",
+    "timeout": "DFGET_TIMEOUT",
+    "priority": "DFGET_PRIORITY",
+    "piece_length": "DFGET_PIECE_LENGTH",
+    "application": "DFGET_APPLICATION",
+    "tag": "DFGET_TAG",
+    "disable_back_to_source": "DFGET_DISABLE_BACK_TO_SOURCE",
+    "overwrite": "DFGET_OVERWRITE",
+    "max_files": "DFGET_MAX_FILES",
+    "max_concurrent_requests": "DFGET_MAX_CONCURRENT_REQUESTS",
+    "no_progress": "DFGET_NO_PROGRESS",
+    "log_level": "DFGET_LOG_LEVEL",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +102,17 @@ class Options:
     timeout_text: str
     disable_back_to_source: bool
     progress: bool
+    overwrite: bool = False
+    piece_length: int | None = None
+    log_level: str = DEFAULT_LOG_LEVEL
+    recursive: bool = False
+    include_files: tuple[str, ...] = ()
+    max_files: int = dfget_listing.DEFAULT_MAX_FILES
+    max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS
+
+
+class Terminated(Exception):
+    """dfget got SIGTERM."""
 
 
 # --- command line ---------------------------------------------------------------------------
@@ -90,38 +136,116 @@ def _duration(text: str) -> float:
 
 
 def _priority(text: str) -> int:
-    if not text.strip().isdigit() or int(text) > MAX_PRIORITY:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a priority from 0 to {MAX_PRIORITY}")
+    """0..6, or Dragonfly's enum names LEVEL0..LEVEL6."""
+    value = text.strip().upper().removeprefix("LEVEL")
+    if not value.isdigit() or int(value) > MAX_PRIORITY:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a priority from 0 to {MAX_PRIORITY} (or LEVEL0..LEVEL6)")
+    return int(value)
+
+
+def _piece_length(text: str) -> int:
+    try:
+        length = parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if not MIN_PIECE_LENGTH <= length <= MAX_PIECE_LENGTH:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is outside {format_size(MIN_PIECE_LENGTH)} .. {format_size(MAX_PIECE_LENGTH)}")
+    return length
+
+
+def _positive_int(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
     return int(text)
+
+
+def _log_level(text: str) -> str:
+    level = text.strip().lower()
+    if level not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(LOG_LEVELS)}")
+    return level
+
+
+def _boolean(text: str) -> bool:
+    try:
+        return parse_bool(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+# How each environment variable's text is read (the flag's own converter).
+_ENV_CONVERTERS: dict[str, Callable[[str], object]] = {
+    "endpoint": str, "timeout": str, "priority": _priority, "piece_length": _piece_length,
+    "application": str, "tag": str, "disable_back_to_source": _boolean, "overwrite": _boolean,
+    "max_files": _positive_int, "max_concurrent_requests": _positive_int, "no_progress": _boolean,
+    "log_level": _log_level,
+}
+
+
+def environment_defaults(environ: Mapping[str, str]) -> dict[str, object]:
+    """Flag defaults from ``DFGET_*`` variables; ArgumentTypeError naming the variable if bad."""
+    defaults: dict[str, object] = {}
+    for dest, variable in ENVIRONMENT.items():
+        text = environ.get(variable)
+        if text is None or text == "":
+            continue
+        try:
+            defaults[dest] = _ENV_CONVERTERS[dest](text)
+        except argparse.ArgumentTypeError as exc:
+            raise argparse.ArgumentTypeError(f"environment variable {variable}: {exc}") from None
+    return defaults
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (also used to render ``--help``)."""
     parser = argparse.ArgumentParser(
         prog="dfget",
-        description="Download URL into FILE through the local Damselfly dfdaemon (peer-to-peer).",
+        description="Download URL into FILE through the local Damselfly dfdaemon (peer-to-peer). "
+                    "Flags follow Dragonfly's dfget; those marked [env] also come from DFGET_<FLAG> "
+                    "environment variables (e.g. DFGET_TIMEOUT=30m), and the command line wins.",
     )
-    parser.add_argument("url", metavar="URL", help="http:// or https:// URL to download")
-    parser.add_argument("-O", "--output", metavar="FILE", required=True, help="where to write the content")
-    parser.add_argument("--endpoint", metavar="SOCKET", default=DEFAULT_ENDPOINT,
-                        help=f"unix socket of the dfdaemon (default: {DEFAULT_ENDPOINT})")
-    parser.add_argument("--digest", metavar="sha256:HEX", default="",
-                        help="expected digest of the content; checked by the daemon and again by dfget")
-    parser.add_argument("-H", "--header", metavar="'NAME: VALUE'", action="append", default=[],
-                        help="request header for the origin (repeatable)")
-    parser.add_argument("--tag", default="", help="tag telling apart tasks of the same URL")
-    parser.add_argument("--application", default="", help="application telling apart tasks of the same URL")
-    parser.add_argument("--filtered-query-param", metavar="NAME", action="append", default=[],
-                        help="query parameter left out of the task id, e.g. a signature "
-                             "(repeatable, or comma-separated)")
-    parser.add_argument("--priority", type=_priority, default=0, metavar="0..6",
-                        help="task priority, Dragonfly LEVEL0..LEVEL6 (default: 0)")
-    parser.add_argument("--timeout", default=DEFAULT_TIMEOUT, metavar="DURATION",
-                        help=f"give up after this long, e.g. 30s, 5m, 1h (default: {DEFAULT_TIMEOUT})")
-    parser.add_argument("--disable-back-to-source", action="store_true",
-                        help="fail rather than download from the origin when no peer has the content")
-    parser.add_argument("--no-progress", action="store_true", help="do not draw a progress bar")
-    parser.add_argument("--version", action="version", version=f"dfget (damselfly) {_version()}")
+    add = parser.add_argument
+    add("url", metavar="URL", help="http:// or https:// URL to download (a directory with -r)")
+    add("-O", "--output", metavar="FILE", required=True,
+        help="where to write the content (with -r: an existing directory)")
+    add("-e", "--endpoint", metavar="SOCKET", default=DEFAULT_ENDPOINT,
+        help=f"unix socket of the dfdaemon [env] (default: {DEFAULT_ENDPOINT})")
+    add("--overwrite", action="store_true",
+        help="replace FILE if it exists; without it an existing FILE is an error [env]")
+    add("--digest", metavar="ALGO:HEX", default="",
+        help="expected digest of the content, sha256:<64 hex> or sha512:<128 hex>; "
+             "checked by the daemon and again by dfget")
+    add("-p", "--priority", type=_priority, default=DEFAULT_PRIORITY, metavar="0..6",
+        help="Dragonfly's task priority LEVEL0..LEVEL6, for the scheduler: 1 forbidden, 2 peers only "
+             "(no back-to-source for a new task), 3 this peer back-sources a new task, "
+             "0 and 4..6 a seed peer back-sources it [env] (default: 6)")
+    add("--piece-length", type=_piece_length, default=None, metavar="SIZE",
+        help=f"piece length, e.g. 4MiB ({format_size(MIN_PIECE_LENGTH)} .. {format_size(MAX_PIECE_LENGTH)}); "
+             "another length is another task [env] (default: chosen from the content length)")
+    add("-H", "--header", metavar="'NAME: VALUE'", action="append", default=[],
+        help="request header for the origin (repeatable)")
+    add("--tag", default="", help="tag telling apart tasks of the same URL [env]")
+    add("--application", default="", help="application telling apart tasks of the same URL [env]")
+    add("--filtered-query-param", metavar="NAME", action="append", default=[],
+        help="query parameter left out of the task id, e.g. a signature (repeatable, or comma-separated)")
+    add("--timeout", default=DEFAULT_TIMEOUT, metavar="DURATION",
+        help=f"give up after this long, e.g. 30s, 5m, 1h [env] (default: {DEFAULT_TIMEOUT})")
+    add("--disable-back-to-source", action="store_true",
+        help="this peer never downloads from the origin itself (seed peers still may) [env]")
+    add("-r", "--recursive", action="store_true",
+        help="URL is an HTTP directory listing: download every file below it into the directory -O")
+    add("-I", "--include-files", metavar="PATTERN", action="append", default=[],
+        help="with -r: only files whose path below URL matches this glob; 'dir/' takes a whole "
+             "subdirectory (repeatable)")
+    add("--max-files", type=_positive_int, default=dfget_listing.DEFAULT_MAX_FILES, metavar="N",
+        help=f"with -r: refuse when more files than this match [env] (default: {dfget_listing.DEFAULT_MAX_FILES})")
+    add("--max-concurrent-requests", type=_positive_int, default=DEFAULT_MAX_CONCURRENT_REQUESTS, metavar="N",
+        help=f"with -r: files downloaded at once [env] (default: {DEFAULT_MAX_CONCURRENT_REQUESTS})")
+    add("--no-progress", action="store_true", help="do not draw a progress bar [env]")
+    add("-l", "--log-level", type=_log_level, default=DEFAULT_LOG_LEVEL, metavar="LEVEL",
+        help=f"log to stderr from this level: trace, debug, info, warn, error [env] (default: {DEFAULT_LOG_LEVEL})")
+    add("-V", "--version", action="version", version=f"dfget (damselfly) {_version()}")
     return parser
 
 
@@ -154,9 +278,13 @@ def split_names(values: Sequence[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(name for name in names if name))
 
 
-def parse_options(argv: Sequence[str]) -> Options:
-    """Options from the command line; bad usage exits with status 2 (argparse)."""
+def parse_options(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> Options:
+    """Options from the command line and ``DFGET_*`` variables; bad usage exits with status 2."""
     parser = build_parser()
+    try:
+        parser.set_defaults(**environment_defaults(os.environ if environ is None else environ))
+    except argparse.ArgumentTypeError as exc:
+        parser.error(str(exc))
     args = parser.parse_args(list(argv))
     try:
         validate_url(args.url)
@@ -165,6 +293,7 @@ def parse_options(argv: Sequence[str]) -> Options:
         if args.digest:
             algorithm, hexdigest = parse_digest(args.digest)
             digest = f"{algorithm}:{hexdigest}"
+        include = tuple(dfget_listing.check_include_pattern(p) for p in args.include_files)
     except InvalidRequest as exc:
         parser.error(str(exc))
     try:
@@ -173,8 +302,12 @@ def parse_options(argv: Sequence[str]) -> Options:
         parser.error(f"argument --timeout: {exc}")
     if not args.output.strip():
         parser.error("-O/--output must not be empty")
+    if args.recursive and digest:
+        parser.error("--digest names one file's content; it cannot be used with -r")
+    if include and not args.recursive:
+        parser.error("--include-files filters a directory download; add -r")
     return Options(
-        url=args.url,
+        url=dfget_listing.directory_url(args.url) if args.recursive else args.url,
         output=os.path.abspath(args.output),
         endpoint=args.endpoint,
         digest=digest,
@@ -187,14 +320,21 @@ def parse_options(argv: Sequence[str]) -> Options:
         timeout_text=args.timeout.strip(),
         disable_back_to_source=args.disable_back_to_source,
         progress=not args.no_progress,
+        overwrite=args.overwrite,
+        piece_length=args.piece_length,
+        log_level=args.log_level,
+        recursive=args.recursive,
+        include_files=include,
+        max_files=args.max_files,
+        max_concurrent_requests=args.max_concurrent_requests,
     )
 
 
 # --- output path ----------------------------------------------------------------------------
 
 
-def check_output(output: str) -> None:
-    """Raise InvalidRequest unless FILE can be created or replaced."""
+def check_output(output: str, *, overwrite: bool) -> None:
+    """Raise unless FILE can be created (or, with `overwrite`, replaced)."""
     parent = os.path.dirname(output)
     if not os.path.isdir(parent):
         raise InvalidRequest(f"directory {parent} of the output file does not exist")
@@ -202,21 +342,21 @@ def check_output(output: str) -> None:
         raise InvalidRequest(f"directory {parent} of the output file is not writable")
     if os.path.isdir(output):
         raise InvalidRequest(f"output {output} is a directory")
+    if not overwrite and os.path.lexists(output):
+        raise InvalidRequest(f"{output} exists; pass --overwrite to replace it")
 
 
-def temp_path_for(output: str) -> str:
-    """A fresh name next to FILE (same file system, so the final rename is atomic)."""
-    parent, name = os.path.split(output)
-    while True:
-        candidate = os.path.join(parent, f".{name}.dfget-{secrets.token_hex(6)}")
-        if not os.path.lexists(candidate):
-            return candidate
+def check_output_directory(output: str) -> None:
+    """Raise unless -r can write below `output`."""
+    if not os.path.isdir(output):
+        raise InvalidRequest(f"with -r the output {output} must be an existing directory")
+    if not os.access(output, os.W_OK | os.X_OK):
+        raise InvalidRequest(f"output directory {output} is not writable")
 
 
-def remove_quietly(path: str) -> None:
-    """Remove `path` if it is there."""
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
+def _sweep(directory: str) -> None:
+    for name in sweep_stale(directory):
+        log.info("removed %s, left by a dfget that did not finish", os.path.join(directory, name))
 
 
 # --- progress -------------------------------------------------------------------------------
@@ -229,19 +369,24 @@ def _format_duration(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
-def format_progress(done: int, total: int | None, elapsed: float) -> str:
-    """One progress line: percentage, bytes, MB/s and ETA (what is known of them)."""
+def format_progress(done: int, total: int | None, elapsed: float, *, finished: bool = False) -> str:
+    """One progress line: percentage, bytes, speed (binary units, like the sizes) and ETA.
+
+    Before the first byte it says so, with the time waited; once finished it shows the time the
+    download took ("in"), not an ETA.
+    """
+    if done == 0 and not finished:
+        size = "" if total is None else f"  0%  0 B / {format_size(total)}  "
+        return f"{size}waiting for the first byte  {_format_duration(elapsed)}"
     rate = done / elapsed if elapsed > 0 else 0.0
-    speed = f"{rate / 1e6:.1f} MB/s"
+    speed = f"{format_size(rate)}/s"
     if total is None:
         return f"{format_size(done)}  {speed}"
     percent = 100 if total == 0 else min(100, done * 100 // total)
-    if done >= total:
-        eta = _format_duration(elapsed)  # the time it took
-    elif rate > 0 and (total - done) / rate < MAX_ETA:
-        eta = _format_duration((total - done) / rate)
-    else:
-        eta = "--:--"
+    if finished:
+        return f"{percent:3d}%  {format_size(total)}  {speed}  in {_format_duration(elapsed)}"
+    remaining = (total - done) / rate if rate > 0 else math.inf
+    eta = _format_duration(remaining) if remaining < MAX_ETA else "--:--"
     return f"{percent:3d}%  {format_size(done)} / {format_size(total)}  {speed}  ETA {eta}"
 
 
@@ -268,37 +413,48 @@ class ProgressBar:
         self.done += count
         self._draw(force=False)
 
+    def tick(self) -> None:
+        """Redraw (the clock moved): the wait for the first byte and the speed stay current."""
+        self._draw(force=False)
+
     def finish(self, success: bool) -> None:
         """Draw the final state (on success) and end the line."""
         if success:
             if self.total is not None:
                 self.done = self.total
-            self._draw(force=True)
+            self._draw(force=True, finished=True)
         if self._drawn:
             self._stream.write("\n")
             self._stream.flush()
             self._drawn = False
 
-    def _draw(self, *, force: bool) -> None:
+    def _draw(self, *, force: bool, finished: bool = False) -> None:
         now = self._clock()
         recent = self._last_draw is not None and now - self._last_draw < 1 / PROGRESS_REDRAWS_PER_SECOND
         if recent and not force:
             return
         self._last_draw = now
+        line = format_progress(self.done, self.total, now - self._started, finished=finished)
         # \r and "erase to end of line" keep it on one line as it shrinks.
-        self._stream.write("\r" + format_progress(self.done, self.total, now - self._started) + "\x1b[K")
+        self._stream.write("\r" + line + "\x1b[K")
         self._stream.flush()
         self._drawn = True
 
 
 class NoProgress(ProgressBar):
-    """Draws nothing (not a terminal, or --no-progress)."""
+    """Draws nothing (not a terminal, --no-progress, or one of the files of -r)."""
 
-    def _draw(self, *, force: bool) -> None:
+    def _draw(self, *, force: bool, finished: bool = False) -> None:
         pass
 
 
-# --- the download ---------------------------------------------------------------------------
+async def _keep_drawing(progress: ProgressBar) -> None:
+    while True:
+        await asyncio.sleep(1 / PROGRESS_REDRAWS_PER_SECOND)  # a display refresh, not a wait
+        progress.tick()
+
+
+# --- talking to the daemon ------------------------------------------------------------------
 
 
 def _no_daemon(endpoint: str, why: str) -> DownloadFailed:
@@ -317,7 +473,7 @@ def probe_endpoint(endpoint: str) -> None:
     except OSError as exc:
         raise DownloadFailed(f"cannot use dfdaemon socket {endpoint}: {exc.strerror}") from None
     if not stat.S_ISSOCK(mode):
-        raise DownloadFailed(f"{endpoint} is not a unix socket; pass the dfdaemon's socket with --endpoint")
+        raise DownloadFailed(f"{endpoint} is not a unix socket; pass the dfdaemon's socket with -e/--endpoint")
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
         probe.settimeout(CONNECT_TIMEOUT)
         try:
@@ -332,16 +488,17 @@ def probe_endpoint(endpoint: str) -> None:
             raise _no_daemon(endpoint, exc.strerror or str(exc)) from None
 
 
-def build_request(options: Options, temp_path: str) -> dfdaemon_pb2.DownloadTaskRequest:
-    """The DownloadTask request for `options`, writing into `temp_path`."""
+def build_request(options: Options, temp_path: str, url: str | None = None) -> dfdaemon_pb2.DownloadTaskRequest:
+    """The DownloadTask request for `options` (or one file `url` of -r), writing into `temp_path`."""
     download = DownloadRequest(
-        url=options.url,
+        url=url or options.url,
         digest=options.digest,
         tag=options.tag,
         application=options.application,
         priority=options.priority,
         filtered_query_params=options.filtered_query_params,
         request_header=options.headers,
+        piece_length=options.piece_length,
         disable_back_to_source=options.disable_back_to_source,
         timeout=options.timeout,
     ).to_proto()
@@ -366,35 +523,41 @@ def _rpc_failure(error: Any, options: Options) -> DownloadFailed:
     return DownloadFailed(details or f"dfdaemon failed the download ({code.name})")
 
 
-async def run_download(options: Options, temp_path: str, progress: ProgressBar) -> int | None:
-    """Have the daemon write the content into `temp_path`; the content length, when told."""
-    target = f"unix://{options.endpoint}"
+@contextlib.asynccontextmanager
+async def _daemon(options: Options) -> Any:
+    """A DfdaemonDownload stub on the unix socket, checked to speak gRPC."""
+    async with grpc.aio.insecure_channel(f"unix://{options.endpoint}") as channel:
+        try:
+            await asyncio.wait_for(channel.channel_ready(), CONNECT_TIMEOUT)
+        except TimeoutError:
+            raise _no_daemon(options.endpoint, "it does not speak gRPC") from None
+        yield dfdaemon_pb2_grpc.DfdaemonDownloadStub(channel)
+
+
+async def run_download(stub: Any, request: dfdaemon_pb2.DownloadTaskRequest, options: Options,
+                       progress: ProgressBar) -> int | None:
+    """Have the daemon write the content; the content length, when told."""
     content_length: int | None = None
     seen: set[int] = set()
     try:
-        async with grpc.aio.insecure_channel(target) as channel:
-            try:
-                await asyncio.wait_for(channel.channel_ready(), CONNECT_TIMEOUT)
-            except TimeoutError:
-                raise _no_daemon(options.endpoint, "it does not speak gRPC") from None
-            stub = dfdaemon_pb2_grpc.DfdaemonDownloadStub(channel)
-            call = stub.DownloadTask(build_request(options, temp_path), timeout=options.timeout)
-            async for response in call:
-                kind = response.WhichOneof("response")
-                if kind == "download_task_started_response":
-                    started = response.download_task_started_response
-                    content_length = started.content_length
-                    already = 0
-                    for piece in started.pieces:
-                        if piece.number not in seen:
-                            seen.add(piece.number)
-                            already += piece.length
-                    progress.start(content_length, content_length if started.is_finished else already)
-                elif kind == "download_piece_finished_response":
-                    piece = response.download_piece_finished_response.piece
+        call = stub.DownloadTask(request, timeout=options.timeout)
+        async for response in call:
+            kind = response.WhichOneof("response")
+            if kind == "download_task_started_response":
+                started = response.download_task_started_response
+                content_length = started.content_length
+                already = 0
+                for piece in started.pieces:
                     if piece.number not in seen:
                         seen.add(piece.number)
-                        progress.advance(piece.length)
+                        already += piece.length
+                progress.start(content_length, content_length if started.is_finished else already)
+                log.info("task %s: %s", response.task_id, format_size(content_length))
+            elif kind == "download_piece_finished_response":
+                piece = response.download_piece_finished_response.piece
+                if piece.number not in seen:
+                    seen.add(piece.number)
+                    progress.advance(piece.length)
     except grpc.aio.AioRpcError as exc:
         raise _rpc_failure(exc, options) from None
     return content_length
@@ -419,34 +582,162 @@ def verify_file(path: str, content_length: int | None, digest: str) -> None:
         raise DownloadFailed(f"content digest {actual} does not match --digest {digest}")
 
 
-def _run(coroutine: Coroutine[Any, Any, int | None]) -> int | None:
+async def fetch_file(stub: Any, options: Options, url: str, output: str, progress: ProgressBar) -> int:
+    """Download `url` into `output` through the daemon; the bytes written. Raises on failure,
+    having removed the temporary file (also when cancelled: Ctrl-C, SIGTERM, a sibling failed)."""
+    try:
+        temp: TempFile = create_temp(output)
+    except OSError as exc:
+        raise DownloadFailed(f"cannot create a temporary file next to {output}: {exc.strerror or exc}") from None
+    placed = False
+    try:
+        log.debug("%s -> %s (via %s)", url, output, temp.path)
+        content_length = await run_download(stub, build_request(options, temp.path, url), options, progress)
+        await asyncio.to_thread(verify_file, temp.path, content_length, options.digest)
+        progress.finish(success=True)
+        place(temp, output, overwrite=options.overwrite)
+        placed = True
+        return os.stat(output).st_size
+    except OSError as exc:
+        raise DownloadFailed(f"cannot write {output}: {exc.strerror or exc}") from None
+    finally:
+        if not placed:
+            progress.finish(success=False)
+            temp.remove()
+        temp.close()
+
+
+# --- the two modes ------------------------------------------------------------------------
+
+
+async def download_one(options: Options, stderr: TextIO) -> None:
+    """URL into FILE."""
+    progress = ProgressBar(stderr) if options.progress and stderr.isatty() else NoProgress(stderr)
+    ticker = None if isinstance(progress, NoProgress) else asyncio.create_task(_keep_drawing(progress))
+    try:
+        async with _daemon(options) as stub:
+            await fetch_file(stub, options, options.url, options.output, progress)
+    finally:
+        if ticker is not None:
+            ticker.cancel()
+
+
+def prepare_tree(options: Options, entries: Sequence[dfget_listing.Entry]) -> list[tuple[dfget_listing.Entry, str]]:
+    """Each entry with its local path; refuses existing files without --overwrite (all named at
+    once, before any download), creates the directories and sweeps stale temporary files."""
+    jobs = [(entry, os.path.join(options.output, *entry.parts)) for entry in entries]
+    if not options.overwrite:
+        existing = [path for _, path in jobs if os.path.lexists(path)]
+        if existing:
+            more = f" and {len(existing) - 3} more" if len(existing) > 3 else ""
+            raise InvalidRequest(f"{', '.join(existing[:3])}{more} exist; pass --overwrite to replace them")
+    for directory in sorted({os.path.dirname(path) for _, path in jobs}):
+        try:
+            os.makedirs(directory, exist_ok=True)
+        except OSError as exc:
+            raise DownloadFailed(f"cannot create directory {directory}: {exc.strerror or exc}") from None
+        _sweep(directory)
+    return jobs
+
+
+async def download_tree(options: Options, stderr: TextIO) -> None:
+    """Every file below the directory URL into the directory FILE, keeping the layout."""
+    started = time.monotonic()
+    async with aiohttp.ClientSession() as session:
+        fetch = dfget_listing.http_fetcher(session, options.headers)
+        entries = await dfget_listing.list_files(options.url, fetch, include=options.include_files,
+                                                 max_files=options.max_files)
+    jobs = await asyncio.to_thread(prepare_tree, options, entries)
+    log.info("%d files below %s", len(jobs), options.url)
+    slots = asyncio.Semaphore(options.max_concurrent_requests)
+    total = 0
+
+    async def one(url: str, path: str) -> None:
+        nonlocal total
+        async with slots:
+            try:
+                total += await fetch_file(stub, options, url, path, NoProgress(stderr))
+            except DamselflyError as exc:
+                raise DownloadFailed(f"{url}: {exc}") from None
+            log.info("%s done", path)
+
+    async with _daemon(options) as stub:
+        try:
+            async with asyncio.TaskGroup() as group:
+                for entry, path in jobs:
+                    group.create_task(one(entry.url, path))
+        except BaseExceptionGroup as group_error:
+            raise _first_error(group_error) from None
+    if options.progress and stderr.isatty():
+        print(f"{len(jobs)} files, {format_size(total)} in {_format_duration(time.monotonic() - started)}",
+              file=stderr)
+
+
+def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    for error in group.exceptions:
+        if isinstance(error, BaseExceptionGroup):
+            return _first_error(error)
+        if not isinstance(error, asyncio.CancelledError):
+            return error
+    return group.exceptions[0]
+
+
+# --- running it ----------------------------------------------------------------------------
+
+
+async def _until_terminated(work: Coroutine[Any, Any, None]) -> None:
+    """Run `work`; SIGTERM cancels it like Ctrl-C does (so its cleanup runs) and raises Terminated."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    terminated = False
+
+    def on_sigterm() -> None:
+        nonlocal terminated
+        terminated = True
+        task.cancel()
+
+    loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+    try:
+        await work
+    except asyncio.CancelledError:
+        if terminated:
+            raise Terminated() from None
+        raise
+
+
+def _run(work: Coroutine[Any, Any, None]) -> None:
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(coroutine)
+        asyncio.run(_until_terminated(work))
+        return
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(coroutine)
+        runner.run(_until_terminated(work))
 
 
 def download(options: Options, stderr: TextIO) -> None:
-    """Download into FILE or raise; FILE is replaced only by the complete, checked content."""
-    check_output(options.output)
+    """Download into FILE (or the tree into the directory) or raise; FILE is replaced only by the
+    complete, checked content, and only with --overwrite."""
+    if options.recursive:
+        check_output_directory(options.output)
+    else:
+        check_output(options.output, overwrite=options.overwrite)
+        _sweep(os.path.dirname(options.output))
     probe_endpoint(options.endpoint)
-    temp_path = temp_path_for(options.output)
-    progress = ProgressBar(stderr) if options.progress and stderr.isatty() else NoProgress(stderr)
-    success = False
-    try:
-        content_length = _run(run_download(options, temp_path, progress))
-        verify_file(temp_path, content_length, options.digest)
-        progress.finish(success=True)
-        os.replace(temp_path, options.output)
-        success = True
-    except OSError as exc:
-        raise DownloadFailed(f"cannot write {options.output}: {exc.strerror or exc}") from None
-    finally:
-        if not success:
-            progress.finish(success=False)
-            remove_quietly(temp_path)
+    _run(download_tree(options, stderr) if options.recursive else download_one(options, stderr))
+
+
+def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    raise Terminated()
+
+
+def _configure_logging(level: str, stderr: TextIO) -> None:
+    handler = logging.StreamHandler(stderr)
+    handler.setFormatter(logging.Formatter("dfget: %(levelname)s: %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(LOG_LEVELS[level])
+    log.propagate = False
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -457,6 +748,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if exc.code is None or isinstance(exc.code, int):
             return exc.code or EXIT_OK
         return EXIT_USAGE
+    _configure_logging(options.log_level, sys.stderr)
+    # SIGTERM outside the event loop (checks, probing) ends dfget the same way as inside it.
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         download(options, sys.stderr)
     except DamselflyError as exc:
@@ -465,6 +759,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dfget: error: interrupted", file=sys.stderr)
         return EXIT_FAILURE
+    except Terminated:
+        print("dfget: error: terminated (SIGTERM)", file=sys.stderr)
+        return EXIT_FAILURE
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return EXIT_OK
 
 

@@ -171,13 +171,14 @@ def place(temp: TempFile, output: str, *, overwrite: bool) -> None:
 # --- the daemon side --------------------------------------------------------------------------
 
 
-def copy_into(source: Path, output: Path, stop: threading.Event) -> None:
+def copy_into(source: Path, output: Path, stop: threading.Event) -> os.stat_result:
     """Copy `source` into the client's file `output` (runs in a thread of the daemon).
 
     The file is opened without following a symlink and without blocking on a FIFO; it must be a
     regular file with a single link (writing through a hard link could change another file).
     It is created when missing (clients that name FILE itself). When `stop` is set, or the copy
     fails, what was written is removed and the exception raised: no partial copy is left.
+    Returns the file's identity (to remove it should the client be gone by then).
     """
     base = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
     try:
@@ -198,10 +199,9 @@ def copy_into(source: Path, output: Path, stop: threading.Event) -> None:
             os.ftruncate(fd, 0)
             _copy_steps(source, fd, stop)
         except BaseException:
-            with contextlib.suppress(OSError):
-                if _same_file(str(output), info):
-                    os.unlink(output)
+            _remove_if_same(output, info)
             raise
+        return info
     finally:
         os.close(fd)
 
@@ -231,8 +231,8 @@ def _copy_steps(source: Path, fd: int, stop: threading.Event) -> None:
 
 
 async def copy_to_client(source: Path, output: Path) -> None:
-    """Run :func:`copy_into` in a thread; if this coroutine is cancelled (the client went away),
-    stop the copy, wait until its bytes are removed, and re-raise."""
+    """Run :func:`copy_into` in a thread. If this coroutine is cancelled (the client went away),
+    stop the copy, remove the file (also when the copy had just finished) and re-raise."""
     stop = threading.Event()
     work = asyncio.ensure_future(asyncio.to_thread(copy_into, source, output, stop))
     try:
@@ -240,8 +240,14 @@ async def copy_to_client(source: Path, output: Path) -> None:
     except asyncio.CancelledError:
         stop.set()
         with contextlib.suppress(Exception):
-            await work
+            _remove_if_same(output, await work)
         raise
+
+
+def _remove_if_same(path: Path, info: os.stat_result) -> None:
+    with contextlib.suppress(OSError):
+        if _same_file(str(path), info):
+            os.unlink(path)
 
 
 def _same_file(path: str, info: os.stat_result) -> bool:

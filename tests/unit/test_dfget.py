@@ -49,6 +49,7 @@ class Scenario:
     hang_after: int | None = None  # stop answering after writing this many bytes
     requests: list[dfdaemon_pb2.DownloadTaskRequest] = field(default_factory=list)
     hanging: threading.Event = field(default_factory=threading.Event)
+    after_write: Any = None  # called once the content is written
     release: threading.Event = field(default_factory=threading.Event)
 
 
@@ -82,6 +83,8 @@ class FakeDaemon(dfdaemon_pb2_grpc.DfdaemonDownloadServicer):  # type: ignore[mi
                     task_id="t",
                     download_piece_finished_response=dfdaemon_pb2.DownloadPieceFinishedResponse(piece=piece),
                 )
+        if sc.after_write is not None:
+            sc.after_write()
 
 
 @dataclass
@@ -161,20 +164,50 @@ def test_success_writes_exact_content_and_carries_request_fields(
     assert os.path.basename(d.output_path).startswith(".blob.bin.dfget-")
 
 
-def test_relative_output_is_made_absolute_and_replaces_existing_file(
+def test_relative_output_is_made_absolute_and_replaces_existing_file_with_overwrite(
     daemon: Daemon, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     (tmp_path / "out").write_bytes(b"old")
     monkeypatch.chdir(tmp_path)
 
-    assert run(daemon.socket, Path("out")) == 0
+    assert run(daemon.socket, Path("out"), "--overwrite") == 0
 
     assert (tmp_path / "out").read_bytes() == CONTENT
     [request] = daemon.scenario.requests
     assert os.path.dirname(request.download.output_path) == str(tmp_path)
     assert request.download.digest == ""
     assert request.download.timeout.seconds == 2 * 3600
+    assert request.download.priority == common_pb2.Priority.Value("LEVEL6")  # Dragonfly's default
+    assert not request.download.HasField("piece_length")
     assert entries(tmp_path) == ["out"]
+
+
+def test_existing_file_is_refused_without_overwrite(
+    daemon: Daemon, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    output = tmp_path / "blob.bin"
+    output.write_bytes(b"precious")
+
+    assert run(daemon.socket, output) == 1
+
+    assert error_lines(capsys.readouterr().err) == [f"dfget: error: {output} exists; pass --overwrite to replace it"]
+    assert output.read_bytes() == b"precious"
+    assert daemon.scenario.requests == []  # refused before downloading anything
+    assert entries(tmp_path) == ["blob.bin"]
+
+
+def test_file_that_appears_during_the_download_is_not_clobbered(
+    daemon: Daemon, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    output = tmp_path / "blob.bin"
+    daemon.scenario.after_write = lambda: output.write_bytes(b"someone else's")
+
+    assert run(daemon.socket, output) == 1
+
+    [line] = error_lines(capsys.readouterr().err)
+    assert "appeared during the download" in line and "--overwrite" in line
+    assert output.read_bytes() == b"someone else's"
+    assert entries(tmp_path) == ["blob.bin"]
 
 
 def test_empty_content(daemon: Daemon, tmp_path: Path) -> None:
@@ -211,7 +244,7 @@ def test_existing_file_untouched_on_failure(
     output.write_bytes(b"previous version")
     daemon.scenario.fail_after = PIECE
 
-    assert run(daemon.socket, output) == 1
+    assert run(daemon.socket, output, "--overwrite") == 1
 
     assert output.read_bytes() == b"previous version"
     assert entries(tmp_path) == ["blob.bin"]
@@ -226,7 +259,7 @@ def test_wrong_digest_exits_1_and_leaves_no_file(
     output = tmp_path / "blob.bin"
     output.write_bytes(b"keep me")
 
-    code = run(daemon.socket, output, "--digest", wrong)
+    code = run(daemon.socket, output, "--digest", wrong, "--overwrite")
 
     assert code == 1
     [line] = error_lines(capsys.readouterr().err)
@@ -270,7 +303,7 @@ def test_ctrl_c_removes_the_temporary_file(daemon: Daemon, tmp_path: Path) -> No
     output.write_bytes(b"old")
     daemon.scenario.hang_after = PIECE
     proc = subprocess.Popen(
-        [sys.executable, "-m", "peer.dfget", URL, "-O", str(output), "--endpoint", daemon.socket],
+        [sys.executable, "-m", "peer.dfget", URL, "-O", str(output), "--endpoint", daemon.socket, "--overwrite"],
         cwd=REPO, stderr=subprocess.PIPE, text=True,
         # Ctrl-C as a terminal delivers it: the test runner may run with SIGINT ignored (a job
         # started with '&' by a shell without job control), and a child inherits that.
@@ -349,6 +382,16 @@ def test_console_script_reports_missing_daemon(short_dir: str, tmp_path: Path) -
         ["--digest", "md5:" + "0" * 32],
         ["--priority", "7"],
         ["--priority", "-1"],
+        ["-p", "LEVEL7"],
+        ["--piece-length", "1MiB"],
+        ["--piece-length", "128MiB"],
+        ["--piece-length", "big"],
+        ["--max-files", "0"],
+        ["-l", "loud"],
+        ["-r", "--include-files", "../secret"],
+        ["-r", "--include-files", "/etc/passwd"],
+        ["--include-files", "a.txt"],  # without -r
+        ["-r", "--digest", "sha256:" + "0" * 64],
         ["--timeout", "soon"],
         ["--timeout", "0s"],
     ],
@@ -437,18 +480,44 @@ def test_parse_header(text: str, expected: tuple[str, str]) -> None:
 @pytest.mark.parametrize(
     ("done", "total", "elapsed", "expected"),
     [
-        (0, 100 * 2**20, 0.0, "  0%  0 B / 100.0 MiB  0.0 MB/s  ETA --:--"),
-        (50 * 2**20, 100 * 2**20, 2.0, " 50%  50.0 MiB / 100.0 MiB  26.2 MB/s  ETA 0:02"),
-        (100 * 2**20, 100 * 2**20, 4.0, "100%  100.0 MiB / 100.0 MiB  26.2 MB/s  ETA 0:04"),
-        (1, 4 * 2**30, 3600.0, "  0%  1 B / 4.0 GiB  0.0 MB/s  ETA --:--"),
-        (2**30, 4 * 2**30, 10.0, " 25%  1.0 GiB / 4.0 GiB  107.4 MB/s  ETA 0:30"),
-        (2**30, 4 * 2**30, 1200.0, " 25%  1.0 GiB / 4.0 GiB  0.9 MB/s  ETA 1:00:00"),
-        (0, 0, 0.0, "100%  0 B / 0 B  0.0 MB/s  ETA 0:00"),
-        (2048, None, 1.0, "2.0 KiB  0.0 MB/s"),
+        # Waiting for the first byte says so, with the time waited (it used to show nothing).
+        (0, None, 3.0, "waiting for the first byte  0:03"),
+        (0, 100 * 2**20, 0.0, "  0%  0 B / 100.0 MiB  waiting for the first byte  0:00"),
+        # Speed in the same binary units as the sizes (it used to be MB/s next to MiB).
+        (50 * 2**20, 100 * 2**20, 2.0, " 50%  50.0 MiB / 100.0 MiB  25.0 MiB/s  ETA 0:02"),
+        (1, 4 * 2**30, 3600.0, "  0%  1 B / 4.0 GiB  0 B/s  ETA --:--"),
+        (2**30, 4 * 2**30, 10.0, " 25%  1.0 GiB / 4.0 GiB  102.4 MiB/s  ETA 0:30"),
+        (2**30, 4 * 2**30, 1200.0, " 25%  1.0 GiB / 4.0 GiB  873.8 KiB/s  ETA 1:00:00"),
+        (2048, None, 1.0, "2.0 KiB  2.0 KiB/s"),
     ],
 )
 def test_format_progress(done: int, total: int | None, elapsed: float, expected: str) -> None:
     assert dfget.format_progress(done, total, elapsed) == expected
+
+
+@pytest.mark.parametrize(
+    ("done", "total", "elapsed", "expected"),
+    [
+        # The last line tells how long it took ("in"), not an "ETA" that was the elapsed time.
+        (100 * 2**20, 100 * 2**20, 4.0, "100%  100.0 MiB  25.0 MiB/s  in 0:04"),
+        (0, 0, 0.0, "100%  0 B  0 B/s  in 0:00"),
+    ],
+)
+def test_format_progress_finished(done: int, total: int, elapsed: float, expected: str) -> None:
+    line = dfget.format_progress(done, total, elapsed, finished=True)
+    assert line == expected
+    assert "ETA" not in line
+
+
+def test_progress_bar_ticks_while_waiting_for_the_first_byte() -> None:
+    stream, clock = io.StringIO(), Clock()
+    bar = dfget.ProgressBar(stream, clock)
+    clock.now += 2.0
+    bar.tick()
+    assert stream.getvalue().split("\r")[-1].startswith("waiting for the first byte  0:02")
+    clock.now += 1.0
+    bar.tick()
+    assert stream.getvalue().split("\r")[-1].startswith("waiting for the first byte  0:03")
 
 
 class Clock:
@@ -511,7 +580,7 @@ def test_progress_bar_on_a_terminal(fail: bool, daemon: Daemon, tmp_path: Path,
         assert last.endswith("\n" + "dfget: error: origin answered 404 for the URL\n")
     else:
         assert code == 0
-        assert last.startswith("100%  293.0 KiB / 293.0 KiB") and last.endswith("\n")
+        assert last.startswith("100%  293.0 KiB  ") and " in 0:0" in last and last.endswith("\n")
 
 
 def test_no_progress_flag_on_a_terminal(
