@@ -235,6 +235,13 @@ class SchedulerConfig(LoggingConfig):
     host_ttl: float = option("5m", "forget a host that has not announced itself for this long", parse_duration)
     gc_interval: float = option("30s", "how often expired peers, tasks and hosts are collected", parse_duration)
     seed_cooldown: float = option("30s", "skip a seed whose trigger failed for this long", parse_duration)
+    origin_attempt_limit: int = option(
+        3, "failed back-to-source attempts of one task (by seeds or peers) before the task fails for every "
+        "peer waiting on it; a 4xx answer of the origin fails it at once", minimum=1)
+    origin_retry_backoff: float = option("1s", "wait before the next back-to-source attempt of a task whose "
+                                         "origin failed, doubled at each further failure", parse_duration)
+    failed_task_backoff: float = option("30s", "a task whose origin failed fails new downloads at once, without "
+                                        "asking the origin again, for this long", parse_duration)
     tls_ca_cert: str = option("", _TLS_CA_HELP)
     tls_cert: str = option("", _TLS_CERT_HELP)
     tls_key: str = option("", _TLS_KEY_HELP)

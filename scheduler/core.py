@@ -16,6 +16,21 @@ Policy in short:
   back to source after ``retry_back_to_source_limit`` retry intervals and fails it after
   ``retry_limit``;
 - a peer that becomes a parent is pushed to a few children of the task that lack parents.
+
+Origin failures (a seed or a peer reports that its back-to-source failed, with the origin's HTTP
+status when it answered one; :func:`scheduler.scheduling.origin_verdict` judges it):
+
+- a definite 4xx (404, 410, ...) fails the task at once: every peer waiting on it ends with the
+  origin's answer (``FAILED_PRECONDITION``), and for ``failed_task_backoff`` new downloads of the
+  task fail the same way without anyone asking the origin; the first download after that starts
+  a new round. A 401/403/407 fails the waiting peers but not later downloads (other clients may
+  bring other credentials);
+- anything else (5xx, refused, unknown host, timed out) is retried: the waiting peers keep
+  waiting, and the next attempt (a seed trigger, or a peer sent back to source) starts
+  ``origin_retry_backoff`` later, doubled at each failure, until ``origin_attempt_limit``
+  attempts have failed; then the task fails as above;
+- a peer never goes to the origin on its own because the attempt of another failed: the round's
+  verdict, not the waiting time, decides what happens to the peers waiting on it.
 """
 
 from __future__ import annotations
@@ -45,7 +60,14 @@ from scheduler.resource import (
     TaskEvent,
     TaskState,
 )
-from scheduler.scheduling import is_bad_parent, is_descendant, select_parents
+from scheduler.scheduling import (
+    OriginVerdict,
+    is_bad_parent,
+    is_descendant,
+    origin_retry_delay,
+    origin_verdict,
+    select_parents,
+)
 
 # A new parent wakes at most this many waiting peers of its task at once (the rest wait for the
 # next parent or the next tick), and is pushed to at most PUSH_LIMIT running children, looking at
@@ -64,7 +86,9 @@ class Code(StrEnum):
     """gRPC status codes the core asks the service to end a stream with (names of grpc.StatusCode)."""
 
     NOT_FOUND = "NOT_FOUND"  # unknown host on register (the peer re-announces it), unknown peer
-    FAILED_PRECONDITION = "FAILED_PRECONDITION"  # an event the peer's lifecycle does not allow now
+    # The download cannot succeed now and the peer must not try another way: the task failed at
+    # the origin (the message is the origin's answer), or an event its lifecycle does not allow.
+    FAILED_PRECONDITION = "FAILED_PRECONDITION"
     RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"  # no parent in time and no back-to-source allowed
     ABORTED = "ABORTED"  # the peer was removed (its host left, it registered again, deleted)
     INVALID_ARGUMENT = "INVALID_ARGUMENT"
@@ -260,6 +284,10 @@ class SchedulerCore:
         if task is None:
             task = Task(task_id, download, now)
             self.tasks[task_id] = task
+        elif task.failed_until is not None:
+            if now < task.failed_until:  # the origin's answer stands: nobody asks it again yet
+                return [*decisions, FailPeer(peer_id, Code.FAILED_PRECONDITION, self._failed_message(task, now))]
+            self._new_origin_round(task)
         peer = Peer(peer_id, task, host, download, now)
         self.peers[peer_id] = peer
         task.peers[peer_id] = peer
@@ -383,9 +411,27 @@ class SchedulerCore:
         """The peer gave up."""
         return self._guard(peer_id, lambda peer: self._fail(peer))
 
+    def back_to_source_piece_failed(self, peer_id: str, number: int, status: int | None = None) -> list[Decision]:
+        """The peer's origin refused piece `number` with HTTP `status` (None: it was not reached).
+
+        The download's failure report follows; the status decides whether the origin is asked again.
+        """
+
+        def apply(peer: Peer) -> list[Decision]:
+            peer.origin_status = status
+            peer.updated_at = self.clock.time()
+            return []
+
+        return self._guard(peer_id, apply)
+
     def back_to_source_failed(self, peer_id: str, description: str = "") -> list[Decision]:
-        """The peer could not fetch the content from the origin."""
-        return self._guard(peer_id, lambda peer: self._fail(peer))
+        """The peer could not fetch the content from the origin: retry it later, or fail the task."""
+
+        def apply(peer: Peer) -> list[Decision]:
+            decisions = self._fail(peer, refetch=False, fail_task=False)
+            return decisions + self._origin_failed(peer, description)
+
+        return self._guard(peer_id, apply)
 
     def stream_closed(self, peer_id: str) -> list[Decision]:
         """The peer's stream ended. Unless it had finished, the peer failed."""
@@ -539,6 +585,11 @@ class SchedulerCore:
         now = self.clock.time()
         if peer.download.need_back_to_source or peer.is_seed:
             return [self._back_to_source(peer, "no parent holds the task")]
+        if task.retry_at is not None:
+            if now < task.retry_at:  # between two attempts of a failing origin: wait for the next
+                self._park(peer)
+                return []
+            task.retry_at = None
         waited = now - peer.waiting_since if peer.waiting_since is not None else 0.0
         interval = self.config.retry_interval
         if not self._fetching(task, peer):
@@ -547,22 +598,102 @@ class SchedulerCore:
             if address is not None:
                 task.seed_trigger = (address, now)
                 self._park(peer)
-                download = replace(peer.download, need_back_to_source=True, range_start=0, range_length=0)
+                # Seeds fetch for everyone: a peer's disable_back_to_source is about that peer only.
+                download = replace(peer.download, need_back_to_source=True, disable_back_to_source=False,
+                                   range_start=0, range_length=0)
                 return [TriggerSeed(address, task.id, download)]
             if self._may_back_to_source(peer):
                 return [self._back_to_source(peer, "no parent and no seed peer")]
+        elif task.origin_failures:  # a retry of a failing origin is under way: its verdict decides
+            self._park(peer)
+            return []
         elif waited >= self.config.retry_back_to_source_limit * interval and self._may_back_to_source(peer):
             return [self._back_to_source(peer, f"no parent after {waited:.1f}s")]
         if waited >= self.config.retry_limit * interval:
             self._fail(peer, refetch=False)
-            if peer.download.disable_back_to_source:
-                reason = "back-to-source disabled"
-            else:
-                reason = f"back-to-source limit {self.config.back_to_source_limit} reached"
-            return [FailPeer(peer.id, Code.RESOURCE_EXHAUSTED,
-                             f"{reason} and no parent after {waited:.1f}s")]
+            return [FailPeer(peer.id, Code.RESOURCE_EXHAUSTED, self._no_parent_message(peer, waited))]
         self._park(peer)
         return []
+
+    def _no_parent_message(self, peer: Peer, waited: float) -> str:
+        """Why a waiting peer gives up: what it was not allowed to do, and what was missing."""
+        task = peer.task
+        if peer.download.disable_back_to_source:
+            message = (f"no peer could provide task {task.id} within {waited:.1f}s, and this download may not "
+                       "go to the origin itself (back-to-source is disabled)")
+            if not self.available_seeds():
+                message += "; no seed peer is available to fetch it"
+        else:
+            message = (f"no peer could provide task {task.id} within {waited:.1f}s, and the task's "
+                       f"back-to-source limit ({self.config.back_to_source_limit} peers) is reached")
+        if task.origin_error:
+            message += f"; the origin's last answer: {task.origin_error}"
+        return message
+
+    # ----------------------------------------------------------------------------------------
+    # Origin failures
+
+    def _origin_failed(self, peer: Peer, description: str) -> list[Decision]:
+        """A back-to-source of the task failed: schedule the next attempt, or fail the task."""
+        task = peer.task
+        now = self.clock.time()
+        task.origin_failures += 1
+        task.origin_error = description or f"back-to-source by {peer.id} failed"
+        if self._fetching(task):  # someone else is still at the origin: its outcome decides
+            return []
+        verdict = origin_verdict(peer.origin_status, task.origin_failures, self.config.origin_attempt_limit)
+        if verdict is OriginVerdict.RETRY:
+            task.retry_at = now + origin_retry_delay(task.origin_failures, self.config.origin_retry_backoff)
+            for child in self._waiting_on_origin(task):
+                self._park(child)  # a child of the failed fetcher waits for the next attempt like the rest
+            return []
+        attempts = task.origin_failures
+        message = task.origin_error if attempts == 1 else f"{task.origin_error} (after {attempts} attempts)"
+        decisions = self._fail_waiting_peers(task, message)
+        if verdict is OriginVerdict.FAIL:
+            if task.state is not TaskState.FAILED:
+                task.transition(TaskEvent.FAIL, now)
+            task.origin_error = message
+            task.failed_until = now + self.config.failed_task_backoff
+        else:  # credentials: the next client may be let in, so the next download starts afresh
+            self._new_origin_round(task)
+        return decisions
+
+    def _fail_waiting_peers(self, task: Task, message: str) -> list[Decision]:
+        """End every peer of `task` that waits for the content to come in from the origin."""
+        decisions: list[Decision] = []
+        for peer in self._waiting_on_origin(task):
+            self._fail(peer, refetch=False, fail_task=False)
+            decisions.append(FailPeer(peer.id, Code.FAILED_PRECONDITION, message))
+        return decisions
+
+    @staticmethod
+    def _waiting_on_origin(task: Task) -> list[Peer]:
+        """Peers of `task` that can only get the content once someone brings it in from the origin:
+        not done, not at the origin themselves, without a parent that has everything."""
+        waiting = []
+        for peer in task.peers.values():
+            if peer.state in TERMINAL_STATES or peer.state in (PeerState.RECEIVED_BACK_TO_SOURCE,
+                                                               PeerState.BACK_TO_SOURCE):
+                continue
+            if any(parent.state is PeerState.SUCCEEDED for parent in peer.parents.values()):
+                continue
+            waiting.append(peer)
+        return waiting
+
+    def _failed_message(self, task: Task, now: float) -> str:
+        assert task.failed_until is not None
+        failed_at = task.failed_until - self.config.failed_task_backoff
+        return (f"{task.origin_error} (the task failed {now - failed_at:.0f}s ago; the origin is asked "
+                f"again after {task.failed_until - now:.0f}s)")
+
+    @staticmethod
+    def _new_origin_round(task: Task) -> None:
+        """Forget the failures of the last round: the next attempt may ask the origin again."""
+        task.origin_failures = 0
+        task.origin_error = ""
+        task.retry_at = None
+        task.failed_until = None
 
     def _may_back_to_source(self, peer: Peer) -> bool:
         if peer.download.disable_back_to_source:
@@ -695,15 +826,16 @@ class SchedulerCore:
             self._unlink(peer, parent)
         peer.task.hungry.discard(peer.id)
         peer.task.transition(TaskEvent.SUCCEED, now)
+        self._new_origin_round(peer.task)
         return self._parent_changed(peer, was_parent)
 
-    def _fail(self, peer: Peer, refetch: bool = True) -> list[Decision]:
+    def _fail(self, peer: Peer, refetch: bool = True, fail_task: bool = True) -> list[Decision]:
         now = self.clock.time()
         task = peer.task
         peer.transition(PeerEvent.FAIL, now)
         self._detach(peer)
-        if peer.id in task.back_to_source_peers and task.state is TaskState.RUNNING and not task.parents \
-                and not self._fetching(task):
+        if fail_task and peer.id in task.back_to_source_peers and task.state is TaskState.RUNNING \
+                and not task.parents and not self._fetching(task):
             task.transition(TaskEvent.FAIL, now)
         return self._refetch(task) if refetch else []
 

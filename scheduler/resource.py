@@ -410,6 +410,13 @@ class Task:
         self.piece_count: int | None = None
         self.max_finished = 0  # most pieces any peer of the task has
         self.seed_trigger: tuple[str, float] | None = None  # (address, when) of a trigger in flight
+        # The current back-to-source round (scheduler.core: "Origin failures"): attempts that
+        # failed, the origin's last answer, when the next attempt may start, and, once the task
+        # has failed, until when new downloads fail at once with that answer.
+        self.origin_failures = 0
+        self.origin_error = ""
+        self.retry_at: float | None = None
+        self.failed_until: float | None = None
 
     def transition(self, event: TaskEvent, now: float) -> None:
         next_state = TASK_TRANSITIONS.get((self.state, event))
@@ -443,6 +450,7 @@ class Peer:
         self.failed_by: set[str] = set()  # children that reported this peer failed them
         self.demoted = False  # reported bad by enough children: not offered again
         self.waiting_since: float | None = None
+        self.origin_status: int | None = None  # HTTP status of the origin's refusal it reported, if any
 
     def transition(self, event: PeerEvent, now: float) -> None:
         next_state = PEER_TRANSITIONS.get((self.state, event))

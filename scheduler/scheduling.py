@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 from collections.abc import Collection
 from dataclasses import dataclass
+from enum import StrEnum
 
 from scheduler.resource import Peer, PeerState, Task
 
@@ -153,3 +154,41 @@ def select_parents(
         accepted.append((-score(child, parent).total, parent.id, parent))
     accepted.sort(key=lambda item: (item[0], item[1]))
     return [parent for _, _, parent in accepted[:limit]]
+
+
+# --------------------------------------------------------------------------------------------
+# A failed back-to-source: retry the origin, or fail the task
+
+
+class OriginVerdict(StrEnum):
+    """What a failed back-to-source of a task leads to."""
+
+    RETRY = "retry"  # try the origin again after a back-off; the waiting peers keep waiting
+    FAIL = "fail"  # the task fails: every waiting peer gets the origin's answer, new downloads too for a while
+    FAIL_WAITING = "fail_waiting"  # the waiting peers get the answer; a new download tries again
+
+
+# 4xx answers that say nothing final about the content: the request timed out, or was rate limited.
+RETRYABLE_CLIENT_STATUSES = frozenset({408, 425, 429})
+# 4xx answers about the credentials of the request, not the content: another client may be let in.
+CREDENTIAL_STATUSES = frozenset({401, 403, 407})
+
+
+def origin_verdict(status: int | None, failures: int, attempt_limit: int) -> OriginVerdict:
+    """The verdict after the `failures`-th failed back-to-source of a task in a row.
+
+    `status` is the HTTP status the origin answered, None when it was not reached (refused,
+    unknown host, reset, timed out). An origin that answered a definite 4xx is not asked again:
+    the same request would get the same answer. Anything else is retried until `attempt_limit`
+    attempts have failed.
+    """
+    if status is not None and 400 <= status < 500 and status not in RETRYABLE_CLIENT_STATUSES:
+        return OriginVerdict.FAIL_WAITING if status in CREDENTIAL_STATUSES else OriginVerdict.FAIL
+    if failures >= attempt_limit:
+        return OriginVerdict.FAIL
+    return OriginVerdict.RETRY
+
+
+def origin_retry_delay(failures: int, backoff: float) -> float:
+    """Back-off before the next attempt after `failures` failed ones: `backoff`, doubled each time."""
+    return backoff * 2 ** max(0, failures - 1)

@@ -406,7 +406,7 @@ def test_waiting_retry_back_to_source_then_fail(limit: int, waited: float, expec
     assert kinds(decisions) == expected
     if expected == ["FailPeer"]:
         assert decisions[0].code is Code.RESOURCE_EXHAUSTED  # type: ignore[union-attr]
-        assert "back-to-source limit 1 reached" in decisions[0].message  # type: ignore[union-attr]
+        assert "back-to-source limit (1 peers) is reached" in decisions[0].message  # type: ignore[union-attr]
         assert w.core.peers["a"].state is PeerState.FAILED
 
 
@@ -429,12 +429,16 @@ def test_back_to_source_limit_without_seed() -> None:
     assert w.core.waiting_count == 1
 
 
-def test_fetcher_failure_lets_a_waiting_peer_back_source() -> None:
-    w = World()
+def test_fetcher_failure_lets_a_waiting_peer_back_source_after_the_backoff() -> None:
+    w = World(origin_retry_backoff=2.0)
     w.register("a")
     w.core.back_to_source_started("a")
     assert w.register("b") == []
-    assert kinds(w.core.back_to_source_failed("a", "origin 500")) == ["SendNeedBackToSource"]
+    assert w.core.back_to_source_failed("a", "origin 500") == []  # not at once: the origin just failed
+    w.clock.advance(1.0)
+    assert w.core.tick() == []
+    w.clock.advance(1.0)
+    assert kinds(w.core.tick()) == ["SendNeedBackToSource"]
 
 
 def test_empty_content() -> None:
