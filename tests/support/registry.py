@@ -481,5 +481,17 @@ def push_image(
     return digest
 
 
+def push_manifest(
+    registry: Registry | str, repo: str, reference: str, document: bytes, media_type: str, auth: Auth = None
+) -> str:
+    """PUT a manifest or an index (its blobs or child manifests pushed first) as `reference`
+    (a tag, or the document's own digest); returns its digest."""
+    base, auth = _base_and_auth(registry, auth)
+    digest = f"sha256:{hashlib.sha256(document).hexdigest()}"
+    _Client(base, auth).request("PUT", f"/v2/{repo}/manifests/{reference}", document,
+                                {"Content-Type": media_type}, expect=(201,))
+    return digest
+
+
 def skopeo_available() -> bool:
     return shutil.which("skopeo") is not None
