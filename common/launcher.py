@@ -288,7 +288,8 @@ class LocalCluster:
                 if not node.alive:
                     raise RuntimeError(f"{node.name} exited with {node.process and node.process.returncode}; "
                                        f"log {node.log_path}:\n{tail(node.log_path)}")
-                return node.get(port, "/ready")[0] == 200
+                status, body = node.get(port, "/ready")
+                return status == 200 and b"degraded:" not in body  # dfdaemons: a scheduler too
 
             wait_until(ready, timeout, f"{node.name} to be ready")
 

@@ -74,9 +74,16 @@ def component_main(
     return run(serve(config), name)
 
 
-def status_app(not_ready: ReadinessCheck, registry: CollectorRegistry | None = None) -> web.Application:
+def status_app(
+    not_ready: ReadinessCheck, registry: CollectorRegistry | None = None, *, degraded: ReadinessCheck | None = None,
+) -> web.Application:
     """``/healthy`` (the process answers), ``/ready`` (``503`` with one line per problem that
     `not_ready` finds) and, given a registry, ``/metrics``.
+
+    `degraded` finds problems that do not make the component unready: ``/ready`` stays ``200``
+    and lists each as a ``degraded: ...`` line after ``ready`` (a dfdaemon without a scheduler
+    still serves its cache and falls back to the origin; marking it unready would take a whole
+    fleet out of its Services and stall rollouts when one scheduler is down).
 
     ``/metrics`` is always the Prometheus text format. prometheus_client's own aiohttp handler
     would let Prometheus negotiate OpenMetrics, under which Prometheus files a counter's metadata
@@ -91,7 +98,8 @@ def status_app(not_ready: ReadinessCheck, registry: CollectorRegistry | None = N
         problems = await not_ready()
         if problems:
             return web.Response(status=503, text="\n".join(problems) + "\n")
-        return web.Response(text="ready\n")
+        warnings = await degraded() if degraded is not None else []
+        return web.Response(text="".join(["ready\n", *(f"degraded: {w}\n" for w in warnings)]))
 
     app = web.Application()
     if registry is not None:

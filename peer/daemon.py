@@ -123,9 +123,10 @@ class Daemon:
 
         self.proxy = Proxy(engine=self.engine, origin=self.origin, config=config, metrics=self.metrics)
         await self.proxy.start(*split_address(config.proxy_listen))
-        self._http_runners.append(await start_http(status_app(self._not_ready, self.metrics.registry),
-                                                   config.metrics_listen))
-        self._http_runners.append(await start_http(status_app(self._not_ready), config.health_listen))
+        self._http_runners.append(await start_http(
+            status_app(self._not_ready, self.metrics.registry, degraded=self._degraded), config.metrics_listen))
+        self._http_runners.append(await start_http(status_app(self._not_ready, degraded=self._degraded),
+                                                   config.health_listen))
         await self.scheduler.start()
         log.info("dfdaemon %s ready: gRPC %s, pieces %s://%s:%d, socket %s%s%s", self.host_id, config.grpc_listen,
                  self.engine.piece_scheme, config.host_ip, self.upload_port, config.socket,
@@ -139,15 +140,22 @@ class Daemon:
             log.warning("scrub: %d corrupt pieces found on disk and dropped", corrupt)
 
     async def _not_ready(self) -> list[str]:
-        """What keeps this node from being ready (``/ready``); nothing when it is."""
-        problems = []
+        """What keeps this node from being ready (``/ready``): its storage only, nothing when it is.
+
+        Not the scheduler: without one the node still serves its cache and falls back to the
+        origin, and one scheduler outage must not mark a thousand dfdaemons NotReady.
+        """
         try:
             await asyncio.to_thread(_probe_writable, Path(self.config.data_dir))
         except OSError as exc:
-            problems.append(f"storage not writable: {exc.strerror}")
+            return [f"storage not writable: {exc.strerror or exc}"]
+        return []
+
+    async def _degraded(self) -> list[str]:
+        """What this node lacks while still ready (listed by ``/ready`` as ``degraded: ...``)."""
         if self.scheduler is not None and not self.scheduler.reachable:
-            problems.append("no scheduler reachable (downloads fall back to the origin)")
-        return problems
+            return ["no scheduler reachable (downloads fall back to the origin)"]
+        return []
 
     async def stop(self) -> None:
         """Stop accepting work, cancel downloads, leave the schedulers."""
