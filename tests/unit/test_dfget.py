@@ -9,6 +9,7 @@ tests run dfget against the real daemon.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import os
@@ -30,7 +31,8 @@ import grpc
 import pytest
 from dragonfly_api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc
 
-from peer import dfget
+from common.errors import DownloadFailed, InvalidRequest
+from peer import dfget, dfget_listing, dfget_output
 
 REPO = Path(__file__).resolve().parents[2]
 URL = "http://origin.example/files/blob.bin"
@@ -599,3 +601,304 @@ def test_no_progress_writes_nothing() -> None:
     bar.advance(10)
     bar.finish(success=True)
     assert stream.getvalue() == ""
+
+
+# --- Dragonfly's flags and DFGET_* variables -------------------------------------------------
+
+
+def test_dragonfly_short_flags(daemon: Daemon, tmp_path: Path) -> None:
+    output = tmp_path / "blob.bin"
+    code = dfget.main([URL, "-O", str(output), "-e", daemon.socket, "-p", "LEVEL3", "-l", "error",
+                       "--piece-length", "8MiB"])
+    assert code == 0
+    [request] = daemon.scenario.requests
+    assert request.download.priority == common_pb2.Priority.Value("LEVEL3")
+    assert request.download.piece_length == 8 << 20
+
+
+def test_short_version_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    assert dfget.main(["-V"]) == 0
+    assert capsys.readouterr().out.startswith("dfget (damselfly) ")
+
+
+def test_environment_variables_set_defaults_and_flags_win(tmp_path: Path) -> None:
+    env = {"DFGET_ENDPOINT": "/run/env.sock", "DFGET_TIMEOUT": "30m", "DFGET_PRIORITY": "2",
+           "DFGET_PIECE_LENGTH": "16mib", "DFGET_TAG": "t", "DFGET_APPLICATION": "a",
+           "DFGET_DISABLE_BACK_TO_SOURCE": "true", "DFGET_OVERWRITE": "yes", "DFGET_NO_PROGRESS": "1",
+           "DFGET_LOG_LEVEL": "debug", "DFGET_MAX_FILES": "7", "DFGET_MAX_CONCURRENT_REQUESTS": "2"}
+    out = str(tmp_path / "f")
+
+    from_env = dfget.parse_options([URL, "-O", out], env)
+    assert (from_env.endpoint, from_env.timeout, from_env.priority, from_env.piece_length) == (
+        "/run/env.sock", 1800.0, 2, 16 << 20)
+    assert (from_env.tag, from_env.application, from_env.log_level) == ("t", "a", "debug")
+    assert from_env.disable_back_to_source and from_env.overwrite and not from_env.progress
+    assert (from_env.max_files, from_env.max_concurrent_requests) == (7, 2)
+
+    flags = dfget.parse_options([URL, "-O", out, "-e", "/run/flag.sock", "--timeout", "5s", "-p", "5",
+                                 "--tag", "x", "-l", "info", "--max-files", "9"], env)
+    assert (flags.endpoint, flags.timeout, flags.priority, flags.tag, flags.log_level, flags.max_files) == (
+        "/run/flag.sock", 5.0, 5, "x", "info", 9)
+
+    plain = dfget.parse_options([URL, "-O", out], {})
+    assert (plain.endpoint, plain.priority, plain.overwrite, plain.progress) == (
+        dfget.DEFAULT_ENDPOINT, 6, False, True)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("DFGET_PRIORITY", "9"), ("DFGET_OVERWRITE", "maybe"), ("DFGET_PIECE_LENGTH", "1k"),
+     ("DFGET_MAX_FILES", "-3"), ("DFGET_LOG_LEVEL", "chatty")],
+)
+def test_bad_environment_variable_is_a_usage_error_naming_it(
+    variable: str, value: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(variable, value)
+    assert dfget.main([URL, "-O", str(tmp_path / "f")]) == 2
+    assert f"environment variable {variable}" in capsys.readouterr().err
+
+
+def test_sha512_digest_is_checked(daemon: Daemon, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = "sha512:" + hashlib.sha512(CONTENT).hexdigest()
+    assert run(daemon.socket, tmp_path / "good", "--digest", good) == 0
+    assert (tmp_path / "good").read_bytes() == CONTENT
+
+    wrong = "sha512:" + "0" * 128
+    assert run(daemon.socket, tmp_path / "bad", "--digest", wrong) == 1
+    [line] = error_lines(capsys.readouterr().err)
+    assert "does not match" in line and wrong in line
+    assert entries(tmp_path) == ["good"]
+
+
+# --- killed dfget: SIGTERM cleans up, SIGKILL leaves a stale file the next run removes ---------
+
+
+def _start_dfget(daemon: Daemon, output: Path, *extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "peer.dfget", URL, "-O", str(output), "--endpoint", daemon.socket, *extra],
+        cwd=REPO, stderr=subprocess.PIPE, text=True)
+
+
+def test_sigterm_removes_the_temporary_file(daemon: Daemon, tmp_path: Path) -> None:
+    output = tmp_path / "blob.bin"
+    daemon.scenario.hang_after = PIECE
+    proc = _start_dfget(daemon, output)
+    try:
+        assert daemon.scenario.hanging.wait(timeout=30)
+        assert any(dfget_output.is_temp_name(name) for name in entries(tmp_path))
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1
+    assert error_lines(err) == ["dfget: error: terminated (SIGTERM)"]
+    assert entries(tmp_path) == []
+
+
+def test_sigkill_leaves_a_stale_file_that_the_next_run_removes(daemon: Daemon, tmp_path: Path) -> None:
+    output = tmp_path / "blob.bin"
+    daemon.scenario.hang_after = 2 * PIECE
+    proc = _start_dfget(daemon, output)
+    try:
+        assert daemon.scenario.hanging.wait(timeout=30)
+        proc.kill()
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    [stale] = entries(tmp_path)
+    assert dfget_output.is_temp_name(stale) and (tmp_path / stale).stat().st_size == 2 * PIECE
+    daemon.scenario.release.set()
+    daemon.fake.scenario = Scenario()
+
+    assert run(daemon.socket, output) == 0
+
+    assert entries(tmp_path) == ["blob.bin"]
+    assert output.read_bytes() == CONTENT
+
+
+def test_sweep_spares_a_temporary_file_a_running_dfget_holds(tmp_path: Path) -> None:
+    output = str(tmp_path / "out.bin")
+    held = dfget_output.create_temp(output)
+    abandoned = dfget_output.create_temp(output)
+    abandoned.close()  # its dfget is gone: the lock is released
+    unrelated = tmp_path / ".out.bin.dfget-notours"
+    unrelated.write_bytes(b"x")
+    try:
+        removed = dfget_output.sweep_stale(str(tmp_path))
+        assert removed == [os.path.basename(abandoned.path)]
+        assert sorted(entries(tmp_path)) == sorted([os.path.basename(held.path), unrelated.name])
+    finally:
+        held.remove()
+    assert entries(tmp_path) == [unrelated.name]
+
+
+def test_temporary_file_belongs_to_dfget_and_is_locked(tmp_path: Path) -> None:
+    temp = dfget_output.create_temp(str(tmp_path / "f"))
+    try:
+        info = os.stat(temp.path)
+        assert info.st_uid == os.geteuid() and info.st_nlink == 1 and info.st_size == 0
+        import fcntl
+        with open(temp.path, "rb") as other, pytest.raises(BlockingIOError):
+            fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        temp.remove()
+    assert entries(tmp_path) == []
+
+
+# --- the daemon side of the output file --------------------------------------------------------
+
+
+@pytest.fixture
+def cached(tmp_path: Path) -> Path:
+    source = tmp_path / "cache.bin"
+    source.write_bytes(os.urandom(3 * 2**20 + 17))
+    return source
+
+
+def test_copy_into_keeps_the_clients_file(cached: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dfget_output, "COPY_STEP", 2**20)
+    temp = dfget_output.create_temp(str(tmp_path / "out"))
+    before = os.stat(temp.path)
+    try:
+        dfget_output.copy_into(cached, Path(temp.path), threading.Event())
+        after = os.stat(temp.path)
+        assert (after.st_ino, after.st_uid) == (before.st_ino, before.st_uid)  # written in place
+        assert Path(temp.path).read_bytes() == cached.read_bytes()
+    finally:
+        temp.remove()
+
+
+def test_copy_into_creates_a_missing_file(cached: Path, tmp_path: Path) -> None:
+    output = tmp_path / "new.bin"
+    dfget_output.copy_into(cached, output, threading.Event())
+    assert output.read_bytes() == cached.read_bytes()
+
+
+def test_copy_into_refuses_a_symlink(cached: Path, tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"do not touch")
+    link = tmp_path / "link"
+    link.symlink_to(victim)
+    with pytest.raises(InvalidRequest, match="symbolic link"):
+        dfget_output.copy_into(cached, link, threading.Event())
+    assert victim.read_bytes() == b"do not touch"
+
+
+def test_copy_into_refuses_a_hard_linked_file(cached: Path, tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"do not touch")
+    os.link(victim, tmp_path / "second-name")
+    with pytest.raises(InvalidRequest, match="hard links"):
+        dfget_output.copy_into(cached, tmp_path / "second-name", threading.Event())
+    assert victim.read_bytes() == b"do not touch"
+
+
+def test_copy_into_refuses_a_fifo_without_blocking(cached: Path, tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(OSError):
+        dfget_output.copy_into(cached, fifo, threading.Event())
+
+
+def test_stopped_copy_removes_what_it_wrote(cached: Path, tmp_path: Path) -> None:
+    output = tmp_path / "out"
+    output.write_bytes(b"")
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(dfget_output.CopyStopped):
+        dfget_output.copy_into(cached, output, stop)
+    assert not output.exists()
+
+
+def test_cancelled_copy_to_client_leaves_no_file(cached: Path, tmp_path: Path) -> None:
+    # The daemon's handler is cancelled when dfget dies: mid-copy or just after, the copy goes.
+    output = tmp_path / "out"
+
+    async def scenario() -> None:
+        output.write_bytes(b"")
+        task = asyncio.create_task(dfget_output.copy_to_client(cached, output))
+        await asyncio.sleep(0)  # let it start its thread
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(scenario())
+    assert entries(tmp_path) == ["cache.bin"]
+
+
+def test_place_without_overwrite_never_replaces(tmp_path: Path) -> None:
+    output = tmp_path / "out"
+    temp = dfget_output.create_temp(str(output))
+    os.write(temp.fd, b"new")
+    output.write_bytes(b"old")
+    try:
+        with pytest.raises(DownloadFailed, match="--overwrite"):
+            dfget_output.place(temp, str(output), overwrite=False)
+        assert output.read_bytes() == b"old"
+        dfget_output.place(temp, str(output), overwrite=True)
+        assert output.read_bytes() == b"new"
+    finally:
+        temp.close()
+    assert entries(tmp_path) == ["out"]
+
+
+# --- -r: directory listings --------------------------------------------------------------------
+
+ROOT = "http://origin.example/data/"
+
+
+def test_children_of_a_listing_page() -> None:
+    hrefs = ["../", "a.txt", "sub/", "?C=N;O=D", "/data/b.bin", "http://elsewhere/x", "#top",
+             "sub/", "/other/c", "a.txt#frag", "%E2%82%AC.txt"]
+    files, dirs = dfget_listing.children(ROOT, hrefs)
+    assert files == [ROOT + "a.txt", ROOT + "b.bin", ROOT + "%E2%82%AC.txt"]
+    assert dirs == [ROOT + "sub/"]
+
+
+@pytest.mark.parametrize("href", ["%2e%2e/etc", "a%2Fb", "x%00y"])
+def test_unsafe_names_are_refused(href: str) -> None:
+    with pytest.raises(InvalidRequest):
+        dfget_listing.relative_parts(ROOT, ROOT + href)
+
+
+def test_relative_parts_decode() -> None:
+    assert dfget_listing.relative_parts(ROOT, ROOT + "sub/%E2%82%AC%20x.txt") == ("sub", "€ x.txt")
+
+
+@pytest.mark.parametrize(
+    ("relative", "patterns", "expected"),
+    [("a.txt", [], True), ("a.txt", ["*.txt"], True), ("sub/a.bin", ["*.txt"], False),
+     ("sub/deep/a.bin", ["sub/"], True), ("subway/a.bin", ["sub/"], False), ("sub/a.bin", ["sub/a.bin"], True)],
+)
+def test_included(relative: str, patterns: list[str], expected: bool) -> None:
+    assert dfget_listing.included(relative, patterns) is expected
+
+
+def _pages(pages: dict[str, list[str]]) -> dfget_listing.Fetcher:
+    async def fetch(url: str) -> str:
+        return "".join(f'<a href="{href}">{href}</a>' for href in pages[url])
+    return fetch
+
+
+def test_list_files_walks_subdirectories_once() -> None:
+    pages = {ROOT: ["../", "a.txt", "sub/", "sub/"], ROOT + "sub/": ["../", "b.txt", "deeper/", "/data/"],
+             ROOT + "sub/deeper/": ["c.txt", "/data/sub/"]}
+    found = asyncio.run(dfget_listing.list_files("http://origin.example/data", _pages(pages)))
+    assert [entry.relative for entry in found] == ["a.txt", "sub/b.txt", "sub/deeper/c.txt"]
+    filtered = asyncio.run(dfget_listing.list_files(ROOT, _pages(pages), include=["sub/deeper/"]))
+    assert [entry.relative for entry in filtered] == ["sub/deeper/c.txt"]
+
+
+def test_list_files_refuses_more_than_max_files() -> None:
+    pages = {ROOT: [f"f{i}" for i in range(5)]}
+    assert len(asyncio.run(dfget_listing.list_files(ROOT, _pages(pages), max_files=5))) == 5
+    with pytest.raises(DownloadFailed, match="more than 4 files"):
+        asyncio.run(dfget_listing.list_files(ROOT, _pages(pages), max_files=4))
+
+
+def test_recursive_output_must_be_a_directory(daemon: Daemon, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(daemon.socket, tmp_path / "missing", "-r", url=ROOT) == 1
+    assert "must be an existing directory" in capsys.readouterr().err
