@@ -251,7 +251,7 @@ async def run(options: Options, out: TextIO) -> int:
     started = time.monotonic()
     image = await resolve(options)
     size = sum(blob.size for blob in image.blobs)
-    platforms = ", ".join(p for p, _ in image.manifests if p) or "single-platform image"
+    platforms = ", ".join(p for p, _ in image.manifests if p) or "a single-platform image"
     print(f"preheating {options.image}: {len(image.blobs)} blobs ({format_size(size)}) of {platforms}, "
           f"via {', '.join(options.schedulers)}", file=out, flush=True)
     results = await preheat_blobs(options, image, out)

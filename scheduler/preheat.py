@@ -132,7 +132,9 @@ class PreheatingSchedulerService(SchedulerService):
                 return address, await self._download_on_seed(address, download, time_limit)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() not in SEED_DOWN_CODES or exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                    raise rpc.error_from_rpc(exc, unreachable=DownloadFailed) from None
+                    # The seed's code picks our error class (and so the code we answer with).
+                    error = type(rpc.error_from_rpc(exc, unreachable=DownloadFailed))
+                    raise error(f"seed {address}: {' '.join((exc.details() or exc.code().name).split())}") from None
                 log.warning("preheat of task %s: seed %s is down (%s)", task_id, address, exc.code().name)
                 self.metrics.grpc_errors.labels("SeedTrigger", exc.code().name).inc()
                 stale = self._channels.pop(address, None)

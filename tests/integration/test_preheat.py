@@ -24,7 +24,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import pytest
+from dragonfly_api import scheduler_pb2, scheduler_pb2_grpc
 
 from common import oci
 from common.launcher import LocalCluster, Node, sha256_file
@@ -177,7 +179,6 @@ def test_preheat_then_four_nodes_pull_with_no_blob_from_the_registry(
             copied = out / digest.removeprefix("sha256:")
             assert copied.exists(), f"{digest} missing from {out}"
             assert sha256_file(copied) == digest == sha256_file(path)
-    print(first.stdout, again.stdout)
     print(f"\npreheat: {fetched} origin bytes for {image.size(HOST_ARCH)} bytes of blobs; "
           f"4 pulls: {origin_bytes} origin bytes (manifests and checks), 0 blob bytes")
 
@@ -200,3 +201,14 @@ def test_a_layer_that_cannot_be_preheated_is_named(
     assert len(failed) == 1 and lost in failed[0], result.stdout
     assert result.stdout.count("fetched by seed") == 3, result.stdout
     assert "1 failed" in result.stdout.splitlines()[-1]
+
+    # The scheduler's PreheatImage (Dragonfly's API) resolves the image itself and names the layer too.
+    assert net.cluster.scheduler is not None
+    user, password = token_registry.credentials
+    request = scheduler_pb2.PreheatImageRequest(url=f"http://127.0.0.1:{relay.port}/v2/preheat/broken/manifests/v1",
+                                                username=user, password=password)
+    address = f"127.0.0.1:{net.cluster.scheduler.ports['grpc']}"
+    with grpc.insecure_channel(address) as channel, pytest.raises(grpc.RpcError) as refused:
+        scheduler_pb2_grpc.SchedulerStub(channel).PreheatImage(request, timeout=120)
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION, refused.value
+    assert f"layer {lost}" in str(refused.value.details()), refused.value.details()
