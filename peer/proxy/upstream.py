@@ -9,7 +9,8 @@ not trust is a TLS server: it stays ``https`` (never downgraded), and so does a 
 cannot be reached at all (the real request then reports why).
 
 :func:`choose_scheme` is the decision; :class:`SchemeCache` remembers it per host for
-:data:`SCHEME_TTL` seconds and shares one probe among concurrent requests.
+:data:`SCHEME_TTL` seconds (:data:`UNDECIDED_TTL` when nothing answered) and shares one probe
+among concurrent requests.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from common.clock import Clock, SystemClock
 log = logging.getLogger(__name__)
 
 SCHEME_TTL = 600.0  # seconds a probed scheme is remembered per host
+# Seconds an undecided probe (nothing answered) is remembered: a registry that was down for a
+# moment is probed again soon, one that stays down is not probed on every request.
+UNDECIDED_TTL = 10.0
 MAX_HOSTS = 1024  # hosts remembered before the cache is emptied (bounded memory)
 
 
@@ -74,14 +78,17 @@ class SchemeCache:
 
     async def _find(self, host: str) -> str:
         over_tls = await self._probe(f"https://{host}/v2/")
-        scheme = choose_scheme(over_tls, None)
+        plain: Probe | None = None
+        scheme = choose_scheme(over_tls, plain)
         if scheme is None:
-            scheme = choose_scheme(over_tls, await self._probe(f"http://{host}/v2/"))
+            plain = await self._probe(f"http://{host}/v2/")
+            scheme = choose_scheme(over_tls, plain)
             assert scheme is not None
             if scheme == "http":
                 log.info("registry %s speaks plain HTTP (no TLS on that port): mirror requests with ns=%s "
                          "go to http://%s", host, host, host)
+        answered = Probe.ANSWERED in (over_tls, plain)
         if len(self._known) >= MAX_HOSTS:
             self._known.clear()
-        self._known[host] = (scheme, self._clock.time() + self._ttl)
+        self._known[host] = (scheme, self._clock.time() + (self._ttl if answered else UNDECIDED_TTL))
         return scheme

@@ -8,7 +8,7 @@ import pytest
 
 from common.clock import ManualClock
 from peer.proxy.server import ErrorAnswerLog
-from peer.proxy.upstream import SCHEME_TTL, Probe, SchemeCache, choose_scheme
+from peer.proxy.upstream import SCHEME_TTL, UNDECIDED_TTL, Probe, SchemeCache, choose_scheme
 
 A, N, U = Probe.ANSWERED, Probe.NOT_TLS, Probe.UNREACHABLE
 
@@ -56,6 +56,17 @@ def test_tls_registry_is_not_probed_over_plain_http() -> None:
     cache, asked = _cache({"https://secure/v2/": A}, ManualClock())
     assert asyncio.run(cache.scheme("secure")) == "https"
     assert asked == ["https://secure/v2/"]
+
+
+def test_unreachable_registry_is_probed_again_soon() -> None:
+    clock = ManualClock()
+    cache, asked = _cache({"https://down:5000/v2/": U}, clock)
+    assert asyncio.run(cache.scheme("down:5000")) == "https"
+    assert asyncio.run(cache.scheme("down:5000")) == "https"
+    assert len(asked) == 1, "not probed on every request"
+    clock.advance(UNDECIDED_TTL + 1)
+    asyncio.run(cache.scheme("down:5000"))
+    assert len(asked) == 2
 
 
 def test_error_answer_log_lets_bursts_through_and_counts_what_it_held_back() -> None:
