@@ -37,6 +37,7 @@ from common.config import format_size, parse_address
 from common.errors import ConfigError, DamselflyError, InvalidRequest, OriginError, OriginStatusError
 from common.origin import OriginClient, basic_authorization
 from common.preheat import RESULT_KEY, SEED_KEY, ResolvedImage, resolve_image
+from common.tls import TlsCredentials, open_channel
 
 DEFAULT_SCHEDULER = "127.0.0.1:8002"
 # Blobs preheated at once: the seeds download them in parallel, pieces in parallel within each.
@@ -61,6 +62,7 @@ class Options:
     schedulers: tuple[str, ...]
     authorization: str | None  # an Authorization: Basic value, or None for anonymous
     plain_http: bool
+    tls: TlsCredentials | None = None  # to the schedulers; None: plaintext
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="Docker config.json holding the registry's credentials (as written by docker login)")
     parser.add_argument("--plain-http", action="store_true",
                         help="talk to the registry over plain HTTP (a registry without TLS), as ctr and oras do")
+    tls = parser.add_argument_group("TLS to the schedulers (when the cluster runs with tls_* set)")
+    tls.add_argument("--tls-ca-cert", metavar="PEM", default="", help="CA the schedulers' certificates chain to")
+    tls.add_argument("--tls-cert", metavar="PEM", default="", help="client certificate (mutual TLS)")
+    tls.add_argument("--tls-key", metavar="PEM", default="", help="key of --tls-cert")
+    tls.add_argument("--tls-server-name", metavar="NAME", default="",
+                     help="check the schedulers' certificates for this name instead of the address dialed")
     return parser
 
 
@@ -144,9 +152,13 @@ def parse_options(argv: Sequence[str]) -> Options:
             authorization = basic_authorization(user, password)
         elif args.auth_file is not None:
             authorization = credentials_from_auth_file(args.auth_file, image.registry)
+        tls = None
+        if args.tls_cert or args.tls_key or args.tls_ca_cert:
+            tls = TlsCredentials.load(ca_cert=args.tls_ca_cert, cert=args.tls_cert, key=args.tls_key,
+                                      client_auth=bool(args.tls_ca_cert), server_name=args.tls_server_name)
     except (DamselflyError, ValueError) as exc:
         parser.error(str(exc))
-    return Options(image, platforms, schedulers, authorization, args.plain_http)
+    return Options(image, platforms, schedulers, authorization, args.plain_http, tls)
 
 
 def describe(blob: oci.Blob) -> str:
@@ -213,7 +225,7 @@ async def resolve(options: Options) -> ResolvedImage:
 async def preheat_blobs(options: Options, image: ResolvedImage, out: TextIO) -> list[BlobResult]:
     """Ask the owning scheduler to preheat each blob; print a line per blob as it completes."""
     headers = {"Authorization": options.authorization} if options.authorization else {}
-    channels = {address: grpc.aio.insecure_channel(address) for address in options.schedulers}
+    channels = {address: open_channel(address, options.tls) for address in options.schedulers}
     limit = asyncio.Semaphore(CONCURRENT_BLOBS)
     results: list[BlobResult] = []
     total = len(image.blobs)

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import base64
+import hashlib
+import io
 import json
 from pathlib import Path
+from typing import Any
 
+import grpc
 import pytest
+from dragonfly_api import scheduler_pb2, scheduler_pb2_grpc
+from google.protobuf import empty_pb2
 
-from common import oci
+from common import hashring, ids, oci
 from common.errors import ConfigError
 from common.origin import basic_authorization
+from common.preheat import RESULT_KEY, SEED_KEY, ResolvedImage
 from common.preheat_cli import (
     DEFAULT_SCHEDULER,
     EXIT_USAGE,
@@ -20,7 +27,10 @@ from common.preheat_cli import (
     format_summary,
     main,
     parse_options,
+    preheat_blobs,
 )
+from common.tls import TlsCredentials
+from tests.support.certs import TestCA
 
 DIGEST = "sha256:" + "ab" * 32
 
@@ -112,3 +122,68 @@ def test_lines_name_the_blob_and_the_outcome() -> None:
         "1 fetched, 1 already there, 0 failed")
     summary = format_summary(image, [fetched, failed], 2.0)
     assert summary.startswith("preheat FAILED for registry.example.com/app:v1: 1/2")
+
+
+def test_tls_flags_load_the_credentials(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ca = TestCA(tmp_path)
+    client = ca.issue("preheat")
+    options = parse_options(["app", "--tls-ca-cert", str(ca.cert_path), "--tls-cert", str(client.cert),
+                             "--tls-key", str(client.key)])
+    assert options.tls is not None and options.tls.client_auth
+    assert main(["app", "--tls-cert", str(client.cert)]) == EXIT_USAGE
+    assert "tls_key" in capsys.readouterr().err
+
+
+class _FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):  # type: ignore[misc]
+    """Records PreheatFile calls; answers like scheduler.preheat, a 404 for one blob."""
+
+    def __init__(self, address_name: str, calls: list[tuple[str, str, dict[str, str]]], failing: str) -> None:
+        self.name = address_name
+        self.calls = calls
+        self.failing = failing
+
+    async def PreheatFile(self, request: scheduler_pb2.PreheatFileRequest, context: Any) -> empty_pb2.Empty:
+        self.calls.append((self.name, request.url, dict(request.header)))
+        if request.url.endswith(self.failing):
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "seed 10.0.0.9:4000: origin answered 404")
+        context.set_trailing_metadata(((RESULT_KEY, "cached"), (SEED_KEY, "10.0.0.9:4000")))
+        return empty_pb2.Empty()
+
+
+async def test_each_blob_goes_to_the_scheduler_owning_its_task_over_tls(tmp_path: Path) -> None:
+    ca = TestCA(tmp_path)
+    server_cert, client_cert = ca.issue("scheduler"), ca.issue("preheat")
+    tls = TlsCredentials.load(ca_cert=str(ca.cert_path), cert=str(server_cert.cert), key=str(server_cert.key))
+    calls: list[tuple[str, str, dict[str, str]]] = []
+    # 16 tasks: the chance that they all hash to one of the two schedulers is 2**-15
+    blobs = [oci.Blob(f"sha256:{hashlib.sha256(bytes([n])).hexdigest()}", 10, "x", "layer", ("",)) for n in range(16)]
+    servers, addresses = [], []
+    for _ in range(2):
+        server = grpc.aio.server()
+        port = server.add_secure_port("127.0.0.1:0", tls.grpc_server_credentials())
+        address = f"127.0.0.1:{port}"
+        scheduler_pb2_grpc.add_SchedulerServicer_to_server(_FakeScheduler(address, calls, blobs[2].digest), server)
+        await server.start()
+        servers.append(server)
+        addresses.append(address)
+    try:
+        options = parse_options(["127.0.0.1:5000/team/app:v1", "--plain-http", "--creds", "u:p",
+                                 "--scheduler", ",".join(addresses), "--tls-ca-cert", str(ca.cert_path),
+                                 "--tls-cert", str(client_cert.cert), "--tls-key", str(client_cert.key)])
+        image = ResolvedImage(options.image, (("", "v1"),), tuple(blobs))
+        out = io.StringIO()
+        results = await preheat_blobs(options, image, out)
+    finally:
+        for server in servers:
+            await server.stop(None)
+    assert sorted(r.outcome for r in results) == ["cached"] * 15 + ["failed"]
+    assert len(calls) == 16
+    for address, url, header in calls:
+        assert url.startswith("http://127.0.0.1:5000/v2/team/app/blobs/sha256:")
+        assert address == hashring.choose(addresses, ids.task_id(url)), "sent to the scheduler owning the task"
+        assert header == {"Authorization": basic_authorization("u", "p")}
+    assert len({address for address, _, _ in calls}) == 2, "the tasks spread over both schedulers"
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 16
+    assert any(blobs[2].digest in line and "FAILED: seed 10.0.0.9:4000: origin answered 404" in line
+               for line in lines), lines
