@@ -29,6 +29,7 @@ party (the origin, a parent peer, the scheduler) are kept apart from misuse by t
     │   ├── ParentError             a parent peer failed to serve a piece
     │   └── SchedulerUnavailable    no scheduler answers
     ├── DownloadFailed              a download gave up; the message says why
+    │   └── TaskFailed              the scheduler failed the task for every peer (the origin's answer)
     └── ProxyError                  an error answer of the proxy itself (keeps the HTTP status)
         └── _Relayed                an upstream answer passed on as it is (private to the proxy)
 
@@ -182,6 +183,12 @@ class SchedulerUnavailable(RemoteError):
 
 class DownloadFailed(DamselflyError):
     """A download gave up; the message says why."""
+
+
+class TaskFailed(DownloadFailed):
+    """The scheduler failed the task for every peer waiting on it (its origin refused or could not
+    be reached, see docs/reliability.md); the message is the origin's answer. Going to the origin
+    another way would only ask it again."""
 
 
 class ProxyError(DamselflyError):

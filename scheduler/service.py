@@ -184,7 +184,13 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):  # type: ignore[mi
                 if isinstance(item, _End):
                     return
                 if isinstance(item, FailPeer):
-                    await self._abort(context, "AnnouncePeer", grpc.StatusCode[item.code.value], item.message)
+                    # End the stream with the status by returning, not by context.abort(): an abort
+                    # raises out of this generator, and grpc logs that as an error with a traceback.
+                    code = grpc.StatusCode[item.code.value]
+                    self.metrics.grpc_errors.labels("AnnouncePeer", code.name).inc()
+                    context.set_code(code)
+                    context.set_details(item.message)
+                    return
                 yield item
         finally:
             reader.cancel()
@@ -249,7 +255,13 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):  # type: ignore[mi
         if kind == "download_piece_failed_request":
             failed = request.download_piece_failed_request
             return core.piece_failed(peer_id, failed.piece_number, failed.parent_id, failed.temporary)
-        return []  # download_piece_back_to_source_failed_request: the peer reports the download failure later
+        if kind == "download_piece_back_to_source_failed_request":
+            # The origin's answer (its HTTP status, when it gave one) decides whether it is asked
+            # again; the download's failure report follows.
+            failed_piece = request.download_piece_back_to_source_failed_request
+            status = failed_piece.backend.status_code if failed_piece.HasField("backend") else None
+            return core.back_to_source_piece_failed(peer_id, failed_piece.piece_number, status or None)
+        return []
 
     def _count_piece(self, traffic: int, length: int) -> None:
         name = common_pb2.TrafficType.Name(traffic).lower()

@@ -49,6 +49,7 @@ from common.errors import (
     OriginStatusError,
     ParentError,
     SchedulerUnavailable,
+    TaskFailed,
 )
 from common.pieces import piece_length_for
 from common.tls import TlsCredentials, open_channel, url_scheme
@@ -59,6 +60,7 @@ from peer.download.policy import (
     DropParent,
     FetchPiece,
     Finished,
+    GiveUp,
     ReportPieceFailed,
     Reschedule,
 )
@@ -138,6 +140,7 @@ class _PieceDone:
 class _SchedulerMessage:
     answer: Answer | None  # None: the stream ended
     error: str = ""
+    task_failed: bool = False  # the scheduler ended it because the task failed for everyone
 
 
 @dataclass(frozen=True)
@@ -179,6 +182,8 @@ class Conductor:
         self._session: SchedulerSession | None = None
         self._stream_reader: asyncio.Task[None] | None = None
         self._back_to_source = False
+        # Why the scheduler refused the download (its words), when it did.
+        self._refusal = ""
         # Range reads that came before the content's size was known (their pieces are unknown).
         self._ranges: list[DownloadRequest] = [request] if request.byte_range is not None else []
         self.started_at = self.clock.time()
@@ -236,7 +241,7 @@ class Conductor:
             metrics.tasks.labels("failed").inc()
             with contextlib.suppress(DamselflyError):  # the task may be gone (deleted as corrupt)
                 self.local.mark_failed(str(error))
-            self._finish_stream(failed=str(error))
+            self._finish_stream(failed=str(error), error=exc)
             if not self.done.done():
                 self.done.set_exception(error)
             if isinstance(exc, asyncio.CancelledError):
@@ -278,7 +283,7 @@ class Conductor:
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
 
-    def _finish_stream(self, failed: str | None) -> None:
+    def _finish_stream(self, failed: str | None, error: BaseException | None = None) -> None:
         session = self._session
         if session is None:
             return
@@ -288,6 +293,10 @@ class Conductor:
             else:
                 session.finished()
         elif self._back_to_source:
+            if isinstance(error, OriginError):
+                # The origin's answer first: the scheduler decides on it whether to ask it again.
+                status = error.status if isinstance(error, OriginStatusError) else None
+                session.back_to_source_piece_failed(0, status, str(error))
             session.back_to_source_failed(failed)
         else:
             session.failed(failed)
@@ -328,8 +337,11 @@ class Conductor:
         if self.local.content_length is not None:
             self._on_content_known()
         first = await self._register()
+        if first is None and self._refusal and self.request.disable_back_to_source:
+            # The scheduler's words name the cause (no parent, no seed, back-to-source disabled).
+            raise DownloadFailed(f"cannot download {self.request.url}: {self._refusal}")
         if first is None:
-            await self._back_source("scheduler unreachable")
+            await self._back_source(self._refusal or "scheduler unreachable")
         elif isinstance(first, NeedBackToSource):
             await self._back_source(first.description or "scheduler said so")
         elif isinstance(first, EmptyTask):
@@ -353,7 +365,12 @@ class Conductor:
         try:
             self._session, answer = await client.register(self.task_id, self.peer_id, self.request,
                                                           answer_within=self.engine.config.schedule_timeout)
-        except DamselflyError:  # none answered, or one refused: the client logged which
+        except TaskFailed:  # the origin refused the task: asking it again ourselves would not help
+            raise
+        except SchedulerUnavailable:  # none answered: the client logged which
+            return None
+        except DamselflyError as exc:  # one refused (no parent in time, say): the client logged it
+            self._refusal = f"the scheduler refused it: {exc}"
             return None
         # The reader lives as long as the session, not as a worker: cancelling a read cancels
         # the whole AnnouncePeer call, so it ends only after the final report (_end_stream).
@@ -369,7 +386,7 @@ class Conductor:
                 if answer is None:
                     return
         except DamselflyError as exc:  # the stream failed (the session mapped its status code)
-            await self._events.put(_SchedulerMessage(None, str(exc)))
+            await self._events.put(_SchedulerMessage(None, str(exc), task_failed=isinstance(exc, TaskFailed)))
 
     def _report(self, report: Callable[Concatenate[SchedulerSession, _P], None], *args: _P.args,
                 **kwargs: _P.kwargs) -> None:
@@ -430,6 +447,8 @@ class Conductor:
                 if isinstance(command, BackToSource):
                     await self._back_source(command.reason)
                     return
+                if isinstance(command, GiveUp):
+                    raise TaskFailed(command.reason)
                 self._carry_out(command)
             try:
                 event = await asyncio.wait_for(self._events.get(), timeout=1.0)
@@ -486,7 +505,9 @@ class Conductor:
 
     def _on_scheduler(self, event: _SchedulerMessage) -> None:
         answer = event.answer
-        if answer is None:
+        if event.task_failed:
+            self.policy.scheduler_failed_task(event.error)
+        elif answer is None:
             if self.policy.scheduler_alive:
                 log.info("task %s: scheduler stream ended %s", self.task_id, event.error)
             self.policy.scheduler_lost()

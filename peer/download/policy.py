@@ -10,6 +10,7 @@ scheduler stream ended or said "back to source" — and carries out the commands
 - :class:`DropParent` — stop using a parent for this task (its session is cancelled);
 - :class:`Reschedule` — ask the scheduler for other parents;
 - :class:`BackToSource` — stop using parents and fetch what is missing from the origin;
+- :class:`GiveUp` — the scheduler failed the task (its origin refused it): fail the download;
 - :class:`Finished` — every wanted piece is here.
 
 Time comes from an injected :class:`~common.clock.Clock` and every random choice from an
@@ -31,6 +32,8 @@ The rules, each tested in ``tests/unit/test_download_policy.py``:
 - Stalled (nothing in flight, no live parent that could still announce a piece): ask the
   scheduler once for new parents; back to source after ``schedule_timeout`` of stall, or at once
   when the scheduler stream is gone.
+- The scheduler failed the task (the origin refused it, for every peer): give up at once, never
+  back to source: that would ask the same origin again.
 """
 
 from __future__ import annotations
@@ -86,11 +89,16 @@ class BackToSource:
 
 
 @dataclass(frozen=True)
+class GiveUp:
+    reason: str
+
+
+@dataclass(frozen=True)
 class Finished:
     pass
 
 
-Command = FetchPiece | ReportPieceFailed | DropParent | Reschedule | BackToSource | Finished
+Command = FetchPiece | ReportPieceFailed | DropParent | Reschedule | BackToSource | GiveUp | Finished
 
 
 # -- state ---------------------------------------------------------------------------------------
@@ -131,6 +139,7 @@ class DownloadPolicy:
     stalled_since: float | None = None
     asked_reschedule: bool = False
     back_to_source_reason: str = ""
+    task_failure: str = ""
 
     def __post_init__(self) -> None:
         self._order_salt = self.rng.random()
@@ -221,10 +230,17 @@ class DownloadPolicy:
     def scheduler_says_back_to_source(self, reason: str) -> None:
         self.back_to_source_reason = reason or "scheduler said so"
 
+    def scheduler_failed_task(self, reason: str) -> None:
+        """The scheduler failed the task for everyone (the origin's answer is `reason`)."""
+        self.scheduler_alive = False
+        self.task_failure = reason or "the scheduler failed the task"
+
     # -- decisions ---------------------------------------------------------------------------
 
     def next_commands(self) -> list[Command]:
-        """What to do now: finish, fetch pieces, ask for parents, or go back to source."""
+        """What to do now: finish, fetch pieces, ask for parents, go back to source, or give up."""
+        if self.task_failure and not self.is_finished():
+            return [GiveUp(self.task_failure)]
         if self.back_to_source_reason:
             return [BackToSource(self.back_to_source_reason)]
         if self.is_finished():

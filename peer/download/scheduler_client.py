@@ -24,11 +24,11 @@ from dataclasses import dataclass
 from typing import cast
 
 import grpc
-from dragonfly_api import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+from dragonfly_api import common_pb2, errordetails_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 from common import hashring
 from common.download import DownloadRequest, duration
-from common.errors import DamselflyError, HostNotFound, SchedulerUnavailable
+from common.errors import DamselflyError, DownloadFailed, HostNotFound, SchedulerUnavailable, TaskFailed
 from common.hosts import HostType
 from common.rpc import map_rpc_errors
 from common.tls import TlsCredentials, open_channel
@@ -37,6 +37,20 @@ log = logging.getLogger(__name__)
 
 _RPC_TIMEOUT = 5.0
 _ANNOUNCE_RETRY = 1.0
+
+
+def _details(message: str) -> str:
+    """The scheduler's own words of an error made by common.rpc (``"CODE: details"``)."""
+    return message.partition(": ")[2] or message
+
+
+# How the scheduler ends a peer's stream, beyond common.rpc's table: FAILED_PRECONDITION says the
+# task failed for everyone (the origin refused it; do not ask the origin another way),
+# RESOURCE_EXHAUSTED that no parent came in time (the peer may still go to the origin itself).
+_STREAM_ERRORS = {
+    grpc.StatusCode.FAILED_PRECONDITION: lambda message: TaskFailed(_details(message)),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: lambda message: DownloadFailed(_details(message)),
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -144,7 +158,8 @@ class SchedulerSession:
             register_peer_request=scheduler_pb2.RegisterPeerRequest(download=download.to_proto())))
         try:
             with map_rpc_errors(unreachable=SchedulerUnavailable,
-                                overrides={grpc.StatusCode.NOT_FOUND: lambda _: HostNotFound(self.host_id)}):
+                                overrides={**_STREAM_ERRORS,
+                                           grpc.StatusCode.NOT_FOUND: lambda _: HostNotFound(self.host_id)}):
                 response = await asyncio.wait_for(self._call.read(), answer_within)
         except TimeoutError:
             self.cancel()
@@ -153,6 +168,7 @@ class SchedulerSession:
             self.cancel()
             raise
         if response is grpc.aio.EOF:
+            self.cancel()
             raise SchedulerUnavailable("closed the stream without an answer")
         return answer_from_proto(cast(scheduler_pb2.AnnouncePeerResponse, response))
 
@@ -160,11 +176,16 @@ class SchedulerSession:
         """The next answer, or None when the scheduler ended the stream normally.
 
         Raises a DamselflyError when the stream failed (SchedulerUnavailable when the scheduler
-        went away); the caller decides what that means.
+        went away, TaskFailed when it failed the task); the caller decides what that means.
         """
-        with map_rpc_errors(unreachable=SchedulerUnavailable):
-            response = await self._call.read()
+        try:
+            with map_rpc_errors(unreachable=SchedulerUnavailable, overrides=_STREAM_ERRORS):
+                response = await self._call.read()
+        except DamselflyError:
+            self.cancel()
+            raise
         if response is grpc.aio.EOF:
+            self.cancel()
             return None
         return answer_from_proto(cast(scheduler_pb2.AnnouncePeerResponse, response))
 
@@ -197,6 +218,19 @@ class SchedulerSession:
         self._send(scheduler_pb2.AnnouncePeerRequest(
             download_piece_back_to_source_finished_request=scheduler_pb2.DownloadPieceBackToSourceFinishedRequest(
                 piece=piece)))
+
+    def back_to_source_piece_failed(self, number: int, status: int | None, message: str) -> None:
+        """The origin refused piece `number` with HTTP `status`, or could not be reached (None).
+
+        Sent before :meth:`back_to_source_failed`: the status is what the scheduler decides on
+        (a 404 is final, a refused connection is retried later).
+        """
+        failed = scheduler_pb2.DownloadPieceBackToSourceFailedRequest(piece_number=number)
+        if status is not None:
+            failed.backend.CopyFrom(errordetails_pb2.Backend(message=message, status_code=status))
+        else:
+            failed.unknown.CopyFrom(errordetails_pb2.Unknown(message=message))
+        self._send(scheduler_pb2.AnnouncePeerRequest(download_piece_back_to_source_failed_request=failed))
 
     def piece_failed(self, number: int, parent_id: str, temporary: bool) -> None:
         """A piece from `parent_id` failed; not `temporary`: that parent should not be offered again."""
@@ -240,8 +274,14 @@ class SchedulerSession:
             self._outbox.put_nowait(None)
 
     def cancel(self) -> None:
-        """Abort the stream (the scheduler sees the peer leave without finishing)."""
-        self._closed = True
+        """Abort the stream (the scheduler sees the peer leave without finishing).
+
+        The request generator is ended too: grpc cancels its consumer only when the call was
+        still running, and a consumer left waiting on the outbox is destroyed pending at exit.
+        """
+        if not self._closed:
+            self._closed = True
+            self._outbox.put_nowait(None)
         self._call.cancel()
 
 
