@@ -279,6 +279,8 @@ class DfdaemonConfig(LoggingConfig):
                                     parse_size)
     back_to_source_concurrency: int = option(8, "parallel ranged GETs to the origin per task", minimum=1)
     piece_timeout: float = option("30s", "give up on one piece transfer after this long", parse_duration)
+    origin_connect_timeout: float = option("10s", "give up connecting to an origin after this long",
+                                           parse_duration)
     origin_read_timeout: float = option("30s", "give up on an origin body that sends nothing for this long",
                                         parse_duration)
     download_timeout: float = option("2h", "give up on a whole download after this long", parse_duration)

@@ -39,6 +39,8 @@ gRPC, both directions of the translation are tables in :mod:`common.rpc`.
 
 from __future__ import annotations
 
+from http import HTTPStatus
+
 
 class DamselflyError(Exception):
     """Base of every error Damselfly raises on purpose."""
@@ -158,8 +160,13 @@ class OriginStatusError(OriginError):
     """The origin answered with a non-success status."""
 
     def __init__(self, url: str, status: int, reason: str = "") -> None:
-        detail = f": {reason}" if reason else ""
-        super().__init__(f"origin answered {status} for {url}{detail}")
+        # "origin answered 404 Not Found for URL: BLOB_UNKNOWN ...": the status as people know it.
+        phrase = _status_phrase(status)
+        detail = reason
+        if phrase and detail.startswith(phrase):
+            detail = detail[len(phrase):].lstrip(": ")
+        answer = f"{status} {phrase}" if phrase else str(status)
+        super().__init__(f"origin answered {answer} for {url}" + (f": {detail}" if detail else ""))
         self.url = url
         self.status = status
         self.reason = reason
@@ -197,3 +204,11 @@ class ProxyError(DamselflyError):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
+
+
+def _status_phrase(status: int) -> str:
+    """``Not Found`` for 404; empty for a status HTTP does not name."""
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return ""

@@ -170,10 +170,15 @@ def translate_errors(url: str) -> Iterator[None]:
         raise OriginUnreachable(
             f"{url}: connection broke while reading the body ({exc}); retry, or use another source"
         ) from exc
+    except aiohttp.ConnectionTimeoutError as exc:
+        raise OriginUnreachable(
+            f"cannot connect to {url}: timed out ({exc}); check that the origin is up and reachable "
+            "(a dfdaemon waits origin_connect_timeout)"
+        ) from exc
     except (aiohttp.ServerTimeoutError, TimeoutError) as exc:
         raise OriginUnreachable(
-            f"{url}: timed out ({exc or 'no data within the read timeout'}); "
-            "check the origin's health or raise the timeouts"
+            f"{url}: the origin sent nothing within the read timeout ({exc or 'timed out'}); check the origin's "
+            "health, or raise the dfdaemon's origin_read_timeout"
         ) from exc
     except aiohttp.ClientConnectorError as exc:
         raise OriginUnreachable(

@@ -65,7 +65,8 @@ class Daemon:
         self._scrub_task: asyncio.Task[None] | None = None
         # Back-sourcing trusts the same extra CA as the proxy's straight-through requests.
         upstream_ssl = upstream_ssl_context(config.proxy_upstream_ca_cert) if config.proxy_upstream_ca_cert else None
-        self.origin = OriginClient(sock_read_timeout=config.origin_read_timeout, ssl_context=upstream_ssl)
+        self.origin = OriginClient(connect_timeout=config.origin_connect_timeout,
+                                   sock_read_timeout=config.origin_read_timeout, ssl_context=upstream_ssl)
         self.scheduler: SchedulerClient | None = None
         self.engine: Engine | None = None
         self.proxy: Proxy | None = None

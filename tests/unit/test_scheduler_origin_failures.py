@@ -140,7 +140,7 @@ def test_a_failed_task_fails_new_downloads_until_the_backoff_ends() -> None:
     assert [type(d) for d in decisions] == [FailPeer]
     failure = decisions[0]
     assert isinstance(failure, FailPeer) and failure.code is Code.FAILED_PRECONDITION
-    assert f"origin answered 404 for {URL}" in failure.message
+    assert f"origin answered 404 for {URL}" in failure.message  # (the test seed's own words)
     assert "asked again after 15s" in failure.message
     assert w.triggers == 1
     assert "b" not in w.core.peers  # nothing to clean up later
