@@ -1,7 +1,7 @@
 """containerd as a tested client: ``ctr images pull --hosts-dir DIR --plain-http`` through dfdaemons
 configured exactly as docs/integrations.md says.
 
-A private registry (its log counts who fetched which blob), a scheduler, a seed and two
+A private registry (its log lists every blob GET it answered), a scheduler, a seed and two
 dfdaemons that mirror no registry by default, and two private containerds. The first pulls a
 3-layer image through node A with the ``X-Dragonfly-Registry`` header; the second pulls it
 through node B *without* the header (containerd's ``?ns=`` alone names the plain-HTTP registry).
@@ -54,14 +54,19 @@ class RegistryLog:
         A marker request is sent first and waited for, so every answer before it is in the log.
         """
         marker = uuid.uuid4().hex
+        http_get(f"{self.registry.url}/v2/?marker={marker}")
         with open(self.path, "rb") as log:
             log.seek(self.offset)
-            http_get(f"{self.registry.url}/v2/?marker={marker}")
-            wait_until(lambda: marker in self.path.read_text(errors="replace")[self.offset:], 10,
-                       "the registry to log the marker request")
-            text = log.read().decode(errors="replace")
-        self.offset += len(text.encode())
-        return [m.group(1) for m in map(_BLOB_GET.search, text.splitlines()) if m]
+            new = b""
+
+            def logged() -> bool:
+                nonlocal new
+                new += log.read()
+                return marker.encode() in new
+
+            wait_until(logged, 10, "the registry to log the marker request")
+        self.offset += len(new)
+        return [m.group(1) for m in map(_BLOB_GET.search, new.decode(errors="replace").splitlines()) if m]
 
 
 @pytest.fixture
