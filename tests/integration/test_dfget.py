@@ -1,0 +1,178 @@
+"""dfget end to end: a scheduler, a seed and a dfdaemon as processes, a real HTTP origin
+(``python -m http.server`` serving a folder), the real dfget as a process.
+
+- dfget killed with SIGTERM or SIGKILL while the daemon copies the content into its temporary
+  file leaves nothing behind: SIGTERM cleans up itself, after SIGKILL the daemon removes its
+  partial copy, and the next dfget into that directory succeeds with nothing else there.
+- ``dfget -r`` mirrors a directory listing with subdirectories, every file checked by sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from common.launcher import LocalCluster, free_port, http_get, sha256_file, wait_until
+from peer.dfget_output import is_temp_name
+from tests.support.cluster import run_dfget, start_dfget, start_network
+from tests.support.registry import write_random_file
+
+pytestmark = pytest.mark.integration
+
+MIB = 1 << 20
+# Big enough that the daemon's copy into dfget's file takes a while (8 MiB steps).
+KILL_SIZE = 160 * MIB
+
+
+@pytest.fixture
+def origin(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """A folder served by Python's http.server as its own process: (base URL, folder)."""
+    folder = tmp_path / "origin"
+    folder.mkdir()
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(folder)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: _answers(base), 30, "http.server to answer")
+        yield base, folder
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return http_get(url + "/")[0] == 200
+    except OSError:
+        return False
+
+
+def temp_files(directory: Path) -> list[tuple[str, int]]:
+    """dfget temporary files in `directory` with their sizes."""
+    found = []
+    for name in os.listdir(directory):
+        if is_temp_name(name):
+            try:
+                found.append((name, os.stat(directory / name).st_size))
+            except FileNotFoundError:
+                continue
+    return found
+
+
+def _first_bytes_copied(directory: Path) -> bool:
+    return any(size > 0 for _, size in temp_files(directory))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_dfget_killed_during_the_final_copy_leaves_no_file(
+    sig: signal.Signals, cluster: LocalCluster, origin: tuple[str, Path], tmp_path: Path
+) -> None:
+    base, folder = origin
+    digest = write_random_file(folder / "kill.bin", KILL_SIZE, seed=13)
+    sha512 = "sha512:" + _sha512(folder / "kill.bin")
+    url = f"{base}/kill.bin"
+    _, (peer,) = start_network(cluster, ["peer1"])
+    warm = tmp_path / "warm"
+    warm.mkdir()
+    # The content is in the peer's cache first, so the run killed below reaches the copy at once;
+    # sha512 checked by the daemon and by dfget on the way.
+    first = run_dfget(peer, url, warm / "kill.bin", "--digest", sha512)
+    assert first.returncode == 0, first.stderr
+
+    out = tmp_path / "out"
+    out.mkdir()
+    output = out / "kill.bin"
+    process = start_dfget(peer, url, output)
+    try:
+        wait_until(lambda: _first_bytes_copied(out) or process.poll() is not None, 60,
+                   "the daemon to start copying into dfget's temporary file", interval=0.001)
+        at_kill = temp_files(out)
+        process.send_signal(sig)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert at_kill and at_kill[0][1] < KILL_SIZE, f"the copy was not caught midway: {at_kill}"
+
+    if sig == signal.SIGTERM:
+        assert process.returncode == 1
+        assert stderr.strip() == "dfget: error: terminated (SIGTERM)"
+        assert temp_files(out) == [], "dfget left its temporary file after SIGTERM"
+    else:
+        # dfget could not clean up: the daemon notices the client is gone, stops and removes.
+        wait_until(lambda: temp_files(out) == [], 30, "the daemon to remove its partial copy")
+    assert os.listdir(out) == []
+
+    again = run_dfget(peer, url, output)
+    assert again.returncode == 0, again.stderr
+    assert os.listdir(out) == ["kill.bin"]
+    assert sha256_file(output) == digest
+
+
+def test_recursive_download_of_a_directory_listing(
+    cluster: LocalCluster, origin: tuple[str, Path], tmp_path: Path
+) -> None:
+    base, folder = origin
+    tree = folder / "dataset"
+    files = {
+        "README.txt": b"read me\n",
+        "empty.txt": b"",
+        "name with spaces & €.txt": b"quoted names survive\n",
+        "train/part-0.bin": os.urandom(6 * MIB + 5),  # two pieces
+        "train/part-1.bin": os.urandom(MIB),
+        "train/shards/deep.bin": os.urandom(300_000),
+        "eval/scores.csv": b"a,b\n1,2\n",
+    }
+    for relative, content in files.items():
+        path = tree / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+    (tree / "nothing-here").mkdir()
+    _, (peer,) = start_network(cluster, ["peer1"])
+
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    result = run_dfget(peer, f"{base}/dataset", mirror, "-r")
+    assert result.returncode == 0, result.stderr
+    got = {str(p.relative_to(mirror)): _sha256(p) for p in mirror.rglob("*") if p.is_file()}
+    assert got == {relative: _sha256_bytes(content) for relative, content in files.items()}
+
+    # Existing files are refused without --overwrite, all at once and before any download.
+    again = run_dfget(peer, f"{base}/dataset/", mirror, "-r")
+    assert again.returncode == 1 and "--overwrite" in again.stderr
+
+    only = tmp_path / "only-train"
+    only.mkdir()
+    subset = run_dfget(peer, f"{base}/dataset/", only, "-r", "--include-files", "train/",
+                       "--include-files", "*.csv", "--max-files", "4")
+    assert subset.returncode == 0, subset.stderr
+    assert sorted(str(p.relative_to(only)) for p in only.rglob("*") if p.is_file()) == [
+        "eval/scores.csv", "train/part-0.bin", "train/part-1.bin", "train/shards/deep.bin"]
+
+    too_many = run_dfget(peer, f"{base}/dataset/", tmp_path, "-r", "--max-files", "3")
+    assert too_many.returncode == 1 and "more than 3 files" in too_many.stderr
+
+
+def _sha256(path: Path) -> str:
+    return sha256_file(path).removeprefix("sha256:")
+
+
+def _sha256_bytes(content: bytes) -> str:
+    return hashlib.sha256(content).hexdigest()
+
+
+def _sha512(path: Path) -> str:
+    hasher = hashlib.sha512()
+    with path.open("rb") as stream:
+        while chunk := stream.read(MIB):
+            hasher.update(chunk)
+    return hasher.hexdigest()
