@@ -49,10 +49,6 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
 
-class PreheatFailed(DamselflyError):
-    """The image could not be resolved or the command could not run at all."""
-
-
 @dataclasses.dataclass(frozen=True)
 class Options:
     """One ``damselfly preheat``, validated."""
@@ -202,7 +198,7 @@ def _rpc_reason(error: Any, scheduler: str) -> str:
 
 
 async def resolve(options: Options) -> ResolvedImage:
-    """The image's blobs for the chosen platforms, or PreheatFailed saying what to do."""
+    """The image's blobs for the chosen platforms; errors say what to do (the registry's as OriginError)."""
     headers = {"Authorization": options.authorization} if options.authorization else {}
     try:
         async with OriginClient() as origin:
@@ -214,12 +210,12 @@ async def resolve(options: Options) -> ResolvedImage:
             hint = " (the registry wants credentials: --creds USER:PASSWORD or --auth-file)"
         elif exc.status == 404:
             hint = " (no such image or tag)"
-        raise PreheatFailed(f"cannot read {options.image}: {_one_line(str(exc))}{hint}") from None
+        raise OriginError(f"cannot read {options.image}: {_one_line(str(exc))}{hint}") from None
     except OriginError as exc:
         hint = "" if options.plain_http else " (a registry without TLS needs --plain-http)"
-        raise PreheatFailed(f"cannot reach the registry of {options.image}: {_one_line(str(exc))}{hint}") from None
+        raise OriginError(f"cannot reach the registry of {options.image}: {_one_line(str(exc))}{hint}") from None
     except InvalidRequest as exc:
-        raise PreheatFailed(f"{options.image}: {_one_line(str(exc))}") from None
+        raise InvalidRequest(f"{options.image}: {_one_line(str(exc))}") from None
 
 
 async def preheat_blobs(options: Options, image: ResolvedImage, out: TextIO) -> list[BlobResult]:

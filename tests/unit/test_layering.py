@@ -18,7 +18,7 @@ from common import cli
 ROOT = Path(__file__).resolve().parents[2]
 COMPONENTS = frozenset({"scheduler", "peer", "seed"})  # the packages above common
 TRANSPORTS = frozenset({"grpc", "aiohttp"})  # what the pure scheduling core must not pull in
-COMMANDS = ("scheduler", "dfdaemon", "up")
+COMMANDS = ("scheduler", "dfdaemon", "up", "preheat")
 
 
 def _run_python(code: str) -> subprocess.CompletedProcess[str]:
@@ -92,7 +92,7 @@ def test_help_lists_the_commands_without_loading_them() -> None:
                          "print(sorted({m.split('.')[0] for m in sys.modules} & {'scheduler', 'peer', 'seed'}))\n"
                          "sys.exit(code)")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("usage: damselfly {scheduler,dfdaemon,up} [options]\n")
+    assert result.stdout.startswith("usage: damselfly {scheduler,dfdaemon,up,preheat} [options]\n")
     for name in COMMANDS:
         assert f"\n  {name} " in result.stdout
     assert result.stdout.rstrip().endswith("[]")  # no component imported just to print help
@@ -104,4 +104,4 @@ def test_unknown_command_is_an_error_that_lists_the_commands() -> None:
     assert result.returncode == 2
     assert result.stdout == ""
     assert result.stderr.startswith("damselfly: unknown command 'schedular'\n\n"
-                                    "usage: damselfly {scheduler,dfdaemon,up} [options]\n")
+                                    "usage: damselfly {scheduler,dfdaemon,up,preheat} [options]\n")
