@@ -28,6 +28,7 @@ import signal
 import socket
 import stat
 import sys
+import threading
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from importlib import metadata
@@ -109,10 +110,6 @@ class Options:
     include_files: tuple[str, ...] = ()
     max_files: int = dfget_listing.DEFAULT_MAX_FILES
     max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS
-
-
-class Terminated(Exception):
-    """dfget got SIGTERM."""
 
 
 # --- command line ---------------------------------------------------------------------------
@@ -217,9 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="expected digest of the content, sha256:<64 hex> or sha512:<128 hex>; "
              "checked by the daemon and again by dfget")
     add("-p", "--priority", type=_priority, default=DEFAULT_PRIORITY, metavar="0..6",
-        help="Dragonfly's task priority LEVEL0..LEVEL6, for the scheduler: 1 forbidden, 2 peers only "
-             "(no back-to-source for a new task), 3 this peer back-sources a new task, "
-             "0 and 4..6 a seed peer back-sources it [env] (default: 6)")
+        help="task priority for the scheduler, Dragonfly's LEVEL0..LEVEL6 (what each level does: "
+             "docs/dfget.md) [env] (default: 6)")
     add("--piece-length", type=_piece_length, default=None, metavar="SIZE",
         help=f"piece length, e.g. 4MiB ({format_size(MIN_PIECE_LENGTH)} .. {format_size(MAX_PIECE_LENGTH)}); "
              "another length is another task [env] (default: chosen from the content length)")
@@ -686,7 +682,7 @@ def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
 
 
 async def _until_terminated(work: Coroutine[Any, Any, None]) -> None:
-    """Run `work`; SIGTERM cancels it like Ctrl-C does (so its cleanup runs) and raises Terminated."""
+    """Run `work`; SIGTERM cancels it like Ctrl-C does (so its cleanup runs), then fails."""
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     assert task is not None
@@ -697,12 +693,13 @@ async def _until_terminated(work: Coroutine[Any, Any, None]) -> None:
         terminated = True
         task.cancel()
 
-    loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+    with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):  # not the main thread
+        loop.add_signal_handler(signal.SIGTERM, on_sigterm)
     try:
         await work
     except asyncio.CancelledError:
         if terminated:
-            raise Terminated() from None
+            raise _terminated() from None
         raise
 
 
@@ -728,8 +725,12 @@ def download(options: Options, stderr: TextIO) -> None:
     _run(download_tree(options, stderr) if options.recursive else download_one(options, stderr))
 
 
+def _terminated() -> DownloadFailed:
+    return DownloadFailed("terminated (SIGTERM)")
+
+
 def _raise_terminated(signum: int, frame: FrameType | None) -> None:
-    raise Terminated()
+    raise _terminated()
 
 
 def _configure_logging(level: str, stderr: TextIO) -> None:
@@ -750,7 +751,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     _configure_logging(options.log_level, sys.stderr)
     # SIGTERM outside the event loop (checks, probing) ends dfget the same way as inside it.
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
         download(options, sys.stderr)
     except DamselflyError as exc:
@@ -759,11 +761,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dfget: error: interrupted", file=sys.stderr)
         return EXIT_FAILURE
-    except Terminated:
-        print("dfget: error: terminated (SIGTERM)", file=sys.stderr)
-        return EXIT_FAILURE
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return EXIT_OK
 
 

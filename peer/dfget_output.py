@@ -206,17 +206,13 @@ def copy_into(source: Path, output: Path, stop: threading.Event) -> os.stat_resu
         os.close(fd)
 
 
-class CopyStopped(Exception):
-    """The client went away; the copy was abandoned and removed."""
-
-
 def _copy_steps(source: Path, fd: int, stop: threading.Event) -> None:
     with open(source, "rb") as src:
         size = os.fstat(src.fileno()).st_size
         offset = 0
         while offset < size:
             if stop.is_set():
-                raise CopyStopped(f"client went away after {offset} of {size} bytes")
+                raise DownloadFailed(f"the client went away after {offset} of {size} bytes were copied")
             step = min(COPY_STEP, size - offset)
             try:
                 # In the kernel, and a reflink on file systems that share extents (XFS, btrfs).
