@@ -61,9 +61,9 @@ UNIMPLEMENTED_RPCS = (
     "UploadPersistentTaskFinished", "UploadPersistentTaskFailed", "StatPersistentTask", "DeletePersistentTask",
     "AnnouncePersistentCachePeer", "StatPersistentCachePeer", "DeletePersistentCachePeer",
     "UploadPersistentCacheTaskStarted", "UploadPersistentCacheTaskFinished", "UploadPersistentCacheTaskFailed",
-    "StatPersistentCacheTask", "DeletePersistentCacheTask", "PreheatImage", "StatImage", "PreheatFile",
-    "StatFile",
+    "StatPersistentCacheTask", "DeletePersistentCacheTask", "StatImage", "StatFile",
 )
+# PreheatImage and PreheatFile are served by scheduler.preheat.PreheatingSchedulerService.
 
 T = TypeVar("T")
 
