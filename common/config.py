@@ -356,11 +356,11 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: Mapping
         try:
             document = yaml.safe_load(Path(path).read_text()) or {}
         except OSError as exc:
-            raise ConfigError("config", f"cannot read {path}: {exc.strerror}") from None
+            raise ConfigError("--config", f"cannot read {path}: {exc.strerror}") from None
         except yaml.YAMLError as exc:
-            raise ConfigError("config", f"{path} is not valid YAML: {exc}") from None
+            raise ConfigError("--config", f"{path} is not valid YAML: {exc}") from None
         if not isinstance(document, dict):
-            raise ConfigError("config", f"{path} must hold a mapping of keys to values")
+            raise ConfigError("--config", f"{path} must hold a mapping of keys to values")
         values.update(_check(cls, document, str(path)))
     values.update(_check(cls, overrides or {}, "command line"))
     config = cls(**values)

@@ -7,6 +7,7 @@ party (the origin, a parent peer, the scheduler) are kept apart from misuse by t
     DamselflyError
     ├── LocalError                  the caller asked for something wrong; retrying won't help
     │   ├── ConfigError             a config key or flag is invalid (names the key)
+    │   │   └── ListenError         a listener cannot bind its address (names the flag)
     │   ├── InvalidRequest          malformed input from a client (URL, header, digest)
     │   │   └── InvalidRange        a Range header that cannot be parsed
     │   ├── RangeNotSatisfiable     a well-formed range outside the content
@@ -54,9 +55,19 @@ class ConfigError(LocalError):
     """A configuration key or flag has an invalid value."""
 
     def __init__(self, key: str, reason: str) -> None:
-        super().__init__(f"config {key}: {reason}")
+        # A flag names itself ("--config: cannot read ..."); a key says it is one ("config listen: ...").
+        super().__init__(f"{key}: {reason}" if key.startswith("-") else f"config {key}: {reason}")
         self.key = key
         self.reason = reason
+
+
+class ListenError(ConfigError):
+    """A listener cannot bind its address: ``--upload-listen 127.0.0.1:4005 is in use (...)``."""
+
+    def __init__(self, flag: str, address: str, problem: str) -> None:
+        super().__init__(flag, f"{address} {problem}")
+        self.args = (f"{flag} {address} {problem}",)
+        self.address = address
 
 
 class InvalidRequest(LocalError):

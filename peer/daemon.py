@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import random
+import socket
 from pathlib import Path
 
 import grpc
@@ -28,11 +30,12 @@ from dragonfly_api import common_pb2, dfdaemon_pb2_grpc
 from common import ids
 from common.clock import SystemClock
 from common.config import DfdaemonConfig, split_address
-from common.errors import ConfigError
+from common.errors import ConfigError, ListenError
 from common.hosts import announced_type
+from common.listeners import bind_grpc, grpc_server, naming_flag
 from common.origin import OriginClient
 from common.runtime import component_main, start_http, status_app
-from common.tls import add_port, tls_from_config
+from common.tls import tls_from_config
 from peer.download.engine import Engine
 from peer.download.scheduler_client import SchedulerClient
 from peer.metrics import DaemonMetrics
@@ -99,35 +102,43 @@ class Daemon:
         self._scrub_task = asyncio.create_task(self._scrub(), name="scrub")
         host, port = split_address(config.upload_listen)
         piece_ssl = self.tls.server_ssl_context() if self.tls is not None else None
-        self.upload_port = await self.piece_server.start(host, port, ssl_context=piece_ssl)
+        with naming_flag("--upload-listen", config.upload_listen):
+            self.upload_port = await self.piece_server.start(host, port, ssl_context=piece_ssl)
         self.scheduler = SchedulerClient(config.scheduler, self.host_message(), config.announce_interval,
                                          tls=self.tls)
         self.engine = Engine(config=config, store=self.store, scheduler=self.scheduler, origin=self.origin,
                              metrics=self.metrics, host_id=self.host_id, clock=SystemClock(), rng=random.Random(),
                              collector=self.collector, tls=self.tls)
 
-        upload = grpc.aio.server()
+        upload = grpc_server()  # no SO_REUSEPORT: a second dfdaemon on this port fails, not shares it
         dfdaemon_pb2_grpc.add_DfdaemonUploadServicer_to_server(
             UploadService(self.engine, self.store, config.host_ip, self.upload_port), upload)
-        if add_port(upload, config.grpc_listen, self.tls) == 0:
-            raise ConfigError("grpc_listen", f"cannot listen on {config.grpc_listen}")
+        bind_grpc(upload, config.grpc_listen, self.tls, "--grpc-listen")
         await upload.start()
         self._grpc_servers.append(upload)
 
         socket_path = Path(config.socket)
-        await asyncio.to_thread(_prepare_socket_path, socket_path)
+        with naming_flag("--socket", config.socket):
+            await asyncio.to_thread(_prepare_socket_path, socket_path)
         download = grpc.aio.server()
         dfdaemon_pb2_grpc.add_DfdaemonDownloadServicer_to_server(DownloadService(self.engine, self.store), download)
-        download.add_insecure_port(f"unix://{socket_path}")  # local, guarded by file permissions: no TLS
+        try:
+            download.add_insecure_port(f"unix://{socket_path}")  # local, guarded by file permissions: no TLS
+        except RuntimeError:
+            raise ListenError("--socket", config.socket, "cannot be listened on (check the directory's "
+                              "permissions)") from None
         await download.start()
         self._grpc_servers.append(download)
 
         self.proxy = Proxy(engine=self.engine, origin=self.origin, config=config, metrics=self.metrics)
-        await self.proxy.start(*split_address(config.proxy_listen))
-        self._http_runners.append(await start_http(
-            status_app(self._not_ready, self.metrics.registry, degraded=self._degraded), config.metrics_listen))
-        self._http_runners.append(await start_http(status_app(self._not_ready, degraded=self._degraded),
-                                                   config.health_listen))
+        with naming_flag("--proxy-listen", config.proxy_listen):
+            await self.proxy.start(*split_address(config.proxy_listen))
+        with naming_flag("--metrics-listen", config.metrics_listen):
+            self._http_runners.append(await start_http(
+                status_app(self._not_ready, self.metrics.registry, degraded=self._degraded), config.metrics_listen))
+        with naming_flag("--health-listen", config.health_listen):
+            self._http_runners.append(await start_http(status_app(self._not_ready, degraded=self._degraded),
+                                                       config.health_listen))
         await self.scheduler.start()
         log.info("dfdaemon %s ready: gRPC %s, pieces %s://%s:%d, socket %s%s%s", self.host_id, config.grpc_listen,
                  self.engine.piece_scheme, config.host_ip, self.upload_port, config.socket,
@@ -182,8 +193,16 @@ class Daemon:
 
 def _prepare_socket_path(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        with socket.socket(socket.AF_UNIX) as probe:
+            try:
+                probe.connect(str(path))
+            except OSError:
+                pass  # nobody answers: a stale socket of a previous run
+            else:
+                raise OSError(errno.EADDRINUSE, "a running dfdaemon listens there")
     with contextlib.suppress(FileNotFoundError):
-        path.unlink()  # a stale socket of a previous run
+        path.unlink()
 
 
 def _probe_writable(directory: Path) -> None:

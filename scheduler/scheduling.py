@@ -191,4 +191,4 @@ def origin_verdict(status: int | None, failures: int, attempt_limit: int) -> Ori
 
 def origin_retry_delay(failures: int, backoff: float) -> float:
     """Back-off before the next attempt after `failures` failed ones: `backoff`, doubled each time."""
-    return backoff * 2 ** max(0, failures - 1)
+    return backoff * 2.0 ** max(0, failures - 1)

@@ -6,14 +6,14 @@ import asyncio
 import logging
 import sys
 
-import grpc
 from aiohttp import web
 from dragonfly_api import scheduler_pb2_grpc
 
 from common.clock import SystemClock
 from common.config import SchedulerConfig
+from common.listeners import bind_grpc, grpc_server, naming_flag
 from common.runtime import component_main, start_http, status_app
-from common.tls import add_port, tls_from_config
+from common.tls import tls_from_config
 from scheduler.core import SchedulerCore
 from scheduler.preheat import PreheatingSchedulerService
 from scheduler.service import SchedulerService
@@ -39,14 +39,14 @@ async def serve(config: SchedulerConfig) -> None:
     service = PreheatingSchedulerService(core, tls=tls)  # scheduler.v2.Scheduler, preheat RPCs included
     ready = asyncio.Event()
 
-    server = grpc.aio.server()
+    server = grpc_server()  # no SO_REUSEPORT: a second scheduler on this port fails, not shares it
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(service, server)
-    if add_port(server, config.listen, tls) == 0:
-        raise OSError(f"cannot listen on {config.listen}")
+    bind_grpc(server, config.listen, tls, "--listen")
 
     runner: web.AppRunner | None = None
     try:
-        runner = await start_http(metrics_app(service, ready), config.metrics_listen)
+        with naming_flag("--metrics-listen", config.metrics_listen):
+            runner = await start_http(metrics_app(service, ready), config.metrics_listen)
         await server.start()
         service.start()
         ready.set()

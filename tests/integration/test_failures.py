@@ -8,6 +8,8 @@ origin, not the seeds. A second scheduler on a taken port refuses to start.
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import subprocess
 import sys
 import threading
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from common.config import split_address
 from common.launcher import LocalCluster, Node, free_port, tail
 from tests.support.cluster import run_dfget, start_network
 from tests.support.registry import Registry, push_random_blob
@@ -187,3 +190,24 @@ def test_second_scheduler_on_the_same_port_refuses(cluster: LocalCluster) -> Non
     assert "Traceback" not in second.stderr
     assert first.alive
     assert first.get("metrics", "/ready")[0] == 200
+
+
+@pytest.mark.parametrize("flag", ["--grpc-listen", "--upload-listen", "--proxy-listen", "--metrics-listen",
+                                  "--health-listen", "--socket"])
+def test_dfdaemon_bind_errors_name_the_flag(cluster: LocalCluster, flag: str) -> None:
+    node = cluster.plan_dfdaemon("peer")
+    address = node.args[node.args.index(flag) + 1]
+    with contextlib.ExitStack() as stack:
+        if flag == "--socket":  # a live daemon's socket: it must not be taken over
+            Path(address).parent.mkdir(parents=True, exist_ok=True)
+            taken = stack.enter_context(socket.socket(socket.AF_UNIX))
+            taken.bind(address)
+        else:
+            taken = stack.enter_context(socket.socket())
+            taken.bind(split_address(address))
+        taken.listen()
+        result = subprocess.run([sys.executable, "-m", "common.cli", "dfdaemon", *node.args],
+                                capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert f"damselfly dfdaemon: error: {flag} {address} is in use" in result.stderr
+    assert "Traceback" not in result.stderr
