@@ -207,7 +207,7 @@ async def resolve(options: Options) -> ResolvedImage:
     except OriginStatusError as exc:
         hint = ""
         if exc.status == 401:
-            hint = " (the registry wants credentials: --creds USER:PASSWORD or --auth-file)"
+            hint = " (credentials missing or refused: pass --creds USER:PASSWORD or --auth-file)"
         elif exc.status == 404:
             hint = " (no such image or tag)"
         raise OriginError(f"cannot read {options.image}: {_one_line(str(exc))}{hint}") from None

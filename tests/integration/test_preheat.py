@@ -29,7 +29,7 @@ import pytest
 from dragonfly_api import scheduler_pb2, scheduler_pb2_grpc
 
 from common import oci
-from common.launcher import LocalCluster, Node, sha256_file
+from common.launcher import LocalCluster, Node, free_port, sha256_file
 from tests.support.cluster import start_network
 from tests.support.registry import OCI_CONFIG, OCI_LAYER_GZIP, Registry, push_blob, push_manifest, write_layer_tar
 from tests.support.relay import ByteCountingRelay
@@ -212,3 +212,38 @@ def test_a_layer_that_cannot_be_preheated_is_named(
         scheduler_pb2_grpc.SchedulerStub(channel).PreheatImage(request, timeout=120)
     assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION, refused.value
     assert f"layer {lost}" in str(refused.value.details()), refused.value.details()
+
+
+def test_resolution_errors_say_what_to_do(token_registry: Registry, relay_factory: Callable[..., ByteCountingRelay],
+                                          tmp_path: Path) -> None:
+    """No cluster needed: these fail before any scheduler is asked (its address is never dialed)."""
+    relay = relay_factory(token_registry.port)
+    image = push_multi_arch_image(token_registry, relay, tmp_path / "image")
+    assert token_registry.credentials is not None
+    creds = ":".join(token_registry.credentials)
+    nowhere = f"127.0.0.1:{free_port()}"
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "common.cli", "preheat", *args, "--scheduler", nowhere],
+                              capture_output=True, text=True, timeout=120)
+
+    cases = [
+        (("--plain-http",), "credentials missing or refused: pass --creds USER:PASSWORD or --auth-file"),
+        (("--plain-http", "--creds", "damselfly:wrong"), "credentials missing or refused"),
+        (("--creds", creds), "needs --plain-http"),
+        (("--plain-http", "--creds", creds, "--platform", "linux/s390x"),
+         f"no linux/s390x manifest; it offers linux/{min(HOST_ARCH, OTHER_ARCH)}, linux/{max(HOST_ARCH, OTHER_ARCH)}"),
+    ]
+    for args, message in cases:
+        result = run(image.reference, *args)
+        assert result.returncode == 1, (args, result.stdout, result.stderr)
+        assert result.stderr.startswith("damselfly preheat: error: "), (args, result.stderr)
+        assert message in result.stderr, (args, result.stderr)
+    missing = run(image.reference.replace(":v1", ":v2"), "--plain-http", "--creds", creds)
+    assert missing.returncode == 1 and "no such image or tag" in missing.stderr, missing.stderr
+
+    # The image resolves, but no scheduler answers: each blob's line says so, and the exit status is 1.
+    down = run(image.reference, "--plain-http", "--creds", creds, "--platform", f"linux/{HOST_ARCH}")
+    assert down.returncode == 1
+    failed = [line for line in down.stdout.splitlines() if line.startswith("[")]
+    assert len(failed) == 4 and all(f"FAILED: scheduler {nowhere} unavailable" in line for line in failed), down.stdout
