@@ -28,13 +28,6 @@ import pytest
 import yaml
 
 from common.config import (
-    DEFAULT_DFDAEMON_GRPC_PORT,
-    DEFAULT_DFDAEMON_METRICS_PORT,
-    DEFAULT_HEALTH_PORT,
-    DEFAULT_PROXY_PORT,
-    DEFAULT_SCHEDULER_METRICS_PORT,
-    DEFAULT_SCHEDULER_PORT,
-    DEFAULT_UPLOAD_PORT,
     DfdaemonConfig,
     SchedulerConfig,
     add_config_arguments,
@@ -50,6 +43,10 @@ NAMESPACE = "damselfly-system"
 K8S_VERSION = "1.30"
 CRD_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
 DOMAIN = f"{NAMESPACE}.svc.cluster.local"
+# The chart's own defaults (values.yaml): the dfdaemon's are node ports, kept off Dragonfly's.
+CHART_PORTS: dict[str, dict[str, int]] = yaml.safe_load((CHART / "values.yaml").read_text())["ports"]
+# Dragonfly client: gRPC 4000, proxy 4001, metrics 4002, health 4003, stats 4004, storage 4005/4006
+DRAGONFLY_CLIENT_PORTS = range(4000, 4007)
 
 # None: no -f at all (the chart's own defaults).
 VALUES_FILES: list[str | None] = [
@@ -219,12 +216,12 @@ def workloads(docs: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
 
 
 def scheduler_addresses(n: int) -> list[str]:
-    return [f"{RELEASE}-scheduler-{i}.{RELEASE}-scheduler-headless.{DOMAIN}:{DEFAULT_SCHEDULER_PORT}"
+    return [f"{RELEASE}-scheduler-{i}.{RELEASE}-scheduler-headless.{DOMAIN}:{CHART_PORTS['scheduler']['grpc']}"
             for i in range(n)]
 
 
 def seed_addresses(n: int) -> list[str]:
-    return [f"{RELEASE}-seed-peer-{i}.{RELEASE}-seed-peer-headless.{DOMAIN}:{DEFAULT_DFDAEMON_GRPC_PORT}"
+    return [f"{RELEASE}-seed-peer-{i}.{RELEASE}-seed-peer-headless.{DOMAIN}:{CHART_PORTS['dfdaemon']['grpc']}"
             for i in range(n)]
 
 
@@ -308,9 +305,11 @@ def test_references_between_rendered_objects_resolve(helm: str, values: str | No
         assert mounts <= {v["name"] for v in spec["volumes"]} | claims
         for c in spec["containers"]:
             named = ports_by_name(c)
+            assert "readinessProbe" in c, c["name"]
             for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
-                port = c[probe]["httpGet"]["port"]
-                assert port in named, f"{probe} of {c['name']} uses unknown port {port}"
+                if probe in c:
+                    port = c[probe]["httpGet"]["port"]
+                    assert port in named, f"{probe} of {c['name']} uses unknown port {port}"
         if workload["kind"] == "StatefulSet":
             headless = one(docs, "Service", workload["spec"]["serviceName"])
             assert headless["spec"]["clusterIP"] == "None"
@@ -323,18 +322,60 @@ def test_references_between_rendered_objects_resolve(helm: str, values: str | No
                 assert port["targetPort"] in names, (service["metadata"]["name"], port)
 
 
-def test_ports_match_the_binaries_defaults(helm: str) -> None:
-    docs = render(helm, None)
-    scheduler = container(one(docs, "StatefulSet", f"{RELEASE}-scheduler"), "scheduler")
-    assert {n: p["containerPort"] for n, p in ports_by_name(scheduler).items()} == {
-        "grpc": DEFAULT_SCHEDULER_PORT, "metrics": DEFAULT_SCHEDULER_METRICS_PORT}
-    expected = {"grpc": DEFAULT_DFDAEMON_GRPC_PORT, "proxy": DEFAULT_PROXY_PORT,
-                "metrics": DEFAULT_DFDAEMON_METRICS_PORT, "health": DEFAULT_HEALTH_PORT,
-                "upload": DEFAULT_UPLOAD_PORT}
-    for kind, name, cname in (("StatefulSet", f"{RELEASE}-seed-peer", "seed-peer"),
-                              ("DaemonSet", f"{RELEASE}-dfdaemon", "dfdaemon")):
-        c = container(one(docs, kind, name), cname)
-        assert {n: p["containerPort"] for n, p in ports_by_name(c).items()} == expected
+# config key -> port name, per component kind
+LISTEN_KEYS = {
+    "scheduler": {"listen": "grpc", "metrics_listen": "metrics"},
+    "dfdaemon": {"grpc_listen": "grpc", "proxy_listen": "proxy", "metrics_listen": "metrics",
+                 "health_listen": "health", "upload_listen": "upload"},
+}
+
+
+def test_default_dfdaemon_ports_are_not_dragonflys() -> None:
+    """The dfdaemon binds node ports: Dragonfly's client on the same nodes (a migration) needs others."""
+    assert not set(CHART_PORTS["dfdaemon"].values()) & set(DRAGONFLY_CLIENT_PORTS)
+
+
+def test_ports_follow_the_values_everywhere(helm: str) -> None:
+    """containerPorts, the configs' listen addresses, probes, Services, peer addresses and the
+    hosts.toml mirror all take their numbers from .Values.ports."""
+    custom = {"scheduler": {"grpc": 18002, "metrics": 18000},
+              "dfdaemon": {"grpc": 14000, "proxy": 14001, "metrics": 14002, "health": 14003, "upload": 14005}}
+    flags = [f"--set=ports.{kind}.{name}={port}" for kind, ports in custom.items() for name, port in ports.items()]
+    result = _template(helm, None, *flags, "--set=containerd.injectMirror.enabled=true")
+    assert result.returncode == 0, result.stderr
+    docs = [d for d in yaml.safe_load_all(result.stdout) if d]
+    for name, cname, key, _ in COMPONENTS:
+        kind = "scheduler" if cname == "scheduler" else "dfdaemon"
+        w = workload(docs, name)
+        c = container(w, cname)
+        assert {n: p["containerPort"] for n, p in ports_by_name(c).items()} == custom[kind]
+        config = yaml.safe_load(one(docs, "ConfigMap", name)["data"][key])
+        assert {k: config[k] for k in LISTEN_KEYS[kind]} == {
+            k: f"0.0.0.0:{custom[kind][port]}" for k, port in LISTEN_KEYS[kind].items()}
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+            assert c[probe]["httpGet"]["port"] in ports_by_name(c)
+        if kind == "dfdaemon":
+            assert all(a.endswith(":18002") for a in config["scheduler"]), config["scheduler"]
+        else:
+            assert all(a.endswith(":14000") for a in config["seed_peer"]), config["seed_peer"]
+    for service in find(docs, "Service"):
+        targets = [w for w in workloads(docs)
+                   if labels_match(service["spec"]["selector"], w["spec"]["template"]["metadata"]["labels"])]
+        for port in service["spec"]["ports"]:
+            for w in targets:
+                named = {p["name"]: p["containerPort"] for c in pod_spec(w)["containers"] for p in c["ports"]}
+                assert port["port"] == named[port["targetPort"]], (service["metadata"]["name"], port)
+    hosts = one(docs, "ConfigMap", f"{RELEASE}-dfdaemon-containerd")["data"]["hosts-0.toml"]
+    assert list(tomllib.loads(hosts)["host"]) == ["http://127.0.0.1:14001"]
+
+
+def test_listen_addresses_in_a_config_are_refused(helm: str) -> None:
+    """A *_listen in a component's config would leave ports, probes, Services and hosts.toml behind."""
+    for setting in ("dfdaemon.config.proxy_listen=0.0.0.0:5000", "seedPeer.config.health_listen=0.0.0.0:5003",
+                    "scheduler.config.listen=0.0.0.0:9002"):
+        result = _template(helm, None, "--set", setting)
+        assert result.returncode != 0, f"{setting} was accepted"
+        assert "set the port in ports.* instead" in result.stderr, result.stderr
 
 
 # ---------------------------------------------------------------------------------------------
@@ -412,14 +453,14 @@ def test_container_args_parse_with_the_binaries_flags(
 def test_default_install(helm: str, tmp_path: Path) -> None:
     docs = render(helm, None)
     dfdaemon = load_rendered_config(docs, f"{RELEASE}-dfdaemon", "dfdaemon.yaml", DfdaemonConfig, tmp_path)
-    assert list(dfdaemon.scheduler) == scheduler_addresses(1)
+    assert list(dfdaemon.scheduler) == scheduler_addresses(3)
     seed = load_rendered_config(docs, f"{RELEASE}-seed-peer", "dfdaemon-seed.yaml", DfdaemonConfig, tmp_path)
-    assert seed.seed and list(seed.scheduler) == scheduler_addresses(1)
+    assert seed.seed and list(seed.scheduler) == scheduler_addresses(3)
     assert seed.effective_upload_slots == 2000
     scheduler = load_rendered_config(
         docs, f"{RELEASE}-scheduler", "scheduler.yaml", SchedulerConfig, tmp_path
     )
-    assert list(scheduler.seed_peer) == seed_addresses(1)
+    assert list(scheduler.seed_peer) == seed_addresses(2)
     assert (scheduler.log_level, scheduler.log_format) == ("info", "json")
 
     # dfdaemon: host network, node identity from the downward API passed as flags
@@ -436,11 +477,12 @@ def test_default_install(helm: str, tmp_path: Path) -> None:
     assert env_field(c, "NODE_NAME") == "spec.nodeName"
     assert "hostPort" not in ports_by_name(c)["proxy"]
     health = ports_by_name(c)["health"]["containerPort"]
-    assert health == DEFAULT_HEALTH_PORT
+    assert health == CHART_PORTS["dfdaemon"]["health"]
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthy"
     assert c["readinessProbe"]["httpGet"]["path"] == "/ready"
     assert set(c["resources"]) == {"requests", "limits"}
     host_paths = {v["name"]: v["hostPath"]["path"] for v in spec["volumes"] if "hostPath" in v}
+    assert {v["name"] for v in spec["volumes"] if "emptyDir" in v} == {"tmp"}
     assert host_paths == {"cache": "/var/lib/damselfly", "run": "/var/run/damselfly"}
     mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
     assert mounts["cache"] == dfdaemon.data_dir
@@ -448,13 +490,13 @@ def test_default_install(helm: str, tmp_path: Path) -> None:
 
     # scheduler: StatefulSet behind a headless Service and a ClusterIP Service
     sts = one(docs, "StatefulSet", f"{RELEASE}-scheduler")
-    assert sts["spec"]["replicas"] == 1
+    assert sts["spec"]["replicas"] == 3
     assert sts["spec"]["serviceName"] == f"{RELEASE}-scheduler-headless"
     assert one(docs, "Service", f"{RELEASE}-scheduler")["spec"]["type"] == "ClusterIP"
     sc = container(sts, "scheduler")
     assert sc["livenessProbe"]["httpGet"] == {"path": "/healthy", "port": "metrics"}
     assert sc["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "metrics"}
-    assert ports_by_name(sc)["metrics"]["containerPort"] == DEFAULT_SCHEDULER_METRICS_PORT
+    assert ports_by_name(sc)["metrics"]["containerPort"] == CHART_PORTS["scheduler"]["metrics"]
 
     # seeds: StatefulSet with a PVC for the cache, known by pod IP and pod name
     seeds = one(docs, "StatefulSet", f"{RELEASE}-seed-peer")
@@ -515,11 +557,14 @@ def test_mirror_injection_and_host_port(helm: str, tmp_path: Path) -> None:
     assert not spec.get("hostNetwork")
     assert "dnsPolicy" not in spec
     c = container(ds, "dfdaemon")
-    assert ports_by_name(c)["proxy"]["hostPort"] == DEFAULT_PROXY_PORT
+    # its own hostPort (4201), and the containerPort stays the proxy port: containerd dials the hostPort
+    values = yaml.safe_load((CI_DIR / "mirror-monitoring-values.yaml").read_text())
+    host_port = values["dfdaemon"]["proxyHostPort"]
+    assert ports_by_name(c)["proxy"]["hostPort"] == host_port
+    assert ports_by_name(c)["proxy"]["containerPort"] == CHART_PORTS["dfdaemon"]["proxy"] != host_port
     assert env_field(c, "HOST_IP") == "status.podIP"
 
-    registries = yaml.safe_load((CI_DIR / "mirror-monitoring-values.yaml").read_text())[
-        "containerd"]["injectMirror"]["registries"]
+    registries = values["containerd"]["injectMirror"]["registries"]
     init = container(ds, "containerd-mirror")
     volumes = {v["name"]: v for v in spec["volumes"]}
     certs_mount = next(m for m in init["volumeMounts"] if volumes[m["name"]].get("hostPath"))
@@ -545,8 +590,12 @@ def test_mirror_injection_and_host_port(helm: str, tmp_path: Path) -> None:
         text = (node_certs / registry["host"] / "hosts.toml").read_text()
         hosts = tomllib.loads(text)
         assert hosts["server"] == registry["server"]
-        assert hosts["host"] == {"http://127.0.0.1:4001": {"capabilities": ["pull", "resolve"]}}
-        assert "127.0.0.1:4001" in text
+        mirror = f"http://127.0.0.1:{host_port}"
+        assert list(hosts["host"]) == [mirror]
+        assert hosts["host"][mirror]["capabilities"] == ["pull", "resolve"]
+        # the upstream P2P fetches from is the configured server, not https://<host> from ?ns=
+        assert hosts["host"][mirror]["header"] == {"X-Dragonfly-Registry": [registry["server"]]}
+        assert hosts["host"][mirror]["dial_timeout"] == "500ms"
 
 
 def test_monitoring_resources(helm: str) -> None:
@@ -568,7 +617,12 @@ def test_monitoring_resources(helm: str) -> None:
             assert endpoint["path"] == "/metrics"
             assert endpoint["port"] in {p["name"] for p in selected[0]["spec"]["ports"]}
 
-    podmonitors = find(docs, "PodMonitor")
+    # never both kinds of monitor (every pod would be scraped twice): PodMonitors on their own
+    assert not find(docs, "PodMonitor")
+    result = _template(helm, "mirror-monitoring-values.yaml", "--set", "monitoring.serviceMonitor.enabled=false",
+                       "--set", "monitoring.podMonitor.enabled=true")
+    assert result.returncode == 0, result.stderr
+    podmonitors = find([d for d in yaml.safe_load_all(result.stdout) if d], "PodMonitor")
     assert {m["metadata"]["labels"]["app.kubernetes.io/component"] for m in podmonitors} == components
     for m in podmonitors:
         assert sum(labels_match(m["spec"]["selector"]["matchLabels"], labels) for labels in pods) == 1
@@ -578,7 +632,7 @@ def test_monitoring_resources(helm: str) -> None:
     (group,) = rule["spec"]["groups"]
     alerts = {r["alert"]: r for r in group["rules"]}
     assert set(alerts) == {
-        "DamselflyOriginTrafficSpike", "DamselflyHighTaskFailureRatio", "DamselflyCacheFull"}
+        "DamselflyOriginTrafficSpike", "DamselflyHighTaskFailureRatio", "DamselflyCacheFull", "DamselflyDfdaemonDown"}
     squash = {name: " ".join(r["expr"].split()) for name, r in alerts.items()}
     assert 'rate(damselfly_dfdaemon_download_traffic_bytes_total{type="back_to_source"' in squash[
         "DamselflyOriginTrafficSpike"]
@@ -590,8 +644,14 @@ def test_monitoring_resources(helm: str) -> None:
     cache = squash["DamselflyCacheFull"]
     assert "damselfly_dfdaemon_cache_used_bytes" in cache and "> 0.95" in cache
     assert cache.endswith(f'damselfly_dfdaemon_cache_quota_bytes{{namespace="{NAMESPACE}"}} > 0')
+    down = squash["DamselflyDfdaemonDown"]
+    # scrape jobs of ServiceMonitors (<release>-dfdaemon) and PodMonitors (<namespace>/<release>-dfdaemon)
+    assert f'up{{namespace="{NAMESPACE}", job=~"({NAMESPACE}/)?{RELEASE}-dfdaemon"}} == 0' in down
+    assert f'kube_daemonset_status_number_ready{{namespace="{NAMESPACE}", daemonset="{RELEASE}-dfdaemon"}}' in down
+    assert alerts["DamselflyDfdaemonDown"]["for"] == "5m"
     for r in group["rules"]:
-        assert r["labels"]["severity"] and r["annotations"]["summary"] and r["for"] == "10m"
+        assert r["labels"]["severity"] and r["annotations"]["summary"]
+        assert r["for"] == ("5m" if r["alert"] == "DamselflyDfdaemonDown" else "10m")
 
     dashboards = [d for d in find(docs, "ConfigMap")
                   if d["metadata"]["labels"].get("grafana_dashboard") == "1"]
@@ -626,7 +686,12 @@ def test_notes_explain_containerd_and_nydusd(helm: str) -> None:
         assert install.returncode == 0, install.stderr
         notes = install.stdout.split("NOTES:", 1)[1]
         assert "hosts.toml" in notes and "config_path" in notes
-        assert "http://127.0.0.1:4001" in notes
+        # the port containerd and nydusd reach on the node: the proxy's, or its hostPort
+        mirror_port = 4201 if values else CHART_PORTS["dfdaemon"]["proxy"]
+        assert f"http://127.0.0.1:{mirror_port}" in notes
+        assert 'plugins."io.containerd.grpc.v1.cri".registry' in notes  # containerd 1.x
+        assert 'plugins."io.containerd.cri.v1.images".registry' in notes  # containerd 2.x
+        assert "X-Dragonfly-Registry" in notes
         assert "nydusd" in notes and "/healthy" in notes and "/metrics" in notes
         assert "dfget --endpoint /var/run/damselfly/dfdaemon.sock" in notes
 

@@ -1,15 +1,20 @@
 {{/*
-Ports are fixed: they are the binaries' defaults, and the Services, probes, and the containerd
-mirror all rely on them.
+Every port, from .Values.ports: the configs' *_listen keys, containerPorts, probes, Services,
+hosts.toml and NOTES all read them here. mirrorPort is where containerd on the node reaches the
+proxy: the proxy port on the host network, else its hostPort.
 */}}
 {{- define "damselfly.ports" -}}
-schedulerGrpc: 8002
-schedulerMetrics: 8000
-dfdaemonGrpc: 4000
-dfdaemonProxy: 4001
-dfdaemonMetrics: 4002
-dfdaemonHealth: 4003
-dfdaemonUpload: 4005
+{{- $s := .Values.ports.scheduler }}
+{{- $d := .Values.ports.dfdaemon }}
+schedulerGrpc: {{ $s.grpc }}
+schedulerMetrics: {{ $s.metrics }}
+dfdaemonGrpc: {{ $d.grpc }}
+dfdaemonProxy: {{ $d.proxy }}
+dfdaemonMetrics: {{ $d.metrics }}
+dfdaemonHealth: {{ $d.health }}
+dfdaemonUpload: {{ $d.upload }}
+proxyHostPort: {{ .Values.dfdaemon.proxyHostPort | default $d.proxy }}
+mirrorPort: {{ ternary $d.proxy (.Values.dfdaemon.proxyHostPort | default $d.proxy) .Values.dfdaemon.hostNetwork }}
 {{- end }}
 
 {{- define "damselfly.name" -}}
@@ -29,16 +34,141 @@ Prefix of every resource name: the release name unless fullnameOverride is set. 
 {{- end }}
 
 {{- define "damselfly.image" -}}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag | toString) }}
+{{- $ref := printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag | toString) }}
+{{- with .Values.image.digest }}{{ $ref = printf "%s@%s" $ref . }}{{ end }}
+{{- $ref }}
 {{- end }}
 
-{{/* Common labels; call with (dict "ctx" $ "component" "scheduler"). */}}
+{{/* Image of the hosts.toml init container and the restore hook: its own, or the Damselfly image. */}}
+{{- define "damselfly.containerd.image" -}}
+{{- $image := .Values.containerd.injectMirror.image | default dict }}
+{{- if $image.repository }}
+{{- if not $image.tag }}
+{{- fail "containerd.injectMirror.image.repository is set without containerd.injectMirror.image.tag: name the tag (an image that has sh)" }}
+{{- end }}
+{{- printf "%s:%s" $image.repository (toString $image.tag) }}
+{{- else }}
+{{- include "damselfly.image" . }}
+{{- end }}
+{{- end }}
+
+{{/* Common labels of objects; call with (dict "ctx" $ "component" "scheduler"). */}}
 {{- define "damselfly.labels" -}}
 helm.sh/chart: {{ include "damselfly.chart" .ctx }}
-{{ include "damselfly.selectorLabels" . }}
+{{ include "damselfly.podLabels" . }}
 app.kubernetes.io/version: {{ .ctx.Chart.AppVersion | quote }}
+{{- end }}
+
+{{/*
+Labels of pod templates: no chart version and no app version, so that a chart bump that changes
+nothing in a pod does not restart every dfdaemon of the fleet.
+*/}}
+{{- define "damselfly.podLabels" -}}
+{{ include "damselfly.selectorLabels" . }}
 app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
 app.kubernetes.io/part-of: damselfly
+{{- end }}
+
+{{/*
+Kubernetes quantity (50Gi, 500G, 1073741824) to bytes; fails on anything else.
+*/}}
+{{- define "damselfly.bytes" -}}
+{{- $text := kindIs "float64" . | ternary (int64 . | toString) (toString .) }}
+{{- $units := dict "" 1 "k" 1000 "K" 1000 "M" 1000000 "G" 1000000000 "T" 1000000000000 "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 "Ti" 1099511627776 }}
+{{- $number := regexFind "^[0-9]+" $text }}
+{{- $suffix := trimPrefix $number $text }}
+{{- if or (not $number) (not (hasKey $units $suffix)) }}
+{{- fail (printf "%q is not a size: use a Kubernetes quantity such as 20Gi or 500G" $text) }}
+{{- end }}
+{{- mul (int64 $number) (get $units $suffix) }}
+{{- end }}
+
+{{/*
+The pod-level settings every component shares: no service-account token (nothing here talks to
+the Kubernetes API), hostAliases, pull secrets. Call with (dict "ctx" $ "values" .Values.X).
+*/}}
+{{- define "damselfly.podCommon" -}}
+automountServiceAccountToken: false
+enableServiceLinks: false
+{{- with .ctx.Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .values.hostAliases }}
+hostAliases:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .values.priorityClassName }}
+priorityClassName: {{ . }}
+{{- end }}
+{{- with .values.podSecurityContext }}
+securityContext:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+terminationGracePeriodSeconds: {{ .values.terminationGracePeriodSeconds }}
+{{- end }}
+
+{{/*
+Where pods go: nodeSelector, tolerations, affinity. With `spread` and no affinity of the
+user's, replicas prefer distinct nodes. Call with (dict "ctx" $ "values" .Values.X "component" C "spread" bool).
+*/}}
+{{- define "damselfly.placement" -}}
+{{- with .values.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .values.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- if .values.affinity }}
+affinity:
+  {{- toYaml .values.affinity | nindent 2 }}
+{{- else if .spread }}
+affinity:
+  podAntiAffinity:
+    preferredDuringSchedulingIgnoredDuringExecution:
+      - weight: 100
+        podAffinityTerm:
+          topologyKey: kubernetes.io/hostname
+          labelSelector:
+            matchLabels:
+              {{- include "damselfly.selectorLabels" (dict "ctx" .ctx "component" .component) | nindent 14 }}
+{{- end }}
+{{- end }}
+
+{{/* A PodDisruptionBudget; call with (dict "ctx" $ "values" .Values.X "component" C "name" N). */}}
+{{- define "damselfly.pdb" -}}
+{{- with .values.podDisruptionBudget }}
+{{- if .enabled }}
+---
+apiVersion: policy/v1
+kind: PodDisruptionBudget
+metadata:
+  name: {{ $.name }}
+  namespace: {{ $.ctx.Release.Namespace }}
+  labels:
+    {{- include "damselfly.labels" (dict "ctx" $.ctx "component" $.component) | nindent 4 }}
+spec:
+  maxUnavailable: {{ .maxUnavailable }}
+  selector:
+    matchLabels:
+      {{- include "damselfly.selectorLabels" (dict "ctx" $.ctx "component" $.component) | nindent 6 }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Refuse a component config that sets a listen address: ports come from .Values.ports, and a
+*_listen here would leave containerPorts, probes, Services and hosts.toml on the old numbers.
+Call with (dict "config" .Values.X.config "where" "dfdaemon.config").
+*/}}
+{{- define "damselfly.checkNoListen" -}}
+{{- range $key, $_ := (.config | default dict) }}
+{{- if or (eq $key "listen") (hasSuffix "_listen" $key) }}
+{{- fail (printf "%s.%s: set the port in ports.* instead (containerPorts, probes, Services and hosts.toml follow ports.*, not the config)" $.where $key) }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{- define "damselfly.selectorLabels" -}}
@@ -61,6 +191,22 @@ app.kubernetes.io/component: {{ .component }}
 {{- range $i := until (int .Values.scheduler.replicas) }}
 {{- $addresses = append $addresses (printf "%s-%d.%s.%s.svc.%s:%v" (include "damselfly.scheduler.fullname" $) $i (include "damselfly.scheduler.headless" $) $.Release.Namespace $.Values.clusterDomain $ports.schedulerGrpc) }}
 {{- end }}
+{{- end }}
+{{- toYaml $addresses }}
+{{- end }}
+
+{{/*
+The schedulers a dfdaemon or seed uses, as a YAML list: config.scheduler when set (external
+schedulers), else the chart's. Fails when there is none: every dfdaemon would exit at start.
+*/}}
+{{- define "damselfly.dfdaemon.schedulers" -}}
+{{- $user := (.Values.dfdaemon.config | default dict).scheduler }}
+{{- $addresses := include "damselfly.scheduler.addresses" . | fromYamlArray }}
+{{- if $user }}
+{{- $addresses = kindIs "string" $user | ternary (list $user) $user }}
+{{- end }}
+{{- if not $addresses }}
+{{- fail "scheduler.enabled is false and dfdaemon.config.scheduler is empty: dfdaemons and seeds need schedulers; set dfdaemon.config.scheduler to your schedulers' HOST:PORT list" }}
 {{- end }}
 {{- toYaml $addresses }}
 {{- end }}
@@ -159,6 +305,7 @@ mounts:
 
 {{/* scheduler.yaml */}}
 {{- define "damselfly.scheduler.config" -}}
+{{- include "damselfly.checkNoListen" (dict "config" .Values.scheduler.config "where" "scheduler.config") }}
 {{- $ports := include "damselfly.ports" . | fromYaml }}
 {{- $defaults := dict
   "log_level" .Values.log.level
@@ -177,7 +324,7 @@ mounts:
 log_level: {{ .Values.log.level }}
 log_format: {{ .Values.log.format }}
 scheduler:
-{{- include "damselfly.scheduler.addresses" . | nindent 2 }}
+{{- include "damselfly.dfdaemon.schedulers" . | nindent 2 }}
 data_dir: /var/lib/damselfly
 socket: /var/run/damselfly/dfdaemon.sock
 grpc_listen: 0.0.0.0:{{ $ports.dfdaemonGrpc }}
@@ -195,7 +342,9 @@ proxy_upstream_ca_cert: {{ (include "damselfly.secretPaths" . | fromYaml).upstre
 
 {{/* dfdaemon.yaml */}}
 {{- define "damselfly.dfdaemon.config" -}}
+{{- include "damselfly.checkNoListen" (dict "config" .Values.dfdaemon.config "where" "dfdaemon.config") }}
 {{- $defaults := include "damselfly.dfdaemon.baseConfig" . | fromYaml }}
+{{- $_ := set $defaults "cache_quota" (include "damselfly.bytes" .Values.dfdaemon.cacheQuota | int64) }}
 {{- $proxy := .Values.dfdaemon.proxy }}
 {{- if $proxy.interceptHosts }}
 {{- if not $proxy.caSecret }}
@@ -219,20 +368,32 @@ proxy_upstream_ca_cert: {{ (include "damselfly.secretPaths" . | fromYaml).upstre
 
 {{/* dfdaemon-seed.yaml */}}
 {{- define "damselfly.seedPeer.config" -}}
+{{- include "damselfly.checkNoListen" (dict "config" .Values.seedPeer.config "where" "seedPeer.config") }}
 {{- $defaults := include "damselfly.dfdaemon.baseConfig" . | fromYaml }}
 {{- $_ := set $defaults "seed" true }}
+{{- $volume := include "damselfly.bytes" .Values.seedPeer.persistence.size | int64 }}
+{{- $_ := set $defaults "cache_quota" (div (mul $volume (int64 .Values.seedPeer.cacheQuotaPercent)) 100) }}
 {{- include "damselfly.mergeConfig" (dict "defaults" $defaults "user" .Values.seedPeer.config) }}
 {{- end }}
 
-{{/* hosts.toml of one registry; call with (dict "ctx" $ "registry" $registry). */}}
+{{/*
+hosts.toml of one registry; call with (dict "ctx" $ "registry" $registry). The first line is the
+marker the init container and the restore hook use to tell the chart's files from the node's.
+*/}}
+{{- define "damselfly.containerd.marker" -}}# Written by the Damselfly chart{{- end }}
 {{- define "damselfly.containerd.hostsToml" -}}
 {{- $ports := include "damselfly.ports" .ctx | fromYaml -}}
-# Written by the Damselfly chart ({{ .ctx.Release.Name }}): pull {{ .registry.host }} through the
+{{- $mirror := printf "http://127.0.0.1:%v" $ports.mirrorPort -}}
+{{ include "damselfly.containerd.marker" .ctx }} ({{ .ctx.Release.Name }}): pull {{ .registry.host }} through the
 # local dfdaemon, and go straight to the registry when the dfdaemon is unavailable.
 server = {{ .registry.server | quote }}
 
-[host."http://127.0.0.1:{{ $ports.dfdaemonProxy }}"]
+[host.{{ $mirror | quote }}]
   capabilities = ["pull", "resolve"]
+  dial_timeout = {{ .ctx.Values.containerd.injectMirror.dialTimeout | quote }}
+  # The upstream the dfdaemon fetches from: containerd's ?ns= names only the host.
+  [host.{{ $mirror | quote }}.header]
+    X-Dragonfly-Registry = [{{ .registry.server | quote }}]
 {{- end }}
 
 {{/* Env vars telling a dfdaemon who it is (used in its args). */}}
