@@ -182,9 +182,13 @@ def copy_into(source: Path, output: Path, stop: threading.Event) -> os.stat_resu
     """
     base = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
     try:
-        fd = os.open(output, base)
-    except FileNotFoundError:
-        fd = os.open(output, base | os.O_CREAT | os.O_EXCL, NEW_FILE_MODE)
+        try:
+            fd = os.open(output, base)
+        except FileNotFoundError:
+            fd = os.open(output, base | os.O_CREAT | os.O_EXCL, NEW_FILE_MODE)
+    except PermissionError:
+        raise InvalidRequest(f"the dfdaemon (uid {os.geteuid()}) may not write {output}: run dfget as "
+                             "the daemon's user, or the daemon as root") from None
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise InvalidRequest(f"output path {output} is a symbolic link; give the real path") from None

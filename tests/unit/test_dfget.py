@@ -902,3 +902,12 @@ def test_recursive_output_must_be_a_directory(daemon: Daemon, tmp_path: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     assert run(daemon.socket, tmp_path / "missing", "-r", url=ROOT) == 1
     assert "must be an existing directory" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_copy_into_a_file_the_daemon_may_not_write_names_the_fix(cached: Path, tmp_path: Path) -> None:
+    output = tmp_path / "out"
+    output.write_bytes(b"")
+    output.chmod(0o400)
+    with pytest.raises(InvalidRequest, match="run dfget as the daemon's user"):
+        dfget_output.copy_into(cached, output, threading.Event())
