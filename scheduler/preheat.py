@@ -34,7 +34,7 @@ from google.protobuf import empty_pb2
 
 from common import hashring, oci, rpc
 from common.download import DownloadRequest, seconds
-from common.errors import DamselflyError, DownloadFailed, InvalidRequest, SchedulerUnavailable
+from common.errors import DamselflyError, DownloadFailed, IntegrityError, InvalidRequest, LocalError
 from common.origin import OriginClient, basic_authorization
 from common.preheat import RESULT_KEY, SEED_KEY, resolve_image
 from common.tls import open_channel
@@ -132,16 +132,19 @@ class PreheatingSchedulerService(SchedulerService):
                 return address, await self._download_on_seed(address, download, time_limit)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() not in SEED_DOWN_CODES or exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                    # The seed's code picks our error class (and so the code we answer with).
-                    error = type(rpc.error_from_rpc(exc, unreachable=DownloadFailed))
-                    raise error(f"seed {address}: {' '.join((exc.details() or exc.code().name).split())}") from None
+                    # The seed's refusal of the request keeps its kind; any other failure is this
+                    # preheat's (FAILED_PRECONDITION), never UNAVAILABLE, which would say the scheduler is down.
+                    kind = type(rpc.error_from_rpc(exc, unreachable=DownloadFailed))
+                    if not issubclass(kind, LocalError | IntegrityError):
+                        kind = DownloadFailed
+                    raise kind(f"seed {address}: {' '.join((exc.details() or exc.code().name).split())}") from None
                 log.warning("preheat of task %s: seed %s is down (%s)", task_id, address, exc.code().name)
                 self.metrics.grpc_errors.labels("SeedTrigger", exc.code().name).inc()
                 stale = self._channels.pop(address, None)
                 if stale is not None:
                     await stale.close()
                 self._dispatch(self.core.seed_trigger_failed(address, task_id))
-        raise SchedulerUnavailable(f"every seed peer is down ({', '.join(seeds)}); {download.url} was not preheated")
+        raise DownloadFailed(f"every seed peer is down ({', '.join(seeds)}); {download.url} was not preheated")
 
     async def _download_on_seed(self, address: str, download: DownloadRequest, time_limit: float) -> bool:
         """The seed trigger's call, awaited: True when the seed already had the whole content."""

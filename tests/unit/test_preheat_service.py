@@ -21,6 +21,7 @@ from scheduler.preheat import PreheatingSchedulerService
 HEADERS = {"Authorization": "Basic dXNlcjpwYXNz"}
 CACHED = "1" * 64  # blobs whose digest starts so are already on the fake seeds
 MISSING = "4" * 64  # the origin has no such blob
+BROKEN = "8" * 64  # the seed fails with INTERNAL
 
 
 def blob_url(hex_digest: str) -> str:
@@ -38,6 +39,8 @@ class FakeSeed(dfdaemon_pb2_grpc.DfdaemonUploadServicer):  # type: ignore[misc]
         if request.download.url.endswith(MISSING):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"origin answered 404 for {request.download.url}: Not Found")
+        if request.download.url.endswith(BROKEN):
+            await context.abort(grpc.StatusCode.INTERNAL, "disk on fire")
         started = dfdaemon_pb2.DownloadTaskStartedResponse(content_length=10,
                                                            is_finished=CACHED in request.download.url)
         yield dfdaemon_pb2.DownloadTaskResponse(download_task_started_response=started)
@@ -120,8 +123,17 @@ async def test_a_seed_failure_names_the_seed_and_the_blob() -> None:
     assert details.startswith(f"seed {seeds[0][1]}: origin answered 404 for {blob_url(MISSING)}"), details
 
 
+async def test_any_other_seed_failure_is_the_preheat_failing_not_the_scheduler_down() -> None:
+    async with fake_seeds(1) as seeds, scheduler_with([seeds[0][1]]) as (_, stub):
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await preheat_file(stub, blob_url(BROKEN))
+    assert failed.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert failed.value.details() == f"seed {seeds[0][1]}: disk on fire"
+
+
 @pytest.mark.parametrize(("seeds", "fields", "code", "message"), [
     ([], {}, grpc.StatusCode.FAILED_PRECONDITION, "no seed peer is available"),
+    ([f"127.0.0.1:{free_port()}"], {}, grpc.StatusCode.FAILED_PRECONDITION, "every seed peer is down"),
     (["127.0.0.1:1"], {"scope": "all_peers"}, grpc.StatusCode.INVALID_ARGUMENT, "scope 'all_peers'"),
 ])
 async def test_refusals(seeds: list[str], fields: dict[str, Any], code: grpc.StatusCode, message: str) -> None:
