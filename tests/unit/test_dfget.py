@@ -911,3 +911,17 @@ def test_copy_into_a_file_the_daemon_may_not_write_names_the_fix(cached: Path, t
     output.chmod(0o400)
     with pytest.raises(InvalidRequest, match="run dfget as the daemon's user"):
         dfget_output.copy_into(cached, output, threading.Event())
+
+
+def test_log_level_info_names_the_stale_files_it_removes(
+    daemon: Daemon, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    output = tmp_path / "blob.bin"
+    stale = dfget_output.create_temp(str(output))
+    stale.close()  # as if its dfget had been killed
+
+    assert run(daemon.socket, output, "-l", "info") == 0
+
+    err = capsys.readouterr().err
+    assert f"dfget: INFO: removed {stale.path}, left by a dfget that did not finish" in err
+    assert entries(tmp_path) == ["blob.bin"]
