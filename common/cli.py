@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Sequence
-from importlib.metadata import EntryPoint, entry_points
+from importlib.metadata import EntryPoint, PackageNotFoundError, entry_points
+from importlib.metadata import version as package_version
 
 COMMAND_GROUP = "damselfly.commands"
 
@@ -30,6 +31,14 @@ NOT_INSTALLED = (f"damselfly: no commands found (entry point group {COMMAND_GROU
                  "install the package: pip install -e .")
 
 
+def version() -> str:
+    """The installed version of Damselfly (``unknown`` when run from a tree that is not installed)."""
+    try:
+        return package_version("damselfly")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def _commands() -> dict[str, EntryPoint]:
     """The installed commands by name, in help order (first one wins if two share a name)."""
     found: dict[str, EntryPoint] = {}
@@ -44,7 +53,7 @@ def usage(names: Sequence[str]) -> str:
     width = max(len(name) for name in names) + 3
     lines = [f"usage: damselfly {{{','.join(names)}}} [options]", ""]
     lines += [f"  {name:<{width}}{SUMMARIES.get(name, '')}".rstrip() for name in names]
-    lines += ["", "'damselfly COMMAND --help' lists a command's options."]
+    lines += ["", "'damselfly COMMAND --help' lists a command's options; 'damselfly --version' prints the version."]
     return "\n".join(lines)
 
 
@@ -55,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     if not commands:
         print(NOT_INSTALLED, file=sys.stderr)
         return 2
+    if args and args[0] in ("-V", "--version"):
+        print(f"damselfly {version()}")
+        return 0
     if not args or args[0] in ("-h", "--help"):
         print(usage(list(commands)))
         return 0 if args else 2

@@ -220,7 +220,7 @@ class SchedulerConfig(LoggingConfig):
         f"127.0.0.1:{DEFAULT_SCHEDULER_METRICS_PORT}", "metrics and health HTTP address HOST:PORT", parse_address
     )
     seed_peer: tuple[str, ...] = option(
-        (), "dfdaemon gRPC address HOST:PORT of a seed peer (repeatable)", _parse_list(parse_address)
+        (), "dfdaemon gRPC address HOST:PORT of a seed peer", _parse_list(parse_address)
     )
     candidate_parent_limit: int = option(3, "candidate parents sent per schedule", minimum=1)
     filter_parent_limit: int = option(15, "peers sampled when looking for candidate parents", minimum=1)
@@ -396,22 +396,82 @@ def _validate(config: LoggingConfig) -> None:
         raise ConfigError("retry_back_to_source_limit", "must not exceed retry_limit")
 
 
+def format_duration(seconds: float) -> str:
+    """A duration as it is written in flags and files: ``24h``, ``5m``, ``30s``, ``500ms``, ``1.5s``."""
+    for unit, size in (("h", 3600.0), ("m", 60.0), ("s", 1.0)):
+        if seconds >= size and (seconds / size).is_integer():
+            return f"{seconds / size:.0f}{unit}"
+    if 0 < seconds < 1 and (seconds * 1000).is_integer():
+        return f"{seconds * 1000:.0f}ms"
+    return f"{seconds:g}s"
+
+
+def _format_bytes(size: int) -> str:
+    """A size as it is written in flags and files: ``10GiB``, ``512MiB``, ``1000`` (bytes)."""
+    for unit, scale in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size >= scale and size % scale == 0:
+            return f"{size // scale}{unit}"
+    return str(size)
+
+
+def format_default(field: dataclasses.Field[Any]) -> str:
+    """A field's default as a user writes it on the command line (not as Python prints it)."""
+    value: Any = field.default
+    parse = field.metadata.get("parse")
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if parse is parse_duration:
+        return format_duration(value)
+    if parse is parse_size:
+        return _format_bytes(value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value) or "none"
+    if value == "":
+        return "none"
+    return str(value)
+
+
+_METAVARS: dict[object, str] = {parse_address: "HOST:PORT", parse_duration: "DURATION", parse_size: "SIZE"}
+_NAMED_METAVARS = {"log_level": "LEVEL", "log_format": "FORMAT", "data_dir": "DIR", "socket": "PATH",
+                   "host_ip": "IP", "hostname": "NAME", "idc": "NAME", "location": "LOCATION",
+                   "registry_mirror": "URL", "proxy_rule": "REGEX", "proxy_intercept_hosts": "HOST",
+                   "tls_server_name": "NAME"}
+
+
+def _metavar(field: dataclasses.Field[Any]) -> str | None:
+    parse = field.metadata.get("parse")
+    if parse in _METAVARS:
+        return _METAVARS[parse]
+    if field.name.endswith("listen") or field.name in ("scheduler", "seed_peer"):
+        return "HOST:PORT"
+    if field.name.endswith(("_cert", "_key")):
+        return "FILE"
+    return _NAMED_METAVARS.get(field.name) or {"int": "N", "float": "NUMBER"}.get(str(field.type))
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type[LoggingConfig]) -> None:
-    """One flag per config field, plus ``--config``. Unset flags stay out of the namespace."""
-    parser.add_argument("--config", metavar="FILE", help="YAML file with the same keys as the flags")
+    """One flag per config field, plus ``--config`` and ``--version``. Unset flags stay out of the namespace."""
+    from common.cli import version  # the dispatcher module: stdlib only, no cycle at import time
+
+    parser.add_argument("-V", "--version", action="version", version=f"damselfly {version()}")
+    parser.add_argument("--config", metavar="FILE", help="YAML file with the same keys as the flags "
+                        "(the flags win over the file)")
     for field in dataclasses.fields(cls):
         flag = "--" + field.name.replace("_", "-")
-        help_text = f"{field.metadata['help']} (default: {field.default!r})"
+        help_text = f"{field.metadata['help']} (default: {format_default(field)})"
         if field.type in ("bool", bool):
             parser.add_argument(flag, dest=field.name, action="store_const", const=True,
                                 default=argparse.SUPPRESS, help=help_text)
             parser.add_argument("--no-" + flag[2:], dest=field.name, action="store_const", const=False,
-                                default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+                                default=argparse.SUPPRESS, help=f"the opposite of {flag}")
         elif str(field.type).startswith("tuple"):
             parser.add_argument(flag, dest=field.name, action="append", default=argparse.SUPPRESS,
-                                help=help_text)
+                                metavar=_metavar(field), help=help_text + " (repeatable, or comma-separated)")
         else:
-            parser.add_argument(flag, dest=field.name, default=argparse.SUPPRESS, help=help_text)
+            parser.add_argument(flag, dest=field.name, default=argparse.SUPPRESS, metavar=_metavar(field),
+                                help=help_text)
 
 
 def config_from_args(cls: type[C], args: argparse.Namespace) -> C:

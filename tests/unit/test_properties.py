@@ -171,7 +171,7 @@ def _assert_loads_or_names_the_key(cls: type[Any], keys_given: set[str], **kwarg
     except ConfigError as exc:
         # the key given, or the field a cross-field check needs (tls_cert for tls_ca_cert)
         fields = {f.name for f in dataclasses.fields(cls)}
-        assert exc.key in keys_given | fields | {"config"}, exc
+        assert exc.key in keys_given | fields | {"--config"}, exc
         assert exc.key in str(exc)
         return
     assert isinstance(config, cls)
