@@ -793,3 +793,267 @@ def test_notes_mention_tls_when_enabled(helm: str) -> None:
     assert values["tls"]["serverName"] in text and "rollout restart" in text
     assert "HTTPS interception" in text and values["dfdaemon"]["proxy"]["caSecret"] in text
     assert "WARNING: tls.serverName is empty" in notes("--set", "tls.enabled=true", "--set", "tls.existingSecret=s")
+
+
+# ---------------------------------------------------------------------------------------------
+# installable on a large cluster (issue 14): each test fails against the chart before the fix
+
+
+def template_docs(helm: str, values: str | None, *extra: str) -> list[dict[str, Any]]:
+    result = _template(helm, values, *extra)
+    assert result.returncode == 0, result.stderr
+    return [d for d in yaml.safe_load_all(result.stdout) if d]
+
+
+def all_containers(w: dict[str, Any]) -> list[dict[str, Any]]:
+    spec = pod_spec(w)
+    return list(spec.get("initContainers", [])) + list(spec["containers"])
+
+
+def everything_with_a_pod(docs: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(name, pod spec) of every workload, hook and Job the chart renders."""
+    for d in docs:
+        if d["kind"] in ("StatefulSet", "DaemonSet", "Deployment", "Job"):
+            yield f"{d['kind']}/{d['metadata']['name']}", d["spec"]["template"]["spec"]
+        elif d["kind"] == "Pod":
+            yield f"Pod/{d['metadata']['name']}", d["spec"]
+
+
+def test_image_digest_and_the_init_containers_own_tag(helm: str) -> None:
+    digest = "sha256:" + "ab" * 32
+    docs = template_docs(helm, "mirror-monitoring-values.yaml", "--set", f"image.digest={digest}")
+    for name, spec in everything_with_a_pod(docs):
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            assert c["image"] == f"ghcr.io/damselfly/damselfly:0.1.0@{digest}", (name, c["name"])
+    # an init container image of its own needs its own tag (no silent :latest)
+    own_image = "containerd.injectMirror.image.repository=busybox"
+    result = _template(helm, "mirror-monitoring-values.yaml", "--set", own_image)
+    assert result.returncode != 0 and "containerd.injectMirror.image.tag" in result.stderr, result.stderr
+    docs = template_docs(helm, "mirror-monitoring-values.yaml", "--set", own_image,
+                         "--set-string", "containerd.injectMirror.image.tag=1.36")
+    assert container(one(docs, "DaemonSet", f"{RELEASE}-dfdaemon"), "containerd-mirror")["image"] == "busybox:1.36"
+    assert _template(helm, None, "--set", "image.digest=latest").returncode != 0
+
+
+def test_caches_have_quotas_derived_from_the_values(helm: str, tmp_path: Path) -> None:
+    docs = render(helm, None)
+    dfdaemon = load_rendered_config(docs, f"{RELEASE}-dfdaemon", "dfdaemon.yaml", DfdaemonConfig, tmp_path)
+    assert dfdaemon.cache_quota == 20 * 1024**3  # dfdaemon.cacheQuota: 20Gi on the node's hostPath
+    seed = load_rendered_config(docs, f"{RELEASE}-seed-peer", "dfdaemon-seed.yaml", DfdaemonConfig, tmp_path)
+    assert seed.cache_quota == 50 * 1024**3 * 90 // 100  # 90 % of the 50Gi PVC
+    # decimal quantities, a seed without persistence (an emptyDir kubelet accounts), a user quota wins
+    docs = template_docs(helm, None, "--set", "dfdaemon.cacheQuota=500G", "--set", "seedPeer.persistence.enabled=false",
+                         "--set", "seedPeer.persistence.size=10Gi", "--set", "seedPeer.cacheQuotaPercent=80")
+    assert load_rendered_config(docs, f"{RELEASE}-dfdaemon", "dfdaemon.yaml", DfdaemonConfig,
+                                tmp_path).cache_quota == 500 * 10**9
+    seed = load_rendered_config(docs, f"{RELEASE}-seed-peer", "dfdaemon-seed.yaml", DfdaemonConfig, tmp_path)
+    assert seed.cache_quota == 10 * 1024**3 * 80 // 100
+    seed_volumes = pod_spec(one(docs, "StatefulSet", f"{RELEASE}-seed-peer"))["volumes"]
+    cache = next(v for v in seed_volumes if v["name"] == "cache")
+    assert cache["emptyDir"] == {"sizeLimit": "10Gi"}
+    assert _template(helm, None, "--set", "dfdaemon.cacheQuota=lots").returncode != 0
+    # ha-values.yaml sets cache_quota in config: it wins over the derived one (test_ha_values)
+
+
+def run_script(script: str, node_certs: Path, mirror_dir: Path | None = None) -> str:
+    """A container's sh -ec script run against a scratch directory standing in for the node."""
+    script = script.replace("'/certs.d/", f"'{node_certs}/")
+    if mirror_dir is not None:
+        script = script.replace("'/mirror/", f"'{mirror_dir}/")
+    return subprocess.run(["sh", "-ec", script], check=True, capture_output=True, text=True, timeout=30).stdout
+
+
+def test_hosts_toml_of_the_node_is_kept_and_restored_on_delete(helm: str, tmp_path: Path) -> None:
+    docs = render(helm, "mirror-monitoring-values.yaml")
+    ds = one(docs, "DaemonSet", f"{RELEASE}-dfdaemon")
+    init = container(ds, "containerd-mirror")
+    cm = one(docs, "ConfigMap", f"{RELEASE}-dfdaemon-containerd")
+    mirror_dir, node_certs = tmp_path / "mirror", tmp_path / "certs.d"
+    mirror_dir.mkdir()
+    for key, text in cm["data"].items():
+        (mirror_dir / key).write_text(text)
+    # the node already has its own docker.io config (and a CA file next to it)
+    own = 'server = "https://registry-1.docker.io"\n[host."https://mirror.corp.example"]\n  capabilities = ["pull"]\n'
+    (node_certs / "docker.io").mkdir(parents=True)
+    (node_certs / "docker.io" / "hosts.toml").write_text(own)
+    (node_certs / "docker.io" / "corp-ca.crt").write_text("CA")
+
+    run_script(init["command"][-1], node_certs, mirror_dir)
+    run_script(init["command"][-1], node_certs, mirror_dir)  # a restart or an upgrade: the backup stays the node's
+    assert (node_certs / "_backup" / "docker.io" / "hosts.toml").read_text() == own
+    assert "X-Dragonfly-Registry" in (node_certs / "docker.io" / "hosts.toml").read_text()
+    assert not (node_certs / "_backup" / "ghcr.io").exists()  # nothing of the node's to keep there
+
+    # post-delete: a DaemonSet on every node restores, a Pod waits for all of them
+    hooks = [d for d in docs if d["metadata"].get("annotations", {}).get("helm.sh/hook") == "post-delete"]
+    assert sorted(d["kind"] for d in hooks) == ["DaemonSet", "Pod", "Service"]
+    restore_ds = next(d for d in hooks if d["kind"] == "DaemonSet")
+    assert pod_spec(restore_ds)["tolerations"] == pod_spec(ds)["tolerations"]  # every node the dfdaemon ran on
+    wait = next(d for d in hooks if d["kind"] == "Pod")
+    assert int(wait["metadata"]["annotations"]["helm.sh/hook-weight"]) > int(
+        restore_ds["metadata"]["annotations"]["helm.sh/hook-weight"])
+    restore = container(restore_ds, "restore")
+    run_script(restore["command"][-1], node_certs)
+    left = sorted(p.relative_to(node_certs).as_posix() for p in node_certs.rglob("*"))
+    assert left == ["docker.io", "docker.io/corp-ca.crt", "docker.io/hosts.toml"]
+    assert (node_certs / "docker.io" / "hosts.toml").read_text() == own
+    # without injection, no hook
+    assert not [d for d in render(helm, None) if "helm.sh/hook" in d["metadata"].get("annotations", {})]
+
+
+def test_node_agent_runs_on_every_linux_node_at_node_critical_priority(helm: str) -> None:
+    docs = render(helm, None)
+    spec = pod_spec(one(docs, "DaemonSet", f"{RELEASE}-dfdaemon"))
+    tolerated = {(t.get("key"), t.get("effect"), t["operator"]) for t in spec["tolerations"]}
+    # tainted pools (GPU nodes: where the 5 GB CUDA images are) included
+    assert {(None, "NoSchedule", "Exists"), (None, "NoExecute", "Exists")} <= tolerated
+    assert spec["priorityClassName"] == "system-node-critical"
+    c = container(one(docs, "DaemonSet", f"{RELEASE}-dfdaemon"), "dfdaemon")
+    assert "cpu" not in c["resources"]["limits"], "a CPU limit throttles the proxy during a pull storm"
+    assert c["resources"]["limits"]["memory"]
+    for w in workloads(docs):
+        assert pod_spec(w)["nodeSelector"] == {"kubernetes.io/os": "linux"}, w["metadata"]["name"]
+
+
+def test_schedulers_and_seeds_survive_a_drain(helm: str) -> None:
+    docs = render(helm, None)
+    budgets = find(docs, "PodDisruptionBudget")
+    assert len(budgets) == 2
+    for name, component in ((f"{RELEASE}-scheduler", "scheduler"), (f"{RELEASE}-seed-peer", "seed-peer")):
+        sts = one(docs, "StatefulSet", name)
+        assert sts["spec"]["replicas"] >= 2
+        (pdb,) = [b for b in budgets if labels_match(b["spec"]["selector"]["matchLabels"],
+                                                      sts["spec"]["template"]["metadata"]["labels"])]
+        assert pdb["spec"]["maxUnavailable"] == 1
+        term = pod_spec(sts)["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]
+        assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+        assert term["podAffinityTerm"]["labelSelector"]["matchLabels"]["app.kubernetes.io/component"] == component
+    # readiness of a dfdaemon is its storage (peer/daemon.py; tests/integration/test_readiness.py)
+    c = container(one(docs, "DaemonSet", f"{RELEASE}-dfdaemon"), "dfdaemon")
+    assert c["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert _template(helm, None, "--set", "scheduler.podDisruptionBudget.enabled=false").stdout.count(
+        "kind: PodDisruptionBudget") == 1
+
+
+def test_chart_bumps_and_scheduler_scaling_do_not_restart_the_fleet(helm: str, tmp_path: Path) -> None:
+    docs = render(helm, None)
+    for w in workloads(docs):
+        labels = w["spec"]["template"]["metadata"]["labels"]
+        assert "helm.sh/chart" not in labels and "app.kubernetes.io/version" not in labels, w["metadata"]["name"]
+        assert "helm.sh/chart" in w["metadata"]["labels"]  # the objects themselves keep them
+    # a new chart version with the same image: the dfdaemon pod template is byte-identical
+    bumped = tmp_path / "damselfly"
+    shutil.copytree(CHART, bumped)
+    chart_yaml = (bumped / "Chart.yaml").read_text()
+    (bumped / "Chart.yaml").write_text(chart_yaml.replace("version: 0.1.0", "version: 0.2.0").replace(
+        'appVersion: "0.1.0"', 'appVersion: "0.2.0"'))
+    result = _run_helm(helm, "template", RELEASE, str(bumped), "--namespace", NAMESPACE,
+                       "--set-string", "image.tag=0.1.0")
+    assert result.returncode == 0, result.stderr
+    after = one([d for d in yaml.safe_load_all(result.stdout) if d], "DaemonSet", f"{RELEASE}-dfdaemon")
+    before = one(template_docs(helm, None, "--set-string", "image.tag=0.1.0"), "DaemonSet", f"{RELEASE}-dfdaemon")
+    assert after["spec"]["template"] == before["spec"]["template"]
+    # five schedulers instead of three: new ConfigMap, same dfdaemon pod template (no rollout)
+    scaled = template_docs(helm, None, "--set", "scheduler.replicas=5")
+    assert one(scaled, "DaemonSet", f"{RELEASE}-dfdaemon")["spec"]["template"] == one(
+        docs, "DaemonSet", f"{RELEASE}-dfdaemon")["spec"]["template"]
+    scaled_config = yaml.safe_load(one(scaled, "ConfigMap", f"{RELEASE}-dfdaemon")["data"]["dfdaemon.yaml"])
+    assert len(scaled_config["scheduler"]) == 5
+    # a real config change still rolls the fleet
+    changed = template_docs(helm, None, "--set", "dfdaemon.config.concurrent_piece_count=8")
+    assert one(changed, "DaemonSet", f"{RELEASE}-dfdaemon")["spec"]["template"] != one(
+        docs, "DaemonSet", f"{RELEASE}-dfdaemon")["spec"]["template"]
+
+
+@pytest.mark.parametrize("values", VALUES_FILES)
+def test_every_pod_is_hardened(helm: str, values: str | None) -> None:
+    docs = render(helm, values)
+    for name, spec in everything_with_a_pod(docs):
+        assert spec["automountServiceAccountToken"] is False, name  # nothing here talks to the API
+        assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, name
+        mounts_tmp = {}
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            sc = c["securityContext"]
+            where = f"{name} {c['name']}"
+            assert sc["allowPrivilegeEscalation"] is False, where
+            assert sc["capabilities"] == {"drop": ["ALL"]}, where
+            assert sc["readOnlyRootFilesystem"] is True, where
+            assert not sc.get("privileged"), where
+            mounts_tmp[c["name"]] = any(m["mountPath"] == "/tmp" for m in c.get("volumeMounts", []))
+        if name.startswith(("StatefulSet/", "Job/")):
+            # scheduler, seeds, preheat: the Pod Security "restricted" level, no root at all
+            assert spec["securityContext"]["runAsNonRoot"] is True, name
+            assert spec["securityContext"]["runAsUser"] == 65532, name
+            assert all(mounts_tmp.values()), name
+        if name == f"DaemonSet/{RELEASE}-dfdaemon":
+            assert container({"spec": {"template": {"spec": spec}}}, "dfdaemon")["securityContext"]["runAsUser"] == 0
+            assert mounts_tmp["dfdaemon"]
+    seeds = pod_spec(one(docs, "StatefulSet", f"{RELEASE}-seed-peer"))
+    assert seeds["securityContext"]["fsGroup"] == 65532  # the cache volume is writable by the seed
+
+
+def test_guards_refuse_what_would_break_at_runtime(helm: str) -> None:
+    result = _template(helm, None, "--set", "scheduler.enabled=false")
+    assert result.returncode != 0 and "dfdaemon.config.scheduler" in result.stderr, result.stderr
+    docs = template_docs(helm, None, "--set", "scheduler.enabled=false",
+                         "--set", "dfdaemon.config.scheduler={sched-a.example:8002,sched-b.example:8002}")
+    for name, key in ((f"{RELEASE}-dfdaemon", "dfdaemon.yaml"), (f"{RELEASE}-seed-peer", "dfdaemon-seed.yaml")):
+        config = yaml.safe_load(one(docs, "ConfigMap", name)["data"][key])
+        assert config["scheduler"] == ["sched-a.example:8002", "sched-b.example:8002"]
+    result = _template(helm, None, "--set", "monitoring.serviceMonitor.enabled=true",
+                       "--set", "monitoring.podMonitor.enabled=true")
+    assert result.returncode != 0 and "scraped twice" in result.stderr, result.stderr
+
+
+def test_escape_hatches(helm: str) -> None:
+    extra = {
+        "extraVolumes": [{"name": "extra", "emptyDir": {}}],
+        "extraVolumeMounts": [{"name": "extra", "mountPath": "/extra"}],
+        "extraInitContainers": [{"name": "hello", "image": "busybox:1.36", "command": ["true"]}],
+        "hostAliases": [{"ip": "10.0.0.5", "hostnames": ["registry.internal"]}],
+    }
+    flags: list[str] = []
+    for component in ("scheduler", "seedPeer", "dfdaemon"):
+        flags += ["--set-json", f"{component}={json.dumps(extra)}"]
+    docs = template_docs(helm, None, *flags)
+    for name, cname, _, _ in COMPONENTS:
+        w = workload(docs, name)
+        spec = pod_spec(w)
+        assert {"name": "extra", "emptyDir": {}} in spec["volumes"], name
+        assert {"name": "extra", "mountPath": "/extra"} in container(w, cname)["volumeMounts"], name
+        assert spec["initContainers"][0]["name"] == "hello", name
+        assert spec["hostAliases"] == extra["hostAliases"], name
+
+
+def test_preheat_job_runs_after_install_and_upgrade(helm: str, tmp_path: Path) -> None:
+    assert not find(render(helm, None), "Job")
+    values = yaml.safe_load((CI_DIR / "ha-values.yaml").read_text())["preheat"]
+    docs = render(helm, "ha-values.yaml")
+    (job,) = find(docs, "Job")
+    assert job["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
+    spec = pod_spec(job)
+    assert spec["restartPolicy"] == "Never"
+    dfdaemon = yaml.safe_load(one(docs, "ConfigMap", f"{RELEASE}-dfdaemon")["data"]["dfdaemon.yaml"])
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert [c["name"] for c in spec["containers"]] == [f"preheat-{i}" for i in range(len(values["images"]))]
+    for c, image in zip(spec["containers"], values["images"], strict=True):
+        assert c["command"] == ["damselfly"]
+        args = c["args"]
+        assert args[:2] == ["preheat", image]
+        # the dfdaemons' scheduler list: each layer goes to the scheduler its pulls will hash to
+        assert args[args.index("--scheduler") + 1] == ",".join(dfdaemon["scheduler"])
+        assert args[args.index("--platform") + 1] == "linux/amd64"
+        auth = Path(args[args.index("--auth-file") + 1])
+        mount = next(m for m in c["volumeMounts"] if m["mountPath"] == str(auth.parent))
+        assert volumes[mount["name"]]["secret"]["secretName"] == values["authSecret"]
+        assert "--plain-http" not in args
+    # the args parse with the real CLI (the auth file is the Secret's key, here an empty one)
+    from common.preheat_cli import parse_options
+
+    args = spec["containers"][0]["args"][1:]
+    auth_file = tmp_path / ".dockerconfigjson"
+    auth_file.write_text('{"auths": {}}')
+    args[args.index("--auth-file") + 1] = str(auth_file)
+    options = parse_options(args)
+    assert list(options.schedulers) == dfdaemon["scheduler"]
+    assert [str(p) for p in options.platforms] == ["linux/amd64"]
