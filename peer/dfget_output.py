@@ -25,6 +25,7 @@ import re
 import secrets
 import stat
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -230,11 +231,14 @@ def _copy_steps(source: Path, fd: int, stop: threading.Event) -> None:
             offset += copied
 
 
-async def copy_to_client(source: Path, output: Path) -> None:
-    """Run :func:`copy_into` in a thread. If this coroutine is cancelled (the client went away),
-    stop the copy, remove the file (also when the copy had just finished) and re-raise."""
+Copier = Callable[[Path, Path, threading.Event], os.stat_result]
+
+
+async def copy_to_client(source: Path, output: Path, copy: Copier = copy_into) -> None:
+    """Run `copy` (:func:`copy_into`) in a thread. If this coroutine is cancelled (the client went
+    away), stop the copy, remove the file (also when the copy had just finished) and re-raise."""
     stop = threading.Event()
-    work = asyncio.ensure_future(asyncio.to_thread(copy_into, source, output, stop))
+    work = asyncio.ensure_future(asyncio.to_thread(copy, source, output, stop))
     try:
         await asyncio.shield(work)
     except asyncio.CancelledError:

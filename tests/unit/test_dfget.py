@@ -812,19 +812,49 @@ def test_stopped_copy_removes_what_it_wrote(cached: Path, tmp_path: Path) -> Non
     assert not output.exists()
 
 
-def test_cancelled_copy_to_client_leaves_no_file(cached: Path, tmp_path: Path) -> None:
-    # The daemon's handler is cancelled when dfget dies: mid-copy or just after, the copy goes.
-    output = tmp_path / "out"
+def _cancel_once_copying(copy: dfget_output.Copier, started: threading.Event, source: Path, output: Path) -> None:
+    """Run copy_to_client with `copy`, cancel it (the client went away) once `copy` has started."""
 
     async def scenario() -> None:
-        output.write_bytes(b"")
-        task = asyncio.create_task(dfget_output.copy_to_client(cached, output))
-        await asyncio.sleep(0)  # let it start its thread
+        task = asyncio.create_task(dfget_output.copy_to_client(source, output, copy))
+        await asyncio.to_thread(started.wait, 30)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
 
     asyncio.run(scenario())
+
+
+def test_cancelled_copy_to_client_stops_the_copy_and_waits_for_its_cleanup(cached: Path, tmp_path: Path) -> None:
+    output = tmp_path / "out"
+    output.write_bytes(b"")
+    started, finished = threading.Event(), threading.Event()
+
+    def copy_until_stopped(source: Path, out: Path, stop: threading.Event) -> os.stat_result:
+        started.set()
+        stop.wait(30)
+        try:
+            return dfget_output.copy_into(source, out, stop)  # sees stop: removes the file, raises
+        finally:
+            finished.set()
+
+    _cancel_once_copying(copy_until_stopped, started, cached, output)
+    assert finished.is_set(), "copy_to_client re-raised before the copy had cleaned up"
+    assert entries(tmp_path) == ["cache.bin"]
+
+
+def test_copy_that_finished_as_the_client_went_away_is_removed(cached: Path, tmp_path: Path) -> None:
+    output = tmp_path / "out"
+    output.write_bytes(b"")
+    started = threading.Event()
+
+    def copy_then_finish_late(source: Path, out: Path, stop: threading.Event) -> os.stat_result:
+        info = dfget_output.copy_into(source, out, threading.Event())  # the whole copy
+        started.set()
+        stop.wait(30)  # the client went away just as it finished
+        return info
+
+    _cancel_once_copying(copy_then_finish_late, started, cached, output)
     assert entries(tmp_path) == ["cache.bin"]
 
 
