@@ -177,8 +177,8 @@ def translate_errors(url: str) -> Iterator[None]:
         ) from exc
     except (aiohttp.ServerTimeoutError, TimeoutError) as exc:
         raise OriginUnreachable(
-            f"{url}: the origin sent nothing within the read timeout ({exc or 'timed out'}); check the origin's "
-            "health, or raise the dfdaemon's origin_read_timeout"
+            f"{url}: timed out: the origin sent nothing within the read timeout ({exc or 'no data'}); check the "
+            "origin's health, or raise the dfdaemon's origin_read_timeout"
         ) from exc
     except aiohttp.ClientConnectorError as exc:
         raise OriginUnreachable(
