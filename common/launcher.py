@@ -383,7 +383,8 @@ def _fetch_everywhere(cluster: LocalCluster, url: str, out_dir: Path) -> int:
         output = out_dir / f"{node.name}.out"
         assert node.socket_path is not None
         started = time.monotonic()
-        result = subprocess.run(dfget_command(cluster.python, url, output, node.socket_path),
+        # up's own scratch copies: a rerun with the same --data-dir replaces them.
+        result = subprocess.run(dfget_command(cluster.python, url, output, node.socket_path, "--overwrite"),
                                 capture_output=True, text=True)
         elapsed = time.monotonic() - started
         if result.returncode != 0:
