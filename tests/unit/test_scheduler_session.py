@@ -14,13 +14,20 @@ from typing import Any
 
 import grpc
 import pytest
-from dragonfly_api import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+from dragonfly_api import common_pb2, errordetails_pb2, scheduler_pb2, scheduler_pb2_grpc
 from google.protobuf import empty_pb2
 
 from common.clock import SystemClock
 from common.config import SchedulerConfig
 from common.download import DownloadRequest, duration
-from common.errors import DamselflyError, DownloadFailed, HostNotFound, InvalidRequest, SchedulerUnavailable
+from common.errors import (
+    DamselflyError,
+    DownloadFailed,
+    HostNotFound,
+    InvalidRequest,
+    SchedulerUnavailable,
+    TaskFailed,
+)
 from common.launcher import free_port
 from peer.download.scheduler_client import (
     CandidateParent,
@@ -182,9 +189,16 @@ def _request(**message: Any) -> scheduler_pb2.AnnouncePeerRequest:
         (lambda s: s.back_to_source_failed("origin 404"),
          _request(download_peer_back_to_source_failed_request=scheduler_pb2.DownloadPeerBackToSourceFailedRequest(
              description="origin 404"))),
+        (lambda s: s.back_to_source_piece_failed(0, 404, "origin answered 404 Not Found for u"),
+         _request(download_piece_back_to_source_failed_request=scheduler_pb2.DownloadPieceBackToSourceFailedRequest(
+             piece_number=0, backend=errordetails_pb2.Backend(message="origin answered 404 Not Found for u",
+                                                              status_code=404)))),
+        (lambda s: s.back_to_source_piece_failed(0, None, "cannot connect to u"),
+         _request(download_piece_back_to_source_failed_request=scheduler_pb2.DownloadPieceBackToSourceFailedRequest(
+             piece_number=0, unknown=errordetails_pb2.Unknown(message="cannot connect to u")))),
     ],
     ids=["started", "b2s-started", "piece", "b2s-piece", "piece-failed", "reschedule", "finished",
-         "b2s-finished", "failed", "b2s-failed"],
+         "b2s-finished", "failed", "b2s-failed", "b2s-piece-status", "b2s-piece-unreached"],
 )
 async def test_report_on_the_wire(report: Callable[[SchedulerSession], None],
                                   expected: scheduler_pb2.AnnouncePeerRequest) -> None:
@@ -213,13 +227,14 @@ async def test_report_on_the_wire(report: Callable[[SchedulerSession], None],
         # the scheduler restarted and forgot this host: announce it, register again
         ([grpc.StatusCode.NOT_FOUND, back_to_source()], NeedBackToSource("no parent"), 2, 1),
         ([grpc.StatusCode.NOT_FOUND], HostNotFound, 2, 1),  # once only
-        ([grpc.StatusCode.FAILED_PRECONDITION], DownloadFailed, 1, 0),
+        ([grpc.StatusCode.FAILED_PRECONDITION], TaskFailed, 1, 0),  # the task failed for everyone
+        ([grpc.StatusCode.RESOURCE_EXHAUSTED], DownloadFailed, 1, 0),  # no parent in time
         ([grpc.StatusCode.INVALID_ARGUMENT], InvalidRequest, 1, 0),
         ([grpc.StatusCode.UNAVAILABLE], SchedulerUnavailable, 1, 0),
         ([None], SchedulerUnavailable, 1, 0),  # silent past answer_within
     ],
-    ids=["parents", "back-to-source", "forgot-host", "unknown-host", "refused", "invalid", "unavailable",
-         "silent"],
+    ids=["parents", "back-to-source", "forgot-host", "unknown-host", "task-failed", "no-parent", "invalid",
+         "unavailable", "silent"],
 )
 async def test_register(registers: list[Reply], outcome: Any, registered: int, announced: int) -> None:
     scheduler = FakeScheduler(registers)
@@ -353,3 +368,32 @@ async def test_two_sessions_relay_a_digest_through_the_scheduler() -> None:
         assert await asyncio.wait_for(child.receive(), DEADLINE) is None
         assert service.core.stat_peer("pa").state == "Succeeded"
         assert service.core.stat_peer("pb").state == "Succeeded"
+
+
+def _request_consumers() -> list[asyncio.Task[Any]]:
+    """grpc's tasks that feed a call's request iterator (one per live AnnouncePeer stream)."""
+    return [t for t in asyncio.all_tasks() if "_consume_request_iterator" in repr(t.get_coro())]
+
+
+async def test_an_origin_404_fails_every_waiting_peer_with_its_answer() -> None:
+    answer = "origin answered 404 Not Found for https://registry.local/x"
+    async with real_scheduler() as (service, address), \
+            client_of(address, me=host("a", "10.0.0.1")) as a, client_of(address, me=host("b", "10.0.0.2")) as b:
+        await a.announce_host(address)
+        await b.announce_host(address)
+        source, first = await a.register(TASK, "pa", DOWNLOAD, answer_within=DEADLINE)
+        assert isinstance(first, NeedBackToSource)  # no seed: a goes to the origin
+        source.back_to_source_started(first.description)
+        waiting = asyncio.ensure_future(b.register(TASK, "pb", DOWNLOAD, answer_within=DEADLINE))
+        await until(lambda: "pb" in service.core.peers, "b to wait")
+        source.back_to_source_piece_failed(0, 404, answer)
+        source.back_to_source_failed(answer)
+        source.close()
+        with pytest.raises(TaskFailed) as raised:
+            await asyncio.wait_for(waiting, DEADLINE)
+        assert str(raised.value) == answer  # the origin's words, without the status code's name
+        with pytest.raises(TaskFailed, match="asked again after"):  # a later download: no new attempt
+            await b.register(TASK, "pc", DOWNLOAD, answer_within=DEADLINE)
+        assert service.core.stat_task(TASK).state == "Failed"
+        # The failed streams' request iterators ended with them (nothing left pending at exit).
+        await until(lambda: not _request_consumers(), "the request consumers to end")
