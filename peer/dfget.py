@@ -381,6 +381,9 @@ def format_progress(done: int, total: int | None, elapsed: float, *, finished: b
     percent = 100 if total == 0 else min(100, done * 100 // total)
     if finished:
         return f"{percent:3d}%  {format_size(total)}  {speed}  in {_format_duration(elapsed)}"
+    if done >= total:
+        # Every piece is in; the daemon checks and copies, dfget checks again: no ETA to give.
+        return f"{percent:3d}%  {format_size(done)} / {format_size(total)}  finishing  {_format_duration(elapsed)}"
     remaining = (total - done) / rate if rate > 0 else math.inf
     eta = _format_duration(remaining) if remaining < MAX_ETA else "--:--"
     return f"{percent:3d}%  {format_size(done)} / {format_size(total)}  {speed}  ETA {eta}"

@@ -491,6 +491,8 @@ def test_parse_header(text: str, expected: tuple[str, str]) -> None:
         (2**30, 4 * 2**30, 10.0, " 25%  1.0 GiB / 4.0 GiB  102.4 MiB/s  ETA 0:30"),
         (2**30, 4 * 2**30, 1200.0, " 25%  1.0 GiB / 4.0 GiB  873.8 KiB/s  ETA 1:00:00"),
         (2048, None, 1.0, "2.0 KiB  2.0 KiB/s"),
+        # Every piece in, the copy and checks still running: no "ETA 0:00" with a falling speed.
+        (100 * 2**20, 100 * 2**20, 4.0, "100%  100.0 MiB / 100.0 MiB  finishing  0:04"),
     ],
 )
 def test_format_progress(done: int, total: int | None, elapsed: float, expected: str) -> None:
