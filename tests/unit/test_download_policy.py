@@ -19,6 +19,7 @@ from peer.download.policy import (
     DropParent,
     FetchPiece,
     Finished,
+    GiveUp,
     ReportPieceFailed,
     Reschedule,
 )
@@ -366,3 +367,20 @@ def test_pieces_in_flight_are_not_a_stall() -> None:
     p.parent_ended("a")
     advance(p, 10 * SCHEDULE_TIMEOUT)
     assert p.next_commands() == []
+
+
+def test_a_failed_task_gives_up_instead_of_going_to_the_origin() -> None:
+    p = policy(4, a=False)
+    has(p, "a", range(2))
+    p.next_commands()
+    p.scheduler_failed_task("origin answered 404 Not Found for http://o/x")
+    assert p.next_commands() == [GiveUp("origin answered 404 Not Found for http://o/x")]
+    advance(p, SCHEDULE_TIMEOUT * 10)
+    assert kinds(p.next_commands()) == ["GiveUp"]  # never BackToSource: that would ask the origin again
+
+
+def test_a_finished_download_ignores_a_late_task_failure() -> None:
+    p = policy(1)
+    p.piece_succeeded(0, "")
+    p.scheduler_failed_task("origin answered 404 Not Found for http://o/x")
+    assert p.next_commands() == [Finished()]
