@@ -1,0 +1,518 @@
+"""A deterministic discrete-event simulator of one swarm, driving the real scheduling core and the
+real download policy.
+
+    python bench/swarm_sim.py [--peers 1000] [--size-mib 256] [--node-rate 200mbit] \\
+        [--origin-rate 200mbit] [--seed-rate 200mbit] [--leave 0.1] [--seeds 1] [--fail-seed-at S]
+
+What is real: :class:`scheduler.core.SchedulerCore` (parents, seed triggers, back-to-source) and
+one :class:`peer.download.policy.DownloadPolicy` per peer (which piece, from whom, when to give
+up), with the daemon's default configuration. What is modelled: the network. Every host has an
+uplink and a downlink; a piece transfer is a flow whose rate is its fair share of the sender's
+uplink and of the receiver's downlink, whichever is smaller (TCP-like sharing at each end, without
+the redistribution of a full max-min solver, so it errs on the slow side). Messages (scheduler
+answers, piece announcements) arrive instantly. Time is a :class:`~common.clock.ManualClock`
+advanced from event to event, and every random choice comes from seeded generators: the same
+arguments give the same output.
+
+The run: a seed host (or several) behind the origin's link, N peers starting at once; a share of
+the peers (``--leave``) leaves at random moments mid-download, and optionally a seed host dies
+(``--fail-seed-at``). Prints completion p50/p99/max against the lower bound
+max(F/u_origin, N·F/(u_origin + N·u_node), F/d_node), origin bytes and the seed's upload, each
+÷ the blob.
+
+Trying a policy: change the core or the policy module, run this, then confirm on the netns bench
+(``bench/distribution.py``). Agreement so far (the policy of December 2026, N=16, every link
+200 Mbit/s): 64 MiB 24.4 s here vs 24-26 s measured, 256 MiB 76.7 s vs 62 s.
+
+Cost: each flow start or end re-rates every flow on the two links it crosses, so a host with k
+flows at once costs O(k) per event. With today's policy every peer keeps the seed as a parent and
+the seed carries hundreds of flows: 200 peers take ~20 s of CPU, 1,000 peers over 10 minutes.
+A policy that spreads uploads (issue 11) is what makes 10,000 peers affordable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import itertools
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from common.clock import ManualClock
+from common.config import DfdaemonConfig, SchedulerConfig
+from common.hosts import HostType
+from common.pieces import piece_count, piece_length_for
+from peer.download.policy import (
+    BackToSource,
+    Command,
+    DownloadPolicy,
+    DropParent,
+    FetchPiece,
+    Finished,
+    ReportPieceFailed,
+    Reschedule,
+)
+from scheduler.core import (
+    Decision,
+    FailPeer,
+    SchedulerCore,
+    SendEmpty,
+    SendNeedBackToSource,
+    SendNormal,
+    TriggerSeed,
+)
+from scheduler.resource import DownloadSpec, HostInfo
+
+MIB = 1024 * 1024
+TASK_ID = "t" * 64
+URL = "https://registry.example/v2/bench/blobs/sha256:0"
+TICK = 0.5  # seconds between the scheduler's ticks (its retry interval)
+
+
+def parse_rate(text: str) -> float:
+    """A tc-style rate (``200mbit``, ``1gbit``) in bytes per second."""
+    units = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
+    for suffix, scale in units.items():
+        if text.endswith(suffix):
+            return float(text[: -len(suffix)]) * scale / 8
+    raise argparse.ArgumentTypeError(f"rate {text!r}: write it as tc does, e.g. 200mbit or 1gbit")
+
+
+# -- the network -----------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Link:
+    rate: float  # bytes per second
+    flows: set[Flow] = field(default_factory=set)
+    sent: float = 0.0  # bytes that finished crossing it
+
+
+@dataclass(eq=False)
+class SimHost:
+    id: str
+    up: Link
+    down: Link
+    alive: bool = True
+
+
+@dataclass(eq=False)
+class Flow:
+    src: SimHost
+    dst: SimHost
+    size: float
+    on_done: Callable[[], None]
+    on_fail: Callable[[str], None]
+    left: float = 0.0
+    rate: float = 0.0
+    since: float = 0.0
+    version: int = 0
+    over: bool = False
+
+
+class Network:
+    """Flows between hosts, each at the smaller of its fair shares of the two links it crosses."""
+
+    def __init__(self, clock: ManualClock) -> None:
+        self.clock = clock
+        self._events: list[tuple[float, int, Callable[[], None]]] = []
+        self._sequence = itertools.count()
+
+    def at(self, when: float, action: Callable[[], None]) -> None:
+        heapq.heappush(self._events, (when, next(self._sequence), action))
+
+    def start(self, src: SimHost, dst: SimHost, size: float, on_done: Callable[[], None],
+              on_fail: Callable[[str], None]) -> Flow:
+        flow = Flow(src, dst, size, on_done, on_fail, left=size, since=self.clock.now)
+        if not (src.alive and dst.alive):
+            self.at(self.clock.now, lambda: on_fail("connection refused"))
+            flow.over = True
+            return flow
+        src.up.flows.add(flow)
+        dst.down.flows.add(flow)
+        self._rerate(src.up.flows | dst.down.flows)
+        return flow
+
+    def kill(self, host: SimHost) -> None:
+        """The host is gone: every flow it takes part in fails."""
+        host.alive = False
+        broken = list(host.up.flows | host.down.flows)
+        touched: set[Flow] = set()
+        for flow in broken:
+            self._remove(flow)
+            touched |= flow.src.up.flows | flow.dst.down.flows
+        self._rerate(touched)
+        for flow in broken:
+            flow.on_fail("connection reset by peer")
+
+    def run(self, until: float) -> None:
+        """Process events in time order until none are left or `until` passes."""
+        while self._events:
+            when, _, action = heapq.heappop(self._events)
+            if when > until:
+                break
+            self.clock.now = max(self.clock.now, when)
+            action()
+
+    def _remove(self, flow: Flow) -> None:
+        flow.over = True
+        flow.src.up.flows.discard(flow)
+        flow.dst.down.flows.discard(flow)
+
+    def _rerate(self, flows: Iterable[Flow]) -> None:
+        now = self.clock.now
+        for flow in flows:
+            if flow.over:
+                continue
+            flow.left = max(0.0, flow.left - flow.rate * (now - flow.since))
+            flow.since = now
+            flow.rate = min(flow.src.up.rate / len(flow.src.up.flows), flow.dst.down.rate / len(flow.dst.down.flows))
+            flow.version += 1
+            self.at(now + flow.left / flow.rate, self._completion(flow, flow.version))
+
+    def _completion(self, flow: Flow, version: int) -> Callable[[], None]:
+        def complete() -> None:
+            if flow.over or flow.version != version:
+                return
+            self._remove(flow)
+            flow.src.up.sent += flow.size
+            self._rerate(flow.src.up.flows | flow.dst.down.flows)
+            flow.on_done()
+
+        return complete
+
+
+# -- peers -----------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class SimPeer:
+    id: str
+    host: SimHost
+    policy: DownloadPolicy
+    is_seed: bool
+    started: float
+    pieces: set[int] = field(default_factory=set)
+    subscribers: set[SimPeer] = field(default_factory=set)  # children told of each new piece
+    parents: dict[str, SimPeer] = field(default_factory=dict)
+    flows: dict[int, Flow] = field(default_factory=dict)
+    origin_queue: list[int] | None = None  # pieces left to back-source, once back-to-source began
+    origin_workers: int = 0
+    finished_at: float | None = None
+    failed: str = ""
+
+
+@dataclass
+class Outcome:
+    completions: list[float]  # seconds from start, of every peer that finished
+    failed: int
+    left: int
+    origin_bytes: float
+    seed_upload: float
+    peer_uploads: list[float]
+    events_seconds: float  # CPU seconds of the simulation itself
+
+
+class Swarm:
+    """One task, N peers, the scheduling core and the network between them."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.clock = ManualClock(start=0.0)
+        self.net = Network(self.clock)
+        self.rng = random.Random(args.random_seed)
+        self.core = SchedulerCore(SchedulerConfig(seed_peer=()), self.clock, random.Random(args.random_seed + 1))
+        self.daemon = DfdaemonConfig()
+        self.size = args.size_mib * MIB
+        self.piece_length = piece_length_for(self.size)
+        self.piece_count = piece_count(self.size, self.piece_length)
+        origin_rate = parse_rate(args.origin_rate)
+        self.origin = SimHost("origin", Link(origin_rate), Link(origin_rate))
+        self.hosts: dict[str, SimHost] = {}
+        self.peers: dict[str, SimPeer] = {}
+        self.seed_addresses: dict[str, str] = {}  # seed grpc address -> host id
+        self.left = 0
+        seed_rate = parse_rate(args.seed_rate)
+        for i in range(args.seeds):
+            host_id = f"seed{i}"
+            self._add_host(host_id, seed_rate, HostType.SUPER_SEED, ip=f"10.1.0.{i + 1}")
+            self.seed_addresses[f"10.1.0.{i + 1}:4000"] = host_id
+        node_rate = parse_rate(args.node_rate)
+        for i in range(args.peers):
+            self._add_host(f"n{i}", node_rate, HostType.NORMAL, ip=f"10.2.{i // 256}.{i % 256}")
+
+    def _add_host(self, host_id: str, rate: float, kind: HostType, ip: str) -> None:
+        self.hosts[host_id] = SimHost(host_id, Link(rate), Link(rate))
+        self.core.announce_host(HostInfo(id=host_id, ip=ip, type=kind, port=4000))
+
+    # -- driving ------------------------------------------------------------------------------
+
+    def run(self) -> Outcome:
+        started = time.process_time()
+        nodes = [f"n{i}" for i in range(self.args.peers)]
+        for host_id in nodes:
+            self.net.at(0.0, lambda h=host_id: self._register(h, is_seed=False))
+        leaving = self.rng.sample(nodes, int(len(nodes) * self.args.leave))
+        bound = self.lower_bound()
+        for host_id in leaving:  # somewhere in the first half of an ideal run
+            self.net.at(self.rng.uniform(0.1, 0.5) * bound, lambda h=host_id: self._leave(h))
+        if self.args.fail_seed_at is not None:
+            self.net.at(self.args.fail_seed_at, lambda: self._leave("seed0"))
+        self._tick()
+        self.net.run(until=self.args.deadline)
+        completions = [p.finished_at - p.started for p in self.peers.values()
+                       if not p.is_seed and p.finished_at is not None]
+        failed = sum(1 for p in self.peers.values() if not p.is_seed and p.failed)
+        seed_upload = sum(h.up.sent for h in self.hosts.values() if h.id.startswith("seed"))
+        peer_uploads = [h.up.sent for h in self.hosts.values() if not h.id.startswith("seed")]
+        return Outcome(completions, failed, self.left, self.origin.up.sent, seed_upload, peer_uploads,
+                       time.process_time() - started)
+
+    def lower_bound(self) -> float:
+        u_origin = parse_rate(self.args.origin_rate)
+        u_node = parse_rate(self.args.node_rate)
+        n = self.args.peers
+        return max(self.size / u_origin, n * self.size / (u_origin + n * u_node), self.size / u_node)
+
+    def _tick(self) -> None:
+        self._apply(self.core.tick())
+        for peer in list(self.peers.values()):
+            if peer.finished_at is None and not peer.failed:
+                self._pump(peer)
+        if any(p.finished_at is None and not p.failed for p in self.peers.values()) or not self.peers:
+            self.net.at(self.clock.now + TICK, self._tick)
+
+    def _register(self, host_id: str, *, is_seed: bool, download: DownloadSpec | None = None) -> None:
+        host = self.hosts[host_id]
+        if not host.alive:
+            return
+        peer_id = f"{host_id}-p"
+        policy = DownloadPolicy(peer_id=peer_id, clock=self.clock, rng=random.Random(self.rng.random()),
+                                concurrent_pieces=self.daemon.concurrent_piece_count,
+                                schedule_timeout=self.daemon.schedule_timeout)
+        peer = SimPeer(peer_id, host, policy, is_seed, self.clock.now)
+        self.peers[peer_id] = peer
+        self._apply(self.core.register_peer(host_id, TASK_ID, peer_id, download or DownloadSpec(url=URL)))
+
+    def _leave(self, host_id: str) -> None:
+        host = self.hosts[host_id]
+        if not host.alive:
+            return
+        peer = self.peers.get(f"{host_id}-p")
+        if peer is not None and peer.finished_at is None and not peer.failed:
+            peer.failed = "left"
+            self.left += 1
+        self.net.kill(host)
+        if peer is not None:
+            for child in list(peer.subscribers):
+                self._carry_out(child, child.policy.parent_ended(peer.id, "connection reset by peer"))
+        self._apply(self.core.delete_host(host_id))
+
+    # -- the scheduler's decisions ------------------------------------------------------------
+
+    def _apply(self, decisions: list[Decision]) -> None:
+        for decision in decisions:
+            if isinstance(decision, SendNormal):
+                self._give_parents(decision)
+            elif isinstance(decision, SendNeedBackToSource):
+                peer = self.peers.get(decision.peer_id)
+                if peer is not None:
+                    peer.policy.scheduler_says_back_to_source(decision.description)
+                    self._pump(peer)
+            elif isinstance(decision, TriggerSeed):
+                host_id = self.seed_addresses.get(decision.address)
+                if host_id is None or not self.hosts[host_id].alive:
+                    self._apply(self.core.seed_trigger_failed(decision.address, decision.task_id))
+                elif f"{host_id}-p" not in self.peers:
+                    spec = decision.download
+                    self.net.at(self.clock.now, lambda h=host_id, s=spec: self._register(h, is_seed=True, download=s))
+            elif isinstance(decision, FailPeer):
+                peer = self.peers.get(decision.peer_id)
+                if peer is not None and peer.finished_at is None:
+                    peer.failed = peer.failed or f"{decision.code}: {decision.message}"
+            elif isinstance(decision, SendEmpty):
+                raise AssertionError("the simulated content is never empty")
+
+    def _give_parents(self, decision: SendNormal) -> None:
+        child = self.peers.get(decision.peer_id)
+        if child is None or child.failed:
+            return
+        if not child.policy.content_known:
+            child.policy.content_info(self.piece_count)
+        for candidate in decision.candidates:
+            parent = self.peers.get(candidate.peer_id)
+            if parent is None or not child.policy.add_parent(parent.id, is_seed=candidate.host.is_seed):
+                continue
+            child.parents[parent.id] = parent
+            parent.subscribers.add(child)
+            for number in parent.pieces:
+                child.policy.parent_has(parent.id, number)
+            if parent.finished_at is not None:
+                child.policy.parent_ended(parent.id)
+        self._pump(child)
+
+    # -- one peer's commands ------------------------------------------------------------------
+
+    def _pump(self, peer: SimPeer) -> None:
+        if peer.failed or peer.finished_at is not None or not peer.host.alive:
+            return
+        if peer.origin_queue is not None:
+            self._back_source_more(peer)
+            return
+        self._carry_out(peer, peer.policy.next_commands())
+
+    def _carry_out(self, peer: SimPeer, commands: list[Command]) -> None:
+        for command in commands:
+            if isinstance(command, FetchPiece):
+                self._fetch(peer, command.number, self.peers[command.parent_id])
+            elif isinstance(command, ReportPieceFailed):
+                self._apply(self.core.piece_failed(peer.id, command.number, command.parent_id, command.temporary))
+            elif isinstance(command, DropParent):
+                parent = peer.parents.pop(command.parent_id, None)
+                if parent is not None:
+                    parent.subscribers.discard(peer)
+            elif isinstance(command, Reschedule):
+                self._apply(self.core.reschedule(peer.id, command.blocked, command.description))
+            elif isinstance(command, BackToSource):
+                self._start_back_source(peer)
+                return
+            elif isinstance(command, Finished):
+                self._finish(peer)
+                return
+
+    def _fetch(self, peer: SimPeer, number: int, parent: SimPeer) -> None:
+        length = self._length(number)
+        started = self.clock.now
+
+        def done() -> None:
+            peer.flows.pop(number, None)
+            peer.policy.piece_succeeded(number, parent.id)
+            self._apply(self.core.piece_finished(peer.id, number, number * self.piece_length, length, parent.id,
+                                                 self.clock.now - started))
+            self._got_piece(peer, number)
+            self._pump(peer)
+
+        def failed(reason: str) -> None:
+            peer.flows.pop(number, None)
+            if peer.host.alive:
+                self._carry_out(peer, peer.policy.piece_failed(number, parent.id, reason, integrity=False))
+                self._pump(peer)
+
+        peer.flows[number] = self.net.start(parent.host, peer.host, length, done, failed)
+
+    def _got_piece(self, peer: SimPeer, number: int) -> None:
+        peer.pieces.add(number)
+        for child in list(peer.subscribers):
+            child.policy.parent_has(peer.id, number)
+            self._pump(child)
+
+    def _finish(self, peer: SimPeer) -> None:
+        peer.finished_at = self.clock.now
+        if peer.origin_queue is not None:
+            self._apply(self.core.back_to_source_finished(peer.id))
+        else:
+            self._apply(self.core.peer_finished(peer.id))
+        for child in list(peer.subscribers):
+            child.policy.parent_ended(peer.id)
+
+    # -- back to source -----------------------------------------------------------------------
+
+    def _start_back_source(self, peer: SimPeer) -> None:
+        for flow in list(peer.flows.values()):  # the origin takes over every missing piece
+            flow.on_fail = lambda reason: None
+            self.net._remove(flow)
+        peer.flows.clear()
+        peer.policy.in_flight.clear()
+        if not peer.policy.content_known:
+            peer.policy.content_info(self.piece_count)
+        self._apply(self.core.back_to_source_started(peer.id))
+        peer.origin_queue = [n for n in range(self.piece_count) if n not in peer.pieces]
+        self._back_source_more(peer)
+
+    def _back_source_more(self, peer: SimPeer) -> None:
+        queue = peer.origin_queue
+        assert queue is not None
+        while queue and peer.origin_workers < self.daemon.back_to_source_concurrency:
+            number = peer.policy.next_origin_piece(queue)
+            peer.origin_workers += 1
+            self._origin_piece(peer, number)
+        if not queue and not peer.origin_workers and peer.finished_at is None:
+            self._finish(peer)
+
+    def _origin_piece(self, peer: SimPeer, number: int) -> None:
+        length = self._length(number)
+        started = self.clock.now
+
+        def done() -> None:
+            peer.origin_workers -= 1
+            peer.policy.finished.add(number)
+            self._apply(self.core.back_to_source_piece_finished(
+                peer.id, number, number * self.piece_length, length, f"xxh3:{number:016x}",
+                self.clock.now - started))
+            self._got_piece(peer, number)
+            self._back_source_more(peer)
+
+        def failed(reason: str) -> None:
+            peer.origin_workers -= 1
+            if peer.host.alive and not peer.failed:
+                peer.failed = f"back-to-source failed: {reason}"
+                self._apply(self.core.back_to_source_failed(peer.id, reason))
+
+        self.net.start(self.origin, peer.host, length, done, failed)
+
+    def _length(self, number: int) -> int:
+        return min(self.piece_length, self.size - number * self.piece_length)
+
+
+def percentile(values: list[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(share * len(ordered)))] if ordered else float("nan")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--peers", type=int, default=1000, help="pulling peers (default 1000)")
+    parser.add_argument("--size-mib", type=int, default=256, help="blob size in MiB (default 256)")
+    parser.add_argument("--node-rate", default="200mbit", help="each node's up- and downlink (default 200mbit)")
+    parser.add_argument("--origin-rate", default="200mbit", help="the origin's uplink (default 200mbit)")
+    parser.add_argument("--seed-rate", default="200mbit", help="each seed host's links (default 200mbit)")
+    parser.add_argument("--seeds", type=int, default=1, help="seed hosts (default 1)")
+    parser.add_argument("--leave", type=float, default=0.1, help="share of peers leaving mid-download (default 0.1)")
+    parser.add_argument("--fail-seed-at", type=float, default=None, help="simulated second the first seed dies")
+    parser.add_argument("--random-seed", type=int, default=1)
+    parser.add_argument("--deadline", type=float, default=3600.0, help="simulated seconds before giving up")
+    args = parser.parse_args(argv)
+    if args.peers < 1 or args.seeds < 1:
+        parser.error("--peers and --seeds: at least 1")
+    swarm = Swarm(args)
+    outcome = swarm.run()
+    bound = swarm.lower_bound()
+    size = swarm.size
+    done = outcome.completions
+    unfinished = args.peers - len(done) - outcome.failed
+    print(f"{args.peers} peers, {args.size_mib} MiB in {swarm.piece_count} pieces of "
+          f"{swarm.piece_length // MIB} MiB; links: origin {args.origin_rate}, nodes {args.node_rate}, "
+          f"{args.seeds} seed(s) {args.seed_rate}; {outcome.left} left mid-download")
+    print("| peers | p50 s | p99 s | max s | max ÷ bound | origin ÷ blob | seed upload ÷ blob "
+          "| peer upload min / max ÷ blob | failed | unfinished | sim CPU s |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|")
+    uploads = outcome.peer_uploads
+    print(f"| {args.peers} | {percentile(done, 0.5):.1f} | {percentile(done, 0.99):.1f} | "
+          f"{max(done, default=float('nan')):.1f} | {max(done, default=float('nan')) / bound:.2f} | "
+          f"{outcome.origin_bytes / size:.2f} | {outcome.seed_upload / size:.2f} | "
+          f"{min(uploads) / size:.2f} / {max(uploads) / size:.2f} | {outcome.failed - outcome.left} | {unfinished} | "
+          f"{outcome.events_seconds:.1f} |")
+    if done:
+        print(f"mean {statistics.mean(done):.1f} s; lower bound {bound:.1f} s")
+    return 0 if not unfinished else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
