@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -99,6 +100,7 @@ def test_dfget_killed_during_the_final_copy_leaves_no_file(
             at_kill = temp_files(out)
             midway = bool(at_kill) and at_kill[0][1] < KILL_SIZE
             if midway:
+                killed = time.monotonic()
                 process.send_signal(sig)
             _, stderr = process.communicate(timeout=60)
         finally:
@@ -116,6 +118,8 @@ def test_dfget_killed_during_the_final_copy_leaves_no_file(
     else:
         # dfget could not clean up: the daemon notices the client is gone, stops and removes.
         wait_until(lambda: temp_files(out) == [], 30, "the daemon to remove its partial copy")
+    print(f"\nFIGURES dfget {sig.name} at {at_kill[0][1] / MIB:.0f} of {KILL_SIZE / MIB:.0f} MiB copied: "
+          f"no temporary file {time.monotonic() - killed:.2f}s after the signal")
     assert os.listdir(out) == []
 
     again = run_dfget(peer, url, output)
