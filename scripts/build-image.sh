@@ -97,9 +97,20 @@ pip_ca=${PIP_CERT:-$(python3 -m pip config get global.cert 2>/dev/null || true)}
 if [[ -n $pip_ca && -f $pip_ca ]]; then
   bud_extra+=(--volume "$pip_ca:/run/damselfly-build/pip-ca.crt:ro" --build-arg PIP_CERT=/run/damselfly-build/pip-ca.crt)
 fi
+started=$(date -u +%Y-%m-%dT%H:%M:%S)
 echo "build-image.sh: buildah bud -f Containerfile --build-arg BASE=$base -t $tag"
 "${buildah[@]}" bud --quiet --layers --isolation chroot --pull=false --format oci \
   --build-arg "BASE=$base" "${bud_extra[@]}" -f Containerfile -t "$tag" . >/dev/null
+
+# vfs keeps a full copy of the root filesystem per layer: drop the untagged images (earlier
+# builds' layers) older than this build, so .cache/image stays about one image's size. What this
+# build reused stays in use; what it did not is rebuilt next time (seconds: the steps before the
+# sources are COPYed).
+"${buildah[@]}" images --all --json | python3 -c '
+import json, sys
+for image in json.load(sys.stdin):
+    if not image.get("names") and image["createdatraw"][:19] < sys.argv[1]:
+        print(image["id"])' "$started" | xargs -r "${buildah[@]}" rmi >/dev/null 2>&1 || true
 
 if [[ -n $archive ]]; then
   rm -f "$archive"
