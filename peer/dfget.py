@@ -398,6 +398,7 @@ class ProgressBar:
         self._started = clock()
         self._last_draw: float | None = None
         self._drawn = False
+        self._finished = False
         self.total: int | None = None
         self.done = 0
 
@@ -414,10 +415,14 @@ class ProgressBar:
 
     def tick(self) -> None:
         """Redraw (the clock moved): the wait for the first byte and the speed stay current."""
-        self._draw(force=False)
+        if not self._finished:  # a late tick must not draw after the final line
+            self._draw(force=False)
 
     def finish(self, success: bool) -> None:
         """Draw the final state (on success) and end the line."""
+        if self._finished:
+            return
+        self._finished = True
         if success:
             if self.total is not None:
                 self.done = self.total

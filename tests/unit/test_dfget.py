@@ -551,6 +551,18 @@ def test_progress_bar_redraws_at_most_ten_times_a_second() -> None:
     assert stream.getvalue().endswith("\n")
 
 
+def test_progress_bar_draws_nothing_after_the_final_line() -> None:
+    stream, clock = io.StringIO(), Clock()
+    bar = dfget.ProgressBar(stream, clock)
+    bar.start(1000)
+    bar.finish(success=True)
+    final = stream.getvalue()
+    clock.now += 1.0
+    bar.tick()  # the redraw task may tick once more before it is cancelled
+    bar.finish(success=False)
+    assert stream.getvalue() == final and final.endswith("\n")
+
+
 def test_progress_bar_on_failure_only_ends_the_line() -> None:
     stream, clock = io.StringIO(), Clock()
     bar = dfget.ProgressBar(stream, clock)
