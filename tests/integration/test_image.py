@@ -1,4 +1,5 @@
-"""The container image: built on this machine without a daemon, pulled through Damselfly, run.
+"""The container image: built on this machine without a daemon, pulled through Damselfly, run;
+and the chart's hosts.toml as containerd reads it.
 
 ``scripts/build-image.sh`` builds the Containerfile with buildah (base: a debootstrap'd bookworm,
 cached in .cache/image) and pushes it to a real ``docker-registry``. A private containerd pulls it
@@ -8,14 +9,17 @@ front of the registry that must carry nothing), then ``ctr run`` (runc) runs ``d
 --version`` from the pulled image. containerd verifies every blob against the manifest's digests
 and every unpacked layer against the config's diff_ids, so a pull that succeeds is byte-exact.
 
-Time: a first build on a fresh machine takes about 2 min (debootstrap ~45 s, PyPI downloads);
-with .cache/image warm the whole test takes about 40 s.
+The second test renders the chart's hosts.toml (``helm template``) with the local dfdaemon's port
+closed and a second mirror listed (``containerd.injectMirror.extraMirrors``, the migration set-up
+of docs/chart.md): containerd must accept the file (header, ``dial_timeout``) and pull through the
+second mirror, never the registry.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -26,12 +30,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import yaml
 
-from common.launcher import LocalCluster
+from common.digest import file_digest
+from common.launcher import LocalCluster, free_port
 from tests.support.cluster import start_network
 from tests.support.containerd import containerd_available, running_containerd, write_hosts_toml
-from tests.support.registry import OCI_MANIFEST, Registry
+from tests.support.registry import OCI_MANIFEST, Registry, push_image, write_layer_tar
 from tests.support.relay import ByteCountingRelay
+from tests.unit.test_chart import CHART, _obtain_helm
 
 ROOT = Path(__file__).resolve().parents[2]
 VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
@@ -60,10 +67,10 @@ def _cannot_build() -> str | None:
     return containerd_available()
 
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture
 def _buildable() -> None:
     reason = _cannot_build()
     if reason is not None:
@@ -81,6 +88,8 @@ def _manifest(registry: Registry, repository: str, tag: str) -> dict[str, object
     return manifest
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("_buildable")
 def test_image_is_pulled_through_a_dfdaemon_by_containerd_and_runs(
     registry: Registry, relay_factory: Callable[..., ByteCountingRelay], cluster: LocalCluster, tmp_path: Path,
 ) -> None:
@@ -123,3 +132,41 @@ def test_image_is_pulled_through_a_dfdaemon_by_containerd_and_runs(
         assert whoami.stdout.strip() == "65532", "the image runs as non-root by default"
     print(f"\nimage: build+push {build_seconds:.1f}s, {len(layers)} layers, {packed / 1e6:.1f} MB compressed; "
           f"ctr pull through the dfdaemon {pulled.seconds:.1f}s")
+
+
+@pytest.mark.skipif(containerd_available() is not None, reason=str(containerd_available()))
+def test_chart_hosts_toml_falls_back_to_the_next_mirror_not_the_registry(
+    registry: Registry, relay_factory: Callable[..., ByteCountingRelay], cluster: LocalCluster, tmp_path: Path,
+) -> None:
+    helm, why = _obtain_helm()
+    if helm is None:
+        pytest.fail(why) if os.environ.get("CI") else pytest.skip(why)
+    layers = [write_layer_tar(tmp_path / f"layer{i}.tar.gz", {f"f{i}.bin": random.Random(i).randbytes(size)})
+              for i, size in enumerate((3 << 20, 1 << 20))]
+    manifest = push_image(registry, "chart/app", "v1", layers)
+    _, (node,) = start_network(cluster, ["node"])
+    fallback = relay_factory(registry.port)  # the hosts.toml `server` (and P2P's upstream), counted
+    closed = free_port()  # the "local dfdaemon" that is not up yet
+    render = subprocess.run(
+        [helm, "template", "rel", str(CHART), "--set", "containerd.injectMirror.enabled=true",
+         "--set", f"ports.dfdaemon.proxy={closed}",
+         "--set", f"containerd.injectMirror.registries[0].host={registry.host}",
+         "--set", f"containerd.injectMirror.registries[0].server={fallback.url}",
+         "--set", f"containerd.injectMirror.extraMirrors={{http://127.0.0.1:{node.ports['proxy']}}}"],
+        capture_output=True, text=True, timeout=120, check=False)
+    assert render.returncode == 0, render.stderr
+    configmap = next(d for d in yaml.safe_load_all(render.stdout)
+                     if d and d["kind"] == "ConfigMap" and d["metadata"]["name"] == "rel-dfdaemon-containerd")
+    hosts_dir = tmp_path / "certs.d"
+    (hosts_dir / registry.host).mkdir(parents=True)
+    (hosts_dir / registry.host / "hosts.toml").write_text(configmap["data"]["hosts-0.toml"])
+
+    with running_containerd(tmp_path / "containerd") as containerd:
+        pulled = containerd.pull(f"{registry.host}/chart/app:v1", hosts_dir=hosts_dir)
+    assert {manifest, *(file_digest(layer) for layer in layers)} <= pulled.content, pulled.output
+    # Every blob came through the second mirror (containerd fetches a blob once)...
+    assert node.metrics()[P2P_OK] >= len(layers) + 1, "config and layers came through the second mirror"
+    # ...and the registry served one copy: the seed's back-source (the X-Dragonfly-Registry header
+    # names `server`, so P2P's upstream is the same relay). containerd going direct would double it.
+    one_copy = sum(layer.stat().st_size for layer in layers)
+    assert one_copy <= fallback.bytes_from_target < 1.5 * one_copy, (fallback.bytes_from_target, one_copy)

@@ -394,6 +394,16 @@ server = {{ .registry.server | quote }}
   # The upstream the dfdaemon fetches from: containerd's ?ns= names only the host.
   [host.{{ $mirror | quote }}.header]
     X-Dragonfly-Registry = [{{ .registry.server | quote }}]
+{{- range .ctx.Values.containerd.injectMirror.extraMirrors }}
+
+# Tried when the local dfdaemon does not answer, before the registry (e.g. Dragonfly's dfdaemon
+# during a migration, docs/chart.md).
+[host.{{ . | quote }}]
+  capabilities = ["pull", "resolve"]
+  dial_timeout = {{ $.ctx.Values.containerd.injectMirror.dialTimeout | quote }}
+  [host.{{ . | quote }}.header]
+    X-Dragonfly-Registry = [{{ $.registry.server | quote }}]
+{{- end }}
 {{- end }}
 
 {{/* Env vars telling a dfdaemon who it is (used in its args). */}}
