@@ -45,10 +45,11 @@ class TestCA:
         _write_key(self._ca.private_key_pem.bytes(), self.key_path)
 
     def issue(self, name: str, *, ips: tuple[str, ...] = ("127.0.0.1",),
-              dns: tuple[str, ...] = ("localhost",)) -> Issued:
-        """A certificate for `name` (its common name and a DNS SAN) with the given SANs besides."""
+              dns: tuple[str, ...] = ("localhost",), common_name: str | None = None) -> Issued:
+        """A certificate for `name` (a DNS SAN, and its common name unless `common_name` is given:
+        an identity of :mod:`common.identity` such as ``seed.damselfly``) with the given SANs besides."""
         identities = dict.fromkeys((*ips, *dns, name))  # in order, without repeats
-        leaf = self._ca.issue_cert(*identities, common_name=name)
+        leaf = self._ca.issue_cert(*identities, common_name=common_name or name)
         issued = Issued(self.directory / f"{name}.crt", self.directory / f"{name}.key")
         leaf.cert_chain_pems[0].write_to_path(issued.cert)
         _write_key(leaf.private_key_pem.bytes(), issued.key)
