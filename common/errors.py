@@ -12,6 +12,7 @@ party (the origin, a parent peer, the scheduler) are kept apart from misuse by t
     │   │   └── InvalidRange        a Range header that cannot be parsed
     │   ├── RangeNotSatisfiable     a well-formed range outside the content
     │   ├── InvalidTransition       an event a lifecycle table does not allow in the current state
+    │   ├── PermissionDenied        the caller's identity may not do this (names the role it needs)
     │   └── NotFound                no such thing here (or at the remote party we asked)
     │       ├── TaskNotFound        no such task in this store / scheduler
     │       ├── PeerNotFound        no such peer in the scheduler
@@ -93,6 +94,10 @@ class InvalidTransition(LocalError):
         super().__init__(f"{what} {ident}: event {event} is not allowed in state {state}")
         self.state = state
         self.event = event
+
+
+class PermissionDenied(LocalError):
+    """The caller's identity (its certificate, or its address in plaintext) may not do this."""
 
 
 class NotFound(LocalError):

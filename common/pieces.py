@@ -9,6 +9,9 @@ MIN_PIECE_LENGTH = 4 * MIB
 MAX_PIECE_LENGTH = 64 * MIB
 # Aim for about this many pieces per task: enough parallelism, bounded metadata.
 TARGET_PIECE_COUNT = 500
+# No task has more pieces than this (1 TiB at the largest piece length): the scheduler refuses a
+# piece number or a geometry beyond it, so a report cannot make it (or a peer) hold huge bitmaps.
+MAX_PIECE_COUNT = 16384
 
 
 def piece_length_for(content_length: int | None) -> int:

@@ -9,6 +9,7 @@ alone, which comes from the code alone.
 What a server answers (:data:`STATUS_OF_ERROR`, first match wins)::
 
     NotFound (TaskNotFound, PeerNotFound, HostNotFound)   NOT_FOUND
+    PermissionDenied                                      PERMISSION_DENIED
     LocalError (ConfigError, InvalidRequest, ...)         INVALID_ARGUMENT
     DiskFull                                              RESOURCE_EXHAUSTED
     IntegrityError                                        DATA_LOSS
@@ -53,6 +54,7 @@ from common.errors import (
     LocalError,
     NotFound,
     OriginError,
+    PermissionDenied,
     RemoteError,
 )
 
@@ -61,6 +63,7 @@ ErrorFactory = Callable[[str], DamselflyError]
 
 STATUS_OF_ERROR: tuple[tuple[type[DamselflyError], grpc.StatusCode], ...] = (
     (NotFound, grpc.StatusCode.NOT_FOUND),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (LocalError, grpc.StatusCode.INVALID_ARGUMENT),
     (DiskFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (IntegrityError, grpc.StatusCode.DATA_LOSS),
