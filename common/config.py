@@ -26,6 +26,7 @@ import yaml
 from common.errors import ConfigError
 from common.hosts import default_upload_slots
 from common.tls_settings import check_settings, tls_enabled
+from common.upstreams import UpstreamEntry
 
 DEFAULT_SCHEDULER_PORT = 8002
 DEFAULT_SCHEDULER_METRICS_PORT = 8000
@@ -35,6 +36,14 @@ DEFAULT_DFDAEMON_METRICS_PORT = 4002
 DEFAULT_HEALTH_PORT = 4003
 DEFAULT_UPLOAD_PORT = 4005
 DEFAULT_CONCURRENT_PIECES = 16
+# Signatures and expiry times of presigned object-storage URLs (S3, OSS, GCS): they differ per
+# request for the same content, so proxied URLs leave them out of the task id by default.
+DEFAULT_FILTERED_QUERY_PARAMS = (
+    "X-Amz-Algorithm", "X-Amz-Credential", "X-Amz-Date", "X-Amz-Expires", "X-Amz-SignedHeaders",
+    "X-Amz-Signature", "X-Amz-Security-Token", "AWSAccessKeyId", "OSSAccessKeyId", "Signature", "Expires",
+    "X-Goog-Algorithm", "X-Goog-Credential", "X-Goog-Date", "X-Goog-Expires", "X-Goog-SignedHeaders",
+    "X-Goog-Signature",
+)
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 _TLS_CA_HELP = "PEM CA certificate that signs every node of the cluster (TLS off when tls_* are empty)"
@@ -173,6 +182,13 @@ def _parse_host_pattern(value: object) -> str:
     return text
 
 
+def _parse_upstream_entry(value: object) -> str:
+    """One proxy_allowed_upstreams entry, checked (common.upstreams)."""
+    text = str(value).strip()
+    UpstreamEntry.parse(text)
+    return text
+
+
 def _parse_str(value: object) -> str:
     if isinstance(value, dict | list):
         raise ValueError(f"{value!r} is not a string")
@@ -242,6 +258,17 @@ class SchedulerConfig(LoggingConfig):
                                          "origin failed, doubled at each further failure", parse_duration)
     failed_task_backoff: float = option("30s", "a task whose origin failed fails new downloads at once, without "
                                         "asking the origin again, for this long", parse_duration)
+    max_hosts_per_client: int = option(
+        64, "hosts one client identity (its certificate; its IP in plaintext) may have announced at once; "
+        "more are refused", minimum=1)
+    max_peers_per_host: int = option(
+        1000, "peers (downloads) the scheduler keeps for one host; past it the host's oldest finished or "
+        "failed ones are forgotten, and a registration is refused when all are active", minimum=1)
+    max_streams_per_client: int = option(
+        1000, "AnnouncePeer streams one client identity (its certificate; its IP in plaintext) may hold "
+        "open at once; more are refused", minimum=1)
+    grpc_max_concurrent_streams: int = option(
+        1000, "concurrent gRPC streams on one client connection (HTTP/2 setting); more wait", minimum=1)
     tls_ca_cert: str = option("", _TLS_CA_HELP)
     tls_cert: str = option("", _TLS_CERT_HELP)
     tls_key: str = option("", _TLS_KEY_HELP)
@@ -271,6 +298,8 @@ class DfdaemonConfig(LoggingConfig):
                                  parse_address)
     health_listen: str = option(f"127.0.0.1:{DEFAULT_HEALTH_PORT}", "health HTTP HOST:PORT", parse_address)
     socket: str = option("/var/run/damselfly/dfdaemon.sock", "unix socket of the download API (dfget)")
+    socket_group: str = option("", "group (name or id) whose members may use the unix socket, mode 0660 "
+                               "(empty: the daemon's own group)")
     seed: bool = option(False, "run as a seed peer: register as a seed host and back-source on trigger")
     concurrent_piece_count: int = option(DEFAULT_CONCURRENT_PIECES, "pieces fetched in parallel per task",
                                          minimum=1)
@@ -305,6 +334,24 @@ class DfdaemonConfig(LoggingConfig):
                                         minimum=0)
     proxy_p2p_rate: float = option(0.0, "P2P proxy requests admitted per second, bursts up to one second's "
                                    "worth; more get 429 (0: no limit)", minimum=0.0)
+    proxy_allowed_upstreams: tuple[str, ...] = option(
+        (), "upstreams the proxy may reach for its clients besides --registry-mirror and proxy_intercept_hosts "
+        "(anything else gets 403): host, host:port, scheme://host[:port], *.domain, or * for any public host; "
+        "loopback, link-local and private addresses only when listed by name or address",
+        _parse_list(_parse_upstream_entry))
+    upstream_redirects_public: bool = option(
+        True, "an upstream's redirect may go to any public address (registries send blobs to a CDN or object "
+        "storage); false: only to the same origin or an allowed upstream. Private addresses need a listing")
+    proxy_filtered_query_params: tuple[str, ...] = option(
+        DEFAULT_FILTERED_QUERY_PARAMS, "query parameters left out of a proxied URL's task id (signatures, "
+        "expiry times), so signed URLs of one content share a task; the client's "
+        "X-Dragonfly-Filtered-Query-Params is ignored")
+    proxy_header_timeout: float = option("20s", "close a proxy connection whose request headers take longer "
+                                         "than this (slowloris)", parse_duration)
+    proxy_max_connections: int = option(1024, "open proxy connections at once; more are closed at once",
+                                        minimum=1)
+    proxy_max_connections_per_client: int = option(256, "open proxy connections of one client IP at once; "
+                                                   "more are closed at once", minimum=1)
     task_ttl: float = option("6h", "evict a completed task not read for this long", parse_duration)
     cache_quota: int = option(0, "cache size limit (0: no quota, only the disk)", parse_size)
     gc_high_watermark: float = option(0.9, "start evicting at this fraction of the quota", minimum=0.0)
@@ -437,6 +484,7 @@ _METAVARS: dict[object, str] = {parse_address: "HOST:PORT", parse_duration: "DUR
 _NAMED_METAVARS = {"log_level": "LEVEL", "log_format": "FORMAT", "data_dir": "DIR", "socket": "PATH",
                    "host_ip": "IP", "hostname": "NAME", "idc": "NAME", "location": "LOCATION",
                    "registry_mirror": "URL", "proxy_rule": "REGEX", "proxy_intercept_hosts": "HOST",
+                   "proxy_allowed_upstreams": "UPSTREAM", "proxy_filtered_query_params": "NAME",
                    "tls_server_name": "NAME"}
 
 

@@ -1,7 +1,9 @@
 """Identifiers of tasks, peers and hosts.
 
 A task is one content. For an OCI blob URL (``/v2/<name>/blobs/<digest>``) the task id comes from
-the blob digest, so the same blob pulled from two repositories or registries is one task. For
+the registry (scheme, host, port) and the blob digest, so the same blob pulled from two
+repositories of one registry is one task, and a blob cached from one registry is never served as
+another registry's (whose answer to "may this client read it?" says nothing about the first). For
 any other URL it is the sha256 of the URL without its filtered query parameters, plus tag,
 application and (when the caller fixed it) the piece length.
 """
@@ -87,10 +89,17 @@ def task_id(
     validate_url(url)
     blob = parse_oci_blob_url(url)
     if blob is not None:
-        parts = ["oci-blob", blob.digest, tag, application]
+        parts = ["oci-blob", _registry_key(blob.registry), blob.digest, tag, application]
     else:
         parts = ["url", filter_query(url, filtered_query_params), tag, application, str(piece_length or "")]
     return hashlib.sha256("\x00".join(parts).encode()).hexdigest()
+
+
+def _registry_key(registry: str) -> str:
+    """scheme://host:port of a registry URL, lower case, with the scheme's default port spelled out."""
+    parts = urlsplit(registry)
+    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme, 0)
+    return f"{parts.scheme}://{(parts.hostname or '').lower()}:{port}"
 
 
 def host_id(ip: str, hostname: str, *, seed: bool = False) -> str:

@@ -13,7 +13,11 @@ What it takes care of, so callers do not have to:
   credentials are sent. A ``401`` that persists raises :class:`OriginResponseError` with the
   origin's headers (``WWW-Authenticate``) kept, so a registry mirror can relay it unchanged.
 - **Redirects** (registries sending blobs to object storage) are followed, at most
-  :data:`MAX_REDIRECTS`, and the ``Authorization`` header is never sent to another host.
+  :data:`MAX_REDIRECTS`; ``Authorization`` and ``Cookie`` are never sent to another origin, and
+  with an :class:`~common.upstreams.UpstreamPolicy` a redirect goes only where it allows (never to
+  a loopback, link-local or private address it does not list).
+- **Tokens** are cached in a bounded LRU (:data:`MAX_CACHED_TOKENS`): a client naming fresh
+  scopes on every request cannot grow the daemon's memory.
 - **Ranges** are checked: a ranged request must come back ``206`` with the requested
   ``Content-Range`` (or ``200`` when the range covers the whole content), and a body that ends
   before its announced length raises :class:`~common.errors.OriginUnreachable`.
@@ -30,7 +34,9 @@ import asyncio
 import base64
 import json
 import re
+import socket
 import ssl
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -43,6 +49,7 @@ from yarl import URL
 from common.clock import Clock, SystemClock
 from common.errors import InvalidRequest, OriginError, OriginStatusError, OriginUnreachable
 from common.http import HOP_BY_HOP, credential_key, get_header
+from common.upstreams import UpstreamNotAllowed, UpstreamPolicy, public_addresses
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_SOCK_READ_TIMEOUT = 60.0
@@ -52,6 +59,11 @@ DEFAULT_TOKEN_TTL = 60.0  # seconds, when the token server gives no expires_in (
 TOKEN_EXPIRY_MARGIN = 5.0  # renew a token this long before it expires, so it does not expire in flight
 MAX_REDIRECTS = 5
 MAX_ERROR_BODY = 64 * 1024  # bytes of an error body kept for relaying and messages
+# Tokens (and scope hints) kept per client: (registry, scope, credential) keys are chosen by
+# clients, so the cache is an LRU of this many entries, not a dict that grows with every scope.
+MAX_CACHED_TOKENS = 4096
+# Headers that carry a credential: sent to the request's own origin only, never across a redirect.
+_CREDENTIAL_HEADERS = ("authorization", "cookie")
 
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 # Headers of the caller that must not be forwarded: hop-by-hop ones, and the ones this client sets.
@@ -258,8 +270,12 @@ class OriginClient:
         credentials: Mapping[str, tuple[str, str]] | None = None,
         clock: Clock | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        upstreams: UpstreamPolicy | None = None,
+        max_cached_tokens: int = MAX_CACHED_TOKENS,
     ) -> None:
         self._session = session
+        self._upstreams = upstreams  # None: redirects may go anywhere (command-line tools, tests)
+        self._max_cached_tokens = max_cached_tokens
         self._owns_session = session is None
         self._timeout = aiohttp.ClientTimeout(
             total=None, connect=connect_timeout, sock_connect=connect_timeout, sock_read=sock_read_timeout
@@ -270,11 +286,12 @@ class OriginClient:
             host.lower(): basic_authorization(*pair) for host, pair in (credentials or {}).items()
         }
         self._clock: Clock = clock or SystemClock()
-        self._tokens: dict[tuple[str, str, str], _CachedToken] = {}
-        self._token_locks: dict[tuple[str, str, str], asyncio.Lock] = {}
+        self._tokens: OrderedDict[tuple[str, str, str], _CachedToken] = OrderedDict()
+        # One lock per key while requests wait on a fetch, with how many use it (then dropped).
+        self._token_locks: dict[tuple[str, str, str], tuple[asyncio.Lock, int]] = {}
         # Which scopes a repository (or path) on a host was last challenged with, so the next
         # request to it carries a cached token straight away instead of taking a 401 first.
-        self._scope_hints: dict[tuple[str, str], tuple[str, ...]] = {}
+        self._scope_hints: OrderedDict[tuple[str, str], tuple[str, ...]] = OrderedDict()
         self.token_fetches = 0  # how many tokens were fetched from realms (metrics, tests)
 
     async def close(self) -> None:
@@ -371,6 +388,7 @@ class OriginClient:
         Returns a response that is not a redirect and not a 401 we could answer.
         """
         base = {k: v for k, v in headers.items() if k.lower() not in _DROPPED_HEADERS}
+        cross_origin = {k: v for k, v in base.items() if k.lower() not in _CREDENTIAL_HEADERS}
         base["Accept-Encoding"] = "identity"
         if range_value is not None:
             base["Range"] = range_value
@@ -388,8 +406,8 @@ class OriginClient:
         redirects = 0
         session = self._get_session()
         while True:
-            send = dict(base)
             same_origin = _origin_of(current) == origin
+            send = dict(base if same_origin else cross_origin)
             if same_origin and authorization:
                 send["Authorization"] = authorization
             with translate_errors(current):
@@ -405,7 +423,9 @@ class OriginClient:
                 redirects += 1
                 if redirects > MAX_REDIRECTS:
                     raise OriginResponseError(url, response.status, f"more than {MAX_REDIRECTS} redirects")
-                current = urljoin(current, location)
+                target = urljoin(current, location)
+                await self._check_redirect(current, target)
+                current = target
                 continue
             if response.status != 401 or not same_origin:
                 return response
@@ -431,7 +451,7 @@ class OriginClient:
             if challenge.scheme == "bearer" and challenge.realm:
                 answered.add("bearer")
                 scopes = tuple(challenge.scopes)
-                self._scope_hints[hint_key] = scopes
+                self._remember(self._scope_hints, hint_key, scopes)
                 token = await self._fetch_token(url, challenge, basic, sent)
                 return f"Bearer {token}" if token else None
             if challenge.scheme == "basic" and basic is not None and basic != sent:
@@ -447,9 +467,11 @@ class OriginClient:
     def _cached_token(self, origin: str, scopes: tuple[str, ...], credential: str | None) -> str | None:
         if not scopes:
             return None
-        entry = self._tokens.get((origin, " ".join(scopes), credential_key(credential)))
+        key = (origin, " ".join(scopes), credential_key(credential))
+        entry = self._tokens.get(key)
         if entry is None or entry.expires_at <= self._clock.time():
             return None
+        self._tokens.move_to_end(key)
         return entry.value
 
     async def _fetch_token(
@@ -462,14 +484,22 @@ class OriginClient:
         """
         scopes = tuple(challenge.scopes)
         key = (_origin_of(url), " ".join(scopes), credential_key(basic))
-        lock = self._token_locks.setdefault(key, asyncio.Lock())
-        async with lock:
-            entry = self._tokens.get(key)
-            fresh = entry is not None and entry.expires_at > self._clock.time()
-            if entry is not None and fresh and f"Bearer {entry.value}" != refused:
-                return entry.value  # fetched by a concurrent request while we waited
-            self._tokens.pop(key, None)  # the registry refused what we had (or we had nothing)
-            return await self._fetch_token_from_realm(url, challenge, key, basic)
+        lock, users = self._token_locks.get(key, (asyncio.Lock(), 0))
+        self._token_locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                entry = self._tokens.get(key)
+                fresh = entry is not None and entry.expires_at > self._clock.time()
+                if entry is not None and fresh and f"Bearer {entry.value}" != refused:
+                    return entry.value  # fetched by a concurrent request while we waited
+                self._tokens.pop(key, None)  # the registry refused what we had (or we had nothing)
+                return await self._fetch_token_from_realm(url, challenge, key, basic)
+        finally:
+            lock, users = self._token_locks[key]
+            if users > 1:
+                self._token_locks[key] = (lock, users - 1)
+            else:
+                del self._token_locks[key]  # nobody else waits on it: not one lock per key forever
 
     async def _fetch_token_from_realm(
         self, url: str, challenge: Challenge, key: tuple[str, str, str], basic: str | None
@@ -503,8 +533,45 @@ class OriginClient:
         if not isinstance(token, str) or not token:
             raise OriginError(f"{url}: token server {realm} answered no token")
         ttl = _token_ttl(document.get("expires_in"))
-        self._tokens[key] = _CachedToken(token, self._clock.time() + max(ttl - TOKEN_EXPIRY_MARGIN, ttl / 2))
+        self._remember(self._tokens, key, _CachedToken(token, self._clock.time() + max(ttl - TOKEN_EXPIRY_MARGIN,
+                                                                                        ttl / 2)))
         return token
+
+    def _remember(self, cache: OrderedDict[Any, Any], key: Any, value: Any) -> None:
+        """Put `key` in an LRU cache, dropping the least recently used entry beyond the bound."""
+        cache[key] = value
+        cache.move_to_end(key)
+        while len(cache) > self._max_cached_tokens:
+            cache.popitem(last=False)
+
+    @property
+    def cached_tokens(self) -> int:
+        """Tokens held now (bounded by max_cached_tokens)."""
+        return len(self._tokens)
+
+    async def _check_redirect(self, source: str, target: str) -> None:
+        """Raise :class:`~common.upstreams.UpstreamNotAllowed` unless the policy lets a redirect go there.
+
+        A host name is resolved here: one that resolves only to private addresses is refused
+        unless the policy names it (the connection itself resolves it again; a name that changes
+        its answers in between is outside what this check can see).
+        """
+        policy = self._upstreams
+        if policy is None or _origin_of(source) == _origin_of(target):
+            return
+        policy.check_redirect(source, target)
+        parts = urlsplit(target)
+        host = (parts.hostname or "").lower()
+        if policy.names(host, parts.port or {"http": 80, "https": 443}.get(parts.scheme)):
+            return
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(host, parts.port or 443, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            raise OriginUnreachable(f"cannot resolve {host}, the target of a redirect from {source}: {exc}") from exc
+        try:
+            public_addresses(policy, host, parts.port, [str(info[4][0]) for info in infos])
+        except UpstreamNotAllowed as exc:
+            raise UpstreamNotAllowed(f"redirect from {source[:200]} refused: {exc}") from None
 
 
 def _token_ttl(value: Any) -> float:

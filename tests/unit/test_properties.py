@@ -51,8 +51,11 @@ def test_same_blob_under_two_repositories_is_one_task(
     registry_a: str, registry_b: str, repo_a: str, repo_b: str, digest: str
 ) -> None:
     first = ids.task_id(f"{registry_a}/v2/{repo_a}/blobs/{digest}")
-    second = ids.task_id(f"{registry_b}/v2/{repo_b}/blobs/{digest}?X-Amz-Signature=x")
+    second = ids.task_id(f"{registry_a.upper()}/v2/{repo_b}/blobs/{digest}?X-Amz-Signature=x")
     assert first == second
+    # Another registry's blob is another task (security: issue 12 item 1).
+    assert (ids.task_id(f"{registry_b}/v2/{repo_a}/blobs/{digest}") == first) == (
+        ids._registry_key(registry_a) == ids._registry_key(registry_b))
     assert HEX64.match(first)
     # tag and application still make their own tasks
     assert ids.task_id(f"{registry_a}/v2/{repo_a}/blobs/{digest}", tag="t") != first
@@ -143,7 +146,7 @@ def test_blob_urls_never_carry_traversal_or_a_bad_digest(
     for component in blob.repository.split("/"):
         assert re.fullmatch(COMPONENT, component), component  # no "..", ".", "%", "\\", NUL
     assert urlsplit(url).path == f"/v2/{blob.repository}/blobs/{blob.digest}"
-    assert ids.task_id(url) == ids.task_id(f"http://other.test/v2/library/x/blobs/{blob.digest}")
+    assert ids.task_id(url) == ids.task_id(f"{blob.registry}/v2/library/x/blobs/{blob.digest}")
 
 
 # ---- the config loader --------------------------------------------------------------------------
