@@ -31,10 +31,36 @@ status when it answered one; :func:`scheduler.scheduling.origin_verdict` judges 
   attempts have failed; then the task fails as above;
 - a peer never goes to the origin on its own because the attempt of another failed: the round's
   verdict, not the waiting time, decides what happens to the peers waiting on it.
+
+Who may do what (every event carries its :class:`Caller`: the identity its mutual-TLS certificate
+proves, :mod:`common.identity`, or none in plaintext, and the IP it came from):
+
+- a host record belongs to the identity that announced it (:attr:`Caller.owner`); only that
+  identity may announce it again, register peers on it or delete it. A per-host certificate
+  (``<hostname>.<role>.damselfly``) only announces its own hostname;
+- a seed is a host the scheduler trusts to fetch for everyone: with TLS, one whose certificate
+  proves the ``seed`` role; in plaintext, one whose address is in ``--seed-peer``. Any other host
+  announcing a seed type is refused, so triggers (and the clients' credentials in them) only go to
+  configured or proven seeds;
+- only a peer the scheduler sent to the origin (``need_back_to_source`` answer) or a seed defines
+  a task's piece digests and geometry; a peer that went to the origin on its own, or asked to,
+  fetches for itself only. Its pieces count only where they agree with the defining ones;
+- piece reports are checked against that geometry (offsets on one piece length, at most
+  ``MAX_PIECE_COUNT`` pieces, lengths within ``MAX_PIECE_LENGTH``); a report or a registration that
+  disagrees is refused (``INVALID_ARGUMENT``);
+- a parent is demoted for a task only on failure reports of ``FAILED_BY_LIMIT`` different
+  identities: one client cannot take a parent away from everyone;
+- ``DeleteHost`` (of another's host), ``DeleteTask``, ``DeletePeer``, ``ListHosts`` and preheat need
+  the ``admin`` role; in plaintext, a caller on loopback (there is no identity to check);
+- state is bounded: ``max_hosts_per_client`` hosts per identity, ``max_peers_per_host`` peers per
+  host (its oldest finished ones are forgotten first), ``max_streams_per_client`` streams per
+  identity; failed peers are forgotten after ``FAILED_PEER_TTL``, tasks without peers after
+  ``ABANDONED_TASK_TTL``.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import random
 from collections.abc import Callable, Iterable
@@ -44,7 +70,9 @@ from enum import StrEnum
 from common import hashring
 from common.clock import Clock
 from common.config import SchedulerConfig
-from common.errors import HostNotFound, PeerNotFound, TaskNotFound
+from common.errors import HostNotFound, LocalError, PeerNotFound, PermissionDenied, TaskNotFound
+from common.identity import Identity, Role
+from common.pieces import MAX_PIECE_COUNT, MAX_PIECE_LENGTH, MIN_PIECE_LENGTH
 from scheduler.resource import (
     FETCHING_STATES,
     TERMINAL_STATES,
@@ -75,11 +103,114 @@ from scheduler.scheduling import (
 WAKE_LIMIT = 64
 PUSH_LIMIT = 8
 PUSH_SCAN = 32
-# A parent reported failed (not temporarily) by this many distinct children is not offered again
-# for the task. One is enough: a non-temporary failure means the parent served bytes that did not
-# match the relayed digest, or could not be reached at all; either way no child should wait on it.
-# Children are cluster members (mutual TLS when enabled), so one report is trusted.
-FAILED_BY_LIMIT = 1
+# A parent reported failed (not temporarily) by children of this many different identities
+# (Caller.owner of their hosts) is not offered again for the task. One report only blocklists the
+# parent for the child that made it: a single client must not take a parent away from everyone.
+FAILED_BY_LIMIT = 2
+# A failed peer is forgotten this long after its last event (it serves nobody); a task with no
+# peer left is forgotten this long after its last event (unless its origin failure still stands).
+FAILED_PEER_TTL = 300.0
+ABANDONED_TASK_TTL = 600.0
+
+
+def _is_loopback(ip: str) -> bool:
+    try:
+        return ipaddress.ip_address(ip).is_loopback
+    except ValueError:
+        return False
+
+
+def ip_of_grpc_peer(peer: str) -> str:
+    """The IP in a gRPC peer string (``ipv4:127.0.0.1:5000``, ``ipv6:[::1]:5000``); '' for others."""
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv4":
+        return rest.rpartition(":")[0]
+    if kind == "ipv6":
+        return rest.rpartition(":")[0].strip("[]")
+    return ""
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who sent an event: the identity its certificate proves (None: plaintext, or TLS without a
+    client certificate) and the IP it came from. :data:`SYSTEM` is the process itself (simulators,
+    tests of the scheduling policy), allowed everything."""
+
+    identity: Identity | None
+    ip: str = ""
+    system: bool = False
+
+    @property
+    def owner(self) -> str:
+        """Whom a host record belongs to: a per-host certificate by itself; a shared certificate or
+        no certificate together with the IP it came from (all that tells its holders apart)."""
+        if self.identity is None:
+            return f"plaintext@{self.ip}"
+        if self.identity.hostname:
+            return f"{self.identity.hostname}.{self.identity.role}"
+        return f"{self.identity.role}@{self.ip}"
+
+    @property
+    def is_admin(self) -> bool:
+        """May list and delete anything: the admin role; in plaintext, a caller on loopback."""
+        if self.system:
+            return True
+        if self.identity is None:
+            return _is_loopback(self.ip)
+        return self.identity.role is Role.ADMIN
+
+    def describe(self) -> str:
+        if self.identity is None:
+            return f"a plaintext caller at {self.ip or 'an unknown address'}"
+        return f"{self.identity.hostname + '.' if self.identity.hostname else ''}{self.identity.role}.damselfly " \
+               f"at {self.ip or 'an unknown address'}"
+
+
+SYSTEM = Caller(None, system=True)
+
+
+class QuotaExceeded(LocalError):
+    """A client reached one of the scheduler's per-client limits (RESOURCE_EXHAUSTED)."""
+
+
+def stream_message_problem(bound_peer_id: str, peer_id: str, is_register: bool) -> str:
+    """Why a message may not be read on an AnnouncePeer stream bound to `bound_peer_id` ('' when
+    none yet); '' when it may. A stream speaks for the one peer it registered, and nothing else."""
+    if not bound_peer_id:
+        if not is_register:
+            return (f"the first message of an AnnouncePeer stream must register its peer; "
+                    f"got another message for peer {peer_id!r}")
+        if not peer_id:
+            return "register_peer_request without a peer_id"
+        return ""
+    if peer_id != bound_peer_id:
+        return (f"this AnnouncePeer stream belongs to peer {bound_peer_id}; a message for peer {peer_id} "
+                "must go on that peer's own stream")
+    return ""
+
+
+def geometry_problem(piece_length: int, number: int, offset: int, length: int) -> str:
+    """Why a piece report does not fit a task cut in `piece_length` pieces (0: not known yet)."""
+    if not 0 <= number < MAX_PIECE_COUNT:
+        return f"piece number {number} is outside 0..{MAX_PIECE_COUNT - 1}"
+    if not 0 < length <= MAX_PIECE_LENGTH:
+        return f"piece {number} has length {length}, outside 1..{MAX_PIECE_LENGTH}"
+    if offset < 0:
+        return f"piece {number} has a negative offset {offset}"
+    if piece_length and (offset != number * piece_length or length > piece_length):
+        return (f"piece {number} at offset {offset} with length {length} does not fit the task's "
+                f"{piece_length}-byte pieces")
+    if not piece_length and number > 0 and offset % number:
+        return f"piece {number} at offset {offset} is not on a whole piece length"
+    return ""
+
+
+def requested_piece_length_problem(piece_length: int) -> str:
+    """Why a download's requested piece length is refused ('' when 0, i.e. none, or in bounds)."""
+    if piece_length and not MIN_PIECE_LENGTH <= piece_length <= MAX_PIECE_LENGTH:
+        return (f"piece length {piece_length} is outside {MIN_PIECE_LENGTH}..{MAX_PIECE_LENGTH} bytes; "
+                "leave it unset to let the content's size decide")
+    return ""
 
 
 class Code(StrEnum):
@@ -92,6 +223,7 @@ class Code(StrEnum):
     RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"  # no parent in time and no back-to-source allowed
     ABORTED = "ABORTED"  # the peer was removed (its host left, it registered again, deleted)
     INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    PERMISSION_DENIED = "PERMISSION_DENIED"  # the caller's identity may not act for that host or peer
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,6 +326,8 @@ class SchedulerCore:
         self._seed_hosts: dict[str, Host] = {}
         self._cooldown: dict[str, float] = {}  # seed address -> skipped until
         self._waiting: dict[str, Peer] = {}  # every waiting peer, oldest first
+        self._hosts_by_owner: dict[str, set[str]] = {}
+        self._streams_by_owner: dict[str, int] = {}
 
     # ----------------------------------------------------------------------------------------
     # Counts (gauges)
@@ -217,13 +351,27 @@ class SchedulerCore:
     # ----------------------------------------------------------------------------------------
     # Hosts
 
-    def announce_host(self, info: HostInfo) -> list[Decision]:
-        """A host (re)announced itself."""
+    def announce_host(self, info: HostInfo, caller: Caller = SYSTEM) -> list[Decision]:
+        """A host (re)announced itself. Raises PermissionDenied for a host `caller` may not speak
+        for (another identity's, or a seed it cannot prove), QuotaExceeded past its host limit."""
         now = self.clock.time()
+        owner = f"system:{info.id}" if caller.system else caller.owner
+        if not caller.system:
+            self._check_host_identity(info, caller)
         host = self.hosts.get(info.id)
+        if host is not None and host.owner != owner:
+            raise PermissionDenied(
+                f"host {info.id} was announced by another identity; {caller.describe()} may not announce, "
+                "register on or delete it (each node announces its own host id)")
         if host is None:
-            host = Host(info, now)
+            owned = self._hosts_by_owner.setdefault(owner, set())
+            if not caller.system and len(owned) >= self.config.max_hosts_per_client:
+                raise QuotaExceeded(
+                    f"{caller.describe()} already has {len(owned)} hosts announced (max_hosts_per_client); "
+                    "delete unused ones or wait for them to expire")
+            host = Host(info, now, owner)
             self.hosts[info.id] = host
+            owned.add(info.id)
         else:
             host.info = info
             host.announced_at = now
@@ -236,19 +384,77 @@ class SchedulerCore:
             self._seed_hosts.pop(info.id, None)
         return []
 
-    def delete_host(self, host_id: str) -> list[Decision]:
-        """A host left: forget it and its peers."""
-        host = self.hosts.pop(host_id, None)
+    def _check_host_identity(self, info: HostInfo, caller: Caller) -> None:
+        """Refuse a host announcement the caller's identity does not cover."""
+        identity = caller.identity
+        if identity is None:
+            if info.is_seed and info.grpc_address not in self.config.seed_peer:
+                raise PermissionDenied(
+                    f"host {info.id} announces itself as a seed, but this scheduler runs without mutual TLS "
+                    f"and {info.grpc_address} is not one of its --seed-peer addresses: list the seed there, "
+                    "or turn mutual TLS on and give the seed a certificate with CN seed.damselfly")
+            return
+        if identity.role not in (Role.PEER, Role.SEED):
+            raise PermissionDenied(f"{caller.describe()} may not announce hosts (only peer and seed identities do)")
+        if identity.hostname and identity.hostname != info.hostname.split(".")[0].lower():
+            raise PermissionDenied(
+                f"{caller.describe()} may only announce the host named {identity.hostname!r}, "
+                f"not {info.hostname!r}")
+        if info.is_seed and identity.role is not Role.SEED:
+            raise PermissionDenied(
+                f"host {info.id} announces itself as a seed, but {caller.describe()} does not prove the seed "
+                "role: give the seed a certificate with CN seed.damselfly (or <hostname>.seed.damselfly)")
+
+    def delete_host(self, host_id: str, caller: Caller = SYSTEM) -> list[Decision]:
+        """A host left: forget it and its peers. Its own identity or an admin may delete it."""
+        host = self.hosts.get(host_id)
         if host is None:
             return []
+        if not caller.is_admin and host.owner != caller.owner:
+            raise PermissionDenied(f"{caller.describe()} may not delete host {host_id}: only the identity that "
+                                   "announced it, or an admin (CN admin.damselfly), may")
+        del self.hosts[host_id]
+        owned = self._hosts_by_owner.get(host.owner)
+        if owned is not None:
+            owned.discard(host_id)
+            if not owned:
+                del self._hosts_by_owner[host.owner]
         self._seed_hosts.pop(host_id, None)
         decisions: list[Decision] = []
         for peer in list(host.peers.values()):
             decisions += self._remove_peer(peer, f"host {host_id} left")
         return decisions
 
-    def list_hosts(self) -> list[HostInfo]:
+    def list_hosts(self, caller: Caller = SYSTEM) -> list[HostInfo]:
+        self.require_admin(caller, "ListHosts")
         return [host.info for host in self.hosts.values()]
+
+    @staticmethod
+    def require_admin(caller: Caller, what: str) -> None:
+        """Raise PermissionDenied unless `caller` is an admin."""
+        if not caller.is_admin:
+            how = ("a caller on loopback (the scheduler runs without mutual TLS)" if caller.identity is None
+                   else "a certificate with CN admin.damselfly")
+            raise PermissionDenied(f"{what} needs the admin role, which {caller.describe()} lacks: use {how}")
+
+    def open_stream(self, caller: Caller) -> None:
+        """An AnnouncePeer stream opened; QuotaExceeded past ``max_streams_per_client``."""
+        if caller.system:
+            return
+        count = self._streams_by_owner.get(caller.owner, 0)
+        if count >= self.config.max_streams_per_client:
+            raise QuotaExceeded(f"{caller.describe()} already holds {count} AnnouncePeer streams "
+                                "(max_streams_per_client); close finished ones")
+        self._streams_by_owner[caller.owner] = count + 1
+
+    def close_stream(self, caller: Caller) -> None:
+        if caller.system:
+            return
+        count = self._streams_by_owner.get(caller.owner, 0) - 1
+        if count > 0:
+            self._streams_by_owner[caller.owner] = count
+        else:
+            self._streams_by_owner.pop(caller.owner, None)
 
     @property
     def available_seed_host_count(self) -> int:
@@ -268,17 +474,39 @@ class SchedulerCore:
     # Peer lifecycle events
 
     def register_peer(
-        self, host_id: str, task_id: str, peer_id: str, download: DownloadSpec
+        self, host_id: str, task_id: str, peer_id: str, download: DownloadSpec, caller: Caller = SYSTEM
     ) -> list[Decision]:
-        """A peer asked for a download of `task_id` on `host_id`."""
+        """A peer asked for a download of `task_id` on `host_id` (a host `caller` announced)."""
         host = self.hosts.get(host_id)
         if host is None:  # not announced, or forgotten (a restart): the peer announces it and comes back
             return [FailPeer(peer_id, Code.NOT_FOUND, str(HostNotFound(host_id)))]
-        decisions: list[Decision] = []
+        if not caller.system and host.owner != caller.owner:
+            return [FailPeer(peer_id, Code.PERMISSION_DENIED,
+                             f"host {host_id} was announced by another identity; {caller.describe()} may only "
+                             "register peers on hosts it announced")]
         old = self.peers.get(peer_id)
+        if old is not None and not caller.system and old.host.owner != caller.owner:
+            return [FailPeer(peer_id, Code.PERMISSION_DENIED,
+                             f"peer id {peer_id} belongs to a peer of another identity; use a fresh peer id")]
+        task = self.tasks.get(task_id)
+        problem = requested_piece_length_problem(download.piece_length)
+        if not problem and task is not None and task.piece_length_known and download.piece_length \
+                and download.piece_length != task.piece_length:
+            problem = (f"piece length {download.piece_length} disagrees with the {task.piece_length}-byte pieces "
+                       f"task {task_id} is cut in; leave it unset")
+        if problem:
+            return [FailPeer(peer_id, Code.INVALID_ARGUMENT, problem)]
+        decisions: list[Decision] = []
         if old is not None:  # a retry with the same id: start over (its stream is this one now)
             decisions += [d for d in self._remove_peer(old, "registered again")
                           if not (isinstance(d, FailPeer) and d.peer_id == peer_id)]
+        room = self._make_room(host) if len(host.peers) >= self.config.max_peers_per_host else []
+        if room is None:
+            return [*decisions, FailPeer(
+                peer_id, Code.RESOURCE_EXHAUSTED,
+                f"host {host_id} already has {len(host.peers)} downloads in progress (max_peers_per_host); "
+                "wait for some to finish")]
+        decisions += room
         now = self.clock.time()
         task = self.tasks.get(task_id)
         if task is None:
@@ -299,9 +527,18 @@ class SchedulerCore:
             peer.transition(PeerEvent.SCHEDULE_EMPTY, now)
             return [SendEmpty(peer_id)]
         if download.need_back_to_source:
-            decisions.append(self._back_to_source(peer, "the download asked to go back to source"))
+            # Its own choice: it may fetch for itself, but only a seed's fetch defines the task.
+            decisions.append(self._back_to_source(peer, "the download asked to go back to source",
+                                                  defines_content=peer.is_seed))
             return decisions
         return decisions + self._schedule(peer)
+
+    def _make_room(self, host: Host) -> list[Decision] | None:
+        """Forget the oldest finished or failed peer of `host`; None when every one is active."""
+        for peer in host.peers.values():
+            if peer.state in TERMINAL_STATES:
+                return self._remove_peer(peer, "the host has too many peers")  # terminal: no stream to end
+        return None
 
     def download_started(self, peer_id: str) -> list[Decision]:
         """The peer started downloading from its parents."""
@@ -317,6 +554,13 @@ class SchedulerCore:
         """The peer has piece `number`, fetched from `parent_id` in `cost` seconds."""
 
         def apply(peer: Peer) -> list[Decision]:
+            problem = geometry_problem(peer.task.piece_length, number, offset, length)
+            record = peer.task.pieces.get(number)
+            if not problem and record is not None and (record.offset, record.length) != (offset, length):
+                problem = (f"piece {number} of task {peer.task.id} is {record.length} bytes at {record.offset}, "
+                           f"not {length} at {offset}")
+            if problem:
+                return self._refuse_report(peer, problem)
             was_parent = peer.eligible_parent
             if peer.state in (PeerState.RECEIVED_NORMAL, PeerState.RECEIVED_EMPTY):
                 peer.transition(PeerEvent.DOWNLOAD, self.clock.time())  # started implied
@@ -332,20 +576,47 @@ class SchedulerCore:
     def back_to_source_piece_finished(
         self, peer_id: str, number: int, offset: int, length: int, digest: str, cost: float = 0.0
     ) -> list[Decision]:
-        """The peer fetched piece `number` from the origin; its digest now defines the piece."""
+        """The peer fetched piece `number` from the origin. From a peer the scheduler sent there
+        (or a seed), its digest and geometry define the piece; from any other, the piece counts
+        only if it agrees with the defining report."""
 
         def apply(peer: Peer) -> list[Decision]:
+            task = peer.task
+            problem = geometry_problem(task.piece_length, number, offset, length)
+            if problem:
+                return self._refuse_report(peer, problem)
             decisions: list[Decision] = []
             if peer.state is not PeerState.BACK_TO_SOURCE and peer.can(PeerEvent.DOWNLOAD_BACK_TO_SOURCE):
                 decisions += self._start_back_to_source(peer)  # started implied
             was_parent = peer.eligible_parent
-            task = peer.task
-            if number not in task.pieces:  # the first report wins; later ones cannot redefine it
-                task.pieces[number] = PieceRecord(number, offset, length, digest)
-            self._record_piece(peer, number, offset, length)
+            reported = PieceRecord(number, offset, length, digest)
+            record = task.pieces.get(number)
+            if record is None and peer.defines_content:  # the first defining report wins
+                record = task.pieces[number] = reported
+                self._learn_piece_length(task, number, offset)
+            if record == reported:
+                self._record_piece(peer, number, offset, length)
+            # Otherwise the bytes are its own (it fetched for itself, or the origin changed since):
+            # it keeps them, and serves them to nobody.
             return decisions + self._parent_changed(peer, was_parent)
 
         return self._guard(peer_id, apply)
+
+    def _refuse_report(self, peer: Peer, problem: str) -> list[Decision]:
+        """A report that breaks the task's geometry ends the reporting peer's download."""
+        decisions: list[Decision] = [FailPeer(peer.id, Code.INVALID_ARGUMENT, problem)]
+        if peer.state not in TERMINAL_STATES:
+            decisions += self._fail(peer)
+        return decisions
+
+    @staticmethod
+    def _learn_piece_length(task: Task, number: int, offset: int) -> None:
+        """The piece length a defining report shows: certain from a piece past the first."""
+        if number > 0 and not task.piece_length_known:
+            task.piece_length = offset // number
+            task.piece_length_known = True
+        elif number == 0 and not task.piece_length:
+            task.piece_length = task.pieces[0].length  # the first piece is a whole one unless it is the only one
 
     def piece_failed(
         self, peer_id: str, number: int, parent_id: str, temporary: bool = False
@@ -401,7 +672,7 @@ class SchedulerCore:
 
         def apply(peer: Peer) -> list[Decision]:
             decisions = self._succeed(peer)
-            if peer.download.range_length == 0:
+            if peer.download.range_length == 0 and peer.defines_content:
                 self._learn_content_length(peer)
             return decisions
 
@@ -440,15 +711,17 @@ class SchedulerCore:
             return []
         return self._fail(peer)
 
-    def delete_peer(self, peer_id: str) -> list[Decision]:
-        """Forget a peer (``DeletePeer``)."""
+    def delete_peer(self, peer_id: str, caller: Caller = SYSTEM) -> list[Decision]:
+        """Forget a peer (``DeletePeer``; admins only)."""
+        self.require_admin(caller, "DeletePeer")
         peer = self.peers.get(peer_id)
         if peer is None:
             raise PeerNotFound(peer_id)
         return self._remove_peer(peer, "peer deleted")
 
-    def delete_task(self, task_id: str) -> list[Decision]:
-        """Forget a task and its peers (``DeleteTask``)."""
+    def delete_task(self, task_id: str, caller: Caller = SYSTEM) -> list[Decision]:
+        """Forget a task and its peers (``DeleteTask``; admins only)."""
+        self.require_admin(caller, "DeleteTask")
         task = self.tasks.get(task_id)
         if task is None:
             raise TaskNotFound(task_id)
@@ -491,14 +764,19 @@ class SchedulerCore:
         """Forget peers, hosts and tasks whose time-to-live has passed."""
         now = self.clock.time()
         decisions: list[Decision] = []
+        failed_ttl = min(FAILED_PEER_TTL, self.config.peer_ttl)
         for peer in list(self.peers.values()):
-            if now - peer.updated_at > self.config.peer_ttl:
+            ttl = failed_ttl if peer.state is PeerState.FAILED else self.config.peer_ttl
+            if now - peer.updated_at > ttl:
                 decisions += self._remove_peer(peer, "peer expired")
         for host in list(self.hosts.values()):
             if now - host.announced_at > self.config.host_ttl:
                 decisions += self.delete_host(host.id)
+        abandoned_ttl = min(ABANDONED_TASK_TTL, self.config.task_ttl)
         for task in list(self.tasks.values()):
-            if not task.peers and now - task.updated_at > self.config.task_ttl:
+            if task.failed_until is not None and now < task.failed_until:
+                continue  # its origin's answer still stands for new downloads
+            if not task.peers and now - task.updated_at > abandoned_ttl:
                 task.transition(TaskEvent.LEAVE, now)
                 del self.tasks[task.id]
         return decisions
@@ -716,9 +994,10 @@ class SchedulerCore:
                 return True
         return False
 
-    def _back_to_source(self, peer: Peer, description: str) -> SendNeedBackToSource:
+    def _back_to_source(self, peer: Peer, description: str, defines_content: bool = True) -> SendNeedBackToSource:
         now = self.clock.time()
         peer.transition(PeerEvent.SCHEDULE_BACK_TO_SOURCE, now)
+        peer.defines_content = defines_content
         peer.task.back_to_source_peers[peer.id] = peer
         self._unpark(peer)
         peer.task.hungry.discard(peer.id)
@@ -779,7 +1058,7 @@ class SchedulerCore:
 
     def _count_parent_failure(self, parent: Peer, child: Peer) -> None:
         parent.upload_failed += 1
-        parent.failed_by.add(child.id)
+        parent.failed_by.add(child.host.owner)
         if len(parent.failed_by) >= FAILED_BY_LIMIT and not parent.demoted:
             parent.demoted = True
             parent.task.parents.discard(parent.id)
@@ -802,6 +1081,7 @@ class SchedulerCore:
         task.back_to_source_peers[peer.id] = peer
         if peer.is_seed:
             task.seed_trigger = None
+            peer.defines_content = True  # seeds are trusted to fetch for everyone
         self._unpark(peer)
         for parent in list(peer.parents.values()):
             self._unlink(peer, parent)

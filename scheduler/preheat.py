@@ -17,6 +17,9 @@ other error of the seed ends the call with its code and a message naming the blo
   preheats every blob, at most ``concurrent_task_count`` at once. It returns when all are on
   seeds, or fails naming the first blob that could not be preheated.
 
+Preheat needs the ``admin`` role (a certificate with CN ``admin.damselfly``; in plaintext, a caller on
+loopback): it makes seeds fetch from origins with the credentials in the request.
+
 Only the ``single_seed_peer`` scope exists here (Dragonfly's default). Credentials travel in the
 request (``header`` ``Authorization``, or ``username``/``password``) over the scheduler's gRPC
 channel, TLS when the cluster has it, and reach the seed in the download's request header, as
@@ -38,7 +41,7 @@ from common.errors import DamselflyError, DownloadFailed, IntegrityError, Invali
 from common.origin import OriginClient, basic_authorization
 from common.preheat import RESULT_KEY, SEED_KEY, resolve_image
 from common.tls import open_channel
-from scheduler.service import SEED_DOWN_CODES, SEED_TRIGGER_TIMEOUT, SchedulerService
+from scheduler.service import SEED_DOWN_CODES, SEED_TRIGGER_TIMEOUT, SchedulerService, caller_of
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +64,7 @@ class PreheatingSchedulerService(SchedulerService):
         self, request: scheduler_pb2.PreheatFileRequest, context: grpc.aio.ServicerContext
     ) -> empty_pb2.Empty:
         try:
+            self.core.require_admin(caller_of(context), "PreheatFile")
             _check_scope(request.scope)
             download = DownloadRequest(
                 url=request.url, tag=request.tag, application=request.application,
@@ -80,6 +84,7 @@ class PreheatingSchedulerService(SchedulerService):
         self, request: scheduler_pb2.PreheatImageRequest, context: grpc.aio.ServicerContext
     ) -> empty_pb2.Empty:
         try:
+            self.core.require_admin(caller_of(context), "PreheatImage")
             await self.preheat_image(request)
         except DamselflyError as exc:
             await self._abort_with(context, "PreheatImage", exc)

@@ -367,8 +367,9 @@ class PieceRecord:
 class Host:
     """A node running a dfdaemon (or a seed)."""
 
-    def __init__(self, info: HostInfo, now: float) -> None:
+    def __init__(self, info: HostInfo, now: float, owner: str = "") -> None:
         self.info = info
+        self.owner = owner  # the identity that announced it (scheduler.core.Caller.owner); only it may again
         self.created_at = now
         self.announced_at = now
         self.peers: dict[str, Peer] = {}
@@ -406,6 +407,10 @@ class Task:
         self.back_to_source_peers: dict[str, Peer] = {}  # peers ever told (or choosing) to back-source
         self.pieces: dict[int, PieceRecord] = {}  # from back-source reports only
         self.piece_spans: dict[int, tuple[int, int]] = {}  # offset, length from any report
+        # The piece length the back-sourcer's reports define (0: none yet); `piece_length_known`
+        # once a piece past the first proved it (a lone first piece may be the short last one).
+        self.piece_length = 0
+        self.piece_length_known = False
         self.content_length: int | None = None
         self.piece_count: int | None = None
         self.max_finished = 0  # most pieces any peer of the task has
@@ -447,10 +452,13 @@ class Peer:
         self.upload_costs = CostWindow()  # costs children reported for pieces from this peer
         self.upload_succeeded = 0
         self.upload_failed = 0
-        self.failed_by: set[str] = set()  # children that reported this peer failed them
+        self.failed_by: set[str] = set()  # identities (Host.owner) of children it failed
         self.demoted = False  # reported bad by enough children: not offered again
         self.waiting_since: float | None = None
         self.origin_status: int | None = None  # HTTP status of the origin's refusal it reported, if any
+        # The scheduler sent it to the origin for the task (or it is a seed): its piece digests
+        # and geometry define the task. A peer that went to the origin on its own never does.
+        self.defines_content = False
 
     def transition(self, event: PeerEvent, now: float) -> None:
         next_state = PEER_TRANSITIONS.get((self.state, event))

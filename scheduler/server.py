@@ -6,12 +6,13 @@ import asyncio
 import logging
 import sys
 
+import grpc
 from aiohttp import web
 from dragonfly_api import scheduler_pb2_grpc
 
 from common.clock import SystemClock
 from common.config import SchedulerConfig
-from common.listeners import bind_grpc, grpc_server, naming_flag
+from common.listeners import GRPC_SERVER_OPTIONS, bind_grpc, naming_flag
 from common.runtime import component_main, start_http, status_app
 from common.tls import tls_from_config
 from scheduler.core import SchedulerCore
@@ -21,6 +22,26 @@ from scheduler.service import SchedulerService
 log = logging.getLogger(__name__)
 
 GRACEFUL_STOP_SECONDS = 5.0
+# Connection hygiene (gRPC core channel arguments): a TLS handshake must finish in 10 s; an idle
+# connection (no stream for 5 minutes) is closed; a connection is pinged after a minute of
+# silence and dropped when the ping is not answered in 20 s, so dead peers free their streams.
+HANDSHAKE_TIMEOUT_MS = 10_000
+MAX_CONNECTION_IDLE_MS = 300_000
+KEEPALIVE_TIME_MS = 60_000
+KEEPALIVE_TIMEOUT_MS = 20_000
+
+
+def server_options(config: SchedulerConfig) -> tuple[tuple[str, int], ...]:
+    """Channel arguments of the scheduler's gRPC server (limits against exhaustion included)."""
+    return (
+        *GRPC_SERVER_OPTIONS,
+        ("grpc.max_concurrent_streams", config.grpc_max_concurrent_streams),
+        ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS),
+        ("grpc.max_connection_idle_ms", MAX_CONNECTION_IDLE_MS),
+        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.keepalive_permit_without_calls", 1),
+    )
 
 
 def metrics_app(service: SchedulerService, ready: asyncio.Event) -> web.Application:
@@ -39,7 +60,8 @@ async def serve(config: SchedulerConfig) -> None:
     service = PreheatingSchedulerService(core, tls=tls)  # scheduler.v2.Scheduler, preheat RPCs included
     ready = asyncio.Event()
 
-    server = grpc_server()  # no SO_REUSEPORT: a second scheduler on this port fails, not shares it
+    # no SO_REUSEPORT (a second scheduler on this port fails, not shares it), and the limits above
+    server = grpc.aio.server(options=server_options(config))
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(service, server)
     bind_grpc(server, config.listen, tls, "--listen")
 

@@ -1,7 +1,8 @@
 """The gRPC edge of the scheduler: protobuf in, core events; core decisions, protobuf out.
 
 :class:`SchedulerService` implements ``scheduler.v2.Scheduler`` on ``grpc.aio``. It holds no
-policy: every message becomes a call on :class:`~scheduler.core.SchedulerCore` and every
+policy: every message becomes a call on :class:`~scheduler.core.SchedulerCore`, with the caller's
+identity (:func:`common.identity.grpc_identity` and the address it came from) as an input, and every
 decision it returns is sent on the right peer's stream (one outgoing queue per peer), or, for a
 seed trigger, executed as a ``DfdaemonUpload.DownloadTask`` call drained in the background. It
 counts metrics on the way. RPCs Damselfly does not serve answer ``UNIMPLEMENTED``.
@@ -23,18 +24,23 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from common.download import DownloadRequest, seconds
 from common.errors import DamselflyError, InvalidRequest
+from common.identity import grpc_identity
 from common.rpc import status_of
 from common.tls import TlsCredentials, open_channel
 from scheduler.core import (
+    Caller,
     Candidate,
     Code,
     Decision,
     FailPeer,
+    QuotaExceeded,
     SchedulerCore,
     SendEmpty,
     SendNeedBackToSource,
     SendNormal,
     TriggerSeed,
+    ip_of_grpc_peer,
+    stream_message_problem,
 )
 from scheduler.resource import DownloadSpec, HostInfo, PieceRecord
 
@@ -49,6 +55,8 @@ EXPECTED_GRPC_ERRORS = (
     *(("AnnouncePeer", code.value) for code in Code),
     *((method, "NOT_FOUND") for method in ("StatPeer", "DeletePeer", "StatTask", "DeleteTask")),
     ("AnnounceHost", "INVALID_ARGUMENT"),
+    *((method, "PERMISSION_DENIED") for method in ("AnnounceHost", "ListHosts", "DeleteHost", "DeleteTask",
+                                                   "DeletePeer", "PreheatFile", "PreheatImage")),
 )
 _SCHEDULE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
 # The seed's DownloadTask stream lasts as long as its download; give up on it after this long.
@@ -123,7 +131,13 @@ _Outgoing = scheduler_pb2.AnnouncePeerResponse | FailPeer | _End
 @dataclass
 class _Stream:
     queue: asyncio.Queue[Any]
-    peer_id: str = ""
+    caller: Caller
+    peer_id: str = ""  # the peer it registered: the only one it may speak for
+
+
+def caller_of(context: grpc.aio.ServicerContext) -> Caller:
+    """Who is calling: the identity its certificate proves (None in plaintext) and its IP."""
+    return Caller(grpc_identity(context), ip_of_grpc_peer(context.peer() or ""))
 
 
 class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):  # type: ignore[misc]
@@ -176,7 +190,14 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):  # type: ignore[mi
     async def AnnouncePeer(
         self, request_iterator: AsyncIterator[scheduler_pb2.AnnouncePeerRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[scheduler_pb2.AnnouncePeerResponse]:
-        stream = _Stream(asyncio.Queue())
+        stream = _Stream(asyncio.Queue(), caller_of(context))
+        try:
+            self.core.open_stream(stream.caller)
+        except QuotaExceeded as exc:
+            self.metrics.grpc_errors.labels("AnnouncePeer", grpc.StatusCode.RESOURCE_EXHAUSTED.name).inc()
+            context.set_code(grpc.StatusCode.RESOURCE_EXHAUSTED)
+            context.set_details(str(exc))
+            return
         reader = asyncio.get_running_loop().create_task(self._read(request_iterator, stream))
         try:
             while True:
@@ -194,6 +215,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):  # type: ignore[mi
                 yield item
         finally:
             reader.cancel()
+            self.core.close_stream(stream.caller)
             if stream.peer_id and self._streams.get(stream.peer_id) is stream:
                 del self._streams[stream.peer_id]
                 self._dispatch(self.core.stream_closed(stream.peer_id))
@@ -201,10 +223,15 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):  # type: ignore[mi
     async def _read(self, requests: AsyncIterator[scheduler_pb2.AnnouncePeerRequest], stream: _Stream) -> None:
         try:
             async for request in requests:
-                if not stream.peer_id and request.peer_id:
+                is_register = request.WhichOneof("request") == "register_peer_request"
+                problem = stream_message_problem(stream.peer_id, request.peer_id, is_register)
+                if problem:  # one stream speaks for the peer it registered, never for another
+                    stream.queue.put_nowait(FailPeer(request.peer_id, Code.PERMISSION_DENIED, problem))
+                    return
+                if not stream.peer_id:
                     stream.peer_id = request.peer_id
                     self._streams[request.peer_id] = stream
-                self._dispatch(self._handle(request))
+                self._dispatch(self._handle(request, stream.caller))
         except asyncio.CancelledError:
             raise
         except grpc.aio.AioRpcError as exc:  # the peer went away
@@ -215,7 +242,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):  # type: ignore[mi
             log.exception("AnnouncePeer stream of %s failed", stream.peer_id)
         stream.queue.put_nowait(_END)
 
-    def _handle(self, request: scheduler_pb2.AnnouncePeerRequest) -> list[Decision]:
+    def _handle(self, request: scheduler_pb2.AnnouncePeerRequest, caller: Caller) -> list[Decision]:
         core, peer_id = self.core, request.peer_id
         kind = request.WhichOneof("request")
         if kind == "register_peer_request":
@@ -224,7 +251,8 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):  # type: ignore[mi
             host_type = "seed" if host is not None and host.info.is_seed else "normal"
             self.metrics.peers_registered.labels(_priority_label(download.priority), host_type).inc()
             with self.metrics.schedule_duration.time():
-                return core.register_peer(request.host_id, request.task_id, peer_id, download_from_proto(download))
+                return core.register_peer(request.host_id, request.task_id, peer_id, download_from_proto(download),
+                                          caller)
         if kind == "download_peer_started_request":
             return core.download_started(peer_id)
         if kind == "download_peer_back_to_source_started_request":
@@ -349,7 +377,8 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):  # type: ignore[mi
     async def DeletePeer(
         self, request: scheduler_pb2.DeletePeerRequest, context: grpc.aio.ServicerContext
     ) -> empty_pb2.Empty:
-        self._dispatch(await self._call(context, "DeletePeer", lambda: self.core.delete_peer(request.peer_id)))
+        caller = caller_of(context)
+        self._dispatch(await self._call(context, "DeletePeer", lambda: self.core.delete_peer(request.peer_id, caller)))
         return empty_pb2.Empty()
 
     async def StatTask(
@@ -379,7 +408,8 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):  # type: ignore[mi
     async def DeleteTask(
         self, request: scheduler_pb2.DeleteTaskRequest, context: grpc.aio.ServicerContext
     ) -> empty_pb2.Empty:
-        self._dispatch(await self._call(context, "DeleteTask", lambda: self.core.delete_task(request.task_id)))
+        caller = caller_of(context)
+        self._dispatch(await self._call(context, "DeleteTask", lambda: self.core.delete_task(request.task_id, caller)))
         return empty_pb2.Empty()
 
     async def AnnounceHost(
@@ -388,24 +418,32 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):  # type: ignore[mi
         host = request.host
         if not host.id or not host.ip:
             await self._abort_with(context, "AnnounceHost", InvalidRequest("host id and ip are required"))
-        self._dispatch(self.core.announce_host(host_from_proto(host)))
+        caller = caller_of(context)
+        self._dispatch(await self._call(context, "AnnounceHost",
+                                        lambda: self.core.announce_host(host_from_proto(host), caller)))
         return empty_pb2.Empty()
 
     async def ListHosts(
         self, request: scheduler_pb2.ListHostsRequest, context: grpc.aio.ServicerContext
     ) -> scheduler_pb2.ListHostsResponse:
-        return scheduler_pb2.ListHostsResponse(hosts=[host_to_proto(h) for h in self.core.list_hosts()])
+        caller = caller_of(context)
+        hosts = await self._call(context, "ListHosts", lambda: self.core.list_hosts(caller))
+        return scheduler_pb2.ListHostsResponse(hosts=[host_to_proto(h) for h in hosts])
 
     async def DeleteHost(
         self, request: scheduler_pb2.DeleteHostRequest, context: grpc.aio.ServicerContext
     ) -> empty_pb2.Empty:
-        self._dispatch(self.core.delete_host(request.host_id))
+        caller = caller_of(context)
+        self._dispatch(await self._call(context, "DeleteHost", lambda: self.core.delete_host(request.host_id, caller)))
         return empty_pb2.Empty()
 
     async def _call(self, context: grpc.aio.ServicerContext, method: str, fn: Callable[[], T]) -> T:
         """Run a core query; its errors end the call with their status (unknown ids: NOT_FOUND)."""
         try:
             return fn()
+        except QuotaExceeded as exc:
+            await self._abort(context, method, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+            raise AssertionError("unreachable") from None
         except DamselflyError as exc:
             await self._abort_with(context, method, exc)
             raise AssertionError("unreachable") from None

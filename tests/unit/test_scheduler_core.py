@@ -65,8 +65,12 @@ class World:
         return self.core.register_peer(host_id, task, peer, DownloadSpec(url="https://r/blob", **download))
 
     def source(self, peer: str, pieces: int = 1, host: str | None = None, task: str = TASK) -> Peer:
-        """A peer that back-sourced `pieces` pieces (still running)."""
+        """A peer the scheduler sent to the origin that back-sourced `pieces` pieces (still running).
+
+        A shorthand: it asks for back-to-source itself and is then marked as if the scheduler had
+        sent it (the real path, a peer without parents nor seeds, is tested on its own)."""
         self.register(peer, host, task, need_back_to_source=True)
+        self.core.peers[peer].defines_content = True
         self.core.back_to_source_started(peer)
         for n in range(pieces):
             self.core.back_to_source_piece_finished(peer, n, n * PIECE, PIECE, f"{DIGEST}{n}")
@@ -476,13 +480,16 @@ def test_temporary_piece_failure_is_not_held_against_the_parent() -> None:
     assert w.core.peers["s1"].upload_failed == 0
 
 
-def test_parent_failed_by_a_child_is_no_longer_offered_for_the_task() -> None:
+def test_parent_failed_by_children_of_two_hosts_is_no_longer_offered_for_the_task() -> None:
     w = World()
     w.source("bad", pieces=5)
     w.source("good", pieces=1)
     w.register("c1")
     w.register("c2")
     w.core.piece_failed("c1", 0, "bad")
+    w.core.piece_failed("c1", 1, "bad")  # the same child again: still one identity
+    assert not w.core.peers["bad"].demoted  # one report blocklists it for c1 only
+    w.core.piece_failed("c2", 0, "bad")
     assert w.core.peers["bad"].demoted
     (decision,) = w.register("c3")
     assert parents_of(decision) == ["good"]
