@@ -27,7 +27,8 @@ party (the origin, a parent peer, the scheduler) are kept apart from misuse by t
     │   │   ├── OriginStatusError   it answered a non-success status (keeps status and reason)
     │   │   │   └── OriginResponseError   ... and its headers and body start, to relay them
     │   │   │                             (in :mod:`common.origin`, beside the header helpers)
-    │   │   └── OriginUnreachable   connection refused, reset, timed out
+    │   │   ├── OriginUnreachable   connection refused, reset, timed out
+    │   │   └── UpstreamNotAllowed  a destination the operator's allow-list refuses
     │   ├── ParentError             a parent peer failed to serve a piece
     │   └── SchedulerUnavailable    no scheduler answers
     ├── DownloadFailed              a download gave up; the message says why
@@ -190,6 +191,10 @@ class OriginStatusError(OriginError):
 
 class OriginUnreachable(OriginError):
     """The origin could not be reached or broke the connection."""
+
+
+class UpstreamNotAllowed(OriginError):
+    """A destination the operator's allow-list refuses (not listed, or a private address not named)."""
 
 
 class ParentError(RemoteError):

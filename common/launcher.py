@@ -199,12 +199,18 @@ class LocalCluster:
     Optionally each node runs in a network namespace of its own with a host IP there
     (`scheduler_netns`/`scheduler_ip`, and `netns`/`host_ip` of :meth:`plan_dfdaemon`): the
     process is started with ``ip netns exec NS`` and every listener binds that IP.
+
+    `allowed_upstreams` go to every dfdaemon's ``--proxy-allowed-upstreams``: by default
+    ``127.0.0.1``, where test registries listen, so their proxies may reach them when a request
+    names them (``X-Dragonfly-Registry``, ``?ns=``); ``damselfly up`` allows only its
+    ``--registry-mirror``, like a node in production.
     """
 
     def __init__(self, root: Path, *, python: str = sys.executable, log_level: str = "info",
                  scheduler_ip: str = "127.0.0.1", scheduler_netns: str | None = None,
-                 base_port: int | None = None) -> None:
+                 base_port: int | None = None, allowed_upstreams: tuple[str, ...] = ("127.0.0.1",)) -> None:
         self.root = root
+        self.allowed_upstreams = allowed_upstreams
         self.python = python
         self.log_level = log_level
         self.scheduler_ip = scheduler_ip
@@ -264,6 +270,8 @@ class LocalCluster:
             "--health-listen", f"{ip}:{ports['health']}", "--socket", str(socket_path),
             "--log-level", self.log_level,
         ]
+        if self.allowed_upstreams:
+            args += ["--proxy-allowed-upstreams", ",".join(self.allowed_upstreams)]
         if seed:
             args.append("--seed")
         return Node(name, "seed" if seed else "dfdaemon", args, ports, self.root / f"{name}.log", data_dir,
@@ -341,7 +349,7 @@ def running_cluster(root: Path, peers: int, log_level: str = "info", *, base_por
     `base_port` fixes every port (see :func:`fixed_node_ports`); `dfdaemon_args` go to every
     dfdaemon and the seed.
     """
-    cluster = LocalCluster(root, log_level=log_level, base_port=base_port)
+    cluster = LocalCluster(root, log_level=log_level, base_port=base_port, allowed_upstreams=())
     try:
         names = ["seed", *(f"peer{i}" for i in range(1, peers + 1))]
         planned = [cluster.plan_dfdaemon(name, seed=index == 0,

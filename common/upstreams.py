@@ -34,7 +34,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from common.errors import OriginError
+from common.errors import UpstreamNotAllowed
 
 ANY_PUBLIC_HOST = "*"
 DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -42,9 +42,8 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 _ALIASES = {"docker.io": ("registry-1.docker.io",), "index.docker.io": ("registry-1.docker.io",)}
 ALLOWED_UPSTREAMS_KEY = "proxy_allowed_upstreams"
 
-
-class UpstreamNotAllowed(OriginError):
-    """A destination the operator did not allow (not listed, or a private address not named)."""
+__all__ = ["UpstreamEntry", "UpstreamNotAllowed", "UpstreamPolicy", "is_public_address", "origin_of",
+           "public_addresses"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,7 +167,8 @@ class UpstreamPolicy:
         """The most specific matching entry: one naming the host beats ``*``."""
         found = [e for e in self.entries if e.matches(scheme, host, port)]
         named = [e for e in found if e.names_host]
-        return (named or found or [None])[0]
+        best = named or found
+        return best[0] if best else None
 
     def names(self, host: str, port: int | None, scheme: str | None = None) -> bool:
         """Whether an entry names this host (or its domain): its private addresses may be reached."""

@@ -12,6 +12,13 @@ Three kinds of request arrive here:
    as absolute-form ``https://host:port/...`` ones (:mod:`peer.proxy.tls`).
 3. Anything else gets a clear ``400``.
 
+Every upstream, whichever way a client names it, must be one the operator allows
+(:mod:`common.upstreams`: ``--registry-mirror``, ``proxy_intercept_hosts``,
+``proxy_allowed_upstreams``); anything else gets ``403`` before a byte is sent to it, and so does
+a redirect or a name that leads to a loopback, link-local or private address nobody listed. The
+proxy is never an open forward proxy. Connections are capped per listener and per client, and
+must send their headers within ``proxy_header_timeout`` (:mod:`peer.proxy.guard`).
+
 A ``GET`` whose URL matches a ``proxy_rule`` regex (default ``blobs/sha256.*``) goes through P2P
 (``X-Dragonfly-Use-P2P: true/false`` overrides the rules); everything else is proxied straight
 to the upstream, status and headers intact, streaming both ways.
@@ -35,14 +42,16 @@ import ipaddress
 import logging
 import math
 import re
+import socket
 import ssl
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, BinaryIO
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
 
 import aiohttp
 from aiohttp import web
-from aiohttp.abc import AbstractStreamWriter
+from aiohttp.abc import AbstractResolver, AbstractStreamWriter, ResolveResult
+from aiohttp.resolver import DefaultResolver
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -59,12 +68,15 @@ from common.errors import (
     RangeNotSatisfiable,
 )
 from common.http import HOP_BY_HOP, ByteRange, get_header, parse_range, select_range, unsatisfied_content_range
-from common.origin import OriginClient, OriginResponseError
+from common.origin import MAX_REDIRECTS, OriginClient, OriginResponseError
 from common.pieces import pieces_covering
 from common.ratelimit import TokenBucket
+from common.upstreams import UpstreamNotAllowed, UpstreamPolicy, origin_of, public_addresses
 from peer.download.engine import Conductor
 from peer.proxy.auth import BlobAccess
-from peer.proxy.tls import Interceptor, inner_url, origin_of, upstream_ssl_context
+from peer.proxy.guard import ConnectionLimits, GuardedServer
+from peer.proxy.tls import Interceptor, inner_url, upstream_ssl_context
+from peer.proxy.tls import origin_of as intercepted_origin
 from peer.proxy.upstream import Probe, SchemeCache
 from peer.upload.piece_server import FileRegionSender, listen
 
@@ -94,6 +106,7 @@ _NOT_FOR_P2P = HOP_BY_HOP | {"range", "if-range", "if-match", "if-none-match", "
 # Origin response headers worth repeating on a P2P answer.
 _ENTITY_HEADERS = ("Content-Type", "Docker-Content-Digest", "ETag", "Last-Modified")
 _CHUNK = 1 << 20
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
 # Pieces ahead of a whole-content reader that are fetched first, so it streams in order.
 STREAM_WINDOW = 4
 TUNNEL_BUFFER = 256 * 1024
@@ -199,10 +212,13 @@ class Proxy:
         # Both raise ConfigError naming the key when a CA file is unusable: the daemon fails at start-up.
         self._interceptor = Interceptor.from_config(config)
         self._upstream_ssl = upstream_ssl_context(config.proxy_upstream_ca_cert)
-        if config.proxy_upstream_ca_cert:
-            # The access check must trust a private registry's CA like straight-through requests do.
-            origin = OriginClient(session=self.session)
-        self.access = BlobAccess(origin, config.proxy_auth_ttl)
+        self.upstreams = upstream_policy(config)
+        # The access check goes through the proxy's own pool: the same CAs as straight-through
+        # requests, and the same allow-list (its resolver refuses private addresses not listed).
+        del origin
+        self.access = BlobAccess(OriginClient(session=self.session, upstreams=self.upstreams),
+                                 config.proxy_auth_ttl)
+        self.limits = ConnectionLimits(config.proxy_max_connections, config.proxy_max_connections_per_client)
         self._clock: Clock = clock or SystemClock()
         self._admission = P2PAdmission(config.proxy_p2p_concurrency, config.proxy_p2p_rate, self._clock.time())
         self._sender = FileRegionSender(stall_timeout=config.piece_timeout)
@@ -214,7 +230,8 @@ class Proxy:
 
     async def start(self, host: str, port: int) -> int:
         """Listen on host:port (0 picks a free port); the bound port."""
-        server = web.Server(self._handle)
+        server = GuardedServer(self._handle, limits=self.limits, header_timeout=self._config.proxy_header_timeout)
+        self.server = server
         runner = web.ServerRunner(server, access_log=None, shutdown_timeout=2.0)
         bound = await listen(runner, host, port)
         self._runner = runner
@@ -241,7 +258,8 @@ class Proxy:
         """Keep-alive pool for straight-through requests."""
         if self._session is None:
             timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=self._config.piece_timeout * 2)
-            connector = aiohttp.TCPConnector(limit=0, limit_per_host=64, ssl=self._upstream_ssl)
+            connector = aiohttp.TCPConnector(limit=0, limit_per_host=64, ssl=self._upstream_ssl,
+                                             resolver=GuardedResolver(self.upstreams))
             self._session = aiohttp.ClientSession(timeout=timeout, auto_decompress=False, connector=connector)
         return self._session
 
@@ -259,6 +277,7 @@ class Proxy:
             else:
                 url, route = await self._upstream_url(request) if origin is None else self._inner_url(request, origin)
                 _check_upstream(url)
+                self._allow(url)
                 if self._use_p2p(request, url):
                     route = "p2p"
                     response = await self._admitted_p2p(request, url)
@@ -288,6 +307,13 @@ class Proxy:
         level = logging.WARNING if response.status >= 500 else logging.INFO
         log.log(level, "answered %d to %s %s (%s): %s%s", response.status, request.method,
                 request.raw_path[:300], route, reason[:500], more)
+
+    def _allow(self, url: str) -> None:
+        """403 unless the operator allows `url`'s upstream."""
+        try:
+            self.upstreams.check_url(url)
+        except UpstreamNotAllowed as exc:
+            raise ProxyError(403, str(exc)) from None
 
     @staticmethod
     def _inner_url(request: web.BaseRequest, origin: str) -> tuple[str, str]:
@@ -331,6 +357,12 @@ class Proxy:
                 return DOCKER_HUB_REGISTRY
             if not re.fullmatch(r"[A-Za-z0-9.-]+(:\d+)?", namespace):
                 raise ProxyError(400, f"ns {namespace!r} is not a registry host")
+            # Checked before the scheme probe: no request goes to a host that is not allowed.
+            host, _, port = namespace.partition(":")
+            try:
+                self.upstreams.check_destination(None, host, int(port) if port else None)
+            except UpstreamNotAllowed as exc:
+                raise ProxyError(403, str(exc)) from None
             # No scheme in ns: ask the registry's /v2/ ping (a plain-HTTP registry is not https).
             return f"{await self._schemes.scheme(namespace)}://{namespace}"
         if self._default_registry:
@@ -367,12 +399,7 @@ class Proxy:
             headers.popall("Content-Length", None)
         # A blob's redirect to object storage is followed here: clients of a mirror expect bytes.
         follow = request.method in ("GET", "HEAD") and "/blobs/" in url
-        try:
-            upstream = await self.session.request(
-                request.method, URL(url, encoded=True), headers=headers,
-                data=request.content if has_body else None, allow_redirects=follow, auto_decompress=False)
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            raise ProxyError(502, f"upstream {url}: {type(exc).__name__}: {exc}") from None
+        upstream = await self._send_upstream(request, url, headers, has_body, follow)
         async with upstream:
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             for key, value in upstream.headers.items():
@@ -393,6 +420,37 @@ class Proxy:
             await response.write_eof()
             return response
 
+    async def _send_upstream(self, request: web.BaseRequest, url: str, headers: CIMultiDict[str], has_body: bool,
+                             follow: bool) -> aiohttp.ClientResponse:
+        """Send the request; with `follow`, follow redirects the allow-list permits (credentials
+        stay with the first origin: Authorization and Cookie are dropped across origins)."""
+        current = url
+        first_origin = origin_of(url)
+        for _ in range(MAX_REDIRECTS + 1):
+            try:
+                upstream = await self.session.request(
+                    request.method, URL(current, encoded=True), headers=headers,
+                    data=request.content if has_body else None, allow_redirects=False, auto_decompress=False)
+            except UpstreamNotAllowed as exc:
+                raise ProxyError(403, str(exc)) from None
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                raise ProxyError(502, f"upstream {current}: {type(exc).__name__}: {exc}") from None
+            location = upstream.headers.get("Location")
+            if not follow or upstream.status not in _REDIRECTS or not location:
+                return upstream
+            upstream.close()
+            target = urljoin(current, location)
+            try:
+                self.upstreams.check_redirect(current, target)
+                target_origin = origin_of(target)
+            except (UpstreamNotAllowed, ValueError) as exc:
+                raise ProxyError(403, str(exc)) from None
+            if target_origin != first_origin:
+                headers = CIMultiDict((k, v) for k, v in headers.items()
+                                      if k.lower() not in ("authorization", "cookie"))
+            current = target
+        raise ProxyError(502, f"upstream {url}: more than {MAX_REDIRECTS} redirects")
+
     # -- through P2P -----------------------------------------------------------------------------
 
     def _download_request(self, request: web.BaseRequest, url: str) -> DownloadRequest:
@@ -400,7 +458,9 @@ class Proxy:
         priority_text = _header(headers, HEADER_PRIORITY) or "0"
         if not _small_number(priority_text) or int(priority_text) > MAX_PRIORITY:
             raise ProxyError(400, f"{HEADER_PRIORITY} {priority_text!r} is not 0-{MAX_PRIORITY}")
-        filtered = tuple(p.strip() for p in (_header(headers, HEADER_FILTERED) or "").split(",") if p.strip())
+        # The operator's list only: a client's X-Dragonfly-Filtered-Query-Params would let it
+        # re-key a URL for everyone (an old ?versionId= served as the current content).
+        filtered = self._config.proxy_filtered_query_params
         forwarded = {k: v for k, v in headers.items()
                      if k.lower() not in _NOT_FOR_P2P and not k.lower().startswith("x-dragonfly-")}
         prefetch = _flag(_header(headers, HEADER_PREFETCH), self._config.prefetch)
@@ -569,11 +629,18 @@ class Proxy:
             _check_host(host)
         except ValueError as exc:
             raise ProxyError(400, f"CONNECT host {host[:200]!r} is not a host name: {exc}") from None
+        try:
+            self.upstreams.check_destination(None, host, int(port_text))
+        except UpstreamNotAllowed as exc:
+            raise ProxyError(403, f"CONNECT refused: {exc}") from None
         if self._interceptor is not None and self._interceptor.intercepts(host, int(port_text)):
             return await self._intercept(request, host, int(port_text))
         try:
             async with asyncio.timeout(10):
-                upstream_reader, upstream_writer = await asyncio.open_connection(host, int(port_text))
+                address = await self._connect_address(host, int(port_text))
+                upstream_reader, upstream_writer = await asyncio.open_connection(address, int(port_text))
+        except UpstreamNotAllowed as exc:
+            raise ProxyError(403, f"CONNECT refused: {exc}") from None
         except (OSError, TimeoutError) as exc:
             raise ProxyError(502, f"cannot connect to {authority}: {exc}") from None
         try:
@@ -601,6 +668,12 @@ class Proxy:
             transport.close()
         return response
 
+    async def _connect_address(self, host: str, port: int) -> str:
+        """The address a CONNECT to host:port dials: resolved here, so a name that resolves to a
+        private address the allow-list does not name is refused (UpstreamNotAllowed)."""
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        return public_addresses(self.upstreams, host.lower(), port, [str(info[4][0]) for info in infos])[0]
+
     async def _intercept(self, request: web.BaseRequest, host: str, port: int) -> web.StreamResponse:
         """Answer the CONNECT, end TLS here with a certificate minted for `host`, and handle the requests
         inside as absolute-form ``https://host:port/...`` ones (peer/proxy/tls.py)."""
@@ -610,7 +683,7 @@ class Proxy:
         except (ValueError, ssl.SSLError, OSError) as exc:
             raise ProxyError(502, f"cannot mint a certificate for {host}: {exc}") from None
         transport, response = await _accept_connect(request)
-        origin = origin_of(host, port)
+        origin = intercepted_origin(host, port)
         await self._interceptor.serve(transport, context, lambda inner: self._handle(inner, origin))
         return response
 
@@ -650,6 +723,31 @@ async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 def _small_number(text: str) -> bool:
     """ASCII digits, few enough for int() (which refuses over 4300 digits, and takes other scripts)."""
     return text.isascii() and text.isdigit() and len(text) <= _MAX_NUMBER_DIGITS
+
+
+def upstream_policy(config: DfdaemonConfig) -> UpstreamPolicy:
+    """The proxy's allow-list: --registry-mirror, proxy_intercept_hosts and proxy_allowed_upstreams."""
+    entries = [config.registry_mirror] if config.registry_mirror else []
+    return UpstreamPolicy([*entries, *config.proxy_intercept_hosts, *config.proxy_allowed_upstreams],
+                          public_redirects=config.upstream_redirects_public)
+
+
+class GuardedResolver(AbstractResolver):
+    """aiohttp's resolver, keeping only the addresses the allow-list lets the proxy reach (a name
+    that resolves to loopback or a private address is refused unless listed)."""
+
+    def __init__(self, policy: UpstreamPolicy) -> None:
+        self._policy = policy
+        self._inner = DefaultResolver()
+
+    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET,
+                      ) -> list[ResolveResult]:
+        results = await self._inner.resolve(host, port, family)
+        kept = public_addresses(self._policy, host.lower(), port or None, [r["host"] for r in results])
+        return [r for r in results if r["host"] in kept]
+
+    async def close(self) -> None:
+        await self._inner.close()
 
 
 def _check_host(host: str) -> None:

@@ -39,8 +39,11 @@ def test_blob_digest_defines_the_content_not_a_clients_wrong_digest() -> None:
 
 
 def test_same_blob_in_two_repositories_is_one_task() -> None:
-    other = f"https://mirror.test/v2/team/python/blobs/{BLOB}"
+    other = f"http://registry.test/v2/team/python/blobs/{BLOB}"
     assert DownloadRequest(url=URL).task_id == DownloadRequest(url=other).task_id
+    # Another registry's copy is another task (a cached blob is served only for its own registry).
+    mirror = f"https://mirror.test/v2/team/python/blobs/{BLOB}"
+    assert DownloadRequest(url=URL).task_id != DownloadRequest(url=mirror).task_id
     assert DownloadRequest(url=URL).task_id != DownloadRequest(url=URL, tag="t").task_id
 
 
