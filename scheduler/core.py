@@ -69,7 +69,7 @@ from enum import StrEnum
 
 from common import hashring
 from common.clock import Clock
-from common.config import SchedulerConfig
+from common.config import SchedulerConfig, split_address
 from common.errors import HostNotFound, LocalError, PeerNotFound, PermissionDenied, TaskNotFound
 from common.identity import Identity, Role
 from common.pieces import MAX_PIECE_COUNT, MAX_PIECE_LENGTH, MIN_PIECE_LENGTH
@@ -388,7 +388,7 @@ class SchedulerCore:
         """Refuse a host announcement the caller's identity does not cover."""
         identity = caller.identity
         if identity is None:
-            if info.is_seed and info.grpc_address not in self.config.seed_peer:
+            if info.is_seed and not self._configured_seed(info, caller):
                 raise PermissionDenied(
                     f"host {info.id} announces itself as a seed, but this scheduler runs without mutual TLS "
                     f"and {info.grpc_address} is not one of its --seed-peer addresses: list the seed there, "
@@ -404,6 +404,18 @@ class SchedulerCore:
             raise PermissionDenied(
                 f"host {info.id} announces itself as a seed, but {caller.describe()} does not prove the seed "
                 "role: give the seed a certificate with CN seed.damselfly (or <hostname>.seed.damselfly)")
+
+    def _configured_seed(self, info: HostInfo, caller: Caller) -> bool:
+        """In plaintext: `info` is one of the ``--seed-peer`` addresses, by IP, or by DNS name (its
+        first label is the announced hostname, as a StatefulSet pod's) when announced from its own IP."""
+        name = info.hostname.split(".")[0].lower()
+        for address in self.config.seed_peer:
+            host, port = split_address(address)
+            if port != info.port:
+                continue
+            if host == info.ip or (caller.ip == info.ip and name and host.split(".")[0].lower() == name):
+                return True
+        return False
 
     def delete_host(self, host_id: str, caller: Caller = SYSTEM) -> list[Decision]:
         """A host left: forget it and its peers. Its own identity or an admin may delete it."""
