@@ -8,12 +8,14 @@ strict: unknown fields are errors); Prometheus Operator resources, which are CRD
 structure. Every rendered scheduler.yaml / dfdaemon.yaml is loaded with the project's own config
 loader, so the chart and the code cannot drift apart. The chart creates no Secrets: for the
 TLS values file, the Secrets it names are made with a throwaway CA and their keys written where
-the pod would see them, so loading a config also proves its certificate paths are mounted.
+the pod would see them, so loading a config also proves its certificate paths are mounted; the
+Secrets the chart generates itself (mutual TLS is on by default) are taken from the render.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import re
@@ -41,7 +43,10 @@ CI_DIR = CHART / "ci"
 RELEASE = "rel"
 NAMESPACE = "damselfly-system"
 K8S_VERSION = "1.30"
-CRD_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
+# custom resources (kind -> apiVersion): checked by structure, not by the Kubernetes schemas
+CRD_KINDS = {"ServiceMonitor": "monitoring.coreos.com/v1", "PodMonitor": "monitoring.coreos.com/v1",
+             "PrometheusRule": "monitoring.coreos.com/v1", "Certificate": "cert-manager.io/v1",
+             "Issuer": "cert-manager.io/v1"}
 DOMAIN = f"{NAMESPACE}.svc.cluster.local"
 # The chart's own defaults (values.yaml): the dfdaemon's are node ports, kept off Dragonfly's.
 CHART_PORTS: dict[str, dict[str, int]] = yaml.safe_load((CHART / "values.yaml").read_text())["ports"]
@@ -51,8 +56,10 @@ DRAGONFLY_CLIENT_PORTS = range(4000, 4007)
 # None: no -f at all (the chart's own defaults).
 VALUES_FILES: list[str | None] = [
     None, "default-values.yaml", "ha-values.yaml", "mirror-monitoring-values.yaml", "tls-values.yaml",
+    "cert-manager-values.yaml",
 ]
 TLS_VALUES = "tls-values.yaml"
+CERT_MANAGER_VALUES = "cert-manager-values.yaml"
 # workload, container, config file key, config class
 COMPONENTS: list[tuple[str, str, str, type[Any]]] = [
     (f"{RELEASE}-scheduler", "scheduler", "scheduler.yaml", SchedulerConfig),
@@ -153,9 +160,11 @@ def env_field(c: dict[str, Any], name: str) -> str:
 def load_rendered_config(
     docs: list[dict[str, Any]], configmap: str, key: str, cls: type[Any], tmp_path: Path
 ) -> Any:
+    """The config of a ConfigMap (named as its workload), the Secrets the chart renders in place."""
     text = one(docs, "ConfigMap", configmap)["data"][key]
     path = tmp_path / f"{configmap}-{key}"
-    path.write_text(text)
+    cname = next(c for w, c, k, _ in COMPONENTS if w == configmap)
+    path.write_text(localize(text, workload(docs, configmap), cname, tmp_path, rendered_secrets(docs)))
     return load_config(cls, path)
 
 
@@ -177,7 +186,21 @@ def secrets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, byt
     made = {name: member for name in (values["tls"]["existingSecret"], *values["tls"]["componentSecrets"].values())}
     made[values["dfdaemon"]["proxy"]["caSecret"]] = {"tls.crt": proxy_ca.cert_path.read_bytes(), "tls.key": proxy_key}
     made[values["dfdaemon"]["proxy"]["upstreamCASecret"]] = {"ca.crt": registry_ca.cert_path.read_bytes()}
+    # the Secrets cert-manager would write for cert-manager-values.yaml: one per role
+    server_name = yaml.safe_load((CI_DIR / CERT_MANAGER_VALUES).read_text())["tls"]["serverName"]
+    for name, cn in ((f"{RELEASE}-scheduler-tls", "scheduler.damselfly"),
+                     (f"{RELEASE}-seed-peer-tls", "seed.damselfly"),
+                     (f"{RELEASE}-dfdaemon-tls", "peer.damselfly"), (f"{RELEASE}-admin-tls", "admin.damselfly")):
+        role = cluster.issue(name, ips=(), dns=(server_name,), common_name=cn)
+        made[name] = {"ca.crt": cluster.cert_path.read_bytes(), "tls.crt": role.cert.read_bytes(),
+                      "tls.key": role.key.read_bytes()}
     return made
+
+
+def rendered_secrets(docs: list[dict[str, Any]]) -> dict[str, dict[str, bytes]]:
+    """The Secrets the chart renders itself (its generated CA and role certificates), decoded."""
+    return {d["metadata"]["name"]: {k: base64.b64decode(v) for k, v in d.get("data", {}).items()}
+            for d in find(docs, "Secret")}
 
 
 def workload(docs: list[dict[str, Any]], name: str) -> dict[str, Any]:
@@ -253,7 +276,7 @@ def test_rendered_manifests_pass_kubernetes_schema_validation(helm: str, values:
         assert doc["metadata"]["namespace"] == NAMESPACE, name
         assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", doc["metadata"]["name"]), name
         if doc["kind"] in CRD_KINDS:
-            assert doc["apiVersion"] == "monitoring.coreos.com/v1", name
+            assert doc["apiVersion"] == CRD_KINDS[doc["kind"]], name
             assert set(doc) == {"apiVersion", "kind", "metadata", "spec"}, name
             assert isinstance(doc["spec"], dict) and doc["spec"], name
             continue
@@ -336,7 +359,7 @@ def test_default_dfdaemon_ports_are_not_dragonflys() -> None:
 
 
 def test_ports_follow_the_values_everywhere(helm: str) -> None:
-    """containerPorts, the configs' listen addresses, probes, Services, peer addresses and the
+    """containerPorts, the listen addresses (flags), probes, Services, peer addresses and the
     hosts.toml mirror all take their numbers from .Values.ports."""
     custom = {"scheduler": {"grpc": 18002, "metrics": 18000},
               "dfdaemon": {"grpc": 14000, "proxy": 14001, "metrics": 14002, "health": 14003, "upload": 14005}}
@@ -350,8 +373,10 @@ def test_ports_follow_the_values_everywhere(helm: str) -> None:
         c = container(w, cname)
         assert {n: p["containerPort"] for n, p in ports_by_name(c).items()} == custom[kind]
         config = yaml.safe_load(one(docs, "ConfigMap", name)["data"][key])
-        assert {k: config[k] for k in LISTEN_KEYS[kind]} == {
-            k: f"0.0.0.0:{custom[kind][port]}" for k, port in LISTEN_KEYS[kind].items()}
+        args = c["args"]
+        listens = {k: args[args.index("--" + k.replace("_", "-")) + 1] for k in LISTEN_KEYS[kind]}
+        assert {k: int(v.rsplit(":", 1)[1]) for k, v in listens.items()} == {
+            k: custom[kind][port] for k, port in LISTEN_KEYS[kind].items()}
         for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
             assert c[probe]["httpGet"]["port"] in ports_by_name(c)
         if kind == "dfdaemon":
@@ -395,11 +420,12 @@ def test_every_rendered_config_loads_with_the_project_loader(
                 continue
             name, cname, cls = loaders[key]
             path = tmp_path / f"{cm['metadata']['name']}-{key}"
-            path.write_text(localize(text, workload(docs, name), cname, tmp_path, secrets))
+            all_secrets = {**secrets, **rendered_secrets(docs)}
+            path.write_text(localize(text, workload(docs, name), cname, tmp_path, all_secrets))
             config = load_config(cls, path)
             loaded += 1
-            listens = [v for f, v in vars(config).items() if f.endswith("listen")]
-            assert listens and all(v.startswith("0.0.0.0:") for v in listens), listens
+            # listen addresses come as flags (the downward API): test_listeners_bind_the_node_ip
+            assert not [k for k in yaml.safe_load(text) if k.endswith("listen")], key
             if isinstance(config, DfdaemonConfig):
                 assert config.seed == (key == "dfdaemon-seed.yaml")
                 assert config.data_dir == "/var/lib/damselfly"
@@ -425,26 +451,43 @@ def test_config_files_are_mounted_where_the_args_point(helm: str, values: str | 
         assert config_path.name == key
 
 
+# what the kubelet puts in $(VAR) of args (the pod's env from the downward API)
+DOWNWARD = {"HOST_IP": "10.1.2.3", "POD_IP": "10.1.2.3", "NODE_NAME": "node-a", "POD_NAME": "pod-a"}
+
+
+def config_from_container(
+    docs: list[dict[str, Any]], name: str, cname: str, cls: type[Any], tmp_path: Path,
+    secrets: dict[str, dict[str, bytes]],
+) -> Any:
+    """The config a container's binary runs with: its args, $(VAR)s filled in as the kubelet
+    does, parsed with the binary's real flags over its rendered config file."""
+    w = workload(docs, name)
+    c = container(w, cname)
+    declared = {e["name"] for e in c.get("env", [])}
+    args = []
+    for arg in c["args"][1:]:
+        for var in re.findall(r"\$\((\w+)\)", arg):
+            assert var in declared, f"{cname} uses $({var}) without an env var of that name"
+            arg = arg.replace(f"$({var})", DOWNWARD[var])
+        args.append(arg)
+    key = Path(args[args.index("--config") + 1]).name
+    cm = next(c for c in find(docs, "ConfigMap") if key in c.get("data", {}))
+    local = tmp_path / f"{cname}-{key}"
+    local.write_text(localize(cm["data"][key], w, cname, tmp_path, {**secrets, **rendered_secrets(docs)}))
+    args[args.index("--config") + 1] = str(local)
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    add_config_arguments(parser, cls)
+    return config_from_args(cls, parser.parse_args(args))
+
+
 @pytest.mark.parametrize("values", VALUES_FILES)
 def test_container_args_parse_with_the_binaries_flags(
     helm: str, values: str | None, tmp_path: Path, secrets: dict[str, dict[str, bytes]]
 ) -> None:
     """The args of each container, with the downward API filled in, parse with the real flags."""
     docs = render(helm, values)
-    downward = {"$(HOST_IP)": "10.1.2.3", "$(NODE_NAME)": "node-a", "$(POD_NAME)": "pod-a"}
-    for workload, cname, cls in ((f"{RELEASE}-scheduler", "scheduler", SchedulerConfig),
-                                 (f"{RELEASE}-seed-peer", "seed-peer", DfdaemonConfig),
-                                 (f"{RELEASE}-dfdaemon", "dfdaemon", DfdaemonConfig)):
-        w = next(d for d in workloads(docs) if d["metadata"]["name"] == workload)
-        args = [downward.get(a, a) for a in container(w, cname)["args"][1:]]
-        key = Path(args[args.index("--config") + 1]).name
-        cm = next(c for c in find(docs, "ConfigMap") if key in c.get("data", {}))
-        local = tmp_path / f"{cname}-{key}"
-        local.write_text(localize(cm["data"][key], w, cname, tmp_path, secrets))
-        args[args.index("--config") + 1] = str(local)
-        parser = argparse.ArgumentParser(exit_on_error=False)
-        add_config_arguments(parser, cls)
-        config = config_from_args(cls, parser.parse_args(args))
+    for workload_name, cname, _, cls in COMPONENTS:
+        config = config_from_container(docs, workload_name, cname, cls, tmp_path, secrets)
         if isinstance(config, DfdaemonConfig):
             assert config.host_ip == "10.1.2.3"
             assert config.hostname == ("pod-a" if config.seed else "node-a")
@@ -510,11 +553,13 @@ def test_default_install(helm: str, tmp_path: Path) -> None:
     assert sp["args"][sp["args"].index("--hostname") + 1] == "$(POD_NAME)"
     assert sp["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "health"}
 
-    # TLS and HTTPS interception are off by default: no Secret is mounted, no tls_*/proxy CA key
+    # mutual TLS is on by default (test_mutual_tls_is_on_by_default_with_role_certificates), each
+    # component with the chart's Secret of its role and nothing else; HTTPS interception is off
     for w in workloads(docs):
-        assert not [v for v in pod_spec(w)["volumes"] if "secret" in v], w["metadata"]["name"]
+        name = w["metadata"]["name"]
+        assert [v["secret"]["secretName"] for v in pod_spec(w)["volumes"] if "secret" in v] == [f"{name}-tls"]
     for config in (dfdaemon, seed, scheduler):
-        assert (config.tls_ca_cert, config.tls_cert, config.tls_key, config.tls_server_name) == ("",) * 4
+        assert config.tls_cert and config.tls_client_auth
     assert (dfdaemon.proxy_intercept_hosts, dfdaemon.proxy_ca_cert, dfdaemon.proxy_upstream_ca_cert) == ((), "", "")
     assert (dfdaemon.proxy_p2p_concurrency, dfdaemon.proxy_p2p_rate) == (0, 0)
 
@@ -754,7 +799,8 @@ def test_tls_secrets_are_mounted_where_the_configs_point(
 
         # probes stay on the plaintext health / metrics listener (docs/security.md)
         c = container(w, cname)
-        listener = raw["metrics_listen"] if cname == "scheduler" else raw["health_listen"]
+        flag = "--metrics-listen" if cname == "scheduler" else "--health-listen"
+        listener = c["args"][c["args"].index(flag) + 1]
         for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
             get = c[probe]["httpGet"]
             assert get.get("scheme", "HTTP") == "HTTP"
@@ -762,8 +808,7 @@ def test_tls_secrets_are_mounted_where_the_configs_point(
 
 
 def test_tls_and_interception_refuse_to_render_without_their_secrets(helm: str) -> None:
-    result = _template(helm, None, "--set", "tls.enabled=true")
-    assert result.returncode != 0 and "tls.existingSecret" in result.stderr, result.stderr
+    # naming some components' Secrets but not all is a mistake, not a cue to generate the rest
     result = _template(helm, None, "--set", "tls.enabled=true", "--set", "tls.componentSecrets.scheduler=s",
                        "--set", "tls.componentSecrets.seedPeer=s")
     assert result.returncode != 0 and "tls.componentSecrets.dfdaemon" in result.stderr, result.stderr
@@ -784,7 +829,10 @@ def test_notes_mention_tls_when_enabled(helm: str) -> None:
         assert install.returncode == 0, install.stderr
         return install.stdout.split("NOTES:", 1)[1]
 
-    assert "TLS" not in notes()
+    assert "WARNING: TLS is off" in notes("--set", "tls.enabled=false")
+    default = notes()
+    assert "TLS is on (mutual" in default and "WARNING" not in default
+    assert f"CA in Secret {RELEASE}-tls-ca" in default and f"admin: {RELEASE}-admin-tls" in default
     values = yaml.safe_load((CI_DIR / TLS_VALUES).read_text())
     text = notes("-f", str(CI_DIR / TLS_VALUES))
     assert "TLS is on (mutual" in text
@@ -1054,6 +1102,215 @@ def test_preheat_job_runs_after_install_and_upgrade(helm: str, tmp_path: Path) -
     auth_file = tmp_path / ".dockerconfigjson"
     auth_file.write_text('{"auths": {}}')
     args[args.index("--auth-file") + 1] = str(auth_file)
+    # the admin identity (mutual TLS is on by default): its Secret's files, where the Job mounts them
+    tls_mount = secret_mounts(job, "preheat-0")
+    admin = rendered_secrets(docs)[f"{RELEASE}-admin-tls"]
+    assert tls_mount[str(Path(args[args.index("--tls-cert") + 1]).parent)]["secretName"] == f"{RELEASE}-admin-tls"
+    assert certificate_cn(admin["tls.crt"]) == "admin.damselfly"
+    for flag in ("--tls-ca-cert", "--tls-cert", "--tls-key"):
+        path = Path(args[args.index(flag) + 1])
+        assert str(path.parent) in tls_mount, flag
+        local = tmp_path / path.name
+        local.write_bytes(admin[path.name])
+        args[args.index(flag) + 1] = str(local)
+    assert args[args.index("--tls-server-name") + 1] == f"{RELEASE}.{NAMESPACE}.damselfly.internal"
     options = parse_options(args)
     assert list(options.schedulers) == dfdaemon["scheduler"]
     assert [str(p) for p in options.platforms] == ["linux/amd64"]
+
+
+# ---------------------------------------------------------------------------------------------
+# safe by default (issue 12): mutual TLS with role identities, node-IP binds, the upstream
+# allow-list. Each test fails against the chart before the change.
+
+
+def certificate_cn(pem: bytes) -> str:
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    cert = x509.load_pem_x509_certificate(pem)
+    return str(cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)
+
+
+def handshake(server: dict[str, bytes], client: dict[str, bytes], server_name: str, tmp_path: Path) -> str:
+    """A TLS handshake in memory, as the daemons make it: the server requires a client certificate
+    of its CA, the client checks the server for `server_name`. The client's CN as the server sees
+    it; ssl.SSLError when either side refuses."""
+    import ssl
+
+    def files(name: str, secret: dict[str, bytes]) -> tuple[str, str, str]:
+        paths = []
+        for key in ("ca.crt", "tls.crt", "tls.key"):
+            path = tmp_path / f"{name}-{key}"
+            path.write_bytes(secret[key])
+            paths.append(str(path))
+        return paths[0], paths[1], paths[2]
+
+    server_ca, server_cert, server_key = files("server", server)
+    client_ca, client_cert, client_key = files("client", client)
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(server_cert, server_key)
+    server_ctx.load_verify_locations(server_ca)
+    server_ctx.verify_mode = ssl.CERT_REQUIRED
+    client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client_ctx.load_cert_chain(client_cert, client_key)
+    client_ctx.load_verify_locations(client_ca)
+    # TLS 1.2: the server checks the client's certificate within the handshake itself
+    client_ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    s_in, s_out, c_in, c_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls_server = server_ctx.wrap_bio(s_in, s_out, server_side=True)
+    tls_client = client_ctx.wrap_bio(c_in, c_out, server_hostname=server_name)
+    done = {"server": False, "client": False}
+    for _ in range(10):
+        for side, obj, out, peer_in in (("client", tls_client, c_out, s_in), ("server", tls_server, s_out, c_in)):
+            if not done[side]:
+                try:
+                    obj.do_handshake()
+                    done[side] = True
+                except ssl.SSLWantReadError:
+                    pass
+            peer_in.write(out.read())
+        if all(done.values()):
+            break
+    assert all(done.values()), done
+    peer = tls_server.getpeercert()
+    assert peer is not None
+    return next(value for rdn in peer["subject"] for key, value in rdn if key == "commonName")
+
+
+def test_mutual_tls_is_on_by_default_with_role_certificates(helm: str, tmp_path: Path) -> None:
+    """Without any value set, every component runs mutual TLS with a certificate of its role
+    (common/identity.py) from a CA the chart generates, and the CA's key is mounted nowhere."""
+    from common.identity import Role, identity_from_common_name
+
+    docs = render(helm, None)
+    secrets = rendered_secrets(docs)
+    ca = secrets[f"{RELEASE}-tls-ca"]
+    assert set(ca) == {"tls.crt", "tls.key"}
+    server_name = f"{RELEASE}.{NAMESPACE}.damselfly.internal"
+    roles = {"scheduler": Role.SCHEDULER, "seed-peer": Role.SEED, "dfdaemon": Role.PEER}
+    role_secrets = {}
+    for name, cname, key, cls in COMPONENTS:
+        w = workload(docs, name)
+        (secret_name,) = {s["secretName"] for s in secret_mounts(w, cname).values()}
+        secret = secrets[secret_name]
+        assert secret["ca.crt"] == ca["tls.crt"]
+        assert identity_from_common_name(certificate_cn(secret["tls.crt"])).role == roles[cname]
+        role_secrets[cname] = secret
+        config = load_rendered_config(docs, name, key, cls, tmp_path)  # opens and checks every file
+        assert config.tls_client_auth is True and config.tls_server_name == server_name
+    mounted = {s["secretName"] for w in workloads(docs) for s in secret_mounts(w, container_names(w)[0]).values()}
+    assert f"{RELEASE}-tls-ca" not in mounted
+    # the certificates work as the cluster uses them: a peer reaches the scheduler and a seed, the
+    # scheduler reaches a seed, each server sees the caller's role ...
+    for server, client, caller in (("scheduler", "dfdaemon", "peer.damselfly"),
+                                   ("seed-peer", "scheduler", "scheduler.damselfly"),
+                                   ("dfdaemon", "seed-peer", "seed.damselfly")):
+        assert handshake(role_secrets[server], role_secrets[client], server_name, tmp_path) == caller
+    # ... and a certificate of another CA (another release's) is refused
+    import ssl
+
+    other = rendered_secrets(template_docs(helm, None))
+    assert other[f"{RELEASE}-tls-ca"]["tls.crt"] != ca["tls.crt"], "a new CA per fresh install"
+    with pytest.raises(ssl.SSLError):
+        handshake(role_secrets["seed-peer"], other[f"{RELEASE}-dfdaemon-tls"], server_name, tmp_path)
+
+
+def container_names(w: dict[str, Any]) -> list[str]:
+    return [c["name"] for c in pod_spec(w)["containers"]]
+
+
+def test_tls_off_is_an_explicit_choice(helm: str) -> None:
+    """tls.enabled=false renders no certificate and no tls_* key: the only way to plaintext."""
+    docs = template_docs(helm, None, "--set", "tls.enabled=false")
+    assert not find(docs, "Secret")
+    for name, _, key, _ in COMPONENTS:
+        assert not [k for k in yaml.safe_load(one(docs, "ConfigMap", name)["data"][key]) if k.startswith("tls_")]
+
+
+def test_cert_manager_issues_the_role_certificates(
+    helm: str, tmp_path: Path, secrets: dict[str, dict[str, bytes]]
+) -> None:
+    values = yaml.safe_load((CI_DIR / CERT_MANAGER_VALUES).read_text())["tls"]
+    docs = render(helm, CERT_MANAGER_VALUES)
+    assert not find(docs, "Secret"), "cert-manager writes the Secrets, not the chart"
+    issuers = {d["metadata"]["name"]: d["spec"] for d in find(docs, "Issuer")}
+    certificates = {d["metadata"]["name"]: d["spec"] for d in find(docs, "Certificate")}
+    # the chart's own CA: self-signed root, a CA Issuer over its Secret
+    ca = certificates.pop(f"{RELEASE}-ca")
+    assert ca["isCA"] is True and issuers[ca["issuerRef"]["name"]] == {"selfSigned": {}}
+    assert issuers[f"{RELEASE}-ca"] == {"ca": {"secretName": ca["secretName"]}}
+    expected = {f"{RELEASE}-scheduler-tls": "scheduler.damselfly", f"{RELEASE}-seed-peer-tls": "seed.damselfly",
+                f"{RELEASE}-dfdaemon-tls": "peer.damselfly", f"{RELEASE}-admin-tls": "admin.damselfly"}
+    assert {c["secretName"]: c["commonName"] for c in certificates.values()} == expected
+    for spec in certificates.values():
+        assert spec["dnsNames"] == [values["serverName"]]
+        assert {"server auth", "client auth"} <= set(spec["usages"])
+        assert spec["issuerRef"]["name"] == f"{RELEASE}-ca"
+        assert (spec["duration"], spec["renewBefore"]) == (values["certManager"]["duration"],
+                                                           values["certManager"]["renewBefore"])
+    # each workload mounts the Secret of its own role's Certificate, the preheat Job the admin one
+    for name, cname, _, cls in COMPONENTS:
+        (mounted,) = {s["secretName"] for s in secret_mounts(workload(docs, name), cname).values()}
+        assert mounted == f"{name}-tls"
+        config = config_from_container(docs, name, cname, cls, tmp_path, secrets)
+        assert config.tls_server_name == values["serverName"]
+    (job,) = find(docs, "Job")
+    assert {s["secretName"] for s in secret_mounts(job, "preheat-0").values()} == {f"{RELEASE}-admin-tls"}
+    # an issuer of the operator's: no CA of the chart's
+    docs = template_docs(helm, CERT_MANAGER_VALUES, "--set", "tls.certManager.issuerRef.name=corp-ca",
+                         "--set", "tls.certManager.issuerRef.kind=ClusterIssuer")
+    assert not find(docs, "Issuer")
+    assert f"{RELEASE}-ca" not in {d["metadata"]["name"] for d in find(docs, "Certificate")}
+    assert {c["spec"]["issuerRef"]["kind"] for c in find(docs, "Certificate")} == {"ClusterIssuer"}
+
+
+def test_listeners_bind_the_node_ip_not_every_address(
+    helm: str, tmp_path: Path, secrets: dict[str, dict[str, bytes]]
+) -> None:
+    """On the node's network, gRPC, pieces and metrics bind the node IP and the proxy loopback
+    (containerd's hosts.toml dials 127.0.0.1); only health, which kubelet probes at the node IP and
+    nydusd pings on loopback, binds every address. In a pod's own namespace, peer-facing ports bind
+    the pod IP; a seed's proxy, which serves no one, loopback."""
+    ip = DOWNWARD["HOST_IP"]
+    p = {k: v for k, v in CHART_PORTS["dfdaemon"].items()}
+    s = CHART_PORTS["scheduler"]
+    docs = render(helm, None)
+    dfdaemon = config_from_container(docs, f"{RELEASE}-dfdaemon", "dfdaemon", DfdaemonConfig, tmp_path, secrets)
+    assert env_field(container(workload(docs, f"{RELEASE}-dfdaemon"), "dfdaemon"), "HOST_IP") == "status.hostIP"
+    assert (dfdaemon.grpc_listen, dfdaemon.upload_listen, dfdaemon.metrics_listen, dfdaemon.proxy_listen,
+            dfdaemon.health_listen) == (f"{ip}:{p['grpc']}", f"{ip}:{p['upload']}", f"{ip}:{p['metrics']}",
+                                        f"127.0.0.1:{p['proxy']}", f"0.0.0.0:{p['health']}")
+    hosts = one(template_docs(helm, None, "--set", "containerd.injectMirror.enabled=true"), "ConfigMap",
+                f"{RELEASE}-dfdaemon-containerd")["data"]["hosts-0.toml"]
+    assert list(tomllib.loads(hosts)["host"]) == [f"http://{dfdaemon.proxy_listen}"]
+    seed = config_from_container(docs, f"{RELEASE}-seed-peer", "seed-peer", DfdaemonConfig, tmp_path, secrets)
+    assert env_field(container(workload(docs, f"{RELEASE}-seed-peer"), "seed-peer"), "HOST_IP") == "status.podIP"
+    assert (seed.grpc_listen, seed.upload_listen, seed.proxy_listen) == (
+        f"{ip}:{p['grpc']}", f"{ip}:{p['upload']}", f"127.0.0.1:{p['proxy']}")
+    scheduler = config_from_container(docs, f"{RELEASE}-scheduler", "scheduler", SchedulerConfig, tmp_path, secrets)
+    assert env_field(container(workload(docs, f"{RELEASE}-scheduler"), "scheduler"), "POD_IP") == "status.podIP"
+    assert scheduler.listen == f"{ip}:{s['grpc']}"
+    # off the host network, containerd reaches the proxy through its hostPort, on the pod IP
+    docs = render(helm, "mirror-monitoring-values.yaml")
+    dfdaemon = config_from_container(docs, f"{RELEASE}-dfdaemon", "dfdaemon", DfdaemonConfig, tmp_path, secrets)
+    assert env_field(container(workload(docs, f"{RELEASE}-dfdaemon"), "dfdaemon"), "HOST_IP") == "status.podIP"
+    assert (dfdaemon.proxy_listen, dfdaemon.grpc_listen) == (f"{ip}:{p['proxy']}", f"{ip}:{p['grpc']}")
+    # extraArgs come last: an operator can still widen a bind (the proxy for pods, say)
+    docs = template_docs(helm, None, "--set-json", f'dfdaemon.extraArgs=["--proxy-listen","$(HOST_IP):{p["proxy"]}"]')
+    dfdaemon = config_from_container(docs, f"{RELEASE}-dfdaemon", "dfdaemon", DfdaemonConfig, tmp_path, secrets)
+    assert dfdaemon.proxy_listen == f"{ip}:{p['proxy']}"
+
+
+def test_proxy_upstreams_are_the_mirrored_registries(helm: str, tmp_path: Path) -> None:
+    """The proxy's allow-list is the registries of the values, not whatever a client names."""
+    docs = render(helm, None)
+    for name, _, key, _ in COMPONENTS[1:]:
+        config = load_rendered_config(docs, name, key, DfdaemonConfig, tmp_path)
+        assert config.proxy_allowed_upstreams == ("https://registry-1.docker.io",)
+    registries = yaml.safe_load((CI_DIR / "mirror-monitoring-values.yaml").read_text())["containerd"]["injectMirror"]
+    docs = template_docs(helm, "mirror-monitoring-values.yaml", "--set-json",
+                         'dfdaemon.proxy.allowedUpstreams=["*.mirror.internal","10.0.0.7:5000"]')
+    config = load_rendered_config(docs, f"{RELEASE}-dfdaemon", "dfdaemon.yaml", DfdaemonConfig, tmp_path)
+    assert list(config.proxy_allowed_upstreams) == [
+        *(r["server"] for r in registries["registries"]), "*.mirror.internal", "10.0.0.7:5000"]

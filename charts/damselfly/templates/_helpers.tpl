@@ -244,14 +244,60 @@ proxyCA: /var/run/secrets/damselfly/proxy-ca
 upstreamCA: /var/run/secrets/damselfly/upstream-ca
 {{- end }}
 
-{{/* The TLS Secret of a component; call with (dict "ctx" $ "component" "scheduler"). */}}
+{{/*
+The role each TLS component proves with its certificate's CN (<role>.damselfly, common/identity.py).
+*/}}
+{{- define "damselfly.tls.roles" -}}
+scheduler: scheduler
+seedPeer: seed
+dfdaemon: peer
+admin: admin
+{{- end }}
+
+{{/*
+Where the certificates come from: "secrets" (tls.existingSecret / tls.componentSecrets, made by
+the user), "certManager" (tls.certManager.enabled) or "generated" (Helm genCA, the default).
+*/}}
+{{- define "damselfly.tls.source" -}}
+{{- $tls := .Values.tls }}
+{{- $named := false }}
+{{- range $_, $name := ($tls.componentSecrets | default dict) }}{{ if $name }}{{ $named = true }}{{ end }}{{ end }}
+{{- if or $tls.existingSecret $named }}secrets{{ else if $tls.certManager.enabled }}certManager{{ else }}generated{{ end }}
+{{- end }}
+
+{{/* Name of the Secret the chart makes (generated or cert-manager) for a component. */}}
+{{- define "damselfly.tls.chartSecretName" -}}
+{{- $suffix := dict "scheduler" "scheduler" "seedPeer" "seed-peer" "dfdaemon" "dfdaemon" "admin" "admin" }}
+{{- printf "%s-%s-tls" (include "damselfly.fullname" .ctx) (get $suffix .component) }}
+{{- end }}
+
+{{/* Name of the Secret holding the chart's CA (tls.crt, tls.key): generated or cert-manager. */}}
+{{- define "damselfly.tls.caSecretName" -}}{{ include "damselfly.fullname" . }}-tls-ca{{- end }}
+
+{{/* The TLS Secret of a component; call with (dict "ctx" $ "component" "scheduler"|"seedPeer"|"dfdaemon"|"admin"). */}}
 {{- define "damselfly.tls.secretName" -}}
 {{- $tls := .ctx.Values.tls }}
+{{- if eq (include "damselfly.tls.source" .ctx) "secrets" }}
 {{- $name := get ($tls.componentSecrets | default dict) .component | default $tls.existingSecret }}
 {{- if not $name }}
-{{- fail (printf "tls.enabled is true: set tls.existingSecret (or tls.componentSecrets.%s) to a Secret with ca.crt, tls.crt and tls.key" .component) }}
+{{- fail (printf "tls.componentSecrets names some components' Secrets but not %s: set tls.componentSecrets.%s or tls.existingSecret (a Secret with ca.crt, tls.crt and tls.key), or clear them all to let the chart generate the certificates" .component .component) }}
 {{- end }}
 {{- $name }}
+{{- else }}
+{{- include "damselfly.tls.chartSecretName" . }}
+{{- end }}
+{{- end }}
+
+{{/*
+The DNS name every server certificate is checked for (tls_server_name): tls.serverName, or for
+the chart's own certificates a name only they carry.
+*/}}
+{{- define "damselfly.tls.serverName" -}}
+{{- if .Values.tls.serverName }}
+{{- .Values.tls.serverName }}
+{{- else if ne (include "damselfly.tls.source" .) "secrets" }}
+{{- printf "%s.%s.damselfly.internal" (include "damselfly.fullname" .) .Release.Namespace }}
+{{- end }}
 {{- end }}
 
 {{/* tls_* config keys of every component (empty when TLS is off). */}}
@@ -262,7 +308,7 @@ tls_ca_cert: {{ $paths.tls }}/ca.crt
 tls_cert: {{ $paths.tls }}/tls.crt
 tls_key: {{ $paths.tls }}/tls.key
 tls_client_auth: {{ .Values.tls.clientAuth }}
-{{- with .Values.tls.serverName }}
+{{- with include "damselfly.tls.serverName" . }}
 tls_server_name: {{ . | quote }}
 {{- end }}
 {{- end }}
@@ -270,7 +316,7 @@ tls_server_name: {{ . | quote }}
 
 {{/*
 Secret volumes and their mounts of a component, as YAML {volumes: [...], mounts: [...]};
-call with (dict "ctx" $ "component" "scheduler"|"seedPeer"|"dfdaemon").
+call with (dict "ctx" $ "component" "scheduler"|"seedPeer"|"dfdaemon"|"admin" (the preheat Job)).
 */}}
 {{- define "damselfly.secretVolumes" -}}
 {{- $values := .ctx.Values }}
@@ -279,7 +325,7 @@ call with (dict "ctx" $ "component" "scheduler"|"seedPeer"|"dfdaemon").
 {{- if $values.tls.enabled }}
 {{- $secrets = append $secrets (dict "name" "tls" "secret" (include "damselfly.tls.secretName" .) "path" $paths.tls) }}
 {{- end }}
-{{- if ne .component "scheduler" }}
+{{- if has .component (list "seedPeer" "dfdaemon") }}
 {{- $proxy := $values.dfdaemon.proxy }}
 {{- if and (eq .component "dfdaemon") $proxy.caSecret }}
 {{- $secrets = append $secrets (dict "name" "proxy-ca" "secret" $proxy.caSecret "path" $paths.proxyCA) }}
@@ -303,15 +349,44 @@ mounts:
 {{- end }}
 {{- end }}
 
+{{/*
+Listen addresses as flags, since a config file cannot read the downward API: call with
+(dict "ctx" $ "component" "scheduler"|"seedPeer"|"dfdaemon"). Nothing binds 0.0.0.0 on a node's
+network: peer-facing ports (gRPC, pieces, metrics) take the node IP ($(HOST_IP)), the proxy takes
+127.0.0.1, where containerd and nydusd on the node reach it (hosts.toml), and only health stays on
+every address (kubelet probes the node IP, nydusd pings 127.0.0.1). In a pod's own network
+namespace peer-facing ports take the pod IP; metrics and health keep 0.0.0.0 there (nothing else
+shares the namespace, and `kubectl port-forward` dials the pod's loopback). A seed's proxy serves
+no one: loopback. Later flags win, so dfdaemon.extraArgs can override any of these.
+*/}}
+{{- define "damselfly.listenArgs" -}}
+{{- $ports := include "damselfly.ports" .ctx | fromYaml }}
+{{- $listen := dict }}
+{{- if eq .component "scheduler" }}
+{{- $listen = dict "--listen" (printf "$(POD_IP):%v" $ports.schedulerGrpc) "--metrics-listen" (printf "0.0.0.0:%v" $ports.schedulerMetrics) }}
+{{- else }}
+{{- $hostNetwork := and (eq .component "dfdaemon") .ctx.Values.dfdaemon.hostNetwork }}
+{{- $proxyHost := "127.0.0.1" }}
+{{- if and (eq .component "dfdaemon") (not $hostNetwork) }}{{ $proxyHost = "$(HOST_IP)" }}{{ end }}
+{{- $listen = dict
+  "--grpc-listen" (printf "$(HOST_IP):%v" $ports.dfdaemonGrpc)
+  "--upload-listen" (printf "$(HOST_IP):%v" $ports.dfdaemonUpload)
+  "--proxy-listen" (printf "%s:%v" $proxyHost $ports.dfdaemonProxy)
+  "--metrics-listen" (printf "%s:%v" (ternary "$(HOST_IP)" "0.0.0.0" $hostNetwork) $ports.dfdaemonMetrics)
+  "--health-listen" (printf "0.0.0.0:%v" $ports.dfdaemonHealth)
+}}
+{{- end }}
+{{- $args := list }}
+{{- range $flag := keys $listen | sortAlpha }}{{ $args = concat $args (list $flag (get $listen $flag)) }}{{ end }}
+{{- toYaml $args }}
+{{- end }}
+
 {{/* scheduler.yaml */}}
 {{- define "damselfly.scheduler.config" -}}
 {{- include "damselfly.checkNoListen" (dict "config" .Values.scheduler.config "where" "scheduler.config") }}
-{{- $ports := include "damselfly.ports" . | fromYaml }}
 {{- $defaults := dict
   "log_level" .Values.log.level
   "log_format" .Values.log.format
-  "listen" (printf "0.0.0.0:%v" $ports.schedulerGrpc)
-  "metrics_listen" (printf "0.0.0.0:%v" $ports.schedulerMetrics)
   "seed_peer" (include "damselfly.seedPeer.addresses" . | fromYamlArray)
 }}
 {{- $defaults = merge $defaults (include "damselfly.tls.config" . | fromYaml) }}
@@ -320,24 +395,35 @@ mounts:
 
 {{/* Keys shared by dfdaemon.yaml and dfdaemon-seed.yaml. */}}
 {{- define "damselfly.dfdaemon.baseConfig" -}}
-{{- $ports := include "damselfly.ports" . | fromYaml }}
 log_level: {{ .Values.log.level }}
 log_format: {{ .Values.log.format }}
 scheduler:
 {{- include "damselfly.dfdaemon.schedulers" . | nindent 2 }}
 data_dir: /var/lib/damselfly
 socket: /var/run/damselfly/dfdaemon.sock
-grpc_listen: 0.0.0.0:{{ $ports.dfdaemonGrpc }}
-proxy_listen: 0.0.0.0:{{ $ports.dfdaemonProxy }}
-metrics_listen: 0.0.0.0:{{ $ports.dfdaemonMetrics }}
-health_listen: 0.0.0.0:{{ $ports.dfdaemonHealth }}
-upload_listen: 0.0.0.0:{{ $ports.dfdaemonUpload }}
 {{- with include "damselfly.tls.config" . }}
 {{ . }}
 {{- end }}
 {{- if .Values.dfdaemon.proxy.upstreamCASecret }}
 proxy_upstream_ca_cert: {{ (include "damselfly.secretPaths" . | fromYaml).upstreamCA }}/ca.crt
 {{- end }}
+{{- with include "damselfly.allowedUpstreams" . | fromYamlArray }}
+proxy_allowed_upstreams:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/*
+The upstreams the proxy may reach for its clients (proxy_allowed_upstreams), as a YAML list: the
+server of every registry in containerd.injectMirror.registries (scheme://host[:port]) and
+dfdaemon.proxy.allowedUpstreams. Nothing else: not the registry a client names.
+*/}}
+{{- define "damselfly.allowedUpstreams" -}}
+{{- $upstreams := list }}
+{{- range .Values.containerd.injectMirror.registries }}
+{{- $upstreams = append $upstreams (regexFind "^https?://[^/?#]+" .server) }}
+{{- end }}
+{{- toYaml (concat $upstreams .Values.dfdaemon.proxy.allowedUpstreams | uniq) }}
 {{- end }}
 
 {{/* dfdaemon.yaml */}}
