@@ -1314,3 +1314,120 @@ def test_proxy_upstreams_are_the_mirrored_registries(helm: str, tmp_path: Path) 
     config = load_rendered_config(docs, f"{RELEASE}-dfdaemon", "dfdaemon.yaml", DfdaemonConfig, tmp_path)
     assert list(config.proxy_allowed_upstreams) == [
         *(r["server"] for r in registries["registries"]), "*.mirror.internal", "10.0.0.7:5000"]
+
+
+class _FakeKubernetesAPI:
+    """Just enough of a Kubernetes API server for `helm template --dry-run=server`: discovery of the
+    kinds the chart renders, GET of the Secrets it was given (others 404), empty lists. Lets a
+    test show what `lookup` makes of an installed release without a cluster."""
+
+    KINDS = {"v1": {"configmaps": "ConfigMap", "services": "Service", "secrets": "Secret"},
+             "apps/v1": {"statefulsets": "StatefulSet", "daemonsets": "DaemonSet"},
+             "policy/v1": {"poddisruptionbudgets": "PodDisruptionBudget"}, "batch/v1": {"jobs": "Job"}}
+
+    def __init__(self, secrets: list[dict[str, Any]]) -> None:
+        import http.server
+        import threading
+
+        stored = {}
+        for secret in secrets:  # as `helm install` leaves them: owned by the release
+            secret = json.loads(json.dumps(secret))
+            secret["metadata"].setdefault("annotations", {}).update(
+                {"meta.helm.sh/release-name": RELEASE, "meta.helm.sh/release-namespace": NAMESPACE})
+            stored[secret["metadata"]["name"]] = secret
+        kinds = self.KINDS
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def reply(self, code: int, body: dict[str, Any]) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:
+                path = self.path.split("?")[0]
+                not_found = {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound",
+                             "code": 404}
+                if path == "/version":
+                    return self.reply(200, {"major": "1", "minor": "30", "gitVersion": "v1.30.0"})
+                if path == "/api":
+                    return self.reply(200, {"kind": "APIVersions", "versions": ["v1"]})
+                if path == "/apis":
+                    groups = [{"name": gv.split("/")[0], "versions": [{"groupVersion": gv, "version": "v1"}],
+                               "preferredVersion": {"groupVersion": gv, "version": "v1"}} for gv in kinds if gv != "v1"]
+                    return self.reply(200, {"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
+                parts = path.strip("/").split("/")
+                group_version = "v1" if parts[0] == "api" else "/".join(parts[1:3])
+                rest = parts[2:] if parts[0] == "api" else parts[3:]
+                if group_version not in kinds:
+                    return self.reply(404, not_found)
+                if not rest:
+                    return self.reply(200, {"kind": "APIResourceList", "groupVersion": group_version, "resources": [
+                        {"name": plural, "singularName": kind.lower(), "namespaced": True, "kind": kind,
+                         "verbs": ["get", "list"]} for plural, kind in kinds[group_version].items()]})
+                if len(rest) == 3:
+                    return self.reply(200, {"kind": "List", "apiVersion": "v1", "metadata": {}, "items": []})
+                if len(rest) == 4 and rest[2] == "secrets" and rest[3] in stored:
+                    return self.reply(200, stored[rest[3]])
+                return self.reply(404, not_found)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> _FakeKubernetesAPI:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def kubeconfig(self, directory: Path) -> Path:
+        path = directory / "kubeconfig"
+        host, port = self.server.server_address[:2]
+        path.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+            "clusters": [{"name": "fake", "cluster": {"server": f"http://{host!s}:{port}"}}],
+            "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake", "namespace": NAMESPACE}}],
+            "users": [{"name": "fake", "user": {"token": "fake"}}]}))
+        return path
+
+
+def upgrade_render(helm: str, installed: list[dict[str, Any]], tmp_path: Path, *args: str) -> list[dict[str, Any]]:
+    """What `helm upgrade` would render over a release whose Secrets are `installed` (lookup on)."""
+    with _FakeKubernetesAPI(installed) as api:
+        env = {**os.environ, "KUBECONFIG": str(api.kubeconfig(tmp_path)), "HOME": str(tmp_path)}
+        result = subprocess.run(
+            [helm, "template", RELEASE, str(CHART), "--namespace", NAMESPACE, "--dry-run=server",
+             "--disable-openapi-validation", *args], capture_output=True, text=True, timeout=120, check=False, env=env)
+    assert result.returncode == 0, result.stderr
+    return [d for d in yaml.safe_load_all(result.stdout) if d]
+
+
+def test_generated_ca_and_certificates_are_kept_across_upgrades(helm: str, tmp_path: Path) -> None:
+    """An upgrade reads the installed CA back (lookup) and keeps it and every role certificate, so
+    running pods and restarted ones trust each other; a new tls.serverName, or a CA deleted to
+    rotate it, issues new role certificates."""
+    installed = find(render(helm, None), "Secret")
+    before = rendered_secrets(installed)
+    after = rendered_secrets(upgrade_render(helm, installed, tmp_path))
+    assert after == before
+    # a new server name: same CA, new certificates carrying the name
+    renamed = rendered_secrets(upgrade_render(helm, installed, tmp_path, "--set", "tls.serverName=new.internal"))
+    assert renamed[f"{RELEASE}-tls-ca"] == before[f"{RELEASE}-tls-ca"]
+    for name in (f"{RELEASE}-scheduler-tls", f"{RELEASE}-dfdaemon-tls"):
+        assert renamed[name]["ca.crt"] == before[name]["ca.crt"]
+        assert renamed[name]["tls.crt"] != before[name]["tls.crt"]
+        assert renamed[name]["tls.key"] != before[name]["tls.key"]
+    # the CA deleted (rotation): a new CA, and no role certificate of the old one left
+    rotated = rendered_secrets(upgrade_render(
+        helm, [s for s in installed if s["metadata"]["name"] != f"{RELEASE}-tls-ca"], tmp_path))
+    new_ca = rotated[f"{RELEASE}-tls-ca"]["tls.crt"]
+    assert new_ca != before[f"{RELEASE}-tls-ca"]["tls.crt"]
+    assert {n: s["ca.crt"] for n, s in rotated.items() if "ca.crt" in s} == {
+        n: new_ca for n, s in before.items() if "ca.crt" in s}
