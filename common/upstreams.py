@@ -70,7 +70,10 @@ class UpstreamEntry:
             port: int | None = parts.port or DEFAULT_PORTS[scheme]
         else:
             host, port = _split_host_port(raw, text)
-        host = host.lower().rstrip(".")
+        host = host.lower()
+        if host.startswith("*.") and not host[2:].rstrip("."):
+            raise ValueError(f"{text!r}: '*.' needs a domain after it")
+        host = host.rstrip(".")
         if not host:
             raise ValueError(f"{text!r} names no host")
         if host != ANY_PUBLIC_HOST:

@@ -360,6 +360,10 @@ class Proxy:
             # Checked before the scheme probe: no request goes to a host that is not allowed.
             host, _, port = namespace.partition(":")
             try:
+                _check_host(host)
+            except ValueError as exc:
+                raise ProxyError(400, f"ns {namespace[:200]!r} is not a registry host: {exc}") from None
+            try:
                 self.upstreams.check_destination(None, host, int(port) if port else None)
             except UpstreamNotAllowed as exc:
                 raise ProxyError(403, str(exc)) from None
@@ -500,6 +504,8 @@ class Proxy:
             return await self._straight(request, url)
         except OriginStatusError as exc:
             raise ProxyError(exc.status if exc.status >= 400 else 502, str(exc)) from None
+        except UpstreamNotAllowed as exc:
+            raise ProxyError(403, f"cannot check access to {url}: {exc}") from None
         except OriginError as exc:
             raise ProxyError(502, f"cannot check access to {url}: {exc}") from None
 
