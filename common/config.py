@@ -306,6 +306,8 @@ class DfdaemonConfig(LoggingConfig):
     upload_slots: int = option(0, "concurrent piece uploads (0: 200, or 2000 for a seed)", minimum=0)
     upload_rate_limit: int = option(0, "total upload bandwidth of the piece server per second (0: unlimited)",
                                     parse_size)
+    upload_min_rate: int = option("256KiB", "a piece upload slower than this per second (after 3 s) is cut, so "
+                                  "slow readers cannot hold the upload slots (0: no minimum)", parse_size)
     back_to_source_concurrency: int = option(8, "parallel ranged GETs to the origin per task", minimum=1)
     piece_timeout: float = option("30s", "give up on one piece transfer after this long", parse_duration)
     origin_connect_timeout: float = option("10s", "give up connecting to an origin after this long",

@@ -17,10 +17,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import grp
 import logging
 import os
 import random
 import socket
+import stat
 from pathlib import Path
 
 import grpc
@@ -32,14 +34,16 @@ from common.clock import SystemClock
 from common.config import DfdaemonConfig, split_address
 from common.errors import ConfigError, ListenError
 from common.hosts import announced_type
-from common.listeners import bind_grpc, grpc_server, naming_flag
+from common.http_limits import STATUS_LIMITS, start_limited_http
+from common.listeners import GRPC_SERVER_OPTIONS, bind_grpc, naming_flag
 from common.origin import OriginClient
-from common.runtime import component_main, start_http, status_app
+from common.runtime import component_main, status_app
 from common.tls import tls_from_config
+from peer.access import TriggerPolicy, resolve_scheduler_ips
 from peer.download.engine import Engine
 from peer.download.scheduler_client import SchedulerClient
 from peer.metrics import DaemonMetrics
-from peer.proxy.server import Proxy
+from peer.proxy.server import Proxy, upstream_policy
 from peer.proxy.tls import upstream_ssl_context
 from peer.services import DownloadService, UploadService
 from peer.storage.gc import CacheCollector
@@ -47,6 +51,20 @@ from peer.storage.store import PieceStore
 from peer.upload.piece_server import PieceServer
 
 log = logging.getLogger(__name__)
+
+# The upload gRPC service faces the network: a handshake (TLS included) within 10 s, pings that
+# find dead peers, streams per connection and calls in all bounded, idle connections closed.
+UPLOAD_GRPC_LIMITS = (
+    ("grpc.server_handshake_timeout_ms", 10_000),
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.max_concurrent_streams", 256),
+    ("grpc.max_connection_idle_ms", 300_000),
+    ("grpc.max_receive_message_length", 4 << 20),
+)
+# Calls served at once (SyncPieces streams last as long as a child downloads); more get RESOURCE_EXHAUSTED.
+UPLOAD_GRPC_MAX_RPCS = 4096
 
 
 class Daemon:
@@ -59,7 +77,8 @@ class Daemon:
         self.host_id = ids.host_id(config.host_ip, config.hostname, seed=config.seed)
         self.store = PieceStore(Path(config.data_dir), metrics=self.metrics)
         self.piece_server = PieceServer(self.store, upload_slots=config.effective_upload_slots,
-                                        metrics=self.metrics, rate_limit=config.upload_rate_limit)
+                                        metrics=self.metrics, rate_limit=config.upload_rate_limit,
+                                        min_rate=config.upload_min_rate)
         self.collector = CacheCollector(
             self.store, quota=config.cache_quota, high_watermark=config.gc_high_watermark,
             low_watermark=config.gc_low_watermark, task_ttl=config.task_ttl, interval=config.gc_interval,
@@ -69,7 +88,8 @@ class Daemon:
         # Back-sourcing trusts the same extra CA as the proxy's straight-through requests.
         upstream_ssl = upstream_ssl_context(config.proxy_upstream_ca_cert) if config.proxy_upstream_ca_cert else None
         self.origin = OriginClient(connect_timeout=config.origin_connect_timeout,
-                                   sock_read_timeout=config.origin_read_timeout, ssl_context=upstream_ssl)
+                                   sock_read_timeout=config.origin_read_timeout, ssl_context=upstream_ssl,
+                                   upstreams=upstream_policy(config))  # where back-source redirects may go
         self.scheduler: SchedulerClient | None = None
         self.engine: Engine | None = None
         self.proxy: Proxy | None = None
@@ -93,10 +113,7 @@ class Daemon:
     async def start(self) -> None:
         """Open storage, start every server, announce the host."""
         config = self.config
-        try:
-            await asyncio.to_thread(Path(config.data_dir).mkdir, parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError("data_dir", f"cannot create {config.data_dir}: {exc.strerror}") from None
+        await asyncio.to_thread(prepare_data_dir, Path(config.data_dir))
         await asyncio.to_thread(self.store.load)
         self._collector_task = asyncio.create_task(self.collector.run(), name="cache-gc")
         self._scrub_task = asyncio.create_task(self._scrub(), name="scrub")
@@ -110,9 +127,14 @@ class Daemon:
                              metrics=self.metrics, host_id=self.host_id, clock=SystemClock(), rng=random.Random(),
                              collector=self.collector, tls=self.tls)
 
-        upload = grpc_server()  # no SO_REUSEPORT: a second dfdaemon on this port fails, not shares it
+        trigger_policy = TriggerPolicy(
+            seed=config.seed, mutual_tls=self.tls is not None and self.tls.client_auth,
+            scheduler_ips=await asyncio.to_thread(resolve_scheduler_ips, config.scheduler))
+        # no SO_REUSEPORT (a second dfdaemon on this port fails, not shares it), and bounded
+        upload = grpc.aio.server(options=GRPC_SERVER_OPTIONS + UPLOAD_GRPC_LIMITS,
+                                 maximum_concurrent_rpcs=UPLOAD_GRPC_MAX_RPCS)
         dfdaemon_pb2_grpc.add_DfdaemonUploadServicer_to_server(
-            UploadService(self.engine, self.store, config.host_ip, self.upload_port), upload)
+            UploadService(self.engine, self.store, config.host_ip, self.upload_port, trigger_policy), upload)
         bind_grpc(upload, config.grpc_listen, self.tls, "--grpc-listen")
         await upload.start()
         self._grpc_servers.append(upload)
@@ -127,6 +149,8 @@ class Daemon:
         except RuntimeError:
             raise ListenError("--socket", config.socket, "cannot be listened on (check the directory's "
                               "permissions)") from None
+        # Bound, not yet serving: restrict it before anyone can call (the umask may leave it 0777).
+        await asyncio.to_thread(restrict_socket, socket_path, config.socket_group)
         await download.start()
         self._grpc_servers.append(download)
 
@@ -134,11 +158,12 @@ class Daemon:
         with naming_flag("--proxy-listen", config.proxy_listen):
             await self.proxy.start(*split_address(config.proxy_listen))
         with naming_flag("--metrics-listen", config.metrics_listen):
-            self._http_runners.append(await start_http(
-                status_app(self._not_ready, self.metrics.registry, degraded=self._degraded), config.metrics_listen))
+            self._http_runners.append(await start_limited_http(
+                status_app(self._not_ready, self.metrics.registry, degraded=self._degraded),
+                *split_address(config.metrics_listen), STATUS_LIMITS))
         with naming_flag("--health-listen", config.health_listen):
-            self._http_runners.append(await start_http(status_app(self._not_ready, degraded=self._degraded),
-                                                       config.health_listen))
+            self._http_runners.append(await start_limited_http(status_app(self._not_ready, degraded=self._degraded),
+                                                               *split_address(config.health_listen), STATUS_LIMITS))
         await self.scheduler.start()
         log.info("dfdaemon %s ready: gRPC %s, pieces %s://%s:%d, socket %s%s%s", self.host_id, config.grpc_listen,
                  self.engine.piece_scheme, config.host_ip, self.upload_port, config.socket,
@@ -203,6 +228,48 @@ def _prepare_socket_path(path: Path) -> None:
                 raise OSError(errno.EADDRINUSE, "a running dfdaemon listens there")
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
+
+
+def prepare_data_dir(path: Path) -> None:
+    """Create the data dir 0700, or refuse one another user could change; tighten a readable one.
+
+    The cache holds private layers, and whoever can write the directory can swap a task's files
+    under the daemon (poisoning what it serves): such a directory is a configuration error.
+    """
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = path.stat()
+    except OSError as exc:
+        raise ConfigError("data_dir", f"cannot create {path}: {exc.strerror}") from None
+    if not stat.S_ISDIR(info.st_mode):
+        raise ConfigError("data_dir", f"{path} is not a directory")
+    if info.st_uid != os.geteuid():
+        raise ConfigError("data_dir", f"{path} belongs to uid {info.st_uid}, not to the daemon's user "
+                          f"(uid {os.geteuid()}): chown it, or choose another directory")
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise ConfigError("data_dir", f"{path} is writable by other users (mode {stat.filemode(info.st_mode)}): "
+                          "chmod 700 it, or choose another directory")
+    if info.st_mode & 0o077:
+        log.info("data dir %s was mode %s: now 0700 (cached layers may be private)", path,
+                 stat.filemode(info.st_mode))
+        try:
+            path.chmod(0o700)
+        except OSError as exc:
+            raise ConfigError("data_dir", f"cannot make {path} private (chmod 700): {exc.strerror}") from None
+
+
+def restrict_socket(path: Path, group: str) -> None:
+    """Make the unix socket 0660, owned by `group` when given (its members may run dfget)."""
+    if group:
+        try:
+            gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise ConfigError("socket_group", f"no group called {group!r} on this host") from None
+        try:
+            os.chown(path, -1, gid)
+        except OSError as exc:
+            raise ConfigError("socket_group", f"cannot give {path} to group {group}: {exc.strerror}") from None
+    os.chmod(path, 0o660)
 
 
 def _probe_writable(directory: Path) -> None:

@@ -17,7 +17,9 @@ from google.protobuf import empty_pb2
 
 from common import rpc
 from common.download import DownloadRequest
-from common.errors import DamselflyError, InvalidRequest, TaskNotFound
+from common.errors import DamselflyError, InvalidRequest, PermissionDenied, TaskNotFound
+from common.identity import grpc_identity
+from peer.access import TriggerPolicy, caller_ip, public_url, trigger_refusal
 from peer.dfget_output import copy_to_client
 from peer.download.engine import PIECE_LENGTH_HEADER, RESPONSE_HEADER_PREFIX, Conductor, Engine, progress
 
@@ -34,16 +36,29 @@ def _unimplemented(name: str) -> Any:
     return handler
 
 
+# Origin response headers StatTask passes on (they describe the content); the others (cookies,
+# redirect targets with signatures, auth challenges) stay on this node.
+SHARED_RESPONSE_HEADERS = frozenset({
+    "accept-ranges", "cache-control", "content-disposition", "content-encoding", "content-language",
+    "content-type", "docker-content-digest", "etag", "last-modified",
+})
+
+
 def task_message(local: LocalTask, *, piece_digests: bool) -> common_pb2.Task:
-    """A local task as `common.v2.Task` (what StatTask answers)."""
-    task = common_pb2.Task(id=local.task_id, url=local.url, digest=local.digest or "", tag=local.tag,
+    """A local task as `common.v2.Task` (what StatTask answers).
+
+    The URL goes out without its query and user info: signed URLs and credentials of the client
+    that asked for it are not for other hosts to read.
+    """
+    task = common_pb2.Task(id=local.task_id, url=public_url(local.url), digest=local.digest or "", tag=local.tag,
                            application=local.application, state=local.state)
     if local.content_length is not None and local.piece_length is not None:
         task.content_length = local.content_length
         task.piece_count = local.piece_count
         task.request_header[PIECE_LENGTH_HEADER] = str(local.piece_length)
         for name, value in local.response_headers.items():
-            task.request_header[RESPONSE_HEADER_PREFIX + name] = value
+            if name.lower() in SHARED_RESPONSE_HEADERS:
+                task.request_header[RESPONSE_HEADER_PREFIX + name] = value
         for number in local.finished_pieces():
             span = local.span(number)
             piece = task.pieces.add(number=number, offset=span.offset, length=span.length)
@@ -72,7 +87,7 @@ async def _download_responses(
 
 
 class _LocalTaskRpcs:
-    """StatTask and DeleteTask, the same on both services."""
+    """StatTask, the same on both services."""
 
     store: PieceStore
 
@@ -83,6 +98,12 @@ class _LocalTaskRpcs:
             await rpc.abort(context, TaskNotFound(request.task_id))
         return task_message(local, piece_digests=True)
 
+
+class _LocalDelete:
+    """DeleteTask: on the unix socket only (a remote caller must not wipe a node's cache)."""
+
+    store: PieceStore
+
     async def DeleteTask(self, request: dfdaemon_pb2.DeleteTaskRequest,
                          context: grpc.aio.ServicerContext[Any, Any]) -> empty_pb2.Empty:
         if self.store.get(request.task_id) is None:
@@ -92,13 +113,23 @@ class _LocalTaskRpcs:
 
 
 class UploadService(_LocalTaskRpcs, dfdaemon_pb2_grpc.DfdaemonUploadServicer):  # type: ignore[misc]
-    """`dfdaemon.v2.DfdaemonUpload`: what other peers and the scheduler call on this node."""
+    """`dfdaemon.v2.DfdaemonUpload`: what other peers and the scheduler call on this node.
 
-    def __init__(self, engine: Engine, store: PieceStore, host_ip: str, upload_port: int) -> None:
+    Who may call what is :mod:`peer.access`'s decision: pieces and task info for the swarm,
+    download triggers for the scheduler on seeds only, no deletion.
+    """
+
+    def __init__(self, engine: Engine, store: PieceStore, host_ip: str, upload_port: int,
+                 policy: TriggerPolicy) -> None:
         self.engine = engine
         self.store = store
         self.host_ip = host_ip
         self.upload_port = upload_port
+        self.policy = policy
+
+    async def DeleteTask(self, request: dfdaemon_pb2.DeleteTaskRequest,
+                         context: grpc.aio.ServicerContext[Any, Any]) -> empty_pb2.Empty:
+        await rpc.abort(context, PermissionDenied("DeleteTask is served on the dfdaemon's local unix socket only"))
 
     async def SyncPieces(self, request: dfdaemon_pb2.SyncPiecesRequest,
                          context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[dfdaemon_pb2.SyncPiecesResponse]:
@@ -124,12 +155,16 @@ class UploadService(_LocalTaskRpcs, dfdaemon_pb2_grpc.DfdaemonUploadServicer):  
         self, request: dfdaemon_pb2.DownloadTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[dfdaemon_pb2.DownloadTaskResponse]:
         """A seed trigger from the scheduler (or a preheat): download the task here."""
+        refusal = trigger_refusal(self.policy, grpc_identity(context), caller_ip(context.peer()))
+        if refusal is not None:
+            log.warning("DownloadTask from %s refused: %s", context.peer(), refusal)
+            await rpc.abort(context, PermissionDenied(refusal))
         try:
             download = DownloadRequest.from_proto(request.download)
         except DamselflyError as exc:
             await rpc.abort(context, exc)
         conductor = self.engine.download(download)
-        log.info("download of task %s triggered remotely (%s)", conductor.task_id, download.url)
+        log.info("download of task %s triggered remotely (%s)", conductor.task_id, public_url(download.url))
         try:
             async for response in _download_responses(conductor, self.engine.host_id):
                 yield response
@@ -137,7 +172,7 @@ class UploadService(_LocalTaskRpcs, dfdaemon_pb2_grpc.DfdaemonUploadServicer):  
             await rpc.abort(context, exc)
 
 
-class DownloadService(_LocalTaskRpcs, dfdaemon_pb2_grpc.DfdaemonDownloadServicer):  # type: ignore[misc]
+class DownloadService(_LocalTaskRpcs, _LocalDelete, dfdaemon_pb2_grpc.DfdaemonDownloadServicer):  # type: ignore[misc]
     """`dfdaemon.v2.DfdaemonDownload` on the unix socket: dfget and local tools."""
 
     def __init__(self, engine: Engine, store: PieceStore) -> None:

@@ -67,6 +67,9 @@ RUNNING = "running"
 SUCCEEDED = "succeeded"
 FAILED = "failed"
 STATES = (PENDING, RUNNING, SUCCEEDED, FAILED)
+# Cached blobs may be private layers: only the daemon's user reads them (issue 12 item 11).
+PRIVATE_DIR_MODE = 0o700
+PRIVATE_FILE_MODE = 0o600
 # state -> states it may move to. A failed task may be retried (running) or, when all its pieces
 # are there after all, succeed; a succeeded task is final until deleted, unless a scrub finds a
 # corrupt piece: then it is pending again (its other pieces stay).
@@ -102,6 +105,15 @@ def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
 def _write_and_hash(fd: int, hasher: Hasher, data: bytes | memoryview, offset: int) -> None:
     hasher.update(data)
     _pwrite_all(fd, data, offset)
+
+
+def _private_mkdir(path: Path) -> None:
+    """Create `path` and its missing parents 0700 (Path.mkdir gives parents the umask's mode)."""
+    if path.is_dir():
+        return
+    _private_mkdir(path.parent)
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=PRIVATE_DIR_MODE)
 
 
 def _fsync_directory(path: Path) -> None:
@@ -214,7 +226,7 @@ class LocalTask:
             return
         self._check_alive()
         try:
-            fd = os.open(self.content_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = os.open(self.content_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, PRIVATE_FILE_MODE)
             try:
                 os.ftruncate(fd, content_length)
             finally:
@@ -575,7 +587,8 @@ class LocalTask:
 
     def _write_metadata(self, data: bytes, version: int, durable: bool) -> None:
         tmp = self.directory / f"{METADATA_FILE}.tmp.{version}"
-        with open(tmp, "wb") as file:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
+        with os.fdopen(os.open(tmp, flags, PRIVATE_FILE_MODE), "wb") as file:
             file.write(data)
             if durable:
                 file.flush()
@@ -703,7 +716,7 @@ class PieceStore:
 
     def load(self) -> None:
         """Reload the tasks found on disk: complete and partial. Bad metadata is logged and skipped."""
-        self._tasks_dir.mkdir(parents=True, exist_ok=True)
+        _private_mkdir(self._tasks_dir)
         if self._trash_dir.exists():
             shutil.rmtree(self._trash_dir, ignore_errors=True)
         now = self.clock.time()
@@ -761,7 +774,7 @@ class PieceStore:
             return existing
         task = LocalTask(self, task_id, url=url, digest=digest, tag=tag, application=application)
         try:
-            task.directory.mkdir(parents=True, exist_ok=True)
+            _private_mkdir(task.directory)
         except OSError as exc:
             raise _disk_error(exc, f"creating the directory of task {task_id}") from exc
         task._persist_now()
@@ -779,7 +792,7 @@ class PieceStore:
         async with task._persist_lock:  # no metadata write is running once we hold it
             trash = self._trash_dir / f"{task_id}.{uuid.uuid4().hex}"
             try:
-                self._trash_dir.mkdir(parents=True, exist_ok=True)
+                _private_mkdir(self._trash_dir)
                 os.rename(task.directory, trash)
             except FileNotFoundError:
                 return

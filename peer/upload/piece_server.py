@@ -16,7 +16,10 @@ which the registry mirror uses too):
 * TLS, or sendfile turned off: file reads in a thread, written through the transport.
 
 An optional :class:`~common.ratelimit.TokenBucket` caps the upload rate of the whole server; an
-upload that makes no progress for the stall timeout is given up and its connection closed.
+upload that makes no progress for the stall timeout, or (without a rate cap of our own) goes
+slower than the minimum upload rate, is given up and its connection closed. Connections are
+capped in all and per client, and must send their request headers within the header timeout
+(:mod:`common.http_limits`).
 
 The handler is a thin edge: parse, look up in the :class:`~peer.storage.PieceStore`, send, count.
 """
@@ -40,6 +43,7 @@ from aiohttp.abc import AbstractStreamWriter
 from common.clock import Clock, SystemClock
 from common.errors import InvalidRange, RangeNotSatisfiable
 from common.http import ByteRange, select_range, unsatisfied_content_range
+from common.http_limits import ConnectionLimits, LimitedSite
 from common.pieces import MIB, PieceSpan
 from common.ratelimit import TokenBucket
 from peer.metrics import DaemonMetrics
@@ -55,6 +59,15 @@ RETRY_AFTER_SECONDS = 1
 FALLBACK_CHUNK = MIB
 # An upload that makes no progress for this long is given up and its connection closed.
 DEFAULT_STALL_TIMEOUT = 30.0
+# A request's headers must arrive, and an idle keep-alive connection is closed, within this: longer
+# than aiohttp clients' 15 s keep-alive, so a child never reuses a connection the server is closing.
+DEFAULT_HEADER_TIMEOUT = 20.0
+# Connections the piece server holds besides one per upload slot (waiting for a slot, idle pools).
+SPARE_CONNECTIONS = 256
+# An upload must end within this plus its length at the minimum rate (a slow reader cannot keep
+# an upload slot for minutes by reading a few bytes now and then).
+UPLOAD_GRACE = 3.0
+DEFAULT_MIN_UPLOAD_RATE = 256 * 1024
 # Bytes an idle rate-limited server may send at once before the rate applies.
 DEFAULT_RATE_BURST = 4 * MIB
 # Unit of rate limiting and of the stall timeout on the event loop's own sendfile.
@@ -162,9 +175,12 @@ class FileRegionSender:
         use_sendfile: bool = True,
         bucket: TokenBucket | None = None,
         clock: Clock | None = None,
+        min_rate: int = 0,
     ) -> None:
         if stall_timeout <= 0:
             raise ValueError(f"stall_timeout must be positive, got {stall_timeout}")
+        if min_rate < 0:
+            raise ValueError(f"min_rate must be 0 (none) or positive, got {min_rate}")
         if max_threads < 1:
             raise ValueError(f"max_threads must be at least 1, got {max_threads}")
         self._stall_timeout = stall_timeout
@@ -172,6 +188,7 @@ class FileRegionSender:
         self._use_sendfile = use_sendfile and hasattr(os, "sendfile")
         self._loop_has_sendfile = True  # cleared when the loop turns out to have none (uvloop)
         self._bucket = bucket
+        self._min_rate = min_rate
         self._clock: Clock = clock or SystemClock()
         self._senders: concurrent.futures.ThreadPoolExecutor | None = None
 
@@ -200,8 +217,18 @@ class FileRegionSender:
         The response is prepared (its headers may still be buffered) and nothing else writes to
         the connection until this returns. Raises ConnectionError or OSError (TimeoutError for a
         stalled client) when the bytes cannot all go out: the response is then incomplete and
-        its connection must be closed, never reused.
+        its connection must be closed, never reused. Without a rate limit of our own, a send slower
+        than the minimum rate (after :data:`UPLOAD_GRACE`) fails with TimeoutError.
         """
+        if self._min_rate and self._bucket is None:
+            async with asyncio.timeout(UPLOAD_GRACE + count / self._min_rate):
+                await self._send(request, writer, file, offset, count)
+        else:
+            await self._send(request, writer, file, offset, count)
+
+    async def _send(
+        self, request: web.BaseRequest, writer: AbstractStreamWriter, file: BinaryIO, offset: int, count: int
+    ) -> None:
         transport = request.transport
         if transport is None or transport.is_closing():
             raise ConnectionResetError("connection lost")
@@ -304,15 +331,21 @@ class FileRegionSender:
             offset += length
 
 
-async def listen(runner: web.BaseRunner, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> int:
+async def listen(runner: web.BaseRunner, host: str, port: int, ssl_context: ssl.SSLContext | None = None,
+                 limits: ConnectionLimits | None = None) -> int:
     """Set up `runner` and serve it on host:port (0 picks a free port); the bound port.
 
-    Shared by the piece server and the registry mirror. When the port cannot be bound the runner
-    is cleaned up again before the error propagates.
+    Shared by the piece server and the registry mirror. With `limits`, connections over its caps
+    are closed at once (:class:`~common.http_limits.LimitedSite`). When the port cannot be bound
+    the runner is cleaned up again before the error propagates.
     """
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=ssl_context)
+        site: web.TCPSite
+        if limits is not None:
+            site = LimitedSite(runner, host, port, limits, reuse_address=True, ssl_context=ssl_context)
+        else:
+            site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=ssl_context)
         await site.start()
     except BaseException:
         await runner.cleanup()
@@ -339,6 +372,7 @@ class PieceServer:
         rate_limit: int = 0,
         rate_burst: int = DEFAULT_RATE_BURST,
         stall_timeout: float = DEFAULT_STALL_TIMEOUT,
+        min_rate: int = DEFAULT_MIN_UPLOAD_RATE,
         clock: Clock | None = None,
     ) -> None:
         if upload_slots < 1:
@@ -359,7 +393,11 @@ class PieceServer:
             use_sendfile=use_sendfile,
             bucket=TokenBucket(rate_limit, rate_burst, clock.time()) if rate_limit else None,
             clock=clock,
+            min_rate=min_rate,
         )
+        self.limits = ConnectionLimits(header_timeout=DEFAULT_HEADER_TIMEOUT,
+                                       max_connections=2 * upload_slots + SPARE_CONNECTIONS,
+                                       max_per_client=max(SPARE_CONNECTIONS, upload_slots))
         self._uploads = 0
         # The request tasks inside _upload: stop() finishes those aiohttp's shutdown leaves running.
         self._upload_tasks: set[asyncio.Task[object]] = set()
@@ -392,8 +430,9 @@ class PieceServer:
         """Listen on host:port (0 picks a free port) and return the bound port; HTTPS with `ssl_context`."""
         if self._runner is not None:
             raise RuntimeError("piece server already started")
-        runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=5.0)
-        bound = await listen(runner, host, port, ssl_context)
+        runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=5.0,
+                               keepalive_timeout=self.limits.header_timeout)
+        bound = await listen(runner, host, port, ssl_context, self.limits)
         self._runner = runner
         log.info("piece server listening on %s:%d (%s, %d upload slots)", host, bound,
                  "https" if ssl_context is not None else "http", self._upload_slots)

@@ -92,8 +92,9 @@ def test_mtls_cluster_serves_members_and_refuses_everyone_else(
     url = registry.blob_url("tls/mtls", digest)
 
     seed = cluster.plan_dfdaemon("seed", seed=True)
-    scheduler = cluster.start_scheduler(*tls_args(ca, ca.issue("scheduler")), seeds=[seed])
-    cluster.start_dfdaemon("seed", *tls_args(ca, ca.issue("seed")), node=seed)
+    scheduler = cluster.start_scheduler(*tls_args(ca, ca.issue("scheduler", common_name="scheduler.damselfly")),
+                                        seeds=[seed])
+    cluster.start_dfdaemon("seed", *tls_args(ca, ca.issue("seed", common_name="seed.damselfly")), node=seed)
     peers = [cluster.start_dfdaemon(name, *tls_args(ca, ca.issue(name))) for name in ("peer1", "peer2")]
     cluster.wait_ready(scheduler, seed, *peers)  # a dfdaemon is ready once it announced itself over mTLS
 
