@@ -545,6 +545,11 @@ class SchedulerCore:
             return decisions
         return decisions + self._schedule(peer)
 
+    def owns_peer(self, peer_id: str, caller: Caller) -> bool:
+        """The peer is registered, on a host of `caller`'s (its stream may speak for it)."""
+        peer = self.peers.get(peer_id)
+        return peer is not None and (caller.system or peer.host.owner == caller.owner)
+
     def _make_room(self, host: Host) -> list[Decision] | None:
         """Forget the oldest finished or failed peer of `host`; None when every one is active."""
         for peer in host.peers.values():

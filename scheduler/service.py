@@ -228,10 +228,21 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):  # type: ignore[mi
                 if problem:  # one stream speaks for the peer it registered, never for another
                     stream.queue.put_nowait(FailPeer(request.peer_id, Code.PERMISSION_DENIED, problem))
                     return
-                if not stream.peer_id:
-                    stream.peer_id = request.peer_id
-                    self._streams[request.peer_id] = stream
-                self._dispatch(self._handle(request, stream.caller))
+                if stream.peer_id:
+                    self._dispatch(self._handle(request, stream.caller))
+                    continue
+                decisions = self._handle(request, stream.caller)
+                if not self.core.owns_peer(request.peer_id, stream.caller):
+                    # Refused: the answer goes on this stream, never on the stream of a peer
+                    # with that id (it may be someone else's).
+                    mine = [d for d in decisions if isinstance(d, FailPeer) and d.peer_id == request.peer_id]
+                    self._dispatch([d for d in decisions if d not in mine])
+                    stream.queue.put_nowait(mine[0] if mine else FailPeer(
+                        request.peer_id, Code.FAILED_PRECONDITION, f"peer {request.peer_id} was not registered"))
+                    return
+                stream.peer_id = request.peer_id
+                self._streams[request.peer_id] = stream
+                self._dispatch(decisions)
         except asyncio.CancelledError:
             raise
         except grpc.aio.AioRpcError as exc:  # the peer went away
