@@ -7,9 +7,11 @@ Who does what:
   lock dies with the process, however it dies (SIGKILL included), so the next dfget knows a
   temporary file nobody holds is stale and removes it (:func:`sweep_stale`).
 - the dfdaemon copies the content into that file (:func:`copy_into`, run by
-  :func:`copy_to_client`): it opens it without following symlinks, refuses anything but a
-  regular file with one link, and when the client goes away mid-copy it stops and removes what
-  it wrote, so a killed dfget leaves no full-size copy behind.
+  :func:`copy_to_client`): it opens it without following symlinks (nor a directory symlink a
+  user planted), writes an existing file only when it has a dfget temporary name, refuses
+  anything but a regular file with one link, creates a new file as root only in a directory of
+  another owner (and gives it to that owner), and when the client goes away mid-copy it stops
+  and removes what it wrote, so a killed dfget leaves no full-size copy behind.
 - dfget checks the content and moves the file onto FILE (:func:`place`): without ``--overwrite``
   an existing FILE is never replaced, not even one that appeared during the download.
 """
@@ -182,11 +184,20 @@ def copy_into(source: Path, output: Path, stop: threading.Event) -> os.stat_resu
     Returns the file's identity (to remove it should the client be gone by then).
     """
     base = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    _check_directory_path(output.parent)
     try:
         try:
             fd = os.open(output, base)
         except FileNotFoundError:
+            new_file_owner = _new_file_owner(output)
             fd = os.open(output, base | os.O_CREAT | os.O_EXCL, NEW_FILE_MODE)
+            if new_file_owner is not None:
+                os.fchown(fd, *new_file_owner)
+        else:
+            if not is_temp_name(output.name):
+                os.close(fd)
+                raise InvalidRequest(f"output path {output} exists and is not a dfget temporary file: the daemon "
+                                     "writes only into a file dfget created for it, or a new file")
     except PermissionError:
         raise InvalidRequest(f"the dfdaemon (uid {os.geteuid()}) may not write {output}: run dfget as "
                              "the daemon's user, or the daemon as root") from None
@@ -209,6 +220,37 @@ def copy_into(source: Path, output: Path, stop: threading.Event) -> os.stat_resu
         return info
     finally:
         os.close(fd)
+
+
+def _check_directory_path(directory: Path) -> None:
+    """Refuse a directory path through a symlink that a user (not root) could have planted."""
+    current = Path(directory.anchor)
+    for part in directory.parts[1:]:
+        current = current / part
+        try:
+            info = os.lstat(current)
+        except FileNotFoundError:
+            raise InvalidRequest(f"output directory {directory} does not exist") from None
+        if stat.S_ISLNK(info.st_mode) and info.st_uid != 0:
+            raise InvalidRequest(f"output directory {directory} goes through {current}, a symbolic link of uid "
+                                 f"{info.st_uid}; give the real path")
+
+
+def _new_file_owner(output: Path) -> tuple[int, int] | None:
+    """Who a new output file created by a root daemon belongs to: the owner of its directory.
+
+    A root daemon does not create files in a root-owned directory for a client it cannot identify
+    (``/etc/cron.d/x`` would be root's file with the client's bytes): there the client creates
+    the file itself, as dfget does. None when the daemon is not root (the file is then its own).
+    """
+    if os.geteuid() != 0:
+        return None
+    info = os.stat(output.parent)
+    if info.st_uid == 0:
+        raise InvalidRequest(f"output directory {output.parent} belongs to root: the dfdaemon runs as root and "
+                             "creates no new file there; create the file first (dfget does) or use another "
+                             "directory")
+    return info.st_uid, info.st_gid
 
 
 def _copy_steps(source: Path, fd: int, stop: threading.Event) -> None:

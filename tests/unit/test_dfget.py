@@ -785,9 +785,43 @@ def test_copy_into_keeps_the_clients_file(cached: Path, tmp_path: Path, monkeypa
 
 
 def test_copy_into_creates_a_missing_file(cached: Path, tmp_path: Path) -> None:
-    output = tmp_path / "new.bin"
+    directory = tmp_path / "users"
+    directory.mkdir()
+    if os.geteuid() == 0:  # a root daemon creates files only in another owner's directory, as theirs
+        os.chown(directory, 65534, 65534)
+    output = directory / "new.bin"
     dfget_output.copy_into(cached, output, threading.Event())
     assert output.read_bytes() == cached.read_bytes()
+    assert os.stat(output).st_uid == os.stat(directory).st_uid
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the rule of a root daemon")
+def test_copy_into_as_root_creates_nothing_in_a_root_directory(cached: Path, tmp_path: Path) -> None:
+    with pytest.raises(InvalidRequest, match="belongs to root"):
+        dfget_output.copy_into(cached, tmp_path / "cron-job", threading.Event())
+    assert not (tmp_path / "cron-job").exists()
+
+
+def test_copy_into_refuses_an_existing_file_that_dfget_did_not_create(cached: Path, tmp_path: Path) -> None:
+    victim = tmp_path / "shadow"
+    victim.write_bytes(b"do not touch")
+    with pytest.raises(InvalidRequest, match="not a dfget temporary file"):
+        dfget_output.copy_into(cached, victim, threading.Event())
+    assert victim.read_bytes() == b"do not touch"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="planting a symlink of another user needs root")
+def test_copy_into_refuses_a_directory_symlink_of_a_user(cached: Path, tmp_path: Path) -> None:
+    target = tmp_path / "etc"
+    target.mkdir()
+    victim = target / ".passwd.dfget-0123456789ab"
+    victim.write_bytes(b"do not touch")
+    link = tmp_path / "innocent"
+    link.symlink_to(target)
+    os.lchown(link, 65534, 65534)  # planted by a user (root's own symlinks, like /var/run, are followed)
+    with pytest.raises(InvalidRequest, match="symbolic link"):
+        dfget_output.copy_into(cached, link / victim.name, threading.Event())
+    assert victim.read_bytes() == b"do not touch"
 
 
 def test_copy_into_refuses_a_symlink(cached: Path, tmp_path: Path) -> None:
@@ -803,9 +837,9 @@ def test_copy_into_refuses_a_symlink(cached: Path, tmp_path: Path) -> None:
 def test_copy_into_refuses_a_hard_linked_file(cached: Path, tmp_path: Path) -> None:
     victim = tmp_path / "victim"
     victim.write_bytes(b"do not touch")
-    os.link(victim, tmp_path / "second-name")
+    os.link(victim, tmp_path / ".second.dfget-0123456789ab")
     with pytest.raises(InvalidRequest, match="hard links"):
-        dfget_output.copy_into(cached, tmp_path / "second-name", threading.Event())
+        dfget_output.copy_into(cached, tmp_path / ".second.dfget-0123456789ab", threading.Event())
     assert victim.read_bytes() == b"do not touch"
 
 
@@ -817,7 +851,7 @@ def test_copy_into_refuses_a_fifo_without_blocking(cached: Path, tmp_path: Path)
 
 
 def test_stopped_copy_removes_what_it_wrote(cached: Path, tmp_path: Path) -> None:
-    output = tmp_path / "out"
+    output = tmp_path / ".out.dfget-0123456789ab"
     output.write_bytes(b"")
     stop = threading.Event()
     stop.set()
@@ -840,7 +874,7 @@ def _cancel_once_copying(copy: dfget_output.Copier, started: threading.Event, so
 
 
 def test_cancelled_copy_to_client_stops_the_copy_and_waits_for_its_cleanup(cached: Path, tmp_path: Path) -> None:
-    output = tmp_path / "out"
+    output = tmp_path / ".out.dfget-0123456789ab"
     output.write_bytes(b"")
     started, finished = threading.Event(), threading.Event()
 
@@ -858,7 +892,7 @@ def test_cancelled_copy_to_client_stops_the_copy_and_waits_for_its_cleanup(cache
 
 
 def test_copy_that_finished_as_the_client_went_away_is_removed(cached: Path, tmp_path: Path) -> None:
-    output = tmp_path / "out"
+    output = tmp_path / ".out.dfget-0123456789ab"
     output.write_bytes(b"")
     started = threading.Event()
 
