@@ -428,7 +428,7 @@ def test_every_rendered_config_loads_with_the_project_loader(
             assert not [k for k in yaml.safe_load(text) if k.endswith("listen")], key
             if isinstance(config, DfdaemonConfig):
                 assert config.seed == (key == "dfdaemon-seed.yaml")
-                assert config.data_dir == "/var/lib/damselfly"
+                assert config.data_dir == ("/var/lib/damselfly/cache" if config.seed else "/var/lib/damselfly")
                 assert config.socket.startswith("/var/run/damselfly/")
     assert loaded == 3
 
@@ -548,7 +548,8 @@ def test_default_install(helm: str, tmp_path: Path) -> None:
     assert claims[0]["spec"]["resources"]["requests"]["storage"] == "50Gi"
     assert not any(v["name"] == "cache" for v in pod_spec(seeds)["volumes"])
     sp = container(seeds, "seed-peer")
-    assert {m["name"]: m["mountPath"] for m in sp["volumeMounts"]}["cache"] == seed.data_dir
+    # the cache is a directory of the daemon's inside the volume (test_daemons_accept_their_volumes)
+    assert Path(seed.data_dir).parent == Path({m["name"]: m["mountPath"] for m in sp["volumeMounts"]}["cache"])
     assert env_field(sp, "HOST_IP") == "status.podIP"
     assert sp["args"][sp["args"].index("--hostname") + 1] == "$(POD_NAME)"
     assert sp["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "health"}
@@ -1431,3 +1432,33 @@ def test_generated_ca_and_certificates_are_kept_across_upgrades(helm: str, tmp_p
     assert new_ca != before[f"{RELEASE}-tls-ca"]["tls.crt"]
     assert {n: s["ca.crt"] for n, s in rotated.items() if "ca.crt" in s} == {
         n: new_ca for n, s in before.items() if "ca.crt" in s}
+
+
+def test_daemons_accept_their_volumes_and_read_their_secrets(helm: str, tmp_path: Path) -> None:
+    """A seed's cache volume is group-writable (fsGroup) or 0777 (emptyDir), which the daemon
+    refuses as a data dir (anyone who can write it can swap a task's files): its data dir is a
+    directory of its own inside. And every non-root pod that mounts a 0400 Secret has an fsGroup,
+    without which its user cannot read the key (TLS is on by default)."""
+    from common.errors import ConfigError
+    from peer.daemon import prepare_data_dir
+
+    for values in (None, "tls-values.yaml"):
+        docs = render(helm, values)
+        w = workload(docs, f"{RELEASE}-seed-peer")
+        raw = yaml.safe_load(one(docs, "ConfigMap", f"{RELEASE}-seed-peer")["data"]["dfdaemon-seed.yaml"])
+        mount = Path({m["name"]: m["mountPath"] for m in container(w, "seed-peer")["volumeMounts"]}["cache"])
+        assert pod_spec(w)["securityContext"]["fsGroup"]
+        volume_root = tmp_path / f"volume-{values}"
+        volume_root.mkdir()
+        volume_root.chmod(0o2775)  # what the kubelet makes of a volume's root with an fsGroup
+        with pytest.raises(ConfigError, match="writable by other users"):
+            prepare_data_dir(volume_root)
+        data_dir = volume_root / Path(raw["data_dir"]).relative_to(mount)
+        assert data_dir != volume_root
+        prepare_data_dir(data_dir)
+        assert data_dir.stat().st_mode & 0o777 == 0o700
+        for name, spec in everything_with_a_pod(docs):
+            mounts_secret = any(v.get("secret", {}).get("defaultMode") == 0o400 for v in spec.get("volumes", []))
+            as_root = any(c.get("securityContext", {}).get("runAsUser") == 0 for c in spec["containers"])
+            if mounts_secret and not as_root:
+                assert spec.get("securityContext", {}).get("fsGroup"), f"{name} cannot read its 0400 Secret"

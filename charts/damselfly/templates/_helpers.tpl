@@ -457,6 +457,9 @@ dfdaemon.proxy.allowedUpstreams. Nothing else: not the registry a client names.
 {{- include "damselfly.checkNoListen" (dict "config" .Values.seedPeer.config "where" "seedPeer.config") }}
 {{- $defaults := include "damselfly.dfdaemon.baseConfig" . | fromYaml }}
 {{- $_ := set $defaults "seed" true }}
+{{- /* A volume's root is group-writable (fsGroup) or 0777 (emptyDir), which the daemon refuses for
+its cache: the cache is a 0700 directory it makes inside. */ -}}
+{{- $_ := set $defaults "data_dir" "/var/lib/damselfly/cache" }}
 {{- $volume := include "damselfly.bytes" .Values.seedPeer.persistence.size | int64 }}
 {{- $_ := set $defaults "cache_quota" (div (mul $volume (int64 .Values.seedPeer.cacheQuotaPercent)) 100) }}
 {{- include "damselfly.mergeConfig" (dict "defaults" $defaults "user" .Values.seedPeer.config) }}
