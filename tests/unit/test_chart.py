@@ -1222,11 +1222,14 @@ def container_names(w: dict[str, Any]) -> list[str]:
 
 
 def test_tls_off_is_an_explicit_choice(helm: str) -> None:
-    """tls.enabled=false renders no certificate and no tls_* key: the only way to plaintext."""
+    """tls.enabled=false renders no certificate and no tls_* key: the only way to plaintext; and
+    preheat, which the scheduler takes only from the admin identity, is refused with it."""
     docs = template_docs(helm, None, "--set", "tls.enabled=false")
     assert not find(docs, "Secret")
     for name, _, key, _ in COMPONENTS:
         assert not [k for k in yaml.safe_load(one(docs, "ConfigMap", name)["data"][key]) if k.startswith("tls_")]
+    result = _template(helm, "ha-values.yaml", "--set", "tls.enabled=false")
+    assert result.returncode != 0 and "preheat.images needs tls.enabled" in result.stderr, result.stderr
 
 
 def test_cert_manager_issues_the_role_certificates(
