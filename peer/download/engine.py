@@ -51,8 +51,8 @@ from common.errors import (
     SchedulerUnavailable,
     TaskFailed,
 )
-from common.pieces import piece_length_for
 from common.tls import TlsCredentials, open_channel, url_scheme
+from peer.download.geometry import KnownPiece, SchedulerView, claim_problem, origin_piece_length, view_from_task
 from peer.download.policy import (
     BackToSource,
     Command,
@@ -182,6 +182,7 @@ class Conductor:
         self._session: SchedulerSession | None = None
         self._stream_reader: asyncio.Task[None] | None = None
         self._back_to_source = False
+        self._geometry_from_parent = False  # the content length came from a parent's StatTask
         # Why the scheduler refused the download (its words), when it did.
         self._refusal = ""
         # Range reads that came before the content's size was known (their pieces are unknown).
@@ -425,14 +426,38 @@ class Conductor:
             await self._events.put(_ParentGone(parent.peer_id, f"{exc.code().name}: {exc.details()}"))
 
     async def _set_content_info(self, content_length: int, headers: Mapping[str, str], piece_length: int = 0) -> None:
-        """Size the task; fails with DiskFull when the cache quota cannot take it."""
+        """Size the task; fails with DiskFull when the cache quota cannot take it.
+
+        `piece_length` 0: this peer back-sources and chooses it (:func:`origin_piece_length`);
+        otherwise a parent's claim that :func:`claim_problem` accepted.
+        """
         if self.local.content_length is None:
+            try:
+                length = piece_length or origin_piece_length(content_length, self.request.piece_length)
+            except ValueError as exc:
+                raise DownloadFailed(f"cannot download {self.request.url}: {exc}") from None
             collector = self.engine.collector
             if collector is not None:
                 await collector.ensure_room(content_length - self.local.used_bytes)
-            length = piece_length or self.request.piece_length or piece_length_for(content_length)
             self.local.set_content_info(content_length, length, headers)
         self._on_content_known()
+
+    async def _scheduler_view(self) -> SchedulerView | None:
+        """The geometry the scheduler relays from the back-sourcer; None without a scheduler.
+
+        Its piece digests are learnt on the way (they are the ones a piece is checked against).
+        """
+        if self.engine.scheduler is None:
+            return None
+        address = self._session.address if self._session is not None else None
+        try:
+            task = await self.engine.scheduler.stat_task(self.task_id, address)
+        except DamselflyError as exc:
+            log.info("task %s: the scheduler cannot confirm a parent's geometry (%s): bounds only",
+                     self.task_id, exc)
+            return None
+        self._learn_digests(task)
+        return view_from_task(task.content_length, (KnownPiece(p.number, p.offset, p.length) for p in task.pieces))
 
     def _missing(self) -> list[int]:
         """Wanted pieces not on disk yet (the store's word: transfers may have just ended)."""
@@ -477,10 +502,22 @@ class Conductor:
         elif isinstance(event, _ParentInfo):
             if self.local.content_length is None:
                 task = event.task
-                piece_length = int(task.request_header.get(PIECE_LENGTH_HEADER, "0") or 0)
+                piece_length = _int_or_zero(task.request_header.get(PIECE_LENGTH_HEADER, ""))
+                problem = claim_problem(task.content_length, piece_length, await self._scheduler_view())
+                if problem is not None:
+                    # Only the back-sourcer defines the geometry: a parent that says otherwise lies
+                    # (or is broken) and is not used for this task.
+                    log.warning("task %s: parent %s announces a geometry the swarm does not have (%s); "
+                                "not using it", self.task_id, event.parent_id, problem)
+                    self.engine.metrics.piece_failures.labels("geometry").inc()
+                    for command in self.policy.parent_ended(event.parent_id, f"bad geometry: {problem}"):
+                        self._carry_out(command)
+                    self._carry_out(DropParent(event.parent_id, problem))
+                    return
                 headers = {k[len(RESPONSE_HEADER_PREFIX):]: v for k, v in task.request_header.items()
                            if k.startswith(RESPONSE_HEADER_PREFIX)}
                 await self._set_content_info(task.content_length, headers, piece_length)
+                self._geometry_from_parent = True
             # The parent's own piece digests are not used: only those the scheduler relays count.
         elif isinstance(event, _ParentGone):
             if event.reason and event.parent_id in self._parents:
@@ -710,12 +747,29 @@ class Conductor:
 
     # -- the end ---------------------------------------------------------------------------------
 
+    async def _confirm_geometry(self) -> None:
+        """Without a content digest, a length a parent gave is checked once more at the end: the
+        back-sourcer may have finished meanwhile, and a content cut short at a piece boundary would
+        otherwise pass every piece check."""
+        local = self.local
+        if not self._geometry_from_parent or local.content_length is None or local.piece_length is None:
+            return
+        view = await self._scheduler_view()
+        if view is None or view.content_length is None:
+            return
+        problem = claim_problem(local.content_length, local.piece_length, view)
+        if problem is not None:
+            await self.engine.store.delete(self.task_id)
+            raise DownloadFailed(f"task {self.task_id}: the parents' geometry is not the back-sourcer's "
+                                 f"({problem}); discarded")
+
     async def _verify_content(self) -> None:
         """Check the whole content's digest when it is known; a mismatch discards the content."""
         if not self._content_complete():
             raise DownloadFailed(f"task {self.task_id} ended with pieces missing")
         expected = self.request.content_digest
         if not expected:
+            await self._confirm_geometry()
             return
         algorithm, _ = parse_digest(expected)
         if algorithm not in ("sha256", "sha512"):
@@ -724,6 +778,11 @@ class Conductor:
         if actual != expected:
             await self.engine.store.delete(self.task_id)
             raise ContentDigestMismatch(expected, actual)
+
+
+def _int_or_zero(text: str) -> int:
+    """A header's decimal value; 0 when it is missing or no number (then no bound accepts it)."""
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= 20 else 0
 
 
 def _first_error(error: BaseException) -> BaseException:

@@ -1,0 +1,75 @@
+"""Which task geometry a child believes (peer.download.geometry): bounds, and the back-sourcer's word."""
+
+from __future__ import annotations
+
+import pytest
+
+from common.pieces import MAX_PIECE_COUNT, MAX_PIECE_LENGTH, MIB, MIN_PIECE_LENGTH, piece_count
+from peer.download.geometry import (
+    MAX_CONTENT_LENGTH,
+    KnownPiece,
+    SchedulerView,
+    claim_problem,
+    origin_piece_length,
+    view_from_task,
+)
+
+SIZE = 10 * MIN_PIECE_LENGTH + 123  # 11 pieces of 4 MiB
+PIECE = MIN_PIECE_LENGTH
+BACK_SOURCED = SchedulerView(SIZE, (KnownPiece(0, 0, PIECE), KnownPiece(10, 10 * PIECE, 123)))
+HALF_WAY = SchedulerView(None, (KnownPiece(0, 0, PIECE), KnownPiece(3, 3 * PIECE, PIECE)))
+
+
+@pytest.mark.parametrize(
+    ("content_length", "piece_length", "view", "problem"),
+    [
+        (SIZE, PIECE, None, None),
+        (SIZE, PIECE, BACK_SOURCED, None),
+        (SIZE, PIECE, HALF_WAY, None),
+        (SIZE, PIECE, SchedulerView(None), None),
+        # the issue's rogue parent: 2^40 bytes in 1-byte pieces
+        (1 << 40, 1, None, "piece length 1 is outside"),
+        (1 << 40, 1, BACK_SOURCED, "piece length 1 is outside"),
+        (SIZE, MAX_PIECE_LENGTH * 2, None, "is outside"),
+        (MAX_CONTENT_LENGTH + 1, MAX_PIECE_LENGTH, None, "content length"),
+        (-1, PIECE, None, "content length"),
+        (MAX_PIECE_COUNT * PIECE + 1, PIECE, None, "more than"),
+        # cut short at a piece boundary: only the back-sourcer's word shows it
+        (10 * PIECE, PIECE, BACK_SOURCED, "but the back-sourcer's is"),
+        (4 * PIECE, PIECE, HALF_WAY, None),
+        (3 * PIECE, PIECE, HALF_WAY, "reported piece 3"),
+        (SIZE, 2 * PIECE, HALF_WAY, "piece 0 at"),
+        (SIZE + 1, PIECE, SchedulerView(None, (KnownPiece(10, 10 * PIECE, 123),)), "piece 10 at"),
+    ],
+)
+def test_claims(content_length: int, piece_length: int, view: SchedulerView | None, problem: str | None) -> None:
+    found = claim_problem(content_length, piece_length, view)
+    if problem is None:
+        assert found is None
+    else:
+        assert found is not None and problem in found
+
+
+def test_zero_bytes_in_the_schedulers_answer_mean_not_known_yet() -> None:
+    assert view_from_task(0, ()).content_length is None
+    assert view_from_task(SIZE, [KnownPiece(0, 0, PIECE)]) == SchedulerView(SIZE, (KnownPiece(0, 0, PIECE),))
+
+
+@pytest.mark.parametrize(
+    ("content_length", "requested", "expected"),
+    [
+        (SIZE, None, MIN_PIECE_LENGTH),
+        (SIZE, 8 * MIB, 8 * MIB),
+        (MAX_PIECE_COUNT * MIN_PIECE_LENGTH + 1, MIN_PIECE_LENGTH, 2 * MIN_PIECE_LENGTH),  # grown to fit the cap
+        (MAX_CONTENT_LENGTH, None, MAX_PIECE_LENGTH),
+    ],
+)
+def test_origin_piece_length(content_length: int, requested: int | None, expected: int) -> None:
+    length = origin_piece_length(content_length, requested)
+    assert length == expected
+    assert piece_count(content_length, length) <= MAX_PIECE_COUNT
+
+
+def test_content_beyond_the_bounds_is_refused() -> None:
+    with pytest.raises(ValueError, match="larger than"):
+        origin_piece_length(MAX_CONTENT_LENGTH + 1, None)
