@@ -43,17 +43,6 @@ from tests.unit.test_chart import CHART, _obtain_helm
 ROOT = Path(__file__).resolve().parents[2]
 VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
 BUILD_TIMEOUT = 1200.0  # a first build: debootstrap and every dependency from PyPI
-# `damselfly --version` arrives with issue 13 item 10; until then `--help`, which lists every
-# subcommand (entry points found in the installed wheel's metadata).
-VERSION_COMMAND = ("damselfly", "--help")
-
-
-def reports_version(output: str) -> bool:
-    if VERSION_COMMAND[-1] == "--version":
-        return re.search(rf"\b{re.escape(VERSION)}\b", output) is not None
-    return all(command in output for command in ("scheduler", "dfdaemon", "preheat"))
-
-
 P2P_OK = 'damselfly_dfdaemon_proxy_requests_total{route="p2p",status="2xx"}'
 
 
@@ -74,7 +63,9 @@ pytestmark = pytest.mark.integration
 def _buildable() -> None:
     reason = _cannot_build()
     if reason is not None:
-        if os.environ.get("CI"):
+        # Not root: skipped like every containerd test. A missing tool in CI is an error:
+        # scripts/setup.sh installs them.
+        if os.environ.get("CI") and os.geteuid() == 0:
             pytest.fail(f"cannot build the image: {reason} (CI is set, so this is an error)")
         pytest.skip(reason)
 
@@ -113,7 +104,8 @@ def test_image_is_pulled_through_a_dfdaemon_by_containerd_and_runs(
     blobs = {config["digest"], *(layer["digest"] for layer in layers)}
     packed = sum(int(layer["size"]) for layer in layers)
 
-    _, (node,) = start_network(cluster, ["node"])
+    # The registry is an upstream the operator allows (the chart lists its mirrored registries).
+    _, (node,) = start_network(cluster, ["node"], "--proxy-allowed-upstreams", registry.url)
     fallback = relay_factory(registry.port)  # containerd's `server`: the registry, counted
     hosts = write_hosts_toml(tmp_path / "hosts", registry.host, server=fallback.url,
                              mirror=f"http://127.0.0.1:{node.ports['proxy']}", header_registry=registry.url)
@@ -124,10 +116,10 @@ def test_image_is_pulled_through_a_dfdaemon_by_containerd_and_runs(
         assert node.metrics()[P2P_OK] >= len(blobs), "the config and every layer came through the dfdaemon"
 
         # runc, through containerd: the image's own `damselfly`, as the chart runs it.
-        run = containerd.ctr("run", "--rm", reference, "damselfly-version", *VERSION_COMMAND,
+        run = containerd.ctr("run", "--rm", reference, "damselfly-version", "damselfly", "--version",
                              timeout=120, check=False)
         assert run.returncode == 0, run.stdout + run.stderr
-        assert reports_version(run.stdout), run.stdout
+        assert re.search(rf"\b{re.escape(VERSION)}\b", run.stdout), run.stdout
         whoami = containerd.ctr("run", "--rm", reference, "damselfly-id", "id", "-u", timeout=120)
         assert whoami.stdout.strip() == "65532", "the image runs as non-root by default"
     print(f"\nimage: build+push {build_seconds:.1f}s, {len(layers)} layers, {packed / 1e6:.1f} MB compressed; "
@@ -144,8 +136,8 @@ def test_chart_hosts_toml_falls_back_to_the_next_mirror_not_the_registry(
     layers = [write_layer_tar(tmp_path / f"layer{i}.tar.gz", {f"f{i}.bin": random.Random(i).randbytes(size)})
               for i, size in enumerate((3 << 20, 1 << 20))]
     manifest = push_image(registry, "chart/app", "v1", layers)
-    _, (node,) = start_network(cluster, ["node"])
     fallback = relay_factory(registry.port)  # the hosts.toml `server` (and P2P's upstream), counted
+    _, (node,) = start_network(cluster, ["node"], "--proxy-allowed-upstreams", fallback.url)
     closed = free_port()  # the "local dfdaemon" that is not up yet
     render = subprocess.run(
         [helm, "template", "rel", str(CHART), "--set", "containerd.injectMirror.enabled=true",
