@@ -21,6 +21,7 @@ import grp
 import logging
 import os
 import random
+import resource
 import socket
 import stat
 from pathlib import Path
@@ -72,6 +73,7 @@ class Daemon:
 
     def __init__(self, config: DfdaemonConfig) -> None:
         self.config = config
+        raise_fd_limit()  # before the piece server sizes its connection cap from it
         self.tls = tls_from_config(config)  # ConfigError at start-up when a TLS file is wrong
         self.metrics = DaemonMetrics()
         self.host_id = ids.host_id(config.host_ip, config.hostname, seed=config.seed)
@@ -228,6 +230,14 @@ def _prepare_socket_path(path: Path) -> None:
                 raise OSError(errno.EADDRINUSE, "a running dfdaemon listens there")
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
+
+
+def raise_fd_limit() -> None:
+    """Use every file descriptor the hard limit allows: connection caps are sized from it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def prepare_data_dir(path: Path) -> None:

@@ -31,6 +31,7 @@ import concurrent.futures
 import enum
 import logging
 import os
+import resource
 import select
 import ssl
 import threading
@@ -331,6 +332,12 @@ class FileRegionSender:
             offset += length
 
 
+def max_connections_for_fds() -> int:
+    """Half the process's file descriptors: the rest stay for disk, origins, parents and dfget."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(16, soft // 2) if soft != resource.RLIM_INFINITY else 1 << 20
+
+
 async def listen(runner: web.BaseRunner, host: str, port: int, ssl_context: ssl.SSLContext | None = None,
                  limits: ConnectionLimits | None = None) -> int:
     """Set up `runner` and serve it on host:port (0 picks a free port); the bound port.
@@ -395,9 +402,9 @@ class PieceServer:
             clock=clock,
             min_rate=min_rate,
         )
-        self.limits = ConnectionLimits(header_timeout=DEFAULT_HEADER_TIMEOUT,
-                                       max_connections=2 * upload_slots + SPARE_CONNECTIONS,
-                                       max_per_client=max(SPARE_CONNECTIONS, upload_slots))
+        max_connections = min(2 * upload_slots + SPARE_CONNECTIONS, max_connections_for_fds())
+        self.limits = ConnectionLimits(header_timeout=DEFAULT_HEADER_TIMEOUT, max_connections=max_connections,
+                                       max_per_client=min(max_connections, max(SPARE_CONNECTIONS, upload_slots)))
         self._uploads = 0
         # The request tasks inside _upload: stop() finishes those aiohttp's shutdown leaves running.
         self._upload_tasks: set[asyncio.Task[object]] = set()
@@ -562,12 +569,13 @@ class PieceServer:
                 # keeps the connection reusable.
                 await response.write_eof()
             except (ConnectionError, OSError) as exc:
-                # The peer went away or stalled, or the disk failed mid-piece: the response
-                # cannot be completed, so the connection must not be reused.
+                # The peer went away or stalled (or read slower than the minimum rate), or the
+                # disk failed mid-piece: the response cannot be completed, so the connection is
+                # aborted (a reset, never a clean end that could pass for a complete body).
                 self._metrics.upload_pieces.labels("failed").inc()
                 log.debug("piece %d of task %s not sent: %s", span.number, task.task_id, exc)
                 if request.transport is not None:
-                    request.transport.close()
+                    request.transport.abort()
                 return response
         self._metrics.upload_traffic.inc(length)
         self._metrics.upload_pieces.labels("succeeded").inc()
