@@ -15,6 +15,7 @@ Secrets the chart generates itself (mutual TLS is on by default) are taken from 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import json
 import os
@@ -1182,7 +1183,7 @@ def handshake(server: dict[str, bytes], client: dict[str, bytes], server_name: s
 def test_mutual_tls_is_on_by_default_with_role_certificates(helm: str, tmp_path: Path) -> None:
     """Without any value set, every component runs mutual TLS with a certificate of its role
     (common/identity.py) from a CA the chart generates, and the CA's key is mounted nowhere."""
-    from common.identity import Role, identity_from_common_name
+    from common.identity import Identity, Role, identity_from_common_name
 
     docs = render(helm, None)
     secrets = rendered_secrets(docs)
@@ -1208,6 +1209,11 @@ def test_mutual_tls_is_on_by_default_with_role_certificates(helm: str, tmp_path:
                                    ("seed-peer", "scheduler", "scheduler.damselfly"),
                                    ("dfdaemon", "seed-peer", "seed.damselfly")):
         assert handshake(role_secrets[server], role_secrets[client], server_name, tmp_path) == caller
+    # ... and so does gRPC (BoringSSL, what the scheduler and the daemons use), reading the role
+    # from the certificate as the servers do
+    configs = {cname: load_rendered_config(docs, name, key, cls, tmp_path / "grpc")
+               for name, cname, key, cls in COMPONENTS}
+    assert asyncio.run(grpc_caller(configs["scheduler"], configs["dfdaemon"])) == Identity(Role.PEER)
     # ... and a certificate of another CA (another release's) is refused
     import ssl
 
@@ -1215,6 +1221,35 @@ def test_mutual_tls_is_on_by_default_with_role_certificates(helm: str, tmp_path:
     assert other[f"{RELEASE}-tls-ca"]["tls.crt"] != ca["tls.crt"], "a new CA per fresh install"
     with pytest.raises(ssl.SSLError):
         handshake(role_secrets["seed-peer"], other[f"{RELEASE}-dfdaemon-tls"], server_name, tmp_path)
+
+
+async def grpc_caller(server_config: Any, client_config: Any) -> Any:
+    """The identity a gRPC server with `server_config`'s TLS sees for a client with `client_config`'s."""
+    import grpc
+    from dragonfly_api import scheduler_pb2, scheduler_pb2_grpc
+    from google.protobuf import empty_pb2
+
+    from common.identity import grpc_identity
+    from common.tls import add_port, open_channel, tls_from_config
+
+    seen = []
+
+    class Hosts(scheduler_pb2_grpc.SchedulerServicer):  # type: ignore[misc]
+        async def ListHosts(self, request: object, context: Any) -> Any:
+            seen.append(grpc_identity(context))
+            return scheduler_pb2.ListHostsResponse()
+
+    server = grpc.aio.server()
+    scheduler_pb2_grpc.add_SchedulerServicer_to_server(Hosts(), server)
+    port = add_port(server, "127.0.0.1:0", tls_from_config(server_config))
+    await server.start()
+    try:
+        async with open_channel(f"127.0.0.1:{port}", tls_from_config(client_config)) as channel:
+            await scheduler_pb2_grpc.SchedulerStub(channel).ListHosts(empty_pb2.Empty(), timeout=10)
+    finally:
+        await server.stop(0)
+    (identity,) = seen
+    return identity
 
 
 def container_names(w: dict[str, Any]) -> list[str]:
