@@ -1,7 +1,9 @@
 """HTTP helpers every component shares (pure: no I/O): headers and the ``Range`` header.
 
 Headers: :data:`HOP_BY_HOP` (never forwarded), :func:`get_header` (case-insensitive lookup in a
-plain mapping), :func:`credential_key` (what caches keep instead of an ``Authorization`` value).
+plain mapping), :func:`credential_key` (what caches keep instead of an ``Authorization`` value),
+:func:`redact_urls` (messages for other clients without the query signatures and user info of
+the URLs they mention).
 
 The ``Range`` header (RFC 9110 §14), as the registry mirror answers it:
 :func:`parse_range` turns a header into range specs (syntax only); :func:`select_range` resolves
@@ -49,6 +51,16 @@ def credential_key(authorization: str | None) -> str:
     """A hash of an ``Authorization`` value ("" for none): caches keyed by credential never hold
     the secret itself."""
     return hashlib.sha256(authorization.encode()).hexdigest() if authorization else ""
+
+
+_URL_IN_TEXT = re.compile(r"(?P<scheme>https?://)(?:[^\s/?#@'\"]*@)?(?P<rest>[^\s?#'\"]*)(?:[?#][^\s'\"]*)?")
+
+
+def redact_urls(text: str) -> str:
+    """`text` with every http(s) URL in it cut to scheme, host and path: a task is shared by
+    clients whose URLs differ in filtered query parameters (presigned signatures), so a message
+    about the task must not hand one client's signature or credentials to another."""
+    return _URL_IN_TEXT.sub(lambda match: f"{match['scheme']}{match['rest']}", text)
 
 
 # A position longer than this cannot be inside any content (and keeps int() cheap).

@@ -67,7 +67,15 @@ from common.errors import (
     ProxyError,
     RangeNotSatisfiable,
 )
-from common.http import HOP_BY_HOP, ByteRange, get_header, parse_range, select_range, unsatisfied_content_range
+from common.http import (
+    HOP_BY_HOP,
+    ByteRange,
+    get_header,
+    parse_range,
+    redact_urls,
+    select_range,
+    unsatisfied_content_range,
+)
 from common.origin import MAX_REDIRECTS, OriginClient, OriginResponseError
 from common.pieces import pieces_covering
 from common.ratelimit import TokenBucket
@@ -543,9 +551,10 @@ class Proxy:
         exc = conductor.done.exception()
         if isinstance(exc, OriginResponseError):
             raise _Relayed(_relay(exc))
+        # The task may have been started for another client's URL (other signatures): no query strings.
         if isinstance(exc, OriginStatusError):
-            raise ProxyError(exc.status if exc.status >= 400 else 502, str(exc))
-        raise ProxyError(502, f"download failed: {exc}")
+            raise ProxyError(exc.status if exc.status >= 400 else 502, redact_urls(str(exc)))
+        raise ProxyError(502, f"download failed: {redact_urls(str(exc))}")
 
     async def _send_content(self, request: web.BaseRequest, local: LocalTask, download: DownloadRequest,
                             conductor: Conductor | None, chosen: ByteRange | None) -> web.StreamResponse:
@@ -576,7 +585,7 @@ class Proxy:
                 try:
                     await self._wait_piece(local, download, numbers[0], wait)
                 except DamselflyError as exc:
-                    raise ProxyError(502, f"download failed: {exc}") from None
+                    raise ProxyError(502, f"download failed: {redact_urls(str(exc))}") from None
                 except TimeoutError:
                     raise ProxyError(504, f"piece {numbers[0]} did not arrive within {wait:.0f}s") from None
             try:

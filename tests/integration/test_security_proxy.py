@@ -128,8 +128,11 @@ def network(tmp_path_factory: pytest.TempPathFactory, auth_registry: Registry) -
     storage_url = servers["storage"].url
     servers["cdn_redirector"] = TinyServer(lambda seen: (307, {"Location": f"{storage_url}/object"}, b""))
     servers["versioned"] = TinyServer(lambda seen: _ranged(seen, OLD if "versionId=old" in seen.path else NEW))
-    listed = ",".join(f"127.0.0.1:{servers[name].port}"
-                      for name in ("listed_liar", "redirector", "storage", "cdn_redirector", "versioned"))
+    # Object storage whose HEAD works but whose GET is refused: the download of the shared task fails.
+    servers["expired"] = TinyServer(lambda seen: (200, {"Accept-Ranges": "bytes"}, NEW) if seen.method == "HEAD"
+                                    else (403, {}, b"<Error><Code>AccessDenied</Code></Error>"))
+    listed = ",".join(f"127.0.0.1:{servers[name].port}" for name in
+                      ("listed_liar", "redirector", "storage", "cdn_redirector", "versioned", "expired"))
     cluster = LocalCluster(tmp_path_factory.mktemp("security-proxy"), allowed_upstreams=())
     try:
         seed = cluster.plan_dfdaemon("seed", seed=True)
@@ -286,6 +289,19 @@ def test_filtered_query_params_from_a_client_do_not_rekey_a_url(network: Network
     for node in (network.bystander, network.owner):
         status, _, body = request(node, "GET", url, {"X-Dragonfly-Use-P2P": "true"})
         assert (status, body == NEW) == (200, True), (node.name, status, body[:40])
+
+
+def test_p2p_error_answers_carry_no_signatures(network: Network) -> None:
+    """Issue 12 item 12 (the proxy's share of the URL disclosure): presigned URLs of one object that
+    differ only in their signature are one task, so a P2P error answer, which may be about a
+    download another client started, names URLs without query string or user info."""
+    url = f"{network.servers['expired'].url}/bucket/layer.bin"
+    p2p = {"X-Dragonfly-Use-P2P": "true"}
+    for node, signature in ((network.bystander, "alice-signature-0123"), (network.owner, "bob-signature-4567")):
+        status, _, body = request(node, "GET", f"{url}?X-Amz-Signature={signature}", p2p)
+        assert status == 502, (status, body[:300])
+        assert b"/bucket/layer.bin" in body  # still says which object failed
+        assert b"signature-" not in body and b"X-Amz" not in body, body[:300]
 
 
 # -- item 12: Cookie never crosses origins ---------------------------------------------------------
