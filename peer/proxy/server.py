@@ -221,8 +221,9 @@ class Proxy:
         self._interceptor = Interceptor.from_config(config)
         self._upstream_ssl = upstream_ssl_context(config.proxy_upstream_ca_cert)
         self.upstreams = upstream_policy(config)
-        # The access check goes through the proxy's own pool: the same CAs as straight-through
-        # requests, and the same allow-list (its resolver refuses private addresses not listed).
+        # The access check goes through the proxy's own pool, not `origin` (the back-source
+        # client): the same CAs as straight-through requests, and the same allow-list (its
+        # resolver refuses private addresses nobody listed).
         del origin
         self.access = BlobAccess(OriginClient(session=self.session, upstreams=self.upstreams),
                                  config.proxy_auth_ttl)
