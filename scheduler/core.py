@@ -364,14 +364,15 @@ class SchedulerCore:
                 f"host {info.id} was announced by another identity; {caller.describe()} may not announce, "
                 "register on or delete it (each node announces its own host id)")
         if host is None:
-            owned = self._hosts_by_owner.setdefault(owner, set())
-            if not caller.system and len(owned) >= self.config.max_hosts_per_client:
-                raise QuotaExceeded(
-                    f"{caller.describe()} already has {len(owned)} hosts announced (max_hosts_per_client); "
-                    "delete unused ones or wait for them to expire")
+            if not caller.system:  # (the process itself has no limit, and is not counted)
+                owned = self._hosts_by_owner.setdefault(owner, set())
+                if len(owned) >= self.config.max_hosts_per_client:
+                    raise QuotaExceeded(
+                        f"{caller.describe()} already has {len(owned)} hosts announced (max_hosts_per_client); "
+                        "delete unused ones or wait for them to expire")
+                owned.add(info.id)
             host = Host(info, now, owner)
             self.hosts[info.id] = host
-            owned.add(info.id)
         else:
             host.info = info
             host.announced_at = now
@@ -571,13 +572,14 @@ class SchedulerCore:
         """The peer has piece `number`, fetched from `parent_id` in `cost` seconds."""
 
         def apply(peer: Peer) -> list[Decision]:
-            problem = geometry_problem(peer.task.piece_length, number, offset, length)
             record = peer.task.pieces.get(number)
-            if not problem and record is not None and (record.offset, record.length) != (offset, length):
-                problem = (f"piece {number} of task {peer.task.id} is {record.length} bytes at {record.offset}, "
-                           f"not {length} at {offset}")
-            if problem:
-                return self._refuse_report(peer, problem)
+            if record is None or record.offset != offset or record.length != length:  # (a known piece is fine)
+                problem = geometry_problem(peer.task.piece_length, number, offset, length)
+                if not problem and record is not None:
+                    problem = (f"piece {number} of task {peer.task.id} is {record.length} bytes at "
+                               f"{record.offset}, not {length} at {offset}")
+                if problem:
+                    return self._refuse_report(peer, problem)
             was_parent = peer.eligible_parent
             if peer.state in (PeerState.RECEIVED_NORMAL, PeerState.RECEIVED_EMPTY):
                 peer.transition(PeerEvent.DOWNLOAD, self.clock.time())  # started implied
