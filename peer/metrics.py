@@ -22,7 +22,7 @@ TASK_RESULTS = ("started", "succeeded", "failed")
 # Outcomes of one piece request to the piece server (peer/upload/piece_server.py).
 UPLOAD_RESULTS = ("succeeded", "failed", "busy", "not_found", "bad_request")
 # Why a piece from a parent was rejected: bad digest, or the transfer failed.
-PIECE_FAILURE_REASONS = ("digest", "parent")
+PIECE_FAILURE_REASONS = ("digest", "parent", "geometry")  # geometry: a parent announced a geometry not the swarm's
 # Proxy / registry mirror (peer/proxy/server.py): p2p (a blob through the P2P network); passed straight
 # to the upstream as a registry mirror request (mirror) or a forward-proxy request (forward);
 # an HTTPS tunnel (connect); anything else (other: refused).
