@@ -13,6 +13,7 @@ party (the origin, a parent peer, the scheduler) are kept apart from misuse by t
     │   ├── RangeNotSatisfiable     a well-formed range outside the content
     │   ├── InvalidTransition       an event a lifecycle table does not allow in the current state
     │   ├── PermissionDenied        the caller's identity may not do this (names the role it needs)
+    │   ├── QuotaExceeded           the caller reached a per-client limit (hosts, streams)
     │   └── NotFound                no such thing here (or at the remote party we asked)
     │       ├── TaskNotFound        no such task in this store / scheduler
     │       ├── PeerNotFound        no such peer in the scheduler
@@ -99,6 +100,10 @@ class InvalidTransition(LocalError):
 
 class PermissionDenied(LocalError):
     """The caller's identity (its certificate, or its address in plaintext) may not do this."""
+
+
+class QuotaExceeded(LocalError):
+    """The caller reached one of a server's per-client limits (RESOURCE_EXHAUSTED)."""
 
 
 class NotFound(LocalError):

@@ -10,6 +10,7 @@ What a server answers (:data:`STATUS_OF_ERROR`, first match wins)::
 
     NotFound (TaskNotFound, PeerNotFound, HostNotFound)   NOT_FOUND
     PermissionDenied                                      PERMISSION_DENIED
+    QuotaExceeded                                         RESOURCE_EXHAUSTED
     LocalError (ConfigError, InvalidRequest, ...)         INVALID_ARGUMENT
     DiskFull                                              RESOURCE_EXHAUSTED
     IntegrityError                                        DATA_LOSS
@@ -55,6 +56,7 @@ from common.errors import (
     NotFound,
     OriginError,
     PermissionDenied,
+    QuotaExceeded,
     RemoteError,
 )
 
@@ -64,6 +66,7 @@ ErrorFactory = Callable[[str], DamselflyError]
 STATUS_OF_ERROR: tuple[tuple[type[DamselflyError], grpc.StatusCode], ...] = (
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (QuotaExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (LocalError, grpc.StatusCode.INVALID_ARGUMENT),
     (DiskFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (IntegrityError, grpc.StatusCode.DATA_LOSS),

@@ -70,7 +70,7 @@ from enum import StrEnum
 from common import hashring
 from common.clock import Clock
 from common.config import SchedulerConfig, split_address
-from common.errors import HostNotFound, LocalError, PeerNotFound, PermissionDenied, TaskNotFound
+from common.errors import HostNotFound, PeerNotFound, PermissionDenied, QuotaExceeded, TaskNotFound
 from common.identity import Identity, Role
 from common.pieces import MAX_PIECE_COUNT, MAX_PIECE_LENGTH, MIN_PIECE_LENGTH
 from scheduler.resource import (
@@ -167,10 +167,6 @@ class Caller:
 
 
 SYSTEM = Caller(None, system=True)
-
-
-class QuotaExceeded(LocalError):
-    """A client reached one of the scheduler's per-client limits (RESOURCE_EXHAUSTED)."""
 
 
 def stream_message_problem(bound_peer_id: str, peer_id: str, is_register: bool) -> str:

@@ -23,7 +23,7 @@ from google.protobuf import empty_pb2, timestamp_pb2
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from common.download import DownloadRequest, seconds
-from common.errors import DamselflyError, InvalidRequest
+from common.errors import DamselflyError, InvalidRequest, QuotaExceeded
 from common.identity import grpc_identity
 from common.rpc import status_of
 from common.tls import TlsCredentials, open_channel
@@ -33,7 +33,6 @@ from scheduler.core import (
     Code,
     Decision,
     FailPeer,
-    QuotaExceeded,
     SchedulerCore,
     SendEmpty,
     SendNeedBackToSource,
@@ -452,9 +451,6 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):  # type: ignore[mi
         """Run a core query; its errors end the call with their status (unknown ids: NOT_FOUND)."""
         try:
             return fn()
-        except QuotaExceeded as exc:
-            await self._abort(context, method, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-            raise AssertionError("unreachable") from None
         except DamselflyError as exc:
             await self._abort_with(context, method, exc)
             raise AssertionError("unreachable") from None

@@ -13,7 +13,7 @@ import pytest
 
 from common.clock import ManualClock
 from common.config import SchedulerConfig
-from common.errors import PermissionDenied
+from common.errors import PermissionDenied, QuotaExceeded
 from common.identity import Identity, Role
 from common.pieces import MAX_PIECE_COUNT, MAX_PIECE_LENGTH
 from scheduler.core import (
@@ -23,7 +23,6 @@ from scheduler.core import (
     Code,
     Decision,
     FailPeer,
-    QuotaExceeded,
     SchedulerCore,
     SendNeedBackToSource,
     SendNormal,
