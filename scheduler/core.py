@@ -551,7 +551,11 @@ class SchedulerCore:
         """Forget the oldest finished or failed peer of `host`; None when every one is active."""
         for peer in host.peers.values():
             if peer.state in TERMINAL_STATES:
-                return self._remove_peer(peer, "the host has too many peers")  # terminal: no stream to end
+                decisions = self._remove_peer(peer, "the host has too many peers")  # terminal: no stream to end
+                task = peer.task
+                if not task.peers and task.failed_until is None and self.tasks.get(task.id) is task:
+                    del self.tasks[task.id]  # nothing left of it worth keeping: a churning client
+                return decisions
         return None
 
     def download_started(self, peer_id: str) -> list[Decision]:

@@ -369,6 +369,7 @@ def test_twenty_thousand_registrations_of_one_host_stay_bounded() -> None:
         refused += fails(decisions, Code.RESOURCE_EXHAUSTED)
         core.stream_closed(f"p{i}")  # the client walks away: the peer failed
     assert core.peer_count <= 100 and len(core.hosts["h-n1"].peers) <= 100
+    assert core.task_count <= 100  # the tasks of forgotten peers go with them
     assert refused == 0  # finished or failed peers make room; only active ones count against the host
     clock.advance(FAILED_PEER_TTL + 1)
     core.gc()
