@@ -327,12 +327,12 @@ def test_another_local_user_reads_no_cache_file_and_the_socket_follows_its_group
         assert run_dfget(node, url, tmp_path / "blob").returncode == 0
         assert node.data_dir is not None and node.socket_path is not None
         content = next(node.data_dir.glob(f"tasks/*/{ids.task_id(url)}/content"))
-        assert stat.S_IMODE(content.stat().st_mode) == 0o600
-        for directory in (node.data_dir, content.parent, content.parent.parent):
-            assert stat.S_IMODE(directory.stat().st_mode) == 0o700, directory
         # Another user reads no byte of a (possibly private) layer.
         read = as_nobody("cat", str(content))
         assert read.returncode != 0 and read.stdout == "" and "Permission denied" in read.stderr
+        assert stat.S_IMODE(content.stat().st_mode) == 0o600
+        for directory in (node.data_dir, content.parent, content.parent.parent):
+            assert stat.S_IMODE(directory.stat().st_mode) == 0o700, directory
         # The socket: 0660, group nogroup; nobody (in nogroup) may connect, a user outside may not.
         info = node.socket_path.stat()
         assert (stat.S_IMODE(info.st_mode), info.st_gid) == (0o660, NOBODY)
