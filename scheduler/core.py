@@ -49,7 +49,8 @@ proves, :mod:`common.identity`, or none in plaintext, and the IP it came from):
   ``MAX_PIECE_COUNT`` pieces, lengths within ``MAX_PIECE_LENGTH``); a report or a registration that
   disagrees is refused (``INVALID_ARGUMENT``);
 - a parent is demoted for a task only on failure reports of ``FAILED_BY_LIMIT`` different
-  identities: one client cannot take a parent away from everyone;
+  identities: one client cannot take a parent away from everyone (in plaintext, where nothing
+  is proven, of different hosts: there one client can announce several and do it);
 - ``DeleteHost`` (of another's host), ``DeleteTask``, ``DeletePeer``, ``ListHosts`` and preheat need
   the ``admin`` role; in plaintext, a caller on loopback (there is no identity to check);
 - state is bounded: ``max_hosts_per_client`` hosts per identity, ``max_peers_per_host`` peers per
@@ -110,6 +111,7 @@ FAILED_BY_LIMIT = 2
 # A failed peer is forgotten this long after its last event (it serves nobody); a task with no
 # peer left is forgotten this long after its last event (unless its origin failure still stands).
 FAILED_PEER_TTL = 300.0
+PLAINTEXT_OWNER = "plaintext@"  # the owner of a host announced without TLS: its IP is all there is
 ABANDONED_TASK_TTL = 600.0
 
 
@@ -145,7 +147,7 @@ class Caller:
         """Whom a host record belongs to: a per-host certificate by itself; a shared certificate or
         no certificate together with the IP it came from (all that tells its holders apart)."""
         if self.identity is None:
-            return f"plaintext@{self.ip}"
+            return f"{PLAINTEXT_OWNER}{self.ip}"
         if self.identity.hostname:
             return f"{self.identity.hostname}.{self.identity.role}"
         return f"{self.identity.role}@{self.ip}"
@@ -1077,7 +1079,9 @@ class SchedulerCore:
 
     def _count_parent_failure(self, parent: Peer, child: Peer) -> None:
         parent.upload_failed += 1
-        parent.failed_by.add(child.host.owner)
+        # Independent reporters: different identities (a per-host certificate, or a shared one from
+        # another IP). Without TLS nothing is proven and each host counts (see the module's docs).
+        parent.failed_by.add(child.host.id if child.host.owner.startswith(PLAINTEXT_OWNER) else child.host.owner)
         if len(parent.failed_by) >= FAILED_BY_LIMIT and not parent.demoted:
             parent.demoted = True
             parent.task.parents.discard(parent.id)

@@ -340,18 +340,30 @@ def test_piece_reports_that_break_the_geometry_end_the_download(number: int, off
 # Demotion
 
 
-def test_one_identity_cannot_demote_a_parent_however_many_hosts_it_announces() -> None:
+@pytest.mark.parametrize(
+    ("attacker", "demoted"),
+    [
+        (tls(SHARED_PEER, "10.0.0.66"), False),  # a shared certificate from one IP: one identity
+        (tls(Identity(Role.PEER, "evil0")), False),  # a per-host certificate names one host only
+        (plain("10.0.0.66"), True),  # plaintext proves nothing: each announced host counts (documented)
+    ],
+)
+def test_one_identity_cannot_demote_a_parent_however_many_hosts_it_announces(attacker: Caller, demoted: bool) -> None:
     core = new_core()
     defined_task(core)
-    attacker = plain("10.0.0.66")
     for i in range(5):
-        core.announce_host(host_info(f"evil{i}", "10.0.0.66"), attacker)
+        try:
+            core.announce_host(host_info(f"evil{i}", "10.0.0.66"), attacker)
+        except PermissionDenied:  # a per-host certificate announces its own host only
+            continue
         core.register_peer(f"h-evil{i}", TASK, f"e{i}", DownloadSpec(url="https://r/b"), attacker)
         core.piece_failed(f"e{i}", 0, "src")
-    assert not core.peers["src"].demoted
-    core.announce_host(host_info("n3", "10.0.0.3"), plain("10.0.0.3"))
-    (decision,) = core.register_peer("h-n3", TASK, "p3", DownloadSpec(url="https://r/b"), plain("10.0.0.3"))
-    assert isinstance(decision, SendNormal) and [c.peer_id for c in decision.candidates] == ["src"]
+    assert core.peers["src"].demoted is demoted
+    if not demoted:
+        core.announce_host(host_info("n3", "10.0.0.3"), tls(SHARED_PEER, "10.0.0.3"))
+        (decision,) = core.register_peer("h-n3", TASK, "p3", DownloadSpec(url="https://r/b"),
+                                         tls(SHARED_PEER, "10.0.0.3"))
+        assert isinstance(decision, SendNormal) and [c.peer_id for c in decision.candidates] == ["src"]
 
 
 # --------------------------------------------------------------------------------------------
