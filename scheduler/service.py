@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
+from urllib.parse import urlsplit, urlunsplit
 
 import grpc
 from dragonfly_api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
@@ -396,11 +397,13 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):  # type: ignore[mi
     ) -> common_pb2.Task:
         info = await self._call(context, "StatTask", lambda: self.core.stat_task(request.task_id))
         download = info.download
-        # request headers stay out: they may carry the registry credentials of one client
+        # Request headers stay out: they may carry the registry credentials of one client. So does
+        # the URL's query (presigned URLs carry their signature there), except for admins.
+        url = download.url if caller_of(context).is_admin else _without_query(download.url)
         return common_pb2.Task(
             id=info.id,
             type=cast(common_pb2.TaskType, download.task_type),
-            url=download.url,
+            url=url,
             digest=download.digest,
             tag=download.tag,
             application=download.application,
@@ -487,6 +490,12 @@ for _name in UNIMPLEMENTED_RPCS:
 
 # --------------------------------------------------------------------------------------------
 # Conversions
+
+
+def _without_query(url: str) -> str:
+    """`url` without its query and fragment (where signatures and tokens travel)."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
 
 
 def _priority_label(priority: int) -> str:

@@ -393,7 +393,7 @@ def test_failure_reports_of_one_identity_do_not_demote_parents(mtls: MtlsCluster
     mtls.download(mtls.node1, url, digest, tmp_path / "node1.blob")  # the seed and node1 hold it
     for attempt in range(4):
         peer_id = f"evil-demoter-{attempt}"
-        code, answers = mtls.attacker.stream([register(task_id, peer_id, url)])
+        _, answers = mtls.attacker.stream([register(task_id, peer_id, url)])
         parents = [p.id for a in answers if a.HasField("normal_task_response")
                    for p in a.normal_task_response.candidate_parents]
         assert parents, f"attempt {attempt}: no parent offered any more, the attacker's reports demoted them"
@@ -441,3 +441,15 @@ def test_a_client_holds_no_more_streams_than_its_limit(mtls: MtlsCluster, tmp_pa
     codes = asyncio.run(open_streams())
     assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 1 and codes.count(None) == STREAM_LIMIT, codes
     mtls.download(mtls.node1, url, digest, tmp_path / "blob")  # honest nodes are not affected
+
+
+def test_stat_task_shows_members_no_url_query(mtls: MtlsCluster) -> None:
+    """A presigned URL's signature is in its query: StatTask shows it to admins only."""
+    signed = f"{mtls.registry.url}/files/report.bin?X-Amz-Signature=s3cret-signature&X-Amz-Expires=600"
+    task_id = ids.task_id(signed)
+    code, answers = mtls.attacker.stream([register(task_id, "evil-signed", signed, need_back_to_source=True)])
+    assert answers, (code, answers)  # registered (and no seed sent to fetch it): the task exists
+    task = mtls.attacker.unary("StatTask", scheduler_pb2.StatTaskRequest(task_id=task_id))
+    assert isinstance(task, common_pb2.Task), task
+    assert task.url == f"{mtls.registry.url}/files/report.bin"
+    assert mtls.stat_task(task_id).url == signed
