@@ -357,6 +357,10 @@ class SchedulerCore:
         if not caller.system:
             self._check_host_identity(info, caller)
         host = self.hosts.get(info.id)
+        if host is not None and host.owner != owner and self._proves_host(caller, host):
+            # A record of a weaker identity (a shared certificate): the node's own certificate takes
+            # it back, e.g. from a client that announced the node's host id first after a restart.
+            return self.delete_host(host.id) + self.announce_host(info, caller)
         if host is not None and host.owner != owner:
             raise PermissionDenied(
                 f"host {info.id} was announced by another identity; {caller.describe()} may not announce, "
@@ -403,6 +407,12 @@ class SchedulerCore:
             raise PermissionDenied(
                 f"host {info.id} announces itself as a seed, but {caller.describe()} does not prove the seed "
                 "role: give the seed a certificate with CN seed.damselfly (or <hostname>.seed.damselfly)")
+
+    @staticmethod
+    def _proves_host(caller: Caller, host: Host) -> bool:
+        """`caller` holds a per-host certificate (checked against the announced name already) and
+        `host` belongs to an identity that proves no host: a shared certificate, or plaintext."""
+        return caller.identity is not None and bool(caller.identity.hostname) and "@" in host.owner
 
     def _configured_seed(self, info: HostInfo, caller: Caller) -> bool:
         """In plaintext: `info` is one of the ``--seed-peer`` addresses, by IP, or by DNS name (its

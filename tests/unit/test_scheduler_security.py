@@ -128,6 +128,19 @@ def test_a_host_record_belongs_to_who_announced_it(first: Caller, second: Caller
     assert "h-n1" in core.hosts
 
 
+def test_a_nodes_own_certificate_takes_its_host_id_back_from_a_squatter() -> None:
+    core = new_core()
+    squatter, node = tls(SHARED_PEER, "10.0.0.66"), tls(Identity(Role.PEER, "n1"))
+    core.announce_host(host_info("n1", ip="10.0.0.66"), squatter)  # first after a scheduler restart
+    core.register_peer("h-n1", TASK, "squat", DownloadSpec(url="https://r/b"), squatter)
+    core.announce_host(host_info("n1"), node)
+    assert core.hosts["h-n1"].info.ip == "10.0.0.1" and "squat" not in core.peers
+    with pytest.raises(PermissionDenied):  # and it is the node's for good
+        core.announce_host(host_info("n1", ip="10.0.0.66"), squatter)
+    with pytest.raises(PermissionDenied):  # another per-host certificate does not name it
+        core.announce_host(host_info("n1"), tls(Identity(Role.PEER, "n2")))
+
+
 def test_a_peer_id_of_another_identity_cannot_be_taken_over() -> None:
     core = new_core()
     owner, other = tls(SHARED_PEER, "10.0.0.1"), tls(SHARED_PEER, "10.0.0.2")
