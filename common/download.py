@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import IntEnum
 from typing import cast
 
 from dragonfly_api import common_pb2
@@ -23,6 +24,18 @@ from common.pieces import MAX_PIECE_LENGTH, MIN_PIECE_LENGTH, piece_count, piece
 
 # Priorities are Dragonfly's LEVEL0 .. LEVEL6 (`common.v2.Priority`).
 MAX_PRIORITY = 6
+
+
+class Priority(IntEnum):
+    """Dragonfly's ``common.v2.Priority``: what the scheduler may do for a task no peer has yet."""
+
+    LEVEL0 = 0  # unset: like LEVEL6
+    LEVEL1 = 1  # forbidden: the download is refused
+    LEVEL2 = 2  # peers only: refused rather than fetched from the origin
+    LEVEL3 = 3  # this peer fetches the task from the origin itself
+    LEVEL4 = 4  # a seed fetches it (weak seed in Dragonfly); without a seed, this peer
+    LEVEL5 = 5  # the same (strong seed)
+    LEVEL6 = 6  # the same (super seed); dfget's default
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,7 @@ from enum import StrEnum
 from common import hashring
 from common.clock import Clock
 from common.config import SchedulerConfig, split_address
+from common.download import Priority
 from common.errors import HostNotFound, PeerNotFound, PermissionDenied, QuotaExceeded, TaskNotFound
 from common.identity import Identity, Role
 from common.pieces import MAX_PIECE_COUNT, MAX_PIECE_LENGTH, MIN_PIECE_LENGTH
@@ -902,6 +903,13 @@ class SchedulerCore:
         waited = now - peer.waiting_since if peer.waiting_since is not None else 0.0
         interval = self.config.retry_interval
         if not self._fetching(task, peer):
+            # Nobody brings the task in: the download's priority says who may (Dragonfly's levels).
+            level = peer.download.priority
+            if level in (Priority.LEVEL1, Priority.LEVEL2):
+                self._fail(peer, refetch=False, fail_task=False)
+                return [FailPeer(peer.id, Code.FAILED_PRECONDITION, _refused_by_priority(task.id, level))]
+            if level == Priority.LEVEL3 and self._may_back_to_source(peer):
+                return [self._back_to_source(peer, "priority LEVEL3: this peer fetches a new task itself")]
             seeds = self.available_seeds()
             address = hashring.choose(seeds, task.id)
             if address is not None:
@@ -1263,3 +1271,10 @@ class SchedulerCore:
             parent.id, parent.task.id, parent.state.value, parent.host.info, self._pieces_of(parent)
         )
 
+
+def _refused_by_priority(task_id: str, level: int) -> str:
+    """Why a download of a task nobody has is refused at this priority."""
+    if level == Priority.LEVEL1:
+        return f"task {task_id}: priority LEVEL1 forbids downloading it (ask with a higher priority, e.g. -p 6)"
+    return (f"task {task_id}: no peer has it, and priority LEVEL2 allows peers only (no seed, no origin); "
+            "ask with -p 3 or higher to fetch it")
