@@ -24,16 +24,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
@@ -44,6 +46,7 @@ from common.launcher import (  # noqa: E402
     _FROM_ORIGIN,
     _FROM_PEERS,
     _UPLOADED,
+    READY_TIMEOUT,
     LocalCluster,
     Node,
     dfget_command,
@@ -123,6 +126,7 @@ class Run:
     first: float  # until the first command ended
     cpu: float  # busy share of all CPUs meanwhile
     outcomes: list[tuple[int, str]]  # exit code and stderr of each command
+    times: list[float] = field(default_factory=list)  # seconds until each command ended, in order
 
 
 def run_all(commands: list[list[str]]) -> Run:
@@ -133,16 +137,18 @@ def run_all(commands: list[list[str]]) -> Run:
              for cmd in commands]
     ended: list[float] = []
 
-    def wait(proc: subprocess.Popen[bytes]) -> tuple[int, str]:
+    def wait(proc: subprocess.Popen[bytes]) -> tuple[int, str, float]:
         _, err = proc.communicate(timeout=DOWNLOAD_TIMEOUT)
-        ended.append(time.monotonic() - started)  # list.append is atomic
-        return proc.returncode, err.decode(errors="replace").strip()
+        elapsed = time.monotonic() - started
+        ended.append(elapsed)  # list.append is atomic
+        return proc.returncode, err.decode(errors="replace").strip(), elapsed
 
     try:
         with ThreadPoolExecutor(len(procs)) as pool:
-            outcomes = list(pool.map(wait, procs))
+            finished = list(pool.map(wait, procs))
         busy1, total1 = cpu_times()
-        return Run(max(ended), min(ended), (busy1 - busy0) / max(total1 - total0, 1), outcomes)
+        return Run(max(ended), min(ended), (busy1 - busy0) / max(total1 - total0, 1),
+                   [(code, err) for code, err, _ in finished], [elapsed for _, _, elapsed in finished])
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -238,15 +244,32 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--nodes", default="1,2,4,8", help="comma-separated numbers of pulling nodes (default 1,2,4,8)")
-    parser.add_argument("--size-mib", type=int, default=128, help="blob size in MiB (default 128)")
+    parser.add_argument("--swarm", action="store_true",
+                        help="issue 11's set-up: every link at --node-rate (default 200mbit, origin too), "
+                             "scheduler and seed each on a host of their own, no direct pulls, N=4,8,16,32, "
+                             "blobs of 64 and 256 MiB; one table of completion, origin, uploads and CPU")
+    parser.add_argument("--nodes", help="comma-separated numbers of pulling nodes "
+                                        "(default 1,2,4,8; with --swarm 4,8,16,32)")
+    parser.add_argument("--size-mib", help="blob size in MiB (default 128); with --swarm a comma-separated "
+                                           "list (default 64,256)")
     parser.add_argument("--origin-rate", default="200mbit", help="tc rate of the registry's link (default 200mbit)")
-    parser.add_argument("--node-rate", default="1gbit", help="tc rate of every node's link (default 1gbit)")
+    parser.add_argument("--node-rate", help="tc rate of every node's link (default 1gbit; with --swarm 200mbit)")
+    parser.add_argument("--tls", action="store_true",
+                        help="--swarm only: mutual TLS on every daemon (a throwaway CA, one certificate each)")
+    parser.add_argument("--repeat", type=int, default=1, help="--swarm only: runs of each row (default 1)")
     parser.add_argument("--netlab", type=Path, default=REPO.parent / "shared" / "tools" / "netlab.sh")
     parser.add_argument("--log-level", default="warning", help="log level of the Damselfly processes")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs) instead of deleting it")
     args = parser.parse_args()
+    args.nodes = args.nodes or ("4,8,16,32" if args.swarm else "1,2,4,8")
+    args.node_rate = args.node_rate or ("200mbit" if args.swarm else "1gbit")
     counts = sorted({int(x) for x in args.nodes.split(",")})
+    sizes = [int(x) for x in (args.size_mib or ("64,256" if args.swarm else "128")).split(",")]
+    if not args.swarm and (len(sizes) != 1 or args.tls or args.repeat != 1):
+        parser.error("--tls, --repeat and several --size-mib go with --swarm")
+    if args.repeat < 1 or min(sizes) < 1:
+        parser.error("--repeat and --size-mib: at least 1")
+    args.size_mib = sizes[0]
     if os.geteuid() != 0:
         parser.error("needs root: it creates network namespaces")
     if counts[0] < 1 or counts[-1] > 200:
@@ -256,6 +279,8 @@ def main() -> int:
                      f"remove them with `{args.netlab} down` first")
     os.chdir(REPO)  # the daemons run as `python -m common.cli`
     signal.signal(signal.SIGTERM, _interrupt)
+    if args.swarm:
+        return swarm_main(args, counts, sizes)
     control = counts[-1] + 1  # the namespace of the scheduler and the seed peer
     work = Path(tempfile.mkdtemp(prefix="damselfly-bench-"))
     size = args.size_mib * MIB
@@ -317,6 +342,215 @@ def print_table(rows: list[tuple[int, Result, Result]], args: argparse.Namespace
         ok = "yes" if d.ok == n and p.ok == n else f"{d.ok}+{p.ok}/{2 * n}"
         print(f"| {n:>2} | {d.seconds:>8.1f} | {d.origin_bytes / MIB:>17.1f} | {p.seconds:>11.1f} | "
               f"{p.origin_bytes / MIB:>20.1f} | {peers:>9.0f}% | {seed:>8.0f}% | {ok} |")
+
+
+# --- The swarm set-up of issue 11 (`--swarm`) ---------------------------------------------------
+#
+# Every link (origin and nodes) at the same rate by default, the scheduler and the seed each on a
+# host of its own, N nodes pulling one blob with dfget at once, a fresh cluster for every row.
+
+GIB = 1024 * MIB
+TLS_ROLES = {"scheduler": "scheduler.damselfly", "seed": "seed.damselfly", "peer": "peer.damselfly"}
+
+
+def tc_rate_bits(rate: str) -> float:
+    """Bits per second of a tc rate such as ``200mbit`` or ``1gbit`` (tc's units: k = 1000)."""
+    units = {"gbit": 1e9, "mbit": 1e6, "kbit": 1e3, "bit": 1.0, "gbps": 8e9, "mbps": 8e6, "kbps": 8e3, "bps": 8.0}
+    text = rate.strip().lower()
+    for unit, factor in units.items():
+        if text.endswith(unit) and text[: -len(unit)].replace(".", "", 1).isdigit():
+            return float(text[: -len(unit)]) * factor
+    raise ValueError(f"rate {rate!r}: write it as tc does, e.g. 200mbit or 1gbit")
+
+
+def lower_bound(size: int, n: int, origin_bits: float, node_bits: float) -> float:
+    """Seconds no distribution can beat: max(F/u_origin, N·F/(u_origin + N·u_node), F/d_node)."""
+    bits = 8.0 * size
+    return max(bits / origin_bits, n * bits / (origin_bits + n * node_bits), bits / node_bits)
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and its waited-for children, from /proc/<pid>/stat."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2:].split()  # after the command name, which may hold spaces
+    utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
+    return (utime + stime + cutime + cstime) / os.sysconf("SC_CLK_TCK")
+
+
+def daemons_cpu_seconds(nodes: list[Node]) -> float:
+    """CPU seconds used so far by every running daemon of `nodes` (scheduler and seed included)."""
+    total = 0.0
+    for node in nodes:
+        if node.process is not None and node.alive:
+            total += process_cpu_seconds(node.process.pid)
+    return total
+
+
+def link_tx_bytes(netns: str, device: str) -> int:
+    """Bytes sent so far by `device` in `netns` (the kernel's counter: payload plus headers)."""
+    out = subprocess.run(["ip", "-n", netns, "-j", "-s", "link", "show", "dev", device],
+                         capture_output=True, text=True, check=True).stdout
+    return int(json.loads(out)[0]["stats64"]["tx"]["bytes"])
+
+
+@dataclass
+class SwarmResult:
+    size: int
+    n: int
+    bound: float  # seconds, the lower bound of this row
+    wall: float  # start of all dfgets to the last one's exit
+    times: list[float]  # each node's dfget completion, seconds from the start
+    origin_relay: int  # bytes the registry sent (relay count)
+    origin_link: int  # bytes the origin link sent (kernel TX counter)
+    seed_upload: float
+    peer_uploads: list[float]
+    cpu_seconds: float  # of all daemons (scheduler, seed, nodes) during the downloads
+    busy: float  # share of the machine's CPU busy during the downloads
+    ok: int
+
+    @property
+    def p50(self) -> float:
+        return statistics.median(self.times)
+
+    @property
+    def max_time(self) -> float:
+        return max(self.times)
+
+    def cpu_per_gib(self) -> float:
+        return self.cpu_seconds / (self.n * self.size / GIB)
+
+
+class SwarmPki:
+    """A throwaway CA and one certificate per daemon, with its host IP and its role's CN."""
+
+    def __init__(self, directory: Path) -> None:
+        from tests.support.certs import TestCA  # trustme: only needed with --tls
+
+        self.ca = TestCA(directory, "damselfly-bench-ca")
+
+    def args(self, name: str, role: str, ip: str) -> list[str]:
+        issued = self.ca.issue(name, ips=(ip,), common_name=TLS_ROLES[role])
+        return ["--tls-ca-cert", str(self.ca.cert_path), "--tls-cert", str(issued.cert), "--tls-key", str(issued.key)]
+
+
+def swarm_row(n: int, size: int, url: str, digest: str, relay: ByteCountingRelay, work: Path, *,
+              scheduler_host: int, seed_host: int, origin_bits: float, node_bits: float, log_level: str,
+              pki: SwarmPki | None, label: str) -> SwarmResult:
+    """One row: a fresh cluster (scheduler, seed, N dfdaemons, each on its own host), N dfgets at once."""
+    root = work / label
+    cluster = LocalCluster(root, python=sys.executable, log_level=log_level,
+                           scheduler_ip=node_ip(scheduler_host), scheduler_netns=node_ns(scheduler_host))
+
+    def tls(name: str, role: str, ip: str) -> list[str]:
+        return pki.args(f"{label}-{name}", role, ip) if pki is not None else []
+
+    try:
+        seed = cluster.plan_dfdaemon("seed", seed=True, netns=node_ns(seed_host), host_ip=node_ip(seed_host))
+        scheduler = cluster.start_scheduler(*tls("scheduler", "scheduler", node_ip(scheduler_host)), seeds=[seed])
+        cluster.start_dfdaemon("seed", *tls("seed", "seed", node_ip(seed_host)), node=seed)
+        daemons = [cluster.start_dfdaemon(f"n{i}", *tls(f"n{i}", "peer", node_ip(i)),
+                                          node=cluster.plan_dfdaemon(f"n{i}", netns=node_ns(i), host_ip=node_ip(i)))
+                   for i in range(1, n + 1)]
+        cluster.wait_ready(scheduler, seed, *daemons, timeout=max(READY_TIMEOUT, 3.0 * n))
+        outputs = [root / f"n{i}.out" for i in range(1, n + 1)]
+        commands = []
+        for i, (node, out) in enumerate(zip(daemons, outputs, strict=True), start=1):
+            assert node.socket_path is not None
+            commands.append(["ip", "netns", "exec", node_ns(i),
+                             *dfget_command(sys.executable, url, out, node.socket_path)])
+        relay.reset()
+        link0 = link_tx_bytes(ORIGIN_NS, "v-origin")
+        cpu0 = daemons_cpu_seconds(cluster.nodes)
+        run = run_all(commands)
+        cpu1 = daemons_cpu_seconds(cluster.nodes)
+        link1 = link_tx_bytes(ORIGIN_NS, "v-origin")
+        origin = relay.bytes_from_target
+        ok = check_copies(outputs, run.outcomes, digest, label)
+        return SwarmResult(
+            size=size, n=n, bound=lower_bound(size, n, origin_bits, node_bits), wall=run.seconds, times=run.times,
+            origin_relay=origin, origin_link=link1 - link0, seed_upload=seed.metrics().get(_UPLOADED, 0.0),
+            peer_uploads=[node.metrics().get(_UPLOADED, 0.0) for node in daemons], cpu_seconds=cpu1 - cpu0,
+            busy=run.cpu, ok=ok)
+    finally:
+        cluster.stop()
+        report_dead(cluster.nodes)
+        for node in cluster.nodes:  # the caches; the logs stay until the work directory goes
+            if node.data_dir is not None:
+                shutil.rmtree(node.data_dir, ignore_errors=True)
+
+
+SWARM_HEADER = ("|   blob |  N | TLS | wall s | p50 s | max s | bound s | x bound | origin ÷ blob (relay / link) "
+                "| seed up ÷ blob | peer up ÷ blob min / max | daemon CPU s / GiB | machine busy | byte-exact |")
+SWARM_RULE = ("|-------:|---:|:---:|-------:|------:|------:|--------:|--------:|:---------------------------:"
+              "|---------------:|:------------------------:|-------------------:|-------------:|:----------:|")
+
+
+def swarm_line(r: SwarmResult, tls: bool) -> str:
+    blob = float(r.size)
+    return (f"| {r.size // MIB:>3} MiB | {r.n:>2} | {'on' if tls else 'off':^3} | {r.wall:>6.1f} | {r.p50:>5.1f} | "
+            f"{r.max_time:>5.1f} | {r.bound:>7.1f} | {r.max_time / r.bound:>6.1f}x | "
+            f"{r.origin_relay / blob:>12.2f} / {r.origin_link / blob:<12.2f} | {r.seed_upload / blob:>14.2f} | "
+            f"{min(r.peer_uploads) / blob:>11.2f} / {max(r.peer_uploads) / blob:<10.2f} | "
+            f"{r.cpu_per_gib():>18.1f} | {r.busy:>11.0%} | {r.ok:>4}/{r.n:<5} |")
+
+
+def swarm_main(args: argparse.Namespace, counts: list[int], sizes: list[int]) -> int:
+    """The issue-11 set-up: one table over every size, N and --repeat, printed as rows finish."""
+    scheduler_host, seed_host = counts[-1] + 1, counts[-1] + 2
+    origin_bits, node_bits = tc_rate_bits(args.origin_rate), tc_rate_bits(args.node_rate)
+    work = Path(tempfile.mkdtemp(prefix="damselfly-swarm-"))
+    registry: Registry | None = None
+    relay: NetnsRelay | None = None
+    results: list[SwarmResult] = []
+    interrupted = False
+    try:
+        netlab(args.netlab, "up", str(seed_host), args.origin_rate, args.node_rate)
+        registry = in_netns(ORIGIN_NS, lambda: start_registry(work / "registry"))
+        reg = registry
+        relay = NetnsRelay(ORIGIN_NS, ORIGIN_IP, "127.0.0.1", registry.port).start()
+        blobs: dict[int, tuple[str, str]] = {}
+        for size_mib in sizes:
+            def push(m: int = size_mib) -> tuple[str, Path]:
+                return push_random_blob(reg, REPO_NAME, m * MIB, seed=m)
+
+            digest, _ = in_netns(ORIGIN_NS, push)
+            blobs[size_mib] = (digest, f"{relay.url}/v2/{REPO_NAME}/blobs/{digest}")
+        pki = SwarmPki(work / "pki") if args.tls else None
+        print(f"swarm set-up: origin link {args.origin_rate}, node links {args.node_rate} (scheduler "
+              f"{node_ip(scheduler_host)}, seed {node_ip(seed_host)} on hosts of their own); TLS "
+              f"{'on' if args.tls else 'off'}; work dir {work}\n{SWARM_HEADER}\n{SWARM_RULE}", flush=True)
+        for size_mib in sizes:
+            digest, url = blobs[size_mib]
+            for n in counts:
+                for attempt in range(1, args.repeat + 1):
+                    r = swarm_row(n, size_mib * MIB, url, digest, relay, work, scheduler_host=scheduler_host,
+                                  seed_host=seed_host, origin_bits=origin_bits, node_bits=node_bits,
+                                  log_level=args.log_level, pki=pki, label=f"{size_mib}m-n{n}-{attempt}")
+                    results.append(r)
+                    print(swarm_line(r, args.tls), flush=True)
+    except KeyboardInterrupt:
+        print("interrupted; cleaning up", file=sys.stderr)
+        interrupted = True
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the clean-up finish
+        if relay is not None:
+            relay.close()
+        if registry is not None:
+            registry.stop()
+        subprocess.run(["bash", str(args.netlab), "down"], check=False)
+        if args.keep:
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    if results:
+        print(f"\nall links: origin {args.origin_rate}, nodes {args.node_rate}; TLS {'on' if args.tls else 'off'}\n")
+        print(SWARM_HEADER)
+        print(SWARM_RULE)
+        for r in results:
+            print(swarm_line(r, args.tls))
+    if interrupted:
+        return 130
+    return 0 if results and all(r.ok == r.n for r in results) else 1
 
 
 if __name__ == "__main__":
