@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from common.http_limits import ConnectionLimits, admits
 from common.identity import Identity, Role
 from peer.access import TriggerPolicy, caller_ip, public_url, trigger_refusal
 
@@ -56,25 +55,3 @@ def test_caller_ip(peer: str, ip: str | None) -> None:
 )
 def test_public_url(url: str, shown: str) -> None:
     assert public_url(url) == shown
-
-
-LIMITS = ConnectionLimits(header_timeout=5.0, max_connections=4, max_per_client=2)
-
-
-@pytest.mark.parametrize(
-    ("open_clients", "client", "admitted"),
-    [
-        ([], "10.0.0.1", True),
-        (["10.0.0.1"], "10.0.0.1", True),
-        (["10.0.0.1", "10.0.0.1"], "10.0.0.1", False),  # per client
-        (["10.0.0.1", "10.0.0.1"], "10.0.0.2", True),
-        (["a", "b", "c", "d"], "e", False),  # in all
-    ],
-)
-def test_connection_admission(open_clients: list[str], client: str, admitted: bool) -> None:
-    assert admits(LIMITS, open_clients, client) is admitted
-
-
-def test_connection_limits_are_checked() -> None:
-    with pytest.raises(ValueError):
-        ConnectionLimits(header_timeout=0, max_connections=1, max_per_client=1)
