@@ -128,6 +128,7 @@ class Daemon:
         self.engine = Engine(config=config, store=self.store, scheduler=self.scheduler, origin=self.origin,
                              metrics=self.metrics, host_id=self.host_id, clock=SystemClock(), rng=random.Random(),
                              collector=self.collector, tls=self.tls)
+        self.piece_server.serve_demands(self.engine.wait_demanded_piece)
 
         trigger_policy = TriggerPolicy(
             seed=config.seed, mutual_tls=self.tls is not None and self.tls.client_auth,

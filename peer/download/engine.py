@@ -187,12 +187,23 @@ class Conductor:
         self._refusal = ""
         # Range reads that came before the content's size was known (their pieces are unknown).
         self._ranges: list[DownloadRequest] = [request] if request.byte_range is not None else []
+        # Set when a reader's pieces join: the origin fetcher looks at its queue again.
+        self._origin_wake = asyncio.Event()
         self.started_at = self.clock.time()
 
     def prioritize(self, numbers: Iterable[int]) -> None:
         """Fetch these pieces before the others: a reader is waiting for them."""
         self.policy.prioritize(numbers)
-        self._events.put_nowait(_Wake())
+        if self._back_to_source:
+            self._origin_wake.set()
+        else:
+            self._events.put_nowait(_Wake())
+
+    def fetches(self, number: int) -> bool:
+        """Whether this download will bring piece `number` (its size is known and it is wanted)."""
+        count = self.policy.piece_count
+        return (count is not None and 0 <= number < count
+                and (self.policy.want_everything or number in self.policy.wanted))
 
     def add_range(self, request: DownloadRequest) -> bool:
         """Join a Range read to this download; False when it is over (start a new one)."""
@@ -530,7 +541,11 @@ class Conductor:
                 self.policy.piece_succeeded(event.number, event.parent_id)
                 return
             integrity = isinstance(event.error, IntegrityError)
-            if event.parent_id in self.policy.parents:  # not dropped meanwhile
+            if event.number in self.policy.demanded and not integrity:
+                # A seed that does not have an unannounced piece (yet) is no failing parent.
+                log.debug("task %s: demand for piece %d not answered by %s: %s", self.task_id, event.number,
+                          event.parent_id, event.error)
+            elif event.parent_id in self.policy.parents:  # not dropped meanwhile
                 self.engine.metrics.piece_failures.labels("digest" if integrity else "parent").inc()
                 log.info("task %s: piece %d from %s failed: %s", self.task_id, event.number, event.parent_id,
                          event.error)
@@ -564,7 +579,6 @@ class Conductor:
         await self._events.put(_PieceDone(number, parent.peer_id, error))
 
     async def _fetch_piece_from(self, number: int, parent: Parent) -> None:
-        expected = await self._digest_of(number)
         url = f"{self.engine.piece_scheme}://{parent.ip}:{parent.download_port}/pieces/{self.task_id}/{number}"
         started = self.clock.time()
         timeout = aiohttp.ClientTimeout(total=self.engine.config.piece_timeout)
@@ -572,6 +586,8 @@ class Conductor:
             if response.status != 200:
                 reason = (await response.text())[:200].strip()
                 raise ParentError(parent.peer_id, f"HTTP {response.status} for piece {number}: {reason}")
+            # Asked once the parent answers: a demanded piece's digest exists only from then on.
+            expected = await self._digest_of(number)
             digest = await self.local.write_piece(number, response.content.iter_chunked(_CHUNK),
                                                   expected_digest=expected, parent_id=parent.peer_id)
         cost = self.clock.time() - started
@@ -659,19 +675,30 @@ class Conductor:
         if stat is not None and not stat.supports_range and len(missing) > 1:
             await self._back_source_stream(headers)
             return
-        queue = list(missing)
-
-        async def fetch_until_done() -> None:
-            while queue:
-                await self._origin_piece(self.policy.next_origin_piece(queue), headers)
-
         try:
-            async with asyncio.TaskGroup() as workers:
-                for _ in range(self.engine.config.back_to_source_concurrency):
-                    workers.create_task(fetch_until_done())
+            await self._fetch_from_origin(list(missing), headers)
         except BaseExceptionGroup as group:
-            # The first failure cancelled the other workers; it is the download's error.
+            # The first failure cancelled the other fetches; it is the download's error.
             raise _first_error(group) from None
+
+    async def _fetch_from_origin(self, queue: list[int], headers: dict[str, str]) -> None:
+        """Fetch the pieces of `queue` from the origin, in the order and number the policy says:
+        pieces readers wait for (also those that join meanwhile) first, the rest behind them."""
+        limit = self.engine.config.back_to_source_concurrency
+        running: dict[int, asyncio.Task[None]] = {}
+        async with asyncio.TaskGroup() as fetches:
+            while queue or running:
+                self._origin_wake.clear()
+                while (number := self.policy.next_origin_fetch(queue, running, limit)) is not None:
+                    running[number] = fetches.create_task(self._origin_piece(number, headers),
+                                                          name=f"origin-{number}-{self.task_id[:12]}")
+                wake = asyncio.ensure_future(self._origin_wake.wait())
+                try:
+                    await asyncio.wait([wake, *running.values()], return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    wake.cancel()
+                for done in [n for n, task in running.items() if task.done()]:
+                    del running[done]
 
     async def _origin_piece(self, number: int, headers: dict[str, str]) -> None:
         span = self.local.span(number)
@@ -888,6 +915,22 @@ class Engine:
         if not conductor.done.cancelled():
             # Nobody may await the outcome (a seed trigger whose caller left): don't log it as lost.
             conductor.done.exception()
+
+    async def wait_demanded_piece(self, task_id: str, number: int, timeout: float) -> bool:  # noqa: ASYNC109
+        """A child asks for a piece this node has not got yet: move it first, wait for it.
+
+        True once the piece is here (within `timeout`); False at once when no download running
+        here will bring it, or when it did not come in time.
+        """
+        conductor = self._conductors.get(task_id)
+        if conductor is None or conductor.done.done() or not conductor.fetches(number):
+            return False
+        local = conductor.local
+        if not local.has_piece(number):
+            conductor.prioritize([number])
+            with contextlib.suppress(TimeoutError, DamselflyError):  # late, failed or deleted: not here
+                await local.wait_for_piece(number, timeout)
+        return local.has_piece(number)
 
     async def wait_piece(self, request: DownloadRequest, number: int) -> Conductor:
         """Wait until piece `number` of the request's task is on this node; raises on failure.

@@ -34,6 +34,12 @@ The rules, each tested in ``tests/unit/test_download_policy.py``:
   when the scheduler stream is gone.
 - The scheduler failed the task (the origin refused it, for every peer): give up at once, never
   back to source: that would ask the same origin again.
+- Demand (:meth:`DownloadPolicy._demand_unannounced`): a piece a reader waits for that no parent
+  has announced is asked of a live seed anyway (the seed moves it to the front of its origin
+  queue and answers once it is there), at most :data:`DEMAND_LIMIT` at once. A seed that cannot
+  answer one is not at fault: the piece is asked again :data:`DEMAND_RETRY` later.
+- The origin queue (:meth:`DownloadPolicy.next_origin_fetch`): demanded pieces start at once; the
+  whole-blob rest keeps at most :data:`BACKGROUND_UNDER_DEMAND` fetches going while demand waits.
 """
 
 from __future__ import annotations
@@ -51,6 +57,13 @@ SEED_PIECE_LIMIT = 4
 SEED_PIECE_LIMIT_WITH_PEERS = 1
 # A parent that failed this many pieces of the task is dropped and reported to the scheduler.
 PARENT_FAILURE_LIMIT = 2
+# Pieces a reader waits for that are asked of a seed before it announced them, at once per task.
+DEMAND_LIMIT = 8
+# A demand the seed could not answer (it does not fetch the piece, or not in time) is retried this
+# much later; the seed is not blamed.
+DEMAND_RETRY = 1.0
+# Whole-blob origin fetches kept going while a reader's pieces wait for the origin link.
+BACKGROUND_UNDER_DEMAND = 1
 
 
 # -- commands ------------------------------------------------------------------------------------
@@ -140,6 +153,10 @@ class DownloadPolicy:
     asked_reschedule: bool = False
     back_to_source_reason: str = ""
     task_failure: str = ""
+    # Pieces in flight as a demand (asked of a seed that had not announced them), and when a
+    # refused one may be asked again.
+    demanded: set[int] = field(default_factory=set)
+    demand_retry_at: dict[int, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._order_salt = self.rng.random()
@@ -210,11 +227,14 @@ class DownloadPolicy:
         return [report, *self._drop(parent, error)]
 
     def piece_succeeded(self, number: int, parent_id: str) -> None:
-        self._settle(number, parent_id)
+        if not self._demand_settled(number, parent_id):
+            self._settle(number, parent_id)
         self.finished.add(number)
 
     def piece_failed(self, number: int, parent_id: str, error: str, *, integrity: bool) -> list[Command]:
         """A piece from `parent_id` failed; `integrity` when its bytes did not match the digest."""
+        if self._demand_settled(number, parent_id):
+            return self._demand_failed(number, parent_id, error, integrity=integrity)
         parent = self._settle(number, parent_id)
         if parent is None:
             return []
@@ -246,6 +266,7 @@ class DownloadPolicy:
         if self.is_finished():
             return [Finished()]
         commands: list[Command] = list(self._dispatch())
+        commands += self._demand_unannounced()
         if self.in_flight or self.has_live_parent():
             self.stalled_since = None
             return commands
@@ -266,6 +287,70 @@ class DownloadPolicy:
             if number in self.priority:
                 return queue.pop(index)
         return queue.pop(0)
+
+    def next_origin_fetch(self, queue: list[int], running: Iterable[int], limit: int) -> int | None:
+        """Take the next piece to start fetching from the origin out of `queue`; None: start none now.
+
+        A piece a reader waits for starts at once (up to `limit` such running); the rest of the
+        blob fills `limit` only while no demand waits or runs, and keeps
+        :data:`BACKGROUND_UNDER_DEMAND` fetches going beside it, so the origin link is the readers'.
+        """
+        running_now = list(running)
+        demand_running = sum(1 for n in running_now if n in self.priority)
+        queued = set(queue) if self.priority else set()
+        demand_queued = [n for n in self.priority if n in queued]
+        if demand_queued and demand_running < limit:
+            number = min(demand_queued)
+            queue.remove(number)
+            return number
+        background_running = len(running_now) - demand_running
+        cap = BACKGROUND_UNDER_DEMAND if demand_queued or demand_running else limit
+        if queue and background_running < cap and len(running_now) < limit:
+            return queue.pop(0)
+        return None
+
+    def _demand_unannounced(self) -> list[FetchPiece]:
+        """Ask a live seed for pieces a reader waits for that no parent announced yet."""
+        if self.piece_count is None or not self.priority:
+            return []
+        seeds = [p for p in self.parents.values() if p.is_seed and p.live]
+        if not seeds:
+            return []
+        now = self.clock.time()
+        commands: list[FetchPiece] = []
+        for number in sorted(self.priority):
+            if len(self.demanded) >= DEMAND_LIMIT or len(self.in_flight) >= self.concurrent_pieces:
+                break
+            if (number >= self.piece_count or number in self.finished or number in self.in_flight
+                    or self.holders.get(number)
+                    or not (self.want_everything or number in self.wanted)
+                    or self.demand_retry_at.get(number, 0.0) > now):
+                continue
+            # Not counted in the seed's in_flight: a demand waits on the origin, not on the seed's
+            # upload, and must not hold back the pieces the seed has announced.
+            seed = min(seeds, key=lambda p: (sum(1 for n in self.demanded if self.in_flight.get(n) == p.peer_id),
+                                             p.peer_id))
+            self.in_flight[number] = seed.peer_id
+            self.demanded.add(number)
+            commands.append(FetchPiece(number, seed.peer_id))
+        return commands
+
+    def _demand_settled(self, number: int, parent_id: str) -> bool:
+        """End a demand's transfer; False when this transfer was no demand."""
+        if number not in self.demanded or self.in_flight.get(number) != parent_id:
+            return False
+        self.demanded.discard(number)
+        del self.in_flight[number]
+        return True
+
+    def _demand_failed(self, number: int, parent_id: str, error: str, *, integrity: bool) -> list[Command]:
+        """A demanded piece did not come: wrong bytes drop the seed as any parent; anything else
+        (it does not fetch the piece, or not in time) is asked again later, the seed not blamed."""
+        parent = self.parents.get(parent_id)
+        if integrity and parent is not None:
+            return [ReportPieceFailed(number, parent_id, temporary=False), *self._drop(parent, error)]
+        self.demand_retry_at[number] = self.clock.time() + DEMAND_RETRY
+        return []
 
     def _dispatch(self) -> Iterable[FetchPiece]:
         if not self.content_known or len(self.in_flight) >= self.concurrent_pieces:

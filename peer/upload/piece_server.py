@@ -7,6 +7,12 @@ task id or piece number, ``404`` for an unknown task or a piece that is not comp
 ``503`` with ``Retry-After`` when every upload slot stays busy for a moment.
 ``GET /healthy`` answers ``ok``.
 
+A piece this node does not have yet but is fetching (a seed back-sourcing the task) is a
+*demand*: a child's reader waits for it. With a demand handler (:meth:`PieceServer.serve_demands`,
+the engine's), the request moves the piece to the front of the download and is answered as soon
+as the piece is here, within :data:`DEFAULT_DEMAND_WAIT`; ``404`` after that, or at once when no
+download here brings it.
+
 How the bytes go out depends on the connection and the event loop (:class:`FileRegionSender`,
 which the registry mirror uses too):
 
@@ -36,6 +42,7 @@ import select
 import ssl
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from typing import BinaryIO
 
 from aiohttp import web
@@ -79,6 +86,12 @@ MAX_SENDER_THREADS = 64
 _ABORT_CHECK_INTERVAL = 0.1
 # Longer numbers cannot be a piece of any content (and int() of huge strings is refused).
 _MAX_NUMBER_DIGITS = 12
+# How long a request for a piece still on its way here waits for it: less than a child's piece
+# timeout (30 s by default), so the child hears "not here" before it gives up on its own.
+DEFAULT_DEMAND_WAIT = 20.0
+
+# (task id, piece number, timeout) -> whether the piece is here now; see the module docstring.
+DemandHandler = Callable[[str, int, float], Awaitable[bool]]
 
 
 class _SendPath(enum.Enum):
@@ -409,9 +422,17 @@ class PieceServer:
         # The request tasks inside _upload: stop() finishes those aiohttp's shutdown leaves running.
         self._upload_tasks: set[asyncio.Task[object]] = set()
         self._runner: web.AppRunner | None = None
+        self._demand: DemandHandler | None = None
+        self._demand_wait = DEFAULT_DEMAND_WAIT
         self.app = web.Application()
         self.app.router.add_get("/pieces/{task_id}/{number}", self._get_piece, allow_head=False)
         self.app.router.add_get("/healthy", self._healthy, allow_head=False)
+
+    def serve_demands(self, handler: DemandHandler, wait: float = DEFAULT_DEMAND_WAIT) -> None:
+        """Answer requests for pieces still on their way here once they arrive (the engine's
+        :meth:`~peer.download.engine.Engine.wait_demanded_piece`), waiting at most `wait`."""
+        self._demand = handler
+        self._demand_wait = wait
 
     @property
     def upload_slots(self) -> int:
@@ -488,6 +509,10 @@ class PieceServer:
             return self._refuse(404, "not_found", f"task {task_id} not found")
         number = int(raw_number) if len(raw_number) <= _MAX_NUMBER_DIGITS else -1
         digest = task.piece_digest(number)
+        # A demand waits before taking an upload slot: the slot is for sending, not for the origin.
+        if (digest is None and number >= 0 and self._demand is not None
+                and await self._demand(task_id, number, self._demand_wait)):
+            digest = task.piece_digest(number)
         if digest is None:
             return self._refuse(404, "not_found", f"piece {raw_number} of task {task_id} is not available")
         span = task.span(number)

@@ -14,7 +14,8 @@ Example::
 Counting: a byte is counted when the relay has read it from one side and before it is written to
 the other, so once a client has received something, the counter already includes it.
 ``cut_after`` makes the relay drop each connection after that many bytes from the target (an
-origin that dies mid-body); :meth:`drop_connections` breaks the live ones now.
+origin that dies mid-body); :meth:`drop_connections` breaks the live ones now. ``rate`` caps the
+bytes per second from the target over all connections together (a slow origin link).
 """
 
 from __future__ import annotations
@@ -31,10 +32,13 @@ _READ_SIZE = 256 * 1024
 class ByteCountingRelay:
     """Listens on ``127.0.0.1:<free port>`` and forwards every connection to the target."""
 
-    def __init__(self, target_host: str, target_port: int, *, cut_after: int | None = None) -> None:
+    def __init__(self, target_host: str, target_port: int, *, cut_after: int | None = None,
+                 rate: float | None = None) -> None:
         self.target_host = target_host
         self.target_port = target_port
         self.cut_after = cut_after  # per connection, bytes from the target before the relay hangs up
+        self.rate = rate  # bytes per second from the target, all connections together
+        self._link_free_at = 0.0  # when the paced link has sent everything handed to it so far
         self._bytes_from_target = 0
         self._bytes_to_target = 0
         self._connections = 0
@@ -180,6 +184,13 @@ class ByteCountingRelay:
             for writer in pair:
                 writer.close()
 
+    async def _pace(self, size: int) -> None:
+        """Hold `size` bytes until the shared link of `rate` bytes per second has sent them."""
+        assert self.rate
+        now = time.monotonic()
+        self._link_free_at = max(now, self._link_free_at) + size / self.rate
+        await asyncio.sleep(self._link_free_at - now)  # the link's own pace, not a wait for a condition
+
     async def _pump(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, from_target: bool
     ) -> None:
@@ -194,6 +205,8 @@ class ByteCountingRelay:
                 if from_target and self.cut_after is not None:
                     data = data[: max(self.cut_after - sent, 0)]
                 self._count(from_target=len(data)) if from_target else self._count(to_target=len(data))
+                if from_target and self.rate:
+                    await self._pace(len(data))
                 writer.write(data)
                 await writer.drain()
                 sent += len(data)

@@ -1,0 +1,168 @@
+"""Demand in the pure download policy, on a ManualClock: a reader's unannounced pieces are asked of
+a seed, and the back-sourcer's origin queue puts them first (issue 10)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from common.clock import ManualClock
+from peer.download.policy import (
+    BACKGROUND_UNDER_DEMAND,
+    DEMAND_LIMIT,
+    DEMAND_RETRY,
+    DownloadPolicy,
+    DropParent,
+    FetchPiece,
+    ReportPieceFailed,
+)
+
+
+def policy(pieces: int = 16, *, everything: bool = True, concurrent: int = 16, **parents: bool) -> DownloadPolicy:
+    """A policy on a manual clock; ``parents`` maps parent id -> is_seed."""
+    p = DownloadPolicy(peer_id="me", clock=ManualClock(), rng=random.Random(0), concurrent_pieces=concurrent,
+                       schedule_timeout=10.0, want_everything=everything)
+    p.content_info(pieces)
+    for parent_id, is_seed in parents.items():
+        assert p.add_parent(parent_id, is_seed=is_seed)
+    return p
+
+
+def fetches(p: DownloadPolicy) -> list[tuple[int, str]]:
+    return [(c.number, c.parent_id) for c in p.next_commands() if isinstance(c, FetchPiece)]
+
+
+def advance(p: DownloadPolicy, seconds: float) -> None:
+    assert isinstance(p.clock, ManualClock)
+    p.clock.advance(seconds)
+
+
+# -- a child asks a seed for what a reader waits for --------------------------------------------
+
+
+@pytest.mark.parametrize(("parents", "prioritized", "announced", "expected"), [
+    # a seed that announced nothing yet is asked for the waiting pieces, in number order
+    ({"seed": True}, [9, 3], {}, [(3, "seed"), (9, "seed")]),
+    # without a reader waiting, nothing is asked before it is announced
+    ({"seed": True}, [], {}, []),
+    # a normal parent is never asked for a piece it did not announce
+    ({"peer": False}, [3], {}, []),
+    # an announced piece goes the normal way (to its holder), the other is demanded of the seed
+    ({"seed": True, "peer": False}, [3, 4], {3: "peer"}, [(3, "peer"), (4, "seed")]),
+    # with two seeds, the demands are spread
+    ({"s1": True, "s2": True}, [1, 2], {}, [(1, "s1"), (2, "s2")]),
+])
+def test_waiting_pieces_no_parent_announced_are_asked_of_a_seed(
+        parents: dict[str, bool], prioritized: list[int], announced: dict[int, str],
+        expected: list[tuple[int, str]]) -> None:
+    p = policy(**parents)
+    for number, holder in announced.items():
+        p.parent_has(holder, number)
+    p.prioritize(prioritized)
+    if not prioritized:
+        p.want_everything = False  # nothing wanted: only the demand rule could fetch anything
+    assert sorted(fetches(p)) == sorted(expected)
+
+
+def test_only_wanted_pieces_are_demanded_in_a_range_download() -> None:
+    p = policy(everything=False, seed=True)
+    p.want([2])
+    p.prioritize([2, 5])  # 5 is not wanted by this download
+    assert fetches(p) == [(2, "seed")]
+
+
+def test_demands_are_bounded_and_not_repeated_while_in_flight() -> None:
+    p = policy(pieces=32, seed=True)
+    p.prioritize(range(32))
+    first = fetches(p)
+    assert len(first) == DEMAND_LIMIT
+    assert fetches(p) == []  # all still in flight
+    p.piece_succeeded(first[0][0], "seed")
+    assert fetches(p) == [(DEMAND_LIMIT, "seed")]  # one done: the next waiting piece
+
+
+def test_demands_do_not_take_the_seeds_slots_for_announced_pieces() -> None:
+    p = policy(seed=True)
+    p.prioritize(range(8))
+    assert len(fetches(p)) == 8
+    p.parent_has("seed", 12)
+    assert fetches(p) == [(12, "seed")]  # the seed's own piece limit is untouched by the demands
+
+
+def test_a_refused_demand_is_asked_again_later_without_blaming_the_seed() -> None:
+    p = policy(seed=True)
+    p.prioritize([4])
+    assert fetches(p) == [(4, "seed")]
+    # refused three times (HTTP 404: not fetched there, or not in time): never reported, never dropped
+    for _ in range(3):
+        assert p.piece_failed(4, "seed", "HTTP 404", integrity=False) == []
+        assert fetches(p) == []
+        advance(p, DEMAND_RETRY - 0.01)
+        assert fetches(p) == []
+        advance(p, 0.01)
+        assert fetches(p) == [(4, "seed")]
+    assert "seed" in p.parents and p.parents["seed"].failures == 0
+
+
+def test_a_demanded_piece_with_wrong_bytes_drops_the_seed() -> None:
+    p = policy(seed=True)
+    p.prioritize([4])
+    fetches(p)
+    commands = p.piece_failed(4, "seed", "digest mismatch", integrity=True)
+    assert ReportPieceFailed(4, "seed", temporary=False) in commands
+    assert any(isinstance(c, DropParent) for c in commands)
+    assert "seed" not in p.parents
+
+
+def test_a_demanded_piece_that_arrives_is_finished() -> None:
+    p = policy(pieces=1, seed=True)
+    p.prioritize([0])
+    assert fetches(p) == [(0, "seed")]
+    p.piece_succeeded(0, "seed")
+    assert p.is_finished() and not p.in_flight and not p.demanded
+
+
+def test_a_seed_whose_announcements_ended_is_not_asked() -> None:
+    p = policy(seed=True)
+    p.parent_ended("seed")
+    p.prioritize([3])
+    assert fetches(p) == []
+
+
+# -- the back-sourcer's origin queue -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("queue", "running", "prioritized", "limit", "started"), [
+    # no demand: the blob in order, up to the limit
+    ([0, 1, 2, 3], [], [], 2, [0, 1]),
+    ([2, 3], [0, 1], [], 2, []),
+    # a demanded piece starts at once, even with every slot taken by the blob
+    ([2, 3, 9], [0, 1], [9], 2, [9]),
+    # while demand waits or runs, the blob keeps only BACKGROUND_UNDER_DEMAND fetches going
+    ([0, 1, 2, 9], [], [9], 4, [9, *range(BACKGROUND_UNDER_DEMAND)]),
+    ([1, 2, 3], [0, 9], [9], 4, []),
+    # demand itself is bounded by the limit
+    ([5, 6, 7], [1, 2], [1, 2, 5, 6, 7], 2, []),
+])
+def test_origin_queue_puts_demand_first(queue: list[int], running: list[int], prioritized: list[int], limit: int,
+                                        started: list[int]) -> None:
+    p = policy()
+    p.prioritize(prioritized)
+    now_running = list(running)
+    got = []
+    while (number := p.next_origin_fetch(queue, now_running, limit)) is not None:
+        got.append(number)
+        now_running.append(number)
+    assert got == started
+    assert not set(got) & set(queue)  # what starts leaves the queue
+
+
+def test_the_blob_fills_the_origin_link_again_once_demand_is_served() -> None:
+    p = policy()
+    p.prioritize([9])
+    queue, running = [0, 1, 2, 3, 9], [9]
+    queue.remove(9)
+    assert p.next_origin_fetch(queue, running, 4) == 0
+    assert p.next_origin_fetch(queue, [9, 0], 4) is None  # demand runs: one background fetch
+    assert p.next_origin_fetch(queue, [0], 4) == 1  # demand done: the blob takes the link again
