@@ -17,7 +17,7 @@ Every upstream, whichever way a client names it, must be one the operator allows
 ``proxy_allowed_upstreams``); anything else gets ``403`` before a byte is sent to it, and so does
 a redirect or a name that leads to a loopback, link-local or private address nobody listed. The
 proxy is never an open forward proxy. Connections are capped per listener and per client, and
-must send their headers within ``proxy_header_timeout`` (:mod:`peer.proxy.guard`).
+must send their headers within ``proxy_header_timeout`` (:mod:`common.http_limits`).
 
 A ``GET`` whose URL matches a ``proxy_rule`` regex (default ``blobs/sha256.*``) goes through P2P
 (``X-Dragonfly-Use-P2P: true/false`` overrides the rules); everything else is proxied straight
@@ -76,13 +76,13 @@ from common.http import (
     select_range,
     unsatisfied_content_range,
 )
+from common.http_limits import ConnectionLimits
 from common.origin import MAX_REDIRECTS, OriginClient, OriginResponseError
 from common.pieces import pieces_covering
 from common.ratelimit import TokenBucket
 from common.upstreams import UpstreamNotAllowed, UpstreamPolicy, origin_of, public_addresses
 from peer.download.engine import Conductor
 from peer.proxy.auth import BlobAccess
-from peer.proxy.guard import ConnectionLimits, GuardedServer
 from peer.proxy.tls import Interceptor, inner_url, upstream_ssl_context
 from peer.proxy.tls import origin_of as intercepted_origin
 from peer.proxy.upstream import Probe, SchemeCache
@@ -227,7 +227,9 @@ class Proxy:
         del origin
         self.access = BlobAccess(OriginClient(session=self.session, upstreams=self.upstreams),
                                  config.proxy_auth_ttl)
-        self.limits = ConnectionLimits(config.proxy_max_connections, config.proxy_max_connections_per_client)
+        self.limits = ConnectionLimits(header_timeout=config.proxy_header_timeout,
+                                       max_connections=config.proxy_max_connections,
+                                       max_per_client=config.proxy_max_connections_per_client)
         self._clock: Clock = clock or SystemClock()
         self._admission = P2PAdmission(config.proxy_p2p_concurrency, config.proxy_p2p_rate, self._clock.time())
         self._sender = FileRegionSender(stall_timeout=config.piece_timeout)
@@ -239,10 +241,11 @@ class Proxy:
 
     async def start(self, host: str, port: int) -> int:
         """Listen on host:port (0 picks a free port); the bound port."""
-        server = GuardedServer(self._handle, limits=self.limits, header_timeout=self._config.proxy_header_timeout)
-        self.server = server
+        # aiohttp's keepalive timeout is the header timeout (common.http_limits): it never cuts a
+        # request being answered, a CONNECT tunnel included.
+        server = web.Server(self._handle, keepalive_timeout=self.limits.header_timeout)
         runner = web.ServerRunner(server, access_log=None, shutdown_timeout=2.0)
-        bound = await listen(runner, host, port)
+        bound = await listen(runner, host, port, limits=self.limits)
         self._runner = runner
         log.info("registry mirror / proxy listening on %s:%d%s", host, bound,
                  f" (default registry {self._default_registry})" if self._default_registry else "")

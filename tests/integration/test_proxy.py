@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from common.launcher import LocalCluster, Node, sha256_file
+from common.launcher import LocalCluster, Node, sha256_file, wait_until
 from tests.support.registry import Registry, push_image, push_random_blob, write_layer_tar
 
 pytestmark = pytest.mark.integration
@@ -254,7 +254,8 @@ def test_forward_proxy_and_connect_tunnel(network: Network, registry: Registry, 
     subprocess.run(["curl", "-fsS", "-p", "-x", proxy, "-o", str(tmp_path / "tunnel.bin"), url],
                    check=True, timeout=60)
     assert sha256_file(tmp_path / "tunnel.bin") == digest
-    assert network.plain.metrics().get(CONNECTS, 0) == before + 1
+    # Counted when the tunnel ends, which is after curl has its bytes and hangs up.
+    wait_until(lambda: network.plain.metrics().get(CONNECTS, 0) == before + 1, 10, "the tunnel to be counted")
 
     status, headers_seen, _ = request(network.plain, "GET", "/not-a-registry-path")
     assert (status, headers_seen["x-dragonfly-error-type"]) == (400, "proxy")
