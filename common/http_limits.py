@@ -17,6 +17,8 @@ and the health and metrics listeners.
   (``web_protocol.RequestHandler._process_keepalive``). So a slowloris connection that trickles a
   byte a second is closed when it runs out, an idle keep-alive connection too (which HTTP clients
   expect), and a request being answered (a blob streaming, a ``CONNECT`` tunnel) never is.
+- :func:`listen_limited` serves an aiohttp runner through a :class:`LimitedSite`;
+  :func:`start_limited_http` does it for an application, with the header timeout set.
 
 A handler may take a connection over from aiohttp (the proxy's ``CONNECT`` tunnels replace the
 transport's protocol, or start TLS on it); the site then never hears that it closed. It counts such
@@ -206,13 +208,24 @@ class LimitedSite(web.TCPSite):
             self._bound_port = self._port
 
 
-async def start_limited_http(app: web.Application, host: str, port: int, limits: ConnectionLimits) -> web.AppRunner:
-    """Serve `app` on host:port under `limits`; the runner to clean up when done."""
-    runner = web.AppRunner(app, access_log=None, keepalive_timeout=limits.header_timeout)
+async def listen_limited(runner: web.BaseRunner, host: str, port: int, limits: ConnectionLimits,
+                         ssl_context: ssl.SSLContext | None = None) -> int:
+    """Set up `runner` and serve it on host:port (0 picks a free port) under `limits`; the bound port.
+
+    The runner's server must have ``keepalive_timeout=limits.header_timeout`` (the header timeout).
+    When the port cannot be bound the runner is cleaned up again before the error propagates.
+    """
     await runner.setup()
     try:
-        await LimitedSite(runner, host, port, limits).start()
+        await LimitedSite(runner, host, port, limits, ssl_context=ssl_context, reuse_address=True).start()
     except BaseException:
         await runner.cleanup()
         raise
+    return int(runner.addresses[0][1])
+
+
+async def start_limited_http(app: web.Application, host: str, port: int, limits: ConnectionLimits) -> web.AppRunner:
+    """Serve `app` on host:port under `limits`; the runner to clean up when done."""
+    runner = web.AppRunner(app, access_log=None, keepalive_timeout=limits.header_timeout)
+    await listen_limited(runner, host, port, limits)
     return runner

@@ -76,7 +76,7 @@ from common.http import (
     select_range,
     unsatisfied_content_range,
 )
-from common.http_limits import ConnectionLimits
+from common.http_limits import ConnectionLimits, listen_limited
 from common.origin import MAX_REDIRECTS, OriginClient, OriginResponseError
 from common.pieces import pieces_covering
 from common.ratelimit import TokenBucket
@@ -86,7 +86,7 @@ from peer.proxy.auth import BlobAccess
 from peer.proxy.tls import Interceptor, inner_url, upstream_ssl_context
 from peer.proxy.tls import origin_of as intercepted_origin
 from peer.proxy.upstream import Probe, SchemeCache
-from peer.upload.piece_server import FileRegionSender, listen
+from peer.upload.piece_server import FileRegionSender
 
 if TYPE_CHECKING:
     from common.config import DfdaemonConfig
@@ -245,7 +245,7 @@ class Proxy:
         # request being answered, a CONNECT tunnel included.
         server = web.Server(self._handle, keepalive_timeout=self.limits.header_timeout)
         runner = web.ServerRunner(server, access_log=None, shutdown_timeout=2.0)
-        bound = await listen(runner, host, port, limits=self.limits)
+        bound = await listen_limited(runner, host, port, self.limits)
         self._runner = runner
         log.info("registry mirror / proxy listening on %s:%d%s", host, bound,
                  f" (default registry {self._default_registry})" if self._default_registry else "")

@@ -51,7 +51,7 @@ from aiohttp.abc import AbstractStreamWriter
 from common.clock import Clock, SystemClock
 from common.errors import InvalidRange, RangeNotSatisfiable
 from common.http import ByteRange, select_range, unsatisfied_content_range
-from common.http_limits import ConnectionLimits, LimitedSite
+from common.http_limits import ConnectionLimits, listen_limited
 from common.pieces import MIB, PieceSpan
 from common.ratelimit import TokenBucket
 from peer.metrics import DaemonMetrics
@@ -351,28 +351,6 @@ def max_connections_for_fds() -> int:
     return max(16, soft // 2) if soft != resource.RLIM_INFINITY else 1 << 20
 
 
-async def listen(runner: web.BaseRunner, host: str, port: int, ssl_context: ssl.SSLContext | None = None,
-                 limits: ConnectionLimits | None = None) -> int:
-    """Set up `runner` and serve it on host:port (0 picks a free port); the bound port.
-
-    Shared by the piece server and the registry mirror. With `limits`, connections over its caps
-    are closed at once (:class:`~common.http_limits.LimitedSite`). When the port cannot be bound
-    the runner is cleaned up again before the error propagates.
-    """
-    await runner.setup()
-    try:
-        site: web.TCPSite
-        if limits is not None:
-            site = LimitedSite(runner, host, port, limits, reuse_address=True, ssl_context=ssl_context)
-        else:
-            site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=ssl_context)
-        await site.start()
-    except BaseException:
-        await runner.cleanup()
-        raise
-    return int(runner.addresses[0][1])
-
-
 class PieceServer:
     """aiohttp server of complete pieces with a bounded number of concurrent uploads.
 
@@ -460,7 +438,7 @@ class PieceServer:
             raise RuntimeError("piece server already started")
         runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=5.0,
                                keepalive_timeout=self.limits.header_timeout)
-        bound = await listen(runner, host, port, ssl_context, self.limits)
+        bound = await listen_limited(runner, host, port, self.limits, ssl_context)
         self._runner = runner
         log.info("piece server listening on %s:%d (%s, %d upload slots)", host, bound,
                  "https" if ssl_context is not None else "http", self._upload_slots)
