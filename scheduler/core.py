@@ -96,6 +96,7 @@ from scheduler.scheduling import (
     is_descendant,
     origin_retry_delay,
     origin_verdict,
+    parents_to_come,
     select_parents,
 )
 
@@ -109,6 +110,13 @@ PUSH_SCAN = 32
 # (Caller.owner of their hosts) is not offered again for the task. One report only blocklists the
 # parent for the child that made it: a single client must not take a parent away from everyone.
 FAILED_BY_LIMIT = 2
+# The mesh grows with the swarm: a schedule offers candidate_parent_limit parents, and a peer
+# keeps being pushed new ones (as other peers get their first piece) until it has
+# MESH_PARENT_LIMIT (or the candidate limit, if higher). Three parents each left most uplinks idle
+# (bench/swarm_sim.py, N=16, 64 MiB, with the rest of issue 11: 23 s with 3, 13 s with 15).
+MESH_PARENT_LIMIT = 15
+# Peers looked at when a waiting peer is given parents that have no piece yet (parents_to_come).
+PARENTS_TO_COME_VISIT = 256
 # A failed peer is forgotten this long after its last event (it serves nobody); a task with no
 # peer left is forgotten this long after its last event (unless its origin failure still stands).
 FAILED_PEER_TTL = 300.0
@@ -869,6 +877,11 @@ class SchedulerCore:
         task = peer.task
         if not task.parents:
             return None
+        # A peer that waits for its first parent gets a busy parent (a seed with its children) only
+        # when it would otherwise go back to source: until then those children become parents.
+        waited = self.clock.time() - peer.waiting_since if peer.waiting_since is not None else 0.0
+        patience = self.config.retry_back_to_source_limit * self.config.retry_interval
+        first_parents = peer.state is PeerState.PENDING
         parents = select_parents(
             peer,
             task,
@@ -876,7 +889,14 @@ class SchedulerCore:
             sample=self.config.filter_parent_limit,
             rng=self.rng,
             exclude=set(exclude),
+            busy_fallback=not first_parents or waited >= patience,
         )
+        if first_parents and not any(not parent.is_seed for parent in parents):
+            # Busy parents only (or none): peers still receiving their first pieces from them
+            # serve as well, and spare the seed's uplink.
+            coming = parents_to_come(peer, task.parents.sample(self.config.filter_parent_limit, self.rng),
+                                     limit=self.config.candidate_parent_limit, visit=PARENTS_TO_COME_VISIT)
+            parents = coming or parents
         if not parents:
             return None
         return self._send_normal(peer, parents)
@@ -1218,7 +1238,7 @@ class SchedulerCore:
     def _update_hungry(self, peer: Peer) -> None:
         wants_more = (
             peer.state in (PeerState.RECEIVED_NORMAL, PeerState.RUNNING)
-            and len(peer.parents) < self.config.candidate_parent_limit
+            and len(peer.parents) < self._parent_limit(peer)
             and peer.id not in self._waiting
             and peer.id not in peer.task.back_to_source_peers
         )
@@ -1226,6 +1246,10 @@ class SchedulerCore:
             peer.task.hungry.add(peer.id, peer)
         else:
             peer.task.hungry.discard(peer.id)
+
+    def _parent_limit(self, peer: Peer) -> int:
+        """Parents `peer` may gather: pushed ones too, as the task's peers get pieces (MESH_PARENT_LIMIT)."""
+        return max(self.config.candidate_parent_limit, MESH_PARENT_LIMIT)
 
     def _park(self, peer: Peer) -> None:
         if peer.waiting_since is None:

@@ -8,7 +8,8 @@ eligible parents is looked at, so the work per schedule does not grow with the t
 from __future__ import annotations
 
 import random
-from collections.abc import Collection
+from collections import deque
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -21,6 +22,19 @@ WEIGHT_FREE_UPLOAD_SLOTS = 0.15  # room left for one more child
 WEIGHT_HOST_TYPE = 0.20  # normal peers first, so seeds are offloaded once peers have pieces
 WEIGHT_IDC = 0.15  # same data center
 WEIGHT_LOCATION = 0.10  # longest common prefix of "region|zone|rack"
+
+# Super-seeding: a seed is offered to at most this many children at once while normal parents
+# can be offered instead. Each of its children takes different pieces from it and passes them on,
+# so a piece leaves the seed about once; a seed serving every child would carry the whole swarm.
+SEED_CHILD_LIMIT = 4
+# The same for a normal parent: one with this many children is offered only when no other parent
+# is acceptable, so children spread over every uplink instead of crowding the first parent.
+PARENT_CHILD_LIMIT = 8
+
+
+def is_busy(parent: Peer) -> bool:
+    """True when `parent` has as many children as its uplink should serve (see the limits above)."""
+    return len(parent.children) >= (SEED_CHILD_LIMIT if parent.is_seed else PARENT_CHILD_LIMIT)
 
 HOST_TYPE_SCORE_NORMAL = 1.0
 HOST_TYPE_SCORE_SEED = 0.0
@@ -104,6 +118,40 @@ def rejection(child: Peer, parent: Peer) -> str | None:
     return None
 
 
+def parents_to_come(child: Peer, roots: Iterable[Peer], *, limit: int, visit: int) -> list[Peer]:
+    """Up to `limit` peers with no piece yet that are being fed by `roots` (directly or further
+    down), closest first, each with room for a child: a waiting `child` may take them as parents,
+    their pieces announced as they arrive. Looks at no more than `visit` peers.
+
+    Without them, a swarm whose seed has all the children it should serve makes every newcomer
+    wait for a first piece two hops away, longer than it may wait before going to the origin.
+    """
+    found: list[Peer] = []
+    seen: set[str] = set()
+    queue = deque(roots)
+    while queue and len(found) < limit and len(seen) < visit:
+        for candidate in list(queue.popleft().children.values()):
+            if candidate.id in seen:
+                continue
+            seen.add(candidate.id)
+            queue.append(candidate)
+            if (
+                candidate.state is PeerState.RUNNING
+                and not candidate.eligible_parent
+                and not candidate.demoted
+                and not is_busy(candidate)
+                and candidate is not child
+                and candidate.host is not child.host
+                and candidate.id not in child.blocklist
+                and candidate.host.free_upload_slots > 0
+                and not is_descendant(candidate, of=child)
+            ):
+                found.append(candidate)
+                if len(found) >= limit:
+                    break
+    return found
+
+
 def location_affinity(a: str, b: str) -> float:
     """Share of the longest common prefix of two ``|``-separated locations."""
     if not a or not b:
@@ -145,13 +193,27 @@ def select_parents(
     sample: int,
     rng: random.Random,
     exclude: Collection[str] = (),
+    busy_fallback: bool = True,
 ) -> list[Peer]:
-    """The best `limit` parents for `child` among a random `sample` of the task's eligible parents."""
+    """The best `limit` parents for `child` among a random `sample` of the task's eligible parents.
+
+    A busy parent (:func:`is_busy`; a seed with :data:`SEED_CHILD_LIMIT` children) is offered
+    only when no normal parent with room is acceptable and `busy_fallback` is set: a seed is the
+    last resort, not everyone's main parent.
+    """
     accepted: list[tuple[float, str, Peer]] = []
+    busy: list[Peer] = []
     for parent in task.parents.sample(sample, rng):
         if parent.id in exclude or rejection(child, parent) is not None:
             continue
+        if is_busy(parent):
+            busy.append(parent)
+            continue
         accepted.append((-score(child, parent).total, parent.id, parent))
+    if busy_fallback and not any(not parent.is_seed for _, _, parent in accepted):
+        # busy normal parents before a busy seed: the seed is everyone's parent only when it is alone
+        fallback = [parent for parent in busy if not parent.is_seed] or busy
+        accepted += [(-score(child, parent).total, parent.id, parent) for parent in fallback]
     accepted.sort(key=lambda item: (item[0], item[1]))
     return [parent for _, _, parent in accepted[:limit]]
 

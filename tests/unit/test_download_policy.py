@@ -78,8 +78,9 @@ def test_finished_when_every_wanted_piece_is_here(
 
 
 def test_nothing_is_fetched_before_the_content_is_known() -> None:
-    p = policy(None, a=False)
+    p = policy(None, a=False, b=False)
     has(p, "a", range(4))
+    has(p, "b", range(4))
     assert fetches(p.next_commands()) == []
     p.content_info(4)
     assert sorted(n for n, _ in fetches(p.next_commands())) == [0, 1, 2, 3]
@@ -96,8 +97,9 @@ def test_a_range_read_without_prefetch_fetches_only_its_pieces() -> None:
 
 
 def test_want_all_turns_a_range_download_into_a_whole_one() -> None:
-    p = policy(4, everything=False, a=False)
+    p = policy(4, everything=False, a=False, b=False)
     has(p, "a", range(4))
+    has(p, "b", range(4))
     p.want([0])
     p.want_all()
     assert sorted(n for n, _ in fetches(p.next_commands())) == [0, 1, 2, 3]
@@ -113,10 +115,11 @@ def test_missing_lists_wanted_pieces_not_here_in_order() -> None:
 
 
 def test_prioritized_pieces_go_first_in_number_order() -> None:
-    p = policy(32, concurrent=3, a=False)
+    p = policy(32, concurrent=3, a=False, b=False)
     has(p, "a", range(32))
+    has(p, "b", range(32))
     p.prioritize([20, 7, 13])
-    assert fetches(p.next_commands()) == [(7, "a"), (13, "a"), (20, "a")]
+    assert [n for n, _ in fetches(p.next_commands())] == [7, 13, 20]
 
 
 def test_the_rest_goes_in_an_order_shuffled_per_peer() -> None:
@@ -146,9 +149,10 @@ def test_pieces_no_parent_has_are_not_fetched() -> None:
 
 
 def test_finished_and_in_flight_pieces_are_not_fetched_again() -> None:
-    p = policy(None, a=False)
+    p = policy(None, a=False, b=False)
     p.content_info(4, [0])
     has(p, "a", range(4))
+    has(p, "b", range(4))
     first = fetches(p.next_commands())
     assert sorted(n for n, _ in first) == [1, 2, 3]
     assert fetches(p.next_commands()) == []
@@ -166,8 +170,9 @@ def test_back_to_source_order_takes_prioritized_pieces_first() -> None:
 
 @pytest.mark.parametrize(("concurrent", "parents", "expected"), [
     (16, {"a": False}, PARENT_PIECE_LIMIT),
-    (4, {"a": False}, 4),
-    (16, {"a": False, "b": False}, 16),
+    (1, {"a": False}, 1),
+    (16, {"a": False, "b": False}, 2 * PARENT_PIECE_LIMIT),
+    (3, {f"p{i}": False for i in range(8)}, 3),
     (16, {"s": True}, SEED_PIECE_LIMIT),
 ])
 def test_pieces_in_flight_are_bounded_per_task_and_per_parent(
@@ -206,14 +211,16 @@ def test_normal_parents_are_preferred_over_a_seed() -> None:
     assert {parent for _, parent in fetches(p.next_commands())} == {"a"}
 
 
-def test_a_piece_only_the_seed_has_waits_while_peers_keep_us_busy() -> None:
+def test_a_piece_only_the_seed_has_comes_from_it_while_peers_keep_us_busy() -> None:
     p = policy(8, s=True, a=False)
-    has(p, "a", [0])
-    assert fetches(p.next_commands()) == [(0, "a")]
+    has(p, "a", [0, 1])
+    assert sorted(fetches(p.next_commands())) == [(0, "a"), (1, "a")]
     has(p, "s", range(8))
-    assert fetches(p.next_commands()) == [], "the seed's pieces wait while a normal parent keeps us busy"
-    p.piece_succeeded(0, "a")
-    assert len(fetches(p.next_commands())) == SEED_PIECE_LIMIT_WITH_PEERS
+    # super-seeding: pieces no normal parent has leave the seed (one at a time), those a normal
+    # parent has never do, while the normal parent keeps us busy
+    seeded = fetches(p.next_commands())
+    assert len(seeded) == SEED_PIECE_LIMIT_WITH_PEERS
+    assert all(parent == "s" and number >= 2 for number, parent in seeded)
 
 
 def test_the_seed_is_used_when_normal_parents_leave_us_idle() -> None:

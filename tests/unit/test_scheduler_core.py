@@ -523,7 +523,9 @@ def test_new_parent_is_pushed_to_children_lacking_parents() -> None:
     assert w.core.stat_peer("b").parent_ids == ("src", "a")
 
 
-def test_push_is_bounded() -> None:
+def test_push_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    # many children on one parent: no child cap (its own test is in test_swarm_mesh.py)
+    monkeypatch.setattr("scheduler.scheduling.PARENT_CHILD_LIMIT", 1000)
     w = World()
     w.source("src", pieces=1, host=w.host("src", slots=1000))
     for i in range(PUSH_LIMIT + 5):

@@ -1,0 +1,91 @@
+"""Issue 11's scheduler rules on a manual clock: a seed serves a few children while normal parents
+can be offered (super-seeding), and a peer keeps gaining parents while the swarm grows."""
+
+from __future__ import annotations
+
+import pytest
+
+from scheduler.core import MESH_PARENT_LIMIT, SendNeedBackToSource, SendNormal
+from scheduler.scheduling import SEED_CHILD_LIMIT
+from tests.unit.test_scheduler_core import PIECE, World, kinds, parents_of
+
+
+def seeded_world() -> World:
+    """A seed back-sourcing the task, with SEED_CHILD_LIMIT children already taking from it."""
+    w = World(retry_interval=1.0, retry_back_to_source_limit=2, retry_limit=4)
+    w.source("seed-peer", pieces=1, host=w.host("seed", seed=True))
+    for i in range(SEED_CHILD_LIMIT):
+        assert parents_of(w.register(f"c{i}")[0]) == ["seed-peer"]
+    return w
+
+
+# (seconds a newcomer has waited at the tick, what it gets)
+@pytest.mark.parametrize(("waited", "expected"), [
+    (0.0, []),  # parked: the seed's children are about to become parents
+    (1.0, []),
+    (2.0, ["SendNormal"]),  # would go back to source now: the busy seed instead, never the origin
+])
+def test_a_busy_seed_is_the_last_resort_of_a_waiting_peer(waited: float, expected: list[str]) -> None:
+    w = seeded_world()
+    assert w.register("late") == []  # parked, not given the busy seed
+    w.clock.advance(waited)
+    decisions = [d for d in w.core.tick() if d.peer_id == "late"]
+    assert kinds(decisions) == expected
+    assert not any(isinstance(d, SendNeedBackToSource) for d in decisions)
+    if expected:
+        assert parents_of(decisions[0]) == ["seed-peer"]
+
+
+def test_a_waiting_peer_gets_a_normal_parent_before_the_busy_seed() -> None:
+    w = seeded_world()
+    assert w.register("late") == []
+    w.core.download_started("c0")
+    decisions = w.core.piece_finished("c0", 0, 0, PIECE, "seed-peer", 0.1)
+    offered = {d.peer_id: parents_of(d) for d in decisions if isinstance(d, SendNormal)}
+    assert offered["late"] == ["c0"]
+
+
+def test_a_seed_with_room_is_offered_at_once() -> None:
+    w = World()
+    w.source("seed-peer", pieces=1, host=w.host("seed", seed=True))
+    assert parents_of(w.register("first")[0]) == ["seed-peer"]
+
+
+def test_a_running_peer_keeps_gaining_parents_past_the_candidate_limit() -> None:
+    w = World(candidate_parent_limit=3)
+    w.source("src", pieces=4, host=w.host("src", slots=1000))
+    w.running("child", "src", pieces=0)
+    for i in range(6):
+        w.running(f"p{i}", "src", pieces=1)  # each is pushed to `child` as it gets a piece
+    parents = w.core.stat_peer("child").parent_ids
+    assert len(parents) == 7 > 3
+    assert set(parents) == {"src", *(f"p{i}" for i in range(6))}
+
+
+def test_the_mesh_stops_at_its_limit() -> None:
+    w = World(candidate_parent_limit=3)
+    w.source("src", pieces=4, host=w.host("src", slots=1000))
+    w.running("child", "src", pieces=0)
+    for i in range(MESH_PARENT_LIMIT + 3):
+        w.running(f"p{i}", "src", pieces=1)
+    assert len(w.core.stat_peer("child").parent_ids) == MESH_PARENT_LIMIT
+
+
+def test_a_waiting_peer_takes_a_child_of_the_busy_seed_that_has_no_piece_yet() -> None:
+    w = seeded_world()
+    for i in range(SEED_CHILD_LIMIT):
+        w.core.download_started(f"c{i}")  # running, nothing received yet
+    decisions = w.register("late")
+    assert kinds(decisions) == ["SendNormal"]
+    parents = parents_of(decisions[0])
+    assert parents and all(p.startswith("c") for p in parents)  # not the seed, not the origin
+    # and its pieces reach "late" as they arrive: c0 is its parent in the scheduler's graph too
+    assert set(w.core.stat_peer("late").parent_ids) == set(parents)
+
+
+def test_a_peer_fed_by_no_one_is_no_parent_to_come() -> None:
+    w = World()
+    w.source("seed-peer", pieces=1, host=w.host("seed", seed=True))
+    for i in range(SEED_CHILD_LIMIT):
+        w.register(f"c{i}")  # children of the seed, but never started (RECEIVED_NORMAL)
+    assert w.register("late") == []  # parked
