@@ -12,7 +12,8 @@ uplink and of the receiver's downlink, whichever is smaller (TCP-like sharing at
 the redistribution of a full max-min solver, so it errs on the slow side). Messages (scheduler
 answers, piece announcements) arrive instantly. Time is a :class:`~common.clock.ManualClock`
 advanced from event to event, and every random choice comes from seeded generators: the same
-arguments give the same output.
+arguments give the same output (vary ``--random-seed`` to see the spread; at N=16 one seed's
+result can differ from another's by 30 %, so compare policies over a few).
 
 The run: a seed host (or several) behind the origin's link, N peers starting at once; a share of
 the peers (``--leave``) leaves at random moments mid-download, and optionally a seed host dies
@@ -22,12 +23,21 @@ max(F/u_origin, N·F/(u_origin + N·u_node), F/d_node), origin bytes and the see
 
 Trying a policy: change the core or the policy module, run this, then confirm on the netns bench
 (``bench/distribution.py``). Agreement so far (the policy of December 2026, N=16, every link
-200 Mbit/s): 64 MiB 24.4 s here vs 24-26 s measured, 256 MiB 76.7 s vs 62 s.
+200 Mbit/s): 64 MiB 24.4 s here vs 24-26 s measured, 256 MiB 76.7 s vs 62 s. Issue 11's first
+steps (a seed's children capped, parents that have no piece yet for waiting peers, a mesh that
+grows to 15 parents, rarest-first, a seed serving what no normal parent has, 2 pieces in flight
+per parent and 1 per seed), ``--leave 0 --random-seed 1..3``, max completion: 64 MiB 28.9-30.0 s
+-> 12.2-12.8 s (seed upload 9.2-9.6x -> 2.5-2.8x), 256 MiB 77-83 s -> 33-34 s (4.5-4.8x ->
+2.3-2.6x); 200 peers x 64 MiB 194 s -> 41 s; 1,000 peers x 64 MiB (10 % leaving) took over
+10 minutes of CPU to simulate, now 11 s, finishing at 114 s with the seed still uploading 41x
+(waiting peers fall back to it before a first piece is two hops away). Not yet confirmed on the
+netns bench.
 
 Cost: each flow start or end re-rates every flow on the two links it crosses, so a host with k
-flows at once costs O(k) per event. With today's policy every peer keeps the seed as a parent and
-the seed carries hundreds of flows: 200 peers take ~20 s of CPU, 1,000 peers over 10 minutes.
-A policy that spreads uploads (issue 11) is what makes 10,000 peers affordable.
+flows at once costs O(k) per event. With the policy before issue 11 every peer kept the seed as
+a parent and the seed carried hundreds of flows: 200 peers took ~20 s of CPU, 1,000 peers over
+10 minutes; with the seed's children capped, 1,000 peers x 64 MiB take ~11 s
+(``tests/unit/test_swarm_sim.py``).
 """
 
 from __future__ import annotations
@@ -91,7 +101,9 @@ def parse_rate(text: str) -> float:
 @dataclass(eq=False)
 class Link:
     rate: float  # bytes per second
-    flows: set[Flow] = field(default_factory=set)
+    # dicts, not sets: iteration in insertion order keeps runs deterministic (sets of objects
+    # iterate in memory-address order)
+    flows: dict[Flow, None] = field(default_factory=dict)
     sent: float = 0.0  # bytes that finished crossing it
 
 
@@ -135,8 +147,8 @@ class Network:
             self.at(self.clock.now, lambda: on_fail("connection refused"))
             flow.over = True
             return flow
-        src.up.flows.add(flow)
-        dst.down.flows.add(flow)
+        src.up.flows[flow] = None
+        dst.down.flows[flow] = None
         self._rerate(src.up.flows | dst.down.flows)
         return flow
 
@@ -144,7 +156,7 @@ class Network:
         """The host is gone: every flow it takes part in fails."""
         host.alive = False
         broken = list(host.up.flows | host.down.flows)
-        touched: set[Flow] = set()
+        touched: dict[Flow, None] = {}
         for flow in broken:
             self._remove(flow)
             touched |= flow.src.up.flows | flow.dst.down.flows
@@ -163,8 +175,8 @@ class Network:
 
     def _remove(self, flow: Flow) -> None:
         flow.over = True
-        flow.src.up.flows.discard(flow)
-        flow.dst.down.flows.discard(flow)
+        flow.src.up.flows.pop(flow, None)
+        flow.dst.down.flows.pop(flow, None)
 
     def _rerate(self, flows: Iterable[Flow]) -> None:
         now = self.clock.now
@@ -200,7 +212,7 @@ class SimPeer:
     is_seed: bool
     started: float
     pieces: set[int] = field(default_factory=set)
-    subscribers: set[SimPeer] = field(default_factory=set)  # children told of each new piece
+    subscribers: dict[SimPeer, None] = field(default_factory=dict)  # children told of each new piece
     parents: dict[str, SimPeer] = field(default_factory=dict)
     flows: dict[int, Flow] = field(default_factory=dict)
     origin_queue: list[int] | None = None  # pieces left to back-source, once back-to-source began
@@ -228,7 +240,8 @@ class Swarm:
         self.clock = ManualClock(start=0.0)
         self.net = Network(self.clock)
         self.rng = random.Random(args.random_seed)
-        self.core = SchedulerCore(SchedulerConfig(seed_peer=()), self.clock, random.Random(args.random_seed + 1))
+        scheduler_config = SchedulerConfig(seed_peer=(), candidate_parent_limit=args.candidate_limit)
+        self.core = SchedulerCore(scheduler_config, self.clock, random.Random(args.random_seed + 1))
         self.daemon = DfdaemonConfig()
         self.size = args.size_mib * MIB
         self.piece_length = piece_length_for(self.size)
@@ -295,7 +308,7 @@ class Swarm:
             return
         peer_id = f"{host_id}-p"
         policy = DownloadPolicy(peer_id=peer_id, clock=self.clock, rng=random.Random(self.rng.random()),
-                                concurrent_pieces=self.daemon.concurrent_piece_count,
+                                concurrent_pieces=self.args.concurrent_pieces or self.daemon.concurrent_piece_count,
                                 schedule_timeout=self.daemon.schedule_timeout)
         peer = SimPeer(peer_id, host, policy, is_seed, self.clock.now)
         self.peers[peer_id] = peer
@@ -346,12 +359,13 @@ class Swarm:
             return
         if not child.policy.content_known:
             child.policy.content_info(self.piece_count)
+            self._apply(self.core.download_started(child.id))  # the engine reports it on its first parents
         for candidate in decision.candidates:
             parent = self.peers.get(candidate.peer_id)
             if parent is None or not child.policy.add_parent(parent.id, is_seed=candidate.host.is_seed):
                 continue
             child.parents[parent.id] = parent
-            parent.subscribers.add(child)
+            parent.subscribers[child] = None
             for number in parent.pieces:
                 child.policy.parent_has(parent.id, number)
             if parent.finished_at is not None:
@@ -377,7 +391,7 @@ class Swarm:
             elif isinstance(command, DropParent):
                 parent = peer.parents.pop(command.parent_id, None)
                 if parent is not None:
-                    parent.subscribers.discard(peer)
+                    parent.subscribers.pop(peer, None)
             elif isinstance(command, Reschedule):
                 self._apply(self.core.reschedule(peer.id, command.blocked, command.description))
             elif isinstance(command, BackToSource):
@@ -439,7 +453,7 @@ class Swarm:
     def _back_source_more(self, peer: SimPeer) -> None:
         queue = peer.origin_queue
         assert queue is not None
-        while queue and peer.origin_workers < self.daemon.back_to_source_concurrency:
+        while queue and peer.origin_workers < (self.args.origin_concurrency or self.daemon.back_to_source_concurrency):
             number = peer.policy.next_origin_piece(queue)
             peer.origin_workers += 1
             self._origin_piece(peer, number)
@@ -476,7 +490,8 @@ def percentile(values: list[float], share: float) -> float:
     return ordered[min(len(ordered) - 1, int(share * len(ordered)))] if ordered else float("nan")
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The simulator's command line (a test builds its runs with it too)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--peers", type=int, default=1000, help="pulling peers (default 1000)")
     parser.add_argument("--size-mib", type=int, default=256, help="blob size in MiB (default 256)")
@@ -486,11 +501,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=1, help="seed hosts (default 1)")
     parser.add_argument("--leave", type=float, default=0.1, help="share of peers leaving mid-download (default 0.1)")
     parser.add_argument("--fail-seed-at", type=float, default=None, help="simulated second the first seed dies")
+    parser.add_argument("--candidate-limit", type=int, default=SchedulerConfig().candidate_parent_limit,
+                        help="the scheduler's candidate_parent_limit (default: the scheduler's default)")
+    parser.add_argument("--concurrent-pieces", type=int, default=0,
+                        help="pieces in flight per peer (default: the dfdaemon's default)")
+    parser.add_argument("--origin-concurrency", type=int, default=0,
+                        help="parallel origin fetches of a back-sourcing peer (default: the dfdaemon's default)")
     parser.add_argument("--random-seed", type=int, default=1)
     parser.add_argument("--deadline", type=float, default=3600.0, help="simulated seconds before giving up")
     args = parser.parse_args(argv)
     if args.peers < 1 or args.seeds < 1:
         parser.error("--peers and --seeds: at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     swarm = Swarm(args)
     outcome = swarm.run()
     bound = swarm.lower_bound()
