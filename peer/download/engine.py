@@ -54,10 +54,12 @@ from common.errors import (
 from common.tls import TlsCredentials, open_channel, url_scheme
 from peer.download.geometry import KnownPiece, SchedulerView, claim_problem, origin_piece_length, view_from_task
 from peer.download.policy import (
+    ORIGIN,
     BackToSource,
     Command,
     DownloadPolicy,
     DropParent,
+    FetchFromOrigin,
     FetchPiece,
     Finished,
     GiveUp,
@@ -169,6 +171,7 @@ class Conductor:
             schedule_timeout=engine.config.schedule_timeout,
             # Only a Range read with prefetch off fetches just the pieces it covers.
             want_everything=request.prefetch or request.byte_range is None,
+            origin_allowed=not request.disable_back_to_source,
         )
         self._events: asyncio.Queue[_Event] = asyncio.Queue()
         # Every coroutine working for this download (parent sessions, piece fetches, the
@@ -495,7 +498,8 @@ class Conductor:
     def _carry_out(self, command: Command) -> None:
         if isinstance(command, FetchPiece):
             parent = self._parents[command.parent_id]
-            self._in_flight[command.number] = self._spawn(self._fetch_piece(command.number, parent),
+            demand = command.number in self.policy.demanded
+            self._in_flight[command.number] = self._spawn(self._fetch_piece(command.number, parent, demand),
                                                           f"piece-{command.number}")
         elif isinstance(command, ReportPieceFailed):
             self._report(SchedulerSession.piece_failed, command.number, command.parent_id, command.temporary)
@@ -505,6 +509,11 @@ class Conductor:
                 dropped.session.cancel()
         elif isinstance(command, Reschedule):
             self._report(SchedulerSession.reschedule, command.description, command.blocked)
+        elif isinstance(command, FetchFromOrigin):
+            log.info("task %s: a reader waits for piece %d, which no parent has and no seed can be asked "
+                     "for: fetching it from the origin", self.task_id, command.number)
+            self._in_flight[command.number] = self._spawn(self._own_origin_piece(command.number),
+                                                          f"origin-{command.number}")
 
     async def _handle(self, event: _Event) -> None:
         """Apply one event to the policy (and carry out what it answers at once)."""
@@ -568,17 +577,33 @@ class Conductor:
         elif isinstance(answer, NeedBackToSource):
             self.policy.scheduler_says_back_to_source(answer.description)
 
-    async def _fetch_piece(self, number: int, parent: Parent) -> None:
+    async def _fetch_piece(self, number: int, parent: Parent, demand: bool = False) -> None:
         error: BaseException | None = None
         try:
-            await self._fetch_piece_from(number, parent)
+            await self._fetch_piece_from(number, parent, demand)
         except asyncio.CancelledError:
             raise
         except (DamselflyError, aiohttp.ClientError, OSError, TimeoutError) as exc:
             error = exc
         await self._events.put(_PieceDone(number, parent.peer_id, error))
 
-    async def _fetch_piece_from(self, number: int, parent: Parent) -> None:
+    async def _own_origin_piece(self, number: int) -> None:
+        """One piece from the origin for this node only (not reported: this node defines nothing)."""
+        error: BaseException | None = None
+        try:
+            await self._origin_piece(number, dict(self.request.request_header), report=False)
+        except asyncio.CancelledError:
+            raise
+        except (DamselflyError, aiohttp.ClientError, OSError, TimeoutError) as exc:
+            log.info("task %s: piece %d from the origin failed: %s", self.task_id, number, exc)
+            error = exc
+        await self._events.put(_PieceDone(number, ORIGIN, error))
+
+    async def _fetch_piece_from(self, number: int, parent: Parent, demand: bool) -> None:
+        """One piece from a parent, checked against its relayed digest; a `demand` (a piece the
+        seed did not announce yet) asks for the digest only once the seed answers: it exists
+        only from then on."""
+        expected = "" if demand else await self._digest_of(number)
         url = f"{self.engine.piece_scheme}://{parent.ip}:{parent.download_port}/pieces/{self.task_id}/{number}"
         started = self.clock.time()
         timeout = aiohttp.ClientTimeout(total=self.engine.config.piece_timeout)
@@ -586,8 +611,8 @@ class Conductor:
             if response.status != 200:
                 reason = (await response.text())[:200].strip()
                 raise ParentError(parent.peer_id, f"HTTP {response.status} for piece {number}: {reason}")
-            # Asked once the parent answers: a demanded piece's digest exists only from then on.
-            expected = await self._digest_of(number)
+            if demand:
+                expected = await self._digest_of(number)
             digest = await self.local.write_piece(number, response.content.iter_chunked(_CHUNK),
                                                   expected_digest=expected, parent_id=parent.peer_id)
         cost = self.clock.time() - started
@@ -700,7 +725,7 @@ class Conductor:
                 for done in [n for n, task in running.items() if task.done()]:
                     del running[done]
 
-    async def _origin_piece(self, number: int, headers: dict[str, str]) -> None:
+    async def _origin_piece(self, number: int, headers: dict[str, str], *, report: bool = True) -> None:
         span = self.local.span(number)
         metrics = self.engine.metrics
         for attempt in range(1, ORIGIN_ATTEMPTS + 1):
@@ -720,7 +745,7 @@ class Conductor:
             await self.clock.sleep(ORIGIN_BACKOFF * 2 ** (attempt - 1))
         cost = self.clock.time() - started
         metrics.back_source_duration.observe(cost)
-        self._origin_piece_done(number, digest, cost)
+        self._origin_piece_done(number, digest, cost, report=report)
 
     @contextlib.contextmanager
     def _counting_origin_errors(self) -> Iterator[None]:
@@ -734,14 +759,15 @@ class Conductor:
             self.engine.metrics.back_source_errors.labels("network").inc()
             raise
 
-    def _origin_piece_done(self, number: int, digest: str, cost: float) -> None:
-        """Count a piece fetched from the origin and report it with its digest."""
+    def _origin_piece_done(self, number: int, digest: str, cost: float, *, report: bool = True) -> None:
+        """Count a piece fetched from the origin and (unless `report` is off) report it with its digest."""
         span = self.local.span(number)
         metrics = self.engine.metrics
         metrics.download_traffic.labels("back_to_source").inc(span.length)
         metrics.piece_duration.labels("back_to_source").observe(cost)
-        self._report(SchedulerSession.back_to_source_piece_finished, number, offset=span.offset, length=span.length,
-                     digest=digest, cost=cost)
+        if report:
+            self._report(SchedulerSession.back_to_source_piece_finished, number, offset=span.offset,
+                         length=span.length, digest=digest, cost=cost)
 
     async def _back_source_stream(self, headers: dict[str, str]) -> None:
         """One plain GET, cut into pieces: for origins without Range or without a length."""

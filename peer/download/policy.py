@@ -11,6 +11,7 @@ scheduler stream ended or said "back to source" — and carries out the commands
 - :class:`Reschedule` — ask the scheduler for other parents;
 - :class:`BackToSource` — stop using parents and fetch what is missing from the origin;
 - :class:`GiveUp` — the scheduler failed the task (its origin refused it): fail the download;
+- :class:`FetchFromOrigin` — fetch one piece from the origin for this node only;
 - :class:`Finished` — every wanted piece is here.
 
 Time comes from an injected :class:`~common.clock.Clock` and every random choice from an
@@ -18,15 +19,13 @@ injected :class:`random.Random`, so a test (or a simulator of many peers) drives
 
 The rules, each tested in ``tests/unit/test_download_policy.py``:
 
-- Pieces a reader waits for (prioritized) go first, in order; the rest rarest first among this
-  peer's parents, equals in an order shuffled per peer, so neighbours fetch different pieces and
-  can trade them.
+- Pieces a reader waits for (prioritized) go first, in order; the rest go in an order shuffled
+  per peer, so children of one parent fetch different pieces and can trade them.
 - At most ``concurrent_pieces`` pieces in flight, and per parent at most
   :data:`PARENT_PIECE_LIMIT` (normal) or :data:`SEED_PIECE_LIMIT` (seed;
   :data:`SEED_PIECE_LIMIT_WITH_PEERS` once a normal parent exists).
-- Seeds are the last resort: while a normal parent keeps this peer busy, a seed serves only
-  pieces no normal parent has (super-seeding: a piece leaves the seed for the swarm, not again
-  for each child) and prioritized ones.
+- Seeds are the last resort: while a normal parent keeps this peer busy, a piece only a seed has
+  waits (a prioritized piece does not).
 - Among holders: normal before seed, then the least busy, ties broken at random.
 - A piece that fails its digest drops its parent at once; other failures drop it after
   :data:`PARENT_FAILURE_LIMIT`. A parent whose session ends in an error is reported and dropped.
@@ -40,6 +39,11 @@ The rules, each tested in ``tests/unit/test_download_policy.py``:
   has announced is asked of a live seed anyway (the seed moves it to the front of its origin
   queue and answers once it is there), at most :data:`DEMAND_LIMIT` at once. A seed that cannot
   answer one is not at fault: the piece is asked again :data:`DEMAND_RETRY` later.
+- No seed to ask (:meth:`DownloadPolicy._origin_fallback`): in a Range download without
+  prefetch, a piece a reader has waited :data:`ORIGIN_FALLBACK_WAIT` for, that no parent
+  announced, is fetched from the origin by this node for itself (unless back-to-source is
+  forbidden): parents that read other parts of the blob may never get it. A failure waits as long
+  again. Whole downloads do not: every parent gets every piece, and a stall reschedules.
 - The origin queue (:meth:`DownloadPolicy.next_origin_fetch`): demanded pieces start at once; the
   whole-blob rest keeps at most :data:`BACKGROUND_UNDER_DEMAND` fetches going while demand waits.
 """
@@ -52,12 +56,10 @@ from dataclasses import dataclass, field
 
 from common.clock import Clock
 
-# Pieces in flight from one parent. Few, so a piece arrives whole soon and can be passed on (a
-# piece shared with many others on one uplink arrives late, with all the others); the child has
-# many parents (bench/swarm_sim.py, N=16, 256 MiB: 8 -> 2 per parent took 52 s to 33 s). A seed
-# serves one at a time to each child: its uplink is shared by all of them.
-PARENT_PIECE_LIMIT = 2
-SEED_PIECE_LIMIT = 1
+# Pieces in flight from one parent. A seed gets fewer as soon as normal parents exist: every
+# child would otherwise take each new piece from the seed at once, and peers would never trade.
+PARENT_PIECE_LIMIT = 8
+SEED_PIECE_LIMIT = 4
 SEED_PIECE_LIMIT_WITH_PEERS = 1
 # A parent that failed this many pieces of the task is dropped and reported to the scheduler.
 PARENT_FAILURE_LIMIT = 2
@@ -68,6 +70,11 @@ DEMAND_LIMIT = 8
 DEMAND_RETRY = 1.0
 # Whole-blob origin fetches kept going while a reader's pieces wait for the origin link.
 BACKGROUND_UNDER_DEMAND = 1
+# A reader that waited this long for a piece no parent announced, with no seed among the parents
+# to ask for it, has this node fetch it from the origin (the parents may never get it).
+ORIGIN_FALLBACK_WAIT = 3.0
+# Who a piece fetched from the origin by this node for itself is in flight from.
+ORIGIN = "origin"
 
 
 # -- commands ------------------------------------------------------------------------------------
@@ -115,7 +122,15 @@ class Finished:
     pass
 
 
-Command = FetchPiece | ReportPieceFailed | DropParent | Reschedule | BackToSource | GiveUp | Finished
+@dataclass(frozen=True)
+class FetchFromOrigin:
+    """Fetch one piece from the origin for this node only (a reader waits; no seed to ask)."""
+
+    number: int
+
+
+Command = (FetchPiece | ReportPieceFailed | DropParent | Reschedule | BackToSource | GiveUp | Finished
+           | FetchFromOrigin)
 
 
 # -- state ---------------------------------------------------------------------------------------
@@ -161,6 +176,10 @@ class DownloadPolicy:
     # refused one may be asked again.
     demanded: set[int] = field(default_factory=set)
     demand_retry_at: dict[int, float] = field(default_factory=dict)
+    # When a reader started waiting for each prioritized piece; whether this node may fetch a
+    # piece from the origin itself (its request allows back-to-source).
+    waiting_since: dict[int, float] = field(default_factory=dict)
+    origin_allowed: bool = True
 
     def __post_init__(self) -> None:
         self._order_salt = self.rng.random()
@@ -204,7 +223,11 @@ class DownloadPolicy:
 
     def prioritize(self, numbers: Iterable[int]) -> None:
         """A reader waits for these pieces: they go before all others."""
+        numbers = list(numbers)
         self.priority.update(numbers)
+        now = self.clock.time()
+        for number in numbers:
+            self.waiting_since.setdefault(number, now)
 
     def add_parent(self, peer_id: str, *, is_seed: bool) -> bool:
         """A candidate parent from the scheduler; False when it is known, blocked or this peer."""
@@ -239,6 +262,8 @@ class DownloadPolicy:
         """A piece from `parent_id` failed; `integrity` when its bytes did not match the digest."""
         if self._demand_settled(number, parent_id):
             return self._demand_failed(number, parent_id, error, integrity=integrity)
+        if parent_id == ORIGIN:
+            self.waiting_since[number] = self.clock.time()  # ask the origin again only after as long
         parent = self._settle(number, parent_id)
         if parent is None:
             return []
@@ -271,6 +296,7 @@ class DownloadPolicy:
             return [Finished()]
         commands: list[Command] = list(self._dispatch())
         commands += self._demand_unannounced()
+        commands += self._origin_fallback()
         if self.in_flight or self.has_live_parent():
             self.stalled_since = None
             return commands
@@ -339,6 +365,25 @@ class DownloadPolicy:
             commands.append(FetchPiece(number, seed.peer_id))
         return commands
 
+    def _origin_fallback(self) -> list[Command]:
+        """Fetch from the origin what a reader waited too long for, when no parent has it and no
+        seed can be asked for it."""
+        if (self.piece_count is None or not self.priority or not self.origin_allowed or self.want_everything
+                or any(p.is_seed and p.live for p in self.parents.values())):
+            return []
+        now = self.clock.time()
+        commands: list[Command] = []
+        for number in sorted(self.priority):
+            if len(self.in_flight) >= self.concurrent_pieces:
+                break
+            if (number >= self.piece_count or number in self.finished or number in self.in_flight
+                    or self.holders.get(number) or number not in self.wanted
+                    or now - self.waiting_since.get(number, now) < ORIGIN_FALLBACK_WAIT):
+                continue
+            self.in_flight[number] = ORIGIN
+            commands.append(FetchFromOrigin(number))
+        return commands
+
     def _demand_settled(self, number: int, parent_id: str) -> bool:
         """End a demand's transfer; False when this transfer was no demand."""
         if number not in self.demanded or self.in_flight.get(number) != parent_id:
@@ -368,8 +413,7 @@ class DownloadPolicy:
         for number in ready:
             if len(self.in_flight) >= self.concurrent_pieces:
                 return
-            parent = self._pick_parent(self.holders[number], use_seed=not peers_busy or number in self.priority
-                                       or self._only_seeds_hold(number))
+            parent = self._pick_parent(self.holders[number], use_seed=not peers_busy or number in self.priority)
             if parent is None:
                 continue
             peers_busy = peers_busy or not parent.is_seed
@@ -377,18 +421,9 @@ class DownloadPolicy:
             self.in_flight[number] = parent.peer_id
             yield FetchPiece(number, parent.peer_id)
 
-    def _order(self, number: int) -> tuple[int, int, int]:
-        # Prioritized pieces first, in order; the rest rarest first (fewest holders among the
-        # parents), equals in this peer's own shuffled order, so neighbours fetch different pieces.
-        if number in self.priority:
-            return (0, 0, number)
-        return (1, len(self.holders.get(number, ())), hash((self._order_salt, number)))
-
-    def _only_seeds_hold(self, number: int) -> bool:
-        """No normal parent has the piece: a seed may serve it even while normal parents keep this
-        peer busy (it leaves the seed for the swarm; the seed's uplink would idle otherwise)."""
-        return all(parent is None or parent.is_seed
-                   for parent in (self.parents.get(p) for p in self.holders.get(number, ())))
+    def _order(self, number: int) -> tuple[int, int]:
+        # Prioritized pieces first, in order; the rest in this peer's own shuffled order.
+        return (0, number) if number in self.priority else (1, hash((self._order_salt, number)))
 
     def _pick_parent(self, holders: set[str], *, use_seed: bool) -> ParentState | None:
         has_peers = any(not p.is_seed for p in self.parents.values())

@@ -12,8 +12,11 @@ from peer.download.policy import (
     BACKGROUND_UNDER_DEMAND,
     DEMAND_LIMIT,
     DEMAND_RETRY,
+    ORIGIN,
+    ORIGIN_FALLBACK_WAIT,
     DownloadPolicy,
     DropParent,
+    FetchFromOrigin,
     FetchPiece,
     ReportPieceFailed,
 )
@@ -166,3 +169,51 @@ def test_the_blob_fills_the_origin_link_again_once_demand_is_served() -> None:
     assert p.next_origin_fetch(queue, running, 4) == 0
     assert p.next_origin_fetch(queue, [9, 0], 4) is None  # demand runs: one background fetch
     assert p.next_origin_fetch(queue, [0], 4) == 1  # demand done: the blob takes the link again
+
+
+# -- no seed to ask: the node fetches a waiting piece from the origin itself ---------------------
+
+
+def range_download(**parents: bool) -> DownloadPolicy:
+    p = policy(everything=False, **parents)
+    p.want([5])
+    p.prioritize([5])
+    return p
+
+
+def origin_fetches(p: DownloadPolicy) -> list[int]:
+    return [c.number for c in p.next_commands() if isinstance(c, FetchFromOrigin)]
+
+
+def test_a_waiting_piece_no_parent_has_comes_from_the_origin_when_no_seed_can_be_asked() -> None:
+    p = range_download(peer=False)
+    advance(p, ORIGIN_FALLBACK_WAIT - 0.01)
+    assert origin_fetches(p) == []  # the parents get their chance first
+    advance(p, 0.01)
+    assert origin_fetches(p) == [5]
+    assert origin_fetches(p) == []  # in flight
+    p.piece_succeeded(5, ORIGIN)
+    assert p.is_finished()
+
+
+def test_a_failed_origin_fetch_waits_as_long_again() -> None:
+    p = range_download(peer=False)
+    advance(p, ORIGIN_FALLBACK_WAIT)
+    assert origin_fetches(p) == [5]
+    assert p.piece_failed(5, ORIGIN, "HTTP 503", integrity=False) == []
+    assert origin_fetches(p) == []
+    advance(p, ORIGIN_FALLBACK_WAIT)
+    assert origin_fetches(p) == [5]
+
+
+@pytest.mark.parametrize("case", ["seed parent", "a parent has it", "back-to-source forbidden", "whole download"])
+def test_no_origin_fetch_when_someone_else_can_give_the_piece(case: str) -> None:
+    p = range_download(peer=False, seed=case == "seed parent")
+    if case == "a parent has it":
+        p.parent_has("peer", 5)
+    if case == "back-to-source forbidden":
+        p.origin_allowed = False
+    if case == "whole download":
+        p.want_all()
+    advance(p, 10 * ORIGIN_FALLBACK_WAIT)
+    assert origin_fetches(p) == []
