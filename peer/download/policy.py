@@ -19,13 +19,15 @@ injected :class:`random.Random`, so a test (or a simulator of many peers) drives
 
 The rules, each tested in ``tests/unit/test_download_policy.py``:
 
-- Pieces a reader waits for (prioritized) go first, in order; the rest go in an order shuffled
-  per peer, so children of one parent fetch different pieces and can trade them.
+- Pieces a reader waits for (prioritized) go first, in order; the rest rarest first among this
+  peer's parents, equals in an order shuffled per peer, so neighbours fetch different pieces and
+  can trade them.
 - At most ``concurrent_pieces`` pieces in flight, and per parent at most
   :data:`PARENT_PIECE_LIMIT` (normal) or :data:`SEED_PIECE_LIMIT` (seed;
   :data:`SEED_PIECE_LIMIT_WITH_PEERS` once a normal parent exists).
-- Seeds are the last resort: while a normal parent keeps this peer busy, a piece only a seed has
-  waits (a prioritized piece does not).
+- Seeds are the last resort: while a normal parent keeps this peer busy, a seed serves only
+  pieces no normal parent has (super-seeding: a piece leaves the seed for the swarm, not again
+  for each child) and prioritized ones.
 - Among holders: normal before seed, then the least busy, ties broken at random.
 - A piece that fails its digest drops its parent at once; other failures drop it after
   :data:`PARENT_FAILURE_LIMIT`. A parent whose session ends in an error is reported and dropped.
@@ -56,10 +58,12 @@ from dataclasses import dataclass, field
 
 from common.clock import Clock
 
-# Pieces in flight from one parent. A seed gets fewer as soon as normal parents exist: every
-# child would otherwise take each new piece from the seed at once, and peers would never trade.
-PARENT_PIECE_LIMIT = 8
-SEED_PIECE_LIMIT = 4
+# Pieces in flight from one parent. Few, so a piece arrives whole soon and can be passed on (a
+# piece shared with many others on one uplink arrives late, with all the others); the child has
+# many parents (bench/swarm_sim.py, N=16, 256 MiB: 8 -> 2 per parent took 52 s to 33 s). A seed
+# serves one at a time to each child: its uplink is shared by all of them.
+PARENT_PIECE_LIMIT = 2
+SEED_PIECE_LIMIT = 1
 SEED_PIECE_LIMIT_WITH_PEERS = 1
 # A parent that failed this many pieces of the task is dropped and reported to the scheduler.
 PARENT_FAILURE_LIMIT = 2
@@ -413,7 +417,8 @@ class DownloadPolicy:
         for number in ready:
             if len(self.in_flight) >= self.concurrent_pieces:
                 return
-            parent = self._pick_parent(self.holders[number], use_seed=not peers_busy or number in self.priority)
+            parent = self._pick_parent(self.holders[number], use_seed=not peers_busy or number in self.priority
+                                       or self._only_seeds_hold(number))
             if parent is None:
                 continue
             peers_busy = peers_busy or not parent.is_seed
@@ -421,9 +426,18 @@ class DownloadPolicy:
             self.in_flight[number] = parent.peer_id
             yield FetchPiece(number, parent.peer_id)
 
-    def _order(self, number: int) -> tuple[int, int]:
-        # Prioritized pieces first, in order; the rest in this peer's own shuffled order.
-        return (0, number) if number in self.priority else (1, hash((self._order_salt, number)))
+    def _order(self, number: int) -> tuple[int, int, int]:
+        # Prioritized pieces first, in order; the rest rarest first (fewest holders among the
+        # parents), equals in this peer's own shuffled order, so neighbours fetch different pieces.
+        if number in self.priority:
+            return (0, 0, number)
+        return (1, len(self.holders.get(number, ())), hash((self._order_salt, number)))
+
+    def _only_seeds_hold(self, number: int) -> bool:
+        """No normal parent has the piece: a seed may serve it even while normal parents keep this
+        peer busy (it leaves the seed for the swarm; the seed's uplink would idle otherwise)."""
+        return all(parent is None or parent.is_seed
+                   for parent in (self.parents.get(p) for p in self.holders.get(number, ())))
 
     def _pick_parent(self, holders: set[str], *, use_seed: bool) -> ParentState | None:
         has_peers = any(not p.is_seed for p in self.parents.values())
