@@ -18,6 +18,14 @@ there. A random blob is pushed into it. Then, for each N:
 Each run is timed from the start of all downloads to the end of the last one; every copy's sha256
 is checked against the blob digest. A fresh Damselfly cluster (empty caches) is used for every N.
 Prints one table; everything (processes, namespaces, files) is removed on exit, Ctrl-C included.
+
+``--swarm`` is issue 11's set-up instead (no direct pulls): every link at ``--node-rate``
+(default 200mbit, the origin's at ``--origin-rate``), the scheduler and the seed each on a host of
+its own (``nl-n(N+1)``, ``nl-n(N+2)``), N=4,8,16,32 and blobs of 64 and 256 MiB by default, a
+fresh cluster per row. Its table has wall, p50/max node completion, x the lower bound
+max(F/u_origin, N·F/(u_origin + N·u_node), F/d_node), origin bytes (relay and link TX counter),
+seed and min/max peer upload, the daemons' CPU-seconds per GiB delivered and byte-exact copies.
+``--tls`` runs every daemon with mutual TLS (a throwaway CA, role CNs); ``--repeat`` repeats rows.
 """
 
 from __future__ import annotations
