@@ -27,6 +27,7 @@ import re
 import secrets
 import stat
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,11 @@ from common.errors import DownloadFailed, InvalidRequest
 TEMP_INFIX = ".dfget-"
 # ".<name>.dfget-<12 hex>": the names dfget gives its temporary files.
 _TEMP_NAME = re.compile(r"^\..+\.dfget-[0-9a-f]{12}$")
+# A temporary file being created (before it is locked) carries this suffix; a sweep removes such a
+# file only once it is unlocked and older than CREATING_GRACE seconds (its dfget died mid-create).
+CREATING_SUFFIX = ".new"
+_CREATING_NAME = re.compile(r"^\..+\.dfget-[0-9a-f]{12}\.new$")
+CREATING_GRACE = 60.0
 # The daemon copies in steps of this size so that a client that goes away stops it soon.
 COPY_STEP = 8 << 20
 # New files get 0666 minus the umask, like any file a shell command creates.
@@ -78,8 +84,8 @@ def create_temp(output: str) -> TempFile:
     """Create and lock a fresh temporary file for `output`.
 
     The file is created unnamed (``O_TMPFILE``), locked, then linked under its name, so no other
-    dfget can ever see it unlocked and take it for stale. File systems without ``O_TMPFILE`` get
-    an ``O_EXCL`` create followed by the lock.
+    dfget can ever see it unlocked and take it for stale. Where that cannot be done, it is created
+    (``O_EXCL``) under a name sweeps skip, locked, then renamed: the same guarantee.
     """
     parent = os.path.dirname(output)
     flags = os.O_WRONLY | os.O_CLOEXEC
@@ -100,13 +106,24 @@ def create_temp(output: str) -> TempFile:
                     continue
         except OSError:
             os.close(fd)  # no /proc, say: fall back to a named create
+    # Without O_TMPFILE (or when linking it fails, as with EXDEV in some sandboxes) the file is
+    # created under a name sweepers skip, locked, and only then renamed to its temporary name: a
+    # concurrent dfget's sweep must never find it unlocked and remove it.
     while True:
         path = temp_name_for(output)
+        creating = path + CREATING_SUFFIX
         try:
-            fd = os.open(path, flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, NEW_FILE_MODE)
+            fd = os.open(creating, flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, NEW_FILE_MODE)
         except FileExistsError:
             continue
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.rename(creating, path)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(creating)
+            raise
         return TempFile(path, fd)
 
 
@@ -121,8 +138,10 @@ def sweep_stale(directory: str) -> list[str]:
         entries = list(os.scandir(directory))
     except OSError:
         return removed
+    now = time.time()
     for entry in entries:
-        if not is_temp_name(entry.name):
+        creating = bool(_CREATING_NAME.match(entry.name))
+        if not (creating or is_temp_name(entry.name)):
             continue
         try:
             fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
@@ -130,7 +149,7 @@ def sweep_stale(directory: str) -> list[str]:
             continue
         try:
             info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
+            if not stat.S_ISREG(info.st_mode) or (creating and now - info.st_mtime < CREATING_GRACE):
                 continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -10,6 +10,7 @@ tests run dfget against the real daemon.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import io
 import os
@@ -746,6 +747,50 @@ def test_sweep_spares_a_temporary_file_a_running_dfget_holds(tmp_path: Path) -> 
     finally:
         held.remove()
     assert entries(tmp_path) == [unrelated.name]
+
+
+@pytest.mark.parametrize("o_tmpfile", [True, False], ids=["O_TMPFILE", "named-create"])
+def test_a_sweep_between_create_and_lock_spares_the_new_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, o_tmpfile: bool
+) -> None:
+    """Another dfget's sweep that runs at the worst moment — the file exists, its lock not yet
+    taken — must not remove it (seen on this machine, where linking an O_TMPFILE fails with EXDEV:
+    one of 16 concurrent dfgets into one directory lost its file)."""
+    import fcntl
+    real_open, real_flock = os.open, fcntl.flock
+    if not o_tmpfile:
+        def no_tmpfile(path: str, flags: int, *args: int) -> int:
+            if flags & os.O_TMPFILE == os.O_TMPFILE:
+                raise OSError(errno.EOPNOTSUPP, "no O_TMPFILE here")
+            return real_open(path, flags, *args)
+        monkeypatch.setattr(os, "open", no_tmpfile)
+    swept: list[list[str]] = []
+
+    def sweep_then_lock(fd: int, operation: int) -> None:
+        if not swept:
+            swept.append(dfget_output.sweep_stale(str(tmp_path)))
+        real_flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", sweep_then_lock)
+    temp = dfget_output.create_temp(str(tmp_path / "out.bin"))
+    monkeypatch.undo()
+    try:
+        assert swept == [[]], "the sweep removed a file being created"
+        assert entries(tmp_path) == [os.path.basename(temp.path)]
+        assert dfget_output.is_temp_name(os.path.basename(temp.path))
+        with open(temp.path, "rb") as other, pytest.raises(BlockingIOError):
+            fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        temp.remove()
+
+
+def test_a_file_left_mid_create_is_swept_once_it_is_old(tmp_path: Path) -> None:
+    left = tmp_path / f".out.bin.dfget-{'ab' * 6}{dfget_output.CREATING_SUFFIX}"
+    left.write_bytes(b"")
+    assert dfget_output.sweep_stale(str(tmp_path)) == []  # may still be a dfget about to lock it
+    old = time.time() - dfget_output.CREATING_GRACE - 1
+    os.utime(left, (old, old))
+    assert dfget_output.sweep_stale(str(tmp_path)) == [left.name]
 
 
 def test_temporary_file_belongs_to_dfget_and_is_locked(tmp_path: Path) -> None:
