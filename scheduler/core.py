@@ -93,10 +93,12 @@ from scheduler.resource import (
 from scheduler.scheduling import (
     OriginVerdict,
     is_bad_parent,
+    is_busy,
     is_descendant,
     origin_retry_delay,
     origin_verdict,
     parents_to_come,
+    rejection,
     select_parents,
 )
 
@@ -904,10 +906,28 @@ class SchedulerCore:
     def _send_normal(self, peer: Peer, parents: list[Peer]) -> SendNormal:
         peer.transition(PeerEvent.SCHEDULE_NORMAL, self.clock.time())
         self._unpark(peer)
+        seed = self._seed_for(peer, parents)
+        if seed is not None:
+            parents = [*parents, seed]
         for parent in parents:
             self._link(peer, parent)
         self._update_hungry(peer)
         return SendNormal(peer.id, tuple(self._candidate(parent) for parent in parents))
+
+    @staticmethod
+    def _seed_for(peer: Peer, parents: list[Peer]) -> Peer | None:
+        """A seed holding the task, for a child that has none among its parents: the one parent
+        whose piece digests a child may take when the scheduler is unreachable (a seed back-sourced
+        what it holds), and the last resort for pieces no peer has. The download policy keeps a
+        child's use of it to those pieces, one at a time; a busy seed (its child limit reached) is
+        not added, so in a large swarm it stays the parent of a few (who pass its pieces on)."""
+        if any(p.is_seed for p in parents) or any(p.is_seed for p in peer.parents.values()):
+            return None
+        for candidate in peer.task.back_to_source_peers.values():
+            if (candidate.is_seed and candidate.eligible_parent and not is_busy(candidate)
+                    and candidate.id not in peer.blocklist and rejection(peer, candidate) is None):
+                return candidate
+        return None
 
     def _no_parent(self, peer: Peer) -> list[Decision]:
         """No parent for `peer` now: trigger a seed, go back to source, wait, or give up."""

@@ -600,10 +600,8 @@ class Conductor:
         await self._events.put(_PieceDone(number, ORIGIN, error))
 
     async def _fetch_piece_from(self, number: int, parent: Parent, demand: bool) -> None:
-        """One piece from a parent, checked against its relayed digest; a `demand` (a piece the
-        seed did not announce yet) asks for the digest only once the seed answers: it exists
-        only from then on."""
-        expected = "" if demand else await self._digest_of(number)
+        """One piece from a parent, checked against its relayed digest, asked for once the parent
+        answers (a `demand`, a piece the seed did not announce yet, has a digest only from then on)."""
         url = f"{self.engine.piece_scheme}://{parent.ip}:{parent.download_port}/pieces/{self.task_id}/{number}"
         started = self.clock.time()
         timeout = aiohttp.ClientTimeout(total=self.engine.config.piece_timeout)
@@ -611,8 +609,9 @@ class Conductor:
             if response.status != 200:
                 reason = (await response.text())[:200].strip()
                 raise ParentError(parent.peer_id, f"HTTP {response.status} for piece {number}: {reason}")
-            if demand:
-                expected = await self._digest_of(number)
+            # Asked once the parent answers: a demanded piece's digest exists only from then on,
+            # and while the scheduler is away a seed parent's digests arrive meanwhile.
+            expected = await self._digest_of(number)
             digest = await self.local.write_piece(number, response.content.iter_chunked(_CHUNK),
                                                   expected_digest=expected, parent_id=parent.peer_id)
         cost = self.clock.time() - started

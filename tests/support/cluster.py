@@ -10,6 +10,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+import os
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from common.launcher import LocalCluster, Node, dfget_command, tail
 
 @pytest.fixture
 def cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[LocalCluster]:
-    local = LocalCluster(tmp_path / "cluster")
+    local = LocalCluster(tmp_path / "cluster", log_level=os.environ.get("DAMSELFLY_TEST_LOG_LEVEL", "info"))
     try:
         yield local
     finally:

@@ -274,7 +274,23 @@ def test_seed_is_offloaded_once_normal_peers_have_pieces() -> None:
     w.running("a", "seed-peer", pieces=10)
     w.running("b", "seed-peer", pieces=10)
     w.running("c", "seed-peer", pieces=10)
-    assert sorted(parents_of(w.register("d")[0])) == ["a", "b", "c"]
+    offered = parents_of(w.register("d")[0])
+    # The three best are the normal peers; the seed only follows as the one source of piece
+    # digests a child may use while the scheduler is away (and as a last resort).
+    assert sorted(offered[:3]) == ["a", "b", "c"]
+    assert offered[3:] == ["seed-peer"]
+
+
+def test_a_child_without_a_seed_parent_gets_one_and_only_one() -> None:
+    w = World()
+    seed = w.host("seed", seed=True)
+    w.source("seed-peer", pieces=10, host=seed)
+    w.running("a", "seed-peer", pieces=10)
+    first = parents_of(w.register("d")[0])
+    assert first.count("seed-peer") == 1
+    w.running("b", "seed-peer", pieces=10)
+    pushed = [parents_of(d) for d in w.core.piece_finished("b", 9, 0, 1, "seed-peer") if hasattr(d, "candidates")]
+    assert all("seed-peer" not in offered for offered in pushed), "a child that has a seed gets no second copy"
 
 
 # --------------------------------------------------------------------------------------------
