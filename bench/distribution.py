@@ -246,6 +246,22 @@ def existing_lab() -> list[str]:
     return [line.split()[0] for line in listing.splitlines() if line.startswith("nl-")]
 
 
+def clean_up(relay: ByteCountingRelay | None, registry: Registry | None, netlab_sh: Path, work: Path, *,
+             keep: bool) -> None:
+    """End a bench run: relay, registry, the namespaces, the work directory (unless `keep`).
+    Ctrl-C is ignored meanwhile, so a second one cannot leave namespaces behind."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if relay is not None:
+        relay.close()
+    if registry is not None:
+        registry.stop()
+    subprocess.run(["bash", str(netlab_sh), "down"], check=False)
+    if keep:
+        print(f"kept {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
@@ -321,16 +337,7 @@ def main() -> int:
         print("interrupted; cleaning up", file=sys.stderr)
         interrupted = True
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the clean-up finish
-        if relay is not None:
-            relay.close()
-        if registry is not None:
-            registry.stop()
-        subprocess.run(["bash", str(args.netlab), "down"], check=False)
-        if args.keep:
-            print(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        clean_up(relay, registry, args.netlab, work, keep=args.keep)
     print_table(rows, args)
     if interrupted:
         return 130
@@ -540,16 +547,7 @@ def swarm_main(args: argparse.Namespace, counts: list[int], sizes: list[int]) ->
         print("interrupted; cleaning up", file=sys.stderr)
         interrupted = True
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the clean-up finish
-        if relay is not None:
-            relay.close()
-        if registry is not None:
-            registry.stop()
-        subprocess.run(["bash", str(args.netlab), "down"], check=False)
-        if args.keep:
-            print(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        clean_up(relay, registry, args.netlab, work, keep=args.keep)
     if results:
         print(f"\nall links: origin {args.origin_rate}, nodes {args.node_rate}; TLS {'on' if args.tls else 'off'}\n")
         print(SWARM_HEADER)

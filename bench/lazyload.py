@@ -45,7 +45,15 @@ from types import FrameType
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.distribution import NetnsRelay, existing_lab, netlab, node_ip, node_ns, report_dead  # noqa: E402
+from bench.distribution import (  # noqa: E402
+    NetnsRelay,
+    clean_up,
+    existing_lab,
+    netlab,
+    node_ip,
+    node_ns,
+    report_dead,
+)
 from common.launcher import LocalCluster, in_netns  # noqa: E402
 from tests.support.registry import Registry, push_random_blob, start_registry  # noqa: E402
 
@@ -334,16 +342,7 @@ def main() -> int:
     except KeyboardInterrupt:
         print("interrupted; cleaning up", file=sys.stderr)
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        if relay is not None:
-            relay.close()
-        if registry is not None:
-            registry.stop()
-        subprocess.run(["bash", str(args.netlab), "down"], check=False)
-        if args.keep:
-            print(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        clean_up(relay, registry, args.netlab, work, keep=args.keep)
     print_table(rows, size, unique, args)
     return 0 if rows and all(r.wrong == 0 and r.failed == 0 for r in rows) else 1
 
