@@ -7,10 +7,10 @@ when the test failed, the tail of every node's log is printed to help the reader
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
-import os
 from pathlib import Path
 
 import pytest
