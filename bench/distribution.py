@@ -224,11 +224,17 @@ def damselfly(n: int, url: str, digest: str, relay: ByteCountingRelay, work: Pat
         from_seed = seed.metrics().get(_UPLOADED, 0.0)
         return Result(run.seconds, origin, ok, run.first, run.cpu, from_seed, from_peers - from_seed, nodes_origin)
     finally:
-        cluster.stop()
-        report_dead(cluster.nodes)
-        for node in cluster.nodes:  # the caches; the logs stay until the work directory goes
-            if node.data_dir is not None:
-                shutil.rmtree(node.data_dir, ignore_errors=True)
+        stop_cluster(cluster)
+
+
+def stop_cluster(cluster: LocalCluster) -> None:
+    """Stop every process, say which died on its own, and drop the caches (the logs stay until
+    the work directory goes)."""
+    cluster.stop()
+    report_dead(cluster.nodes)
+    for node in cluster.nodes:
+        if node.data_dir is not None:
+            shutil.rmtree(node.data_dir, ignore_errors=True)
 
 
 def report_dead(nodes: list[Node]) -> None:
@@ -487,11 +493,7 @@ def swarm_row(n: int, size: int, url: str, digest: str, relay: ByteCountingRelay
             peer_uploads=[node.metrics().get(_UPLOADED, 0.0) for node in daemons], cpu_seconds=cpu1 - cpu0,
             busy=run.cpu, ok=ok)
     finally:
-        cluster.stop()
-        report_dead(cluster.nodes)
-        for node in cluster.nodes:  # the caches; the logs stay until the work directory goes
-            if node.data_dir is not None:
-                shutil.rmtree(node.data_dir, ignore_errors=True)
+        stop_cluster(cluster)
 
 
 SWARM_HEADER = ("|   blob |  N | TLS | wall s | p50 s | max s | bound s | x bound | origin ÷ blob (relay / link) "

@@ -31,7 +31,6 @@ import asyncio
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -52,7 +51,7 @@ from bench.distribution import (  # noqa: E402
     netlab,
     node_ip,
     node_ns,
-    report_dead,
+    stop_cluster,
 )
 from common.launcher import LocalCluster, in_netns  # noqa: E402
 from tests.support.registry import Registry, push_random_blob, start_registry  # noqa: E402
@@ -259,11 +258,7 @@ def run_damselfly(mode: str, n: int, path: str, blob: Path, relay: NetnsRelay, w
         results, failed = run_traces([node.url("proxy", path) for node in daemons], blob, args)
         return summarize(mode, n, results, failed, relay.bytes_from_target)
     finally:
-        cluster.stop()
-        report_dead(cluster.nodes)
-        for node in cluster.nodes:
-            if node.data_dir is not None:
-                shutil.rmtree(node.data_dir, ignore_errors=True)
+        stop_cluster(cluster)
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:

@@ -238,3 +238,8 @@ def _status_phrase(status: int) -> str:
         return HTTPStatus(status).phrase
     except ValueError:
         return ""
+
+
+def one_line(text: str) -> str:
+    """A message on one line (gRPC details and tracebacks may carry newlines and runs of spaces)."""
+    return " ".join(text.split())

@@ -34,7 +34,7 @@ from dragonfly_api import scheduler_pb2, scheduler_pb2_grpc
 
 from common import hashring, ids, oci
 from common.config import format_size, parse_address
-from common.errors import ConfigError, DamselflyError, InvalidRequest, OriginError, OriginStatusError
+from common.errors import ConfigError, DamselflyError, InvalidRequest, OriginError, OriginStatusError, one_line
 from common.origin import OriginClient, basic_authorization
 from common.preheat import RESULT_KEY, SEED_KEY, ResolvedImage, resolve_image
 from common.tls import TlsCredentials, open_channel
@@ -181,13 +181,9 @@ def format_summary(image: oci.ImageReference, results: Sequence[BlobResult], ela
             f"{counts['failed']} failed")
 
 
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
-
-
 def _rpc_reason(error: Any, scheduler: str) -> str:
     code = error.code()
-    details = _one_line(error.details() or "")
+    details = one_line(error.details() or "")
     if code == grpc.StatusCode.UNAVAILABLE:
         return f"scheduler {scheduler} unavailable ({details or 'no answer'}); is it running, is --scheduler right?"
     if code == grpc.StatusCode.UNIMPLEMENTED:
@@ -210,12 +206,12 @@ async def resolve(options: Options) -> ResolvedImage:
             hint = " (credentials missing or refused: pass --creds USER:PASSWORD or --auth-file)"
         elif exc.status == 404:
             hint = " (no such image or tag)"
-        raise OriginError(f"cannot read {options.image}: {_one_line(str(exc))}{hint}") from None
+        raise OriginError(f"cannot read {options.image}: {one_line(str(exc))}{hint}") from None
     except OriginError as exc:
         hint = "" if options.plain_http else " (a registry without TLS needs --plain-http)"
-        raise OriginError(f"cannot reach the registry of {options.image}: {_one_line(str(exc))}{hint}") from None
+        raise OriginError(f"cannot reach the registry of {options.image}: {one_line(str(exc))}{hint}") from None
     except InvalidRequest as exc:
-        raise InvalidRequest(f"{options.image}: {_one_line(str(exc))}") from None
+        raise InvalidRequest(f"{options.image}: {one_line(str(exc))}") from None
 
 
 async def preheat_blobs(options: Options, image: ResolvedImage, out: TextIO) -> list[BlobResult]:
@@ -276,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return asyncio.run(run(options, sys.stdout))
     except DamselflyError as exc:
-        print(f"damselfly preheat: error: {_one_line(str(exc))}", file=sys.stderr)
+        print(f"damselfly preheat: error: {one_line(str(exc))}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         print("damselfly preheat: error: interrupted", file=sys.stderr)

@@ -42,7 +42,7 @@ from dragonfly_api import dfdaemon_pb2, dfdaemon_pb2_grpc
 from common.config import format_size, parse_bool, parse_duration, parse_size
 from common.digest import file_digest, parse_digest
 from common.download import MAX_PRIORITY, DownloadRequest
-from common.errors import DamselflyError, DownloadFailed, InvalidRequest
+from common.errors import DamselflyError, DownloadFailed, InvalidRequest, one_line
 from common.ids import validate_url
 from common.pieces import MAX_PIECE_LENGTH, MIN_PIECE_LENGTH
 from peer import dfget_listing
@@ -510,14 +510,10 @@ def build_request(options: Options, temp_path: str, url: str | None = None) -> d
     return dfdaemon_pb2.DownloadTaskRequest(download=download)
 
 
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
-
-
 def _rpc_failure(error: Any, options: Options) -> DownloadFailed:
     """Translate a grpc.aio.AioRpcError into our one-line reason."""
     code = error.code()
-    details = _one_line(error.details() or "")
+    details = one_line(error.details() or "")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return DownloadFailed(f"timed out after {options.timeout_text}")
     if code == grpc.StatusCode.UNAVAILABLE:
@@ -764,7 +760,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         download(options, sys.stderr)
     except DamselflyError as exc:
-        print(f"dfget: error: {_one_line(str(exc))}", file=sys.stderr)
+        print(f"dfget: error: {one_line(str(exc))}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         print("dfget: error: interrupted", file=sys.stderr)
