@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import random
 import signal
@@ -53,7 +54,11 @@ from bench.distribution import (  # noqa: E402
     node_ns,
     stop_cluster,
 )
-from common.launcher import LocalCluster, in_netns  # noqa: E402
+from common.launcher import (  # noqa: E402
+    _UPLOADED,
+    LocalCluster,
+    in_netns,
+)
 from tests.support.registry import Registry, push_random_blob, start_registry  # noqa: E402
 
 KIB, MIB = 1024, 1024 * 1024
@@ -180,6 +185,7 @@ class Row:
     origin_bytes: int
     wrong: int
     failed: int
+    seed_upload: float = float("nan")  # bytes the seed sent to the nodes (Damselfly rows)
 
 
 def percentile(values: Sequence[float], share: float) -> float:
@@ -221,7 +227,8 @@ def run_traces(urls: list[str], blob: Path, args: argparse.Namespace) -> tuple[l
                 proc.wait()
 
 
-def summarize(mode: str, n: int, results: list[dict[str, object]], failed: int, origin: int) -> Row:
+def summarize(mode: str, n: int, results: list[dict[str, object]], failed: int, origin: int,
+              seed_upload: float = float("nan")) -> Row:
     seconds = [float(r["seconds"]) for r in results]  # type: ignore[arg-type]
     latencies = [float(x) for r in results for x in r["latencies"]]  # type: ignore[attr-defined]
     wrong = sum(len(r["wrong"]) for r in results)  # type: ignore[arg-type]
@@ -229,7 +236,7 @@ def summarize(mode: str, n: int, results: list[dict[str, object]], failed: int, 
         for line in r["wrong"][:3]:  # type: ignore[index]
             print(f"  {mode} N={n}: wrong body {line}", file=sys.stderr)
     return Row(mode, n, percentile(seconds, 0.5), max(seconds, default=float("nan")),
-               percentile(latencies, 0.5), percentile(latencies, 0.99), origin, wrong, failed)
+               percentile(latencies, 0.5), percentile(latencies, 0.99), origin, wrong, failed, seed_upload)
 
 
 def run_registry(n: int, url: str, blob: Path, relay: NetnsRelay, args: argparse.Namespace) -> Row:
@@ -256,7 +263,7 @@ def run_damselfly(mode: str, n: int, path: str, blob: Path, relay: NetnsRelay, w
         cluster.wait_ready(scheduler, seed, *daemons)
         relay.reset()
         results, failed = run_traces([node.url("proxy", path) for node in daemons], blob, args)
-        return summarize(mode, n, results, failed, relay.bytes_from_target)
+        return summarize(mode, n, results, failed, relay.bytes_from_target, seed.metrics().get(_UPLOADED, 0.0))
     finally:
         stop_cluster(cluster)
 
@@ -270,12 +277,14 @@ def print_table(rows: list[Row], size: int, unique: int, args: argparse.Namespac
         return
     print(f"\n{args.size_mib} MiB blob, every link {args.rate}; {args.reads + 1} reads per node, "
           f"{args.read_mib} MiB read per node, {unique / MIB:.1f} MiB unique\n")
-    print("| mode | N | trace p50 / max s | read p50 / p99 ms | origin ÷ blob | origin ÷ unique | wrong | failed |")
-    print("|---|---:|---|---|---:|---:|---:|---:|")
+    print("| mode | N | trace p50 / max s | read p50 / p99 ms | origin ÷ blob | origin ÷ unique | "
+          "seed up ÷ unique | wrong | failed |")
+    print("|---|---:|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
+        seed_up = "-" if math.isnan(r.seed_upload) else f"{r.seed_upload / unique:.2f}"
         print(f"| {r.mode} | {r.n} | {r.trace_p50:.1f} / {r.trace_max:.1f} | {r.read_p50 * 1e3:.1f} / "
               f"{r.read_p99 * 1e3:.0f} | {r.origin_bytes / size:.2f} | {r.origin_bytes / unique:.2f} | "
-              f"{r.wrong} | {r.failed} |")
+              f"{seed_up} | {r.wrong} | {r.failed} |")
 
 
 def main() -> int:

@@ -69,6 +69,7 @@ from peer.download.policy import (
     ReportPieceFailed,
     Reschedule,
 )
+from peer.upload.piece_server import DEFAULT_SWARM_SLOTS
 from scheduler.core import (
     Decision,
     FailPeer,
@@ -83,6 +84,7 @@ from scheduler.resource import DownloadSpec, HostInfo
 MIB = 1024 * 1024
 TASK_ID = "t" * 64
 URL = "https://registry.example/v2/bench/blobs/sha256:0"
+REQUEST_RTT = 0.002  # a request answered at once (a parent with no free upload slot)
 TICK = 0.5  # seconds between the scheduler's ticks (its retry interval)
 
 
@@ -113,6 +115,8 @@ class SimHost:
     up: Link
     down: Link
     alive: bool = True
+    # Pieces sent at once to children that may ask elsewhere (the piece server's swarm slots).
+    upload_slots: int = 0
 
 
 @dataclass(eq=False)
@@ -183,9 +187,12 @@ class Network:
         for flow in flows:
             if flow.over:
                 continue
+            rate = min(flow.src.up.rate / len(flow.src.up.flows), flow.dst.down.rate / len(flow.dst.down.flows))
+            if rate == flow.rate:
+                continue  # its completion event stands
             flow.left = max(0.0, flow.left - flow.rate * (now - flow.since))
             flow.since = now
-            flow.rate = min(flow.src.up.rate / len(flow.src.up.flows), flow.dst.down.rate / len(flow.dst.down.flows))
+            flow.rate = rate
             flow.version += 1
             self.at(now + flow.left / flow.rate, self._completion(flow, flow.version))
 
@@ -262,7 +269,7 @@ class Swarm:
             self._add_host(f"n{i}", node_rate, HostType.NORMAL, ip=f"10.2.{i // 256}.{i % 256}")
 
     def _add_host(self, host_id: str, rate: float, kind: HostType, ip: str) -> None:
-        self.hosts[host_id] = SimHost(host_id, Link(rate), Link(rate))
+        self.hosts[host_id] = SimHost(host_id, Link(rate), Link(rate), upload_slots=self.args.upload_slots)
         self.core.announce_host(HostInfo(id=host_id, ip=ip, type=kind, port=4000))
 
     # -- driving ------------------------------------------------------------------------------
@@ -419,6 +426,17 @@ class Swarm:
                 self._carry_out(peer, peer.policy.piece_failed(number, parent.id, reason, integrity=False))
                 self._pump(peer)
 
+        slots = parent.host.upload_slots
+        if slots and len(parent.host.up.flows) >= slots and number not in peer.policy.demanded:
+            def busy() -> None:
+                peer.policy.piece_busy(number, parent.id)
+                wake = peer.policy.next_wake()
+                if wake is not None:
+                    self.net.at(wake, lambda: self._pump(peer))
+                self._pump(peer)
+
+            self.net.at(self.clock.now + REQUEST_RTT, busy)
+            return
         peer.flows[number] = self.net.start(parent.host, peer.host, length, done, failed)
 
     def _got_piece(self, peer: SimPeer, number: int) -> None:
@@ -507,6 +525,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="pieces in flight per peer (default: the dfdaemon's default)")
     parser.add_argument("--origin-concurrency", type=int, default=0,
                         help="parallel origin fetches of a back-sourcing peer (default: the dfdaemon's default)")
+    parser.add_argument("--upload-slots", type=int, default=DEFAULT_SWARM_SLOTS,
+                        help="pieces a host sends at once to children that may ask elsewhere; the "
+                             f"others are told it is busy (default {DEFAULT_SWARM_SLOTS}, as dfdaemons; 0: no limit)")
     parser.add_argument("--random-seed", type=int, default=1)
     parser.add_argument("--deadline", type=float, default=3600.0, help="simulated seconds before giving up")
     args = parser.parse_args(argv)

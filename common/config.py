@@ -304,6 +304,9 @@ class DfdaemonConfig(LoggingConfig):
     concurrent_piece_count: int = option(DEFAULT_CONCURRENT_PIECES, "pieces fetched in parallel per task",
                                          minimum=1)
     upload_slots: int = option(0, "concurrent piece uploads (0: 200, or 2000 for a seed)", minimum=0)
+    swarm_upload_slots: int = option(4, "pieces sent at once to children that can fetch them from other parents; "
+                                     "more are told to ask elsewhere, so each piece leaves at full speed and "
+                                     "spreads (0: no limit)", minimum=0)
     upload_rate_limit: int = option(0, "total upload bandwidth of the piece server per second (0: unlimited)",
                                     parse_size)
     upload_min_rate: int = option("256KiB", "a piece upload slower than this per second (after 3 s) is cut, so "

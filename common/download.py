@@ -20,7 +20,7 @@ from google.protobuf import duration_pb2
 from common import ids
 from common.digest import parse_digest
 from common.errors import InvalidRequest
-from common.pieces import MAX_PIECE_LENGTH, MIN_PIECE_LENGTH, piece_count, pieces_covering
+from common.pieces import DEFAULT_MIN_PIECE_LENGTH, MAX_PIECE_LENGTH, piece_count, pieces_covering
 
 # Priorities are Dragonfly's LEVEL0 .. LEVEL6 (`common.v2.Priority`).
 MAX_PRIORITY = 6
@@ -63,9 +63,9 @@ class DownloadRequest:
         if self.digest:
             parse_digest(self.digest)
         # A client's piece length shapes the task for everyone: keep it within what storage expects.
-        if self.piece_length is not None and not MIN_PIECE_LENGTH <= self.piece_length <= MAX_PIECE_LENGTH:
+        if self.piece_length is not None and not DEFAULT_MIN_PIECE_LENGTH <= self.piece_length <= MAX_PIECE_LENGTH:
             raise InvalidRequest(f"piece length {self.piece_length} is outside "
-                                 f"{MIN_PIECE_LENGTH} .. {MAX_PIECE_LENGTH} bytes (4 MiB .. 64 MiB)")
+                                 f"{DEFAULT_MIN_PIECE_LENGTH} .. {MAX_PIECE_LENGTH} bytes (4 MiB .. 64 MiB)")
 
     @property
     def task_id(self) -> str:
@@ -105,6 +105,14 @@ class DownloadRequest:
         )
         if self.piece_length:
             download.piece_length = self.piece_length
+        if self.byte_range is not None:
+            # A closed range as it is; a suffix or open one only as "a Range read" (0, 0): the
+            # scheduler needs to know the read is lazy, not where it lies.
+            start, length = self.byte_range
+            if start < 0 or length is None:
+                start, length = 0, 0
+            download.range.CopyFrom(common_pb2.Range(start=start, length=length))
+            download.prefetch = self.prefetch
         if self.timeout:
             download.timeout.CopyFrom(duration(self.timeout))
         return download
@@ -113,6 +121,7 @@ class DownloadRequest:
     def from_proto(cls, download: common_pb2.Download) -> DownloadRequest:
         """From a `common.v2.Download` (raises InvalidRequest on a bad URL or digest)."""
         timeout = seconds(download.timeout) if download.HasField("timeout") else None
+        byte_range = (download.range.start, download.range.length) if download.HasField("range") else None
         return cls(
             url=download.url, digest=download.digest, tag=download.tag, application=download.application,
             priority=int(download.priority), filtered_query_params=tuple(download.filtered_query_params),
@@ -120,6 +129,7 @@ class DownloadRequest:
             piece_length=download.piece_length if download.HasField("piece_length") else None,
             disable_back_to_source=download.disable_back_to_source,
             need_back_to_source=download.need_back_to_source, timeout=timeout or None,
+            byte_range=byte_range, prefetch=download.prefetch if byte_range is not None else True,
         )
 
 

@@ -31,6 +31,7 @@ party (the origin, a parent peer, the scheduler) are kept apart from misuse by t
     │   │   ├── OriginUnreachable   connection refused, reset, timed out
     │   │   └── UpstreamNotAllowed  a destination the operator's allow-list refuses
     │   ├── ParentError             a parent peer failed to serve a piece
+    │   │   └── ParentBusy          its uplink is full: ask another parent (no failure)
     │   └── SchedulerUnavailable    no scheduler answers
     ├── DownloadFailed              a download gave up; the message says why
     │   └── TaskFailed              the scheduler failed the task for every peer (the origin's answer)
@@ -208,6 +209,13 @@ class ParentError(RemoteError):
     def __init__(self, parent_id: str, reason: str) -> None:
         super().__init__(f"parent {parent_id}: {reason}")
         self.parent_id = parent_id
+
+
+class ParentBusy(ParentError):
+    """A parent's uplink is full (all its swarm upload slots are taken): ask another parent."""
+
+    def __init__(self, parent_id: str) -> None:
+        super().__init__(parent_id, "busy: every upload slot is taken")
 
 
 class SchedulerUnavailable(RemoteError):

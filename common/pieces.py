@@ -5,22 +5,38 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MIB = 1024 * 1024
-MIN_PIECE_LENGTH = 4 * MIB
+# The bounds any piece length must keep (what a parent's claim or a client's request is held to).
+MIN_PIECE_LENGTH = 1 * MIB
 MAX_PIECE_LENGTH = 64 * MIB
-# Aim for about this many pieces per task: enough parallelism, bounded metadata.
+# Dragonfly's range: the default is size/500 within 4 MiB .. 64 MiB, and a client may ask for no
+# less than 4 MiB (smaller pieces are ours to choose, below).
+DEFAULT_MIN_PIECE_LENGTH = 4 * MIB
 TARGET_PIECE_COUNT = 500
+# A content gets at least this many pieces while they stay >= MIN_PIECE_LENGTH: four per node of a
+# 16-node swarm, so every peer has pieces to trade (issue 11; 16 pieces of 4 MiB for 64 MiB left
+# most uplinks idle while the last pieces travelled).
+SWARM_PIECE_COUNT = 64
+# A content read lazily (Range reads, no prefetch) is cut in pieces of nydusd's chunk size: a
+# reader waits for a piece of about what it asked for, and the origin sends about what is read.
+LAZY_PIECE_LENGTH = 1 * MIB
 # No task has more pieces than this (1 TiB at the largest piece length): the scheduler refuses a
 # piece number or a geometry beyond it, so a report cannot make it (or a peer) hold huge bitmaps.
 MAX_PIECE_COUNT = 16384
 
 
-def piece_length_for(content_length: int | None) -> int:
-    """Piece length for a content: next power of two of size/500, clamped to [4 MiB, 64 MiB]."""
+def piece_length_for(content_length: int | None, *, lazy: bool = False) -> int:
+    """Piece length for a content: :data:`LAZY_PIECE_LENGTH` when it is read lazily; otherwise the
+    next power of two of size/500 within [4 MiB, 64 MiB], halved (down to 1 MiB) until the content
+    has :data:`SWARM_PIECE_COUNT` pieces."""
+    if lazy:
+        return LAZY_PIECE_LENGTH
     if content_length is None or content_length <= 0:
-        return MIN_PIECE_LENGTH
+        return DEFAULT_MIN_PIECE_LENGTH
     wanted = -(-content_length // TARGET_PIECE_COUNT)  # ceil division
-    length = 1 << (wanted - 1).bit_length()
-    return max(MIN_PIECE_LENGTH, min(MAX_PIECE_LENGTH, length))
+    length = max(DEFAULT_MIN_PIECE_LENGTH, min(MAX_PIECE_LENGTH, 1 << (wanted - 1).bit_length()))
+    while length > MIN_PIECE_LENGTH and piece_count(content_length, length) < SWARM_PIECE_COUNT:
+        length //= 2
+    return length
 
 
 def piece_count(content_length: int, piece_length: int) -> int:

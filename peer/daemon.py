@@ -49,7 +49,7 @@ from peer.proxy.tls import upstream_ssl_context
 from peer.services import DownloadService, UploadService
 from peer.storage.gc import CacheCollector
 from peer.storage.store import PieceStore
-from peer.upload.piece_server import PieceServer
+from peer.upload.piece_server import DEFAULT_SHARE_WINDOW, PieceServer
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,8 @@ class Daemon:
         self.store = PieceStore(Path(config.data_dir), metrics=self.metrics)
         self.piece_server = PieceServer(self.store, upload_slots=config.effective_upload_slots,
                                         metrics=self.metrics, rate_limit=config.upload_rate_limit,
-                                        min_rate=config.upload_min_rate)
+                                        min_rate=config.upload_min_rate, swarm_slots=config.swarm_upload_slots,
+                                        share_window=DEFAULT_SHARE_WINDOW if config.seed else 0.0)
         self.collector = CacheCollector(
             self.store, quota=config.cache_quota, high_watermark=config.gc_high_watermark,
             low_watermark=config.gc_low_watermark, task_ttl=config.task_ttl, interval=config.gc_interval,
@@ -203,12 +204,15 @@ class Daemon:
             if background is not None:
                 background.cancel()
                 await asyncio.gather(background, return_exceptions=True)
+        # Downloads first: one still running would react to the parents and servers going away
+        # (a lazy download left waiting for the next read went back to source during a shutdown
+        # and held the proxy's requests, past a 10 s grace).
+        if self.engine is not None:
+            await self.engine.stop()
         for server in self._grpc_servers:
             await server.stop(grace=1.0)
         if self.proxy is not None:
             await self.proxy.stop()
-        if self.engine is not None:
-            await self.engine.stop()
         if self.scheduler is not None:
             await self.scheduler.stop()
         await self.piece_server.stop()

@@ -44,7 +44,7 @@ from common.digest import file_digest, parse_digest
 from common.download import MAX_PRIORITY, DownloadRequest
 from common.errors import DamselflyError, DownloadFailed, InvalidRequest, one_line
 from common.ids import validate_url
-from common.pieces import MAX_PIECE_LENGTH, MIN_PIECE_LENGTH
+from common.pieces import DEFAULT_MIN_PIECE_LENGTH, MAX_PIECE_LENGTH
 from peer import dfget_listing
 from peer.dfget_output import TempFile, create_temp, place, sweep_stale
 
@@ -145,9 +145,9 @@ def _piece_length(text: str) -> int:
         length = parse_size(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-    if not MIN_PIECE_LENGTH <= length <= MAX_PIECE_LENGTH:
+    if not DEFAULT_MIN_PIECE_LENGTH <= length <= MAX_PIECE_LENGTH:
         raise argparse.ArgumentTypeError(
-            f"{text!r} is outside {format_size(MIN_PIECE_LENGTH)} .. {format_size(MAX_PIECE_LENGTH)}")
+            f"{text!r} is outside {format_size(DEFAULT_MIN_PIECE_LENGTH)} .. {format_size(MAX_PIECE_LENGTH)}")
     return length
 
 
@@ -217,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="task priority for the scheduler, Dragonfly's LEVEL0..LEVEL6 (what each level does: "
              "docs/dfget.md) [env] (default: 6)")
     add("--piece-length", type=_piece_length, default=None, metavar="SIZE",
-        help=f"piece length, e.g. 4MiB ({format_size(MIN_PIECE_LENGTH)} .. {format_size(MAX_PIECE_LENGTH)}); "
+        help=f"piece length, e.g. 4MiB ({format_size(DEFAULT_MIN_PIECE_LENGTH)} .. {format_size(MAX_PIECE_LENGTH)}); "
              "another length is another task [env] (default: chosen from the content length)")
     add("-H", "--header", metavar="'NAME: VALUE'", action="append", default=[],
         help="request header for the origin (repeatable)")

@@ -20,7 +20,7 @@ PREFIX = "damselfly_dfdaemon"
 TRAFFIC_TYPES = ("back_to_source", "remote_peer", "local_peer")
 TASK_RESULTS = ("started", "succeeded", "failed")
 # Outcomes of one piece request to the piece server (peer/upload/piece_server.py).
-UPLOAD_RESULTS = ("succeeded", "failed", "busy", "not_found", "bad_request")
+UPLOAD_RESULTS = ("succeeded", "failed", "busy", "refused_busy", "not_found", "bad_request")
 # Why a piece from a parent was rejected: bad digest, or the transfer failed.
 PIECE_FAILURE_REASONS = ("digest", "parent", "geometry")  # geometry: a parent announced a geometry not the swarm's
 # Proxy / registry mirror (peer/proxy/server.py): p2p (a blob through the P2P network); passed straight

@@ -74,7 +74,7 @@ from common.config import SchedulerConfig, split_address
 from common.download import Priority
 from common.errors import HostNotFound, PeerNotFound, PermissionDenied, QuotaExceeded, TaskNotFound
 from common.identity import Identity, Role
-from common.pieces import MAX_PIECE_COUNT, MAX_PIECE_LENGTH, MIN_PIECE_LENGTH
+from common.pieces import DEFAULT_MIN_PIECE_LENGTH, MAX_PIECE_COUNT, MAX_PIECE_LENGTH
 from scheduler.resource import (
     FETCHING_STATES,
     TERMINAL_STATES,
@@ -94,7 +94,6 @@ from scheduler.scheduling import (
     OriginVerdict,
     is_bad_parent,
     is_busy,
-    is_descendant,
     origin_retry_delay,
     origin_verdict,
     parents_to_come,
@@ -198,6 +197,13 @@ def stream_message_problem(bound_peer_id: str, peer_id: str, is_register: bool) 
     return ""
 
 
+def _seed_download(download: DownloadSpec) -> DownloadSpec:
+    """What a seed is triggered with for `download`: a back-to-source of the whole content, or
+    (a lazy read) of what children demand. Seeds fetch for everyone: a peer's
+    disable_back_to_source is about that peer only."""
+    return replace(download, need_back_to_source=True, disable_back_to_source=False, range_start=0, range_length=0)
+
+
 def geometry_problem(piece_length: int, number: int, offset: int, length: int) -> str:
     """Why a piece report does not fit a task cut in `piece_length` pieces (0: not known yet)."""
     if not 0 <= number < MAX_PIECE_COUNT:
@@ -216,8 +222,8 @@ def geometry_problem(piece_length: int, number: int, offset: int, length: int) -
 
 def requested_piece_length_problem(piece_length: int) -> str:
     """Why a download's requested piece length is refused ('' when 0, i.e. none, or in bounds)."""
-    if piece_length and not MIN_PIECE_LENGTH <= piece_length <= MAX_PIECE_LENGTH:
-        return (f"piece length {piece_length} is outside {MIN_PIECE_LENGTH}..{MAX_PIECE_LENGTH} bytes; "
+    if piece_length and not DEFAULT_MIN_PIECE_LENGTH <= piece_length <= MAX_PIECE_LENGTH:
+        return (f"piece length {piece_length} is outside {DEFAULT_MIN_PIECE_LENGTH}..{MAX_PIECE_LENGTH} bytes; "
                 "leave it unset to let the content's size decide")
     return ""
 
@@ -555,6 +561,10 @@ class SchedulerCore:
         task.transition(TaskEvent.DOWNLOAD, now)
         if peer.is_seed and task.seed_trigger is not None:
             task.seed_trigger = None  # the trigger arrived (or another seed took it on)
+        if task.lazy_seed is not None and not download.lazy and not peer.is_seed:
+            # The seed fetches only what lazy readers demand; this download wants every piece.
+            decisions.append(TriggerSeed(task.lazy_seed, task.id, _seed_download(download)))
+            task.lazy_seed = None
         if task.content_length == 0:
             peer.transition(PeerEvent.SCHEDULE_EMPTY, now)
             return [SendEmpty(peer_id)]
@@ -714,7 +724,7 @@ class SchedulerCore:
 
         def apply(peer: Peer) -> list[Decision]:
             decisions = self._succeed(peer)
-            if peer.download.range_length == 0 and peer.defines_content:
+            if peer.download.range_length == 0 and not peer.download.lazy and peer.defines_content:
                 self._learn_content_length(peer)
             return decisions
 
@@ -891,7 +901,8 @@ class SchedulerCore:
             sample=self.config.filter_parent_limit,
             rng=self.rng,
             exclude=set(exclude),
-            busy_fallback=not first_parents or waited >= patience,
+            # A lazy reader's demands reach the origin through a seed: it does not wait for one.
+            busy_fallback=not first_parents or waited >= patience or peer.download.lazy,
         )
         if first_parents and not any(not parent.is_seed for parent in parents):
             # Busy parents only (or none): peers still receiving their first pieces from them
@@ -920,11 +931,13 @@ class SchedulerCore:
         whose piece digests a child may take when the scheduler is unreachable (a seed back-sourced
         what it holds), and the last resort for pieces no peer has. The download policy keeps a
         child's use of it to those pieces, one at a time; a busy seed (its child limit reached) is
-        not added, so in a large swarm it stays the parent of a few (who pass its pieces on)."""
+        not added, so in a large swarm it stays the parent of a few (who pass its pieces on).
+        A lazy reader gets a seed however busy: its readers' demands for pieces nobody has reach
+        the origin through the seed, and demand is small."""
         if any(p.is_seed for p in parents) or any(p.is_seed for p in peer.parents.values()):
             return None
         for candidate in peer.task.back_to_source_peers.values():
-            if (candidate.is_seed and candidate.eligible_parent and not is_busy(candidate)
+            if (candidate.is_seed and candidate.eligible_parent and (peer.download.lazy or not is_busy(candidate))
                     and candidate.id not in peer.blocklist and rejection(peer, candidate) is None):
                 return candidate
         return None
@@ -954,11 +967,9 @@ class SchedulerCore:
             address = hashring.choose(seeds, task.id)
             if address is not None:
                 task.seed_trigger = (address, now)
+                task.lazy_seed = address if peer.download.lazy else None
                 self._park(peer)
-                # Seeds fetch for everyone: a peer's disable_back_to_source is about that peer only.
-                download = replace(peer.download, need_back_to_source=True, disable_back_to_source=False,
-                                   range_start=0, range_length=0)
-                return [TriggerSeed(address, task.id, download)]
+                return [TriggerSeed(address, task.id, _seed_download(peer.download))]
             if self._may_back_to_source(peer):
                 return [self._back_to_source(peer, "no parent and no seed peer")]
         elif task.origin_failures:  # a retry of a failing origin is under way: its verdict decides
@@ -1129,7 +1140,6 @@ class SchedulerCore:
                 or child.host is parent.host
                 or parent.id in child.parents
                 or parent.id in child.blocklist
-                or is_descendant(parent, of=child)
             ):
                 continue
             decisions.append(self._send_normal(child, [parent]))

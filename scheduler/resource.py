@@ -348,6 +348,15 @@ class DownloadSpec:
     need_back_to_source: bool = False
     disable_back_to_source: bool = False
     task_type: int = 0
+    # A Range read (read lazily, in small pieces); with prefetch off it wants only the pieces its
+    # readers wait for (lazy).
+    ranged: bool = False
+    prefetch: bool = True
+
+    @property
+    def lazy(self) -> bool:
+        """A Range read without prefetch: only the pieces its readers wait for."""
+        return self.ranged and not self.prefetch
 
 
 @dataclass(frozen=True, slots=True)
@@ -415,6 +424,9 @@ class Task:
         self.piece_count: int | None = None
         self.max_finished = 0  # most pieces any peer of the task has
         self.seed_trigger: tuple[str, float] | None = None  # (address, when) of a trigger in flight
+        # The seed triggered for a lazy read (it fetches only what children demand): it is
+        # triggered again for the whole content when a download that wants it all joins.
+        self.lazy_seed: str | None = None
         # The current back-to-source round (scheduler.core: "Origin failures"): attempts that
         # failed, the origin's last answer, when the next attempt may start, and, once the task
         # has failed, until when new downloads fail at once with that answer.

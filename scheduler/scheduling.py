@@ -82,23 +82,6 @@ def is_bad_parent(parent: Peer) -> bool:
     return last > BAD_PARENT_MEAN_FACTOR * mean
 
 
-def is_descendant(node: Peer, of: Peer) -> bool:
-    """True when `node` downloads (directly or not) from `of`: making it a parent of `of` is a cycle."""
-    if not of.children:
-        return False
-    seen: set[str] = set()
-    stack = list(of.children.values())
-    while stack:
-        peer = stack.pop()
-        if peer is node:
-            return True
-        if peer.id in seen:
-            continue
-        seen.add(peer.id)
-        stack.extend(peer.children.values())
-    return False
-
-
 def rejection(child: Peer, parent: Peer) -> str | None:
     """Why `parent` may not serve `child`, or None when it may."""
     if parent is child:
@@ -113,8 +96,6 @@ def rejection(child: Peer, parent: Peer) -> str | None:
         return "no free upload slot"
     if is_bad_parent(parent):
         return "bad parent (piece cost outlier)"
-    if is_descendant(parent, of=child):
-        return "descendant of the child (cycle)"
     return None
 
 
@@ -144,7 +125,6 @@ def parents_to_come(child: Peer, roots: Iterable[Peer], *, limit: int, visit: in
                 and candidate.host is not child.host
                 and candidate.id not in child.blocklist
                 and candidate.host.free_upload_slots > 0
-                and not is_descendant(candidate, of=child)
             ):
                 found.append(candidate)
                 if len(found) >= limit:

@@ -551,13 +551,17 @@ def download_from_proto(download: common_pb2.Download) -> DownloadSpec:
         need_back_to_source=download.need_back_to_source,
         disable_back_to_source=download.disable_back_to_source,
         task_type=download.type,
+        ranged=has_range, prefetch=download.prefetch or not has_range,
     )
 
 
 def seed_download(spec: DownloadSpec) -> DownloadRequest:
     """The download a seed is triggered with, in the form every dfdaemon entry point takes.
 
-    The core has already made it a back-to-source of the whole content. Raises InvalidRequest for
+    The core has already made it a back-to-source (of the whole content, or, `lazy`, of what
+    children will demand: a Range read of nothing, prefetch off; for a Range read with prefetch, a
+    Range read of nothing with prefetch: the whole content in the small pieces of a lazily read
+    blob). Raises InvalidRequest for
     a URL or digest no dfdaemon accepts. (The task type is not carried: ``AnnouncePeer`` only
     serves standard tasks.)
     """
@@ -566,6 +570,7 @@ def seed_download(spec: DownloadSpec) -> DownloadRequest:
         filtered_query_params=spec.filtered_query_params, request_header=spec.request_header,
         piece_length=spec.piece_length or None, need_back_to_source=spec.need_back_to_source,
         disable_back_to_source=spec.disable_back_to_source,
+        byte_range=(0, 0) if spec.ranged else None, prefetch=spec.prefetch,
     )
 
 

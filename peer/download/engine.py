@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from random import Random
@@ -47,6 +48,7 @@ from common.errors import (
     IntegrityError,
     OriginError,
     OriginStatusError,
+    ParentBusy,
     ParentError,
     SchedulerUnavailable,
     TaskFailed,
@@ -75,6 +77,7 @@ from peer.download.scheduler_client import (
     SchedulerClient,
     SchedulerSession,
 )
+from peer.upload.piece_server import BUSY_HEADER, CHILD_HEADER, WHEN_BUSY_HEADER
 
 if TYPE_CHECKING:
     from common.config import DfdaemonConfig
@@ -98,6 +101,12 @@ DIGEST_WAIT = 5.0
 STREAM_END_GRACE = 5.0
 ORIGIN_ATTEMPTS = 3
 ORIGIN_BACKOFF = 0.5
+# A lazy download (Range reads without prefetch) waits this long for the next read, which then
+# joins it; a lazy back-sourcer (a seed triggered for Range reads) likewise for children's demands.
+# Then it ends, and the next read or demand starts it again.
+LAZY_IDLE = 30.0
+# Lazy back-to-source requests a seed keeps, to start again on a demand after it ended.
+LAZY_REQUESTS_KEPT = 1024
 
 
 @dataclass
@@ -172,6 +181,7 @@ class Conductor:
             # Only a Range read with prefetch off fetches just the pieces it covers.
             want_everything=request.prefetch or request.byte_range is None,
             origin_allowed=not request.disable_back_to_source,
+            read_lazily=request.byte_range is not None,
         )
         self._events: asyncio.Queue[_Event] = asyncio.Queue()
         # Every coroutine working for this download (parent sessions, piece fetches, the
@@ -208,6 +218,23 @@ class Conductor:
         return (count is not None and 0 <= number < count
                 and (self.policy.want_everything or number in self.policy.wanted))
 
+    @property
+    def fetches_on_demand(self) -> bool:
+        """A lazy back-to-source under way: it fetches from the origin whatever a child demands."""
+        return self._back_to_source and not self.policy.want_everything and not self.done.done()
+
+    def demand(self, number: int) -> bool:
+        """A child waits for piece `number`: fetch it (first) if this download can; False if not."""
+        count = self.policy.piece_count
+        if count is None or not 0 <= number < count:
+            return False
+        if not self.fetches(number):
+            if not self.fetches_on_demand:
+                return False
+            self.policy.want([number])
+        self.prioritize([number])
+        return True
+
     def add_range(self, request: DownloadRequest) -> bool:
         """Join a Range read to this download; False when it is over (start a new one)."""
         if self.done.done():
@@ -226,6 +253,7 @@ class Conductor:
         if not self.policy.want_everything:
             self.policy.want_all()
             self._events.put_nowait(_Wake())
+            self._origin_wake.set()
 
     def _on_content_known(self) -> None:
         """The size is known: tell the policy, and turn pending Range reads into wanted pieces."""
@@ -293,7 +321,10 @@ class Conductor:
         reader = self._stream_reader
         if reader is None or reader.done():
             return
-        await asyncio.wait({reader}, timeout=STREAM_END_GRACE)
+        # A daemon stopping does not wait: its scheduler may be stopping too (a shutdown of both
+        # otherwise took longer than a 10 s grace with downloads running, and was killed).
+        if not self.engine.stopping:
+            await asyncio.wait({reader}, timeout=STREAM_END_GRACE)
         if not reader.done():
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
@@ -447,7 +478,8 @@ class Conductor:
         """
         if self.local.content_length is None:
             try:
-                length = piece_length or origin_piece_length(content_length, self.request.piece_length)
+                length = piece_length or origin_piece_length(content_length, self.request.piece_length,
+                                                             lazy=self.request.byte_range is not None)
             except ValueError as exc:
                 raise DownloadFailed(f"cannot download {self.request.url}: {exc}") from None
             collector = self.engine.collector
@@ -482,18 +514,43 @@ class Conductor:
         while True:
             for command in self.policy.next_commands():
                 if isinstance(command, Finished):
-                    return
+                    if self.policy.want_everything or not await self._more_reads():
+                        return
+                    break  # a read joined: decide again
                 if isinstance(command, BackToSource):
                     await self._back_source(command.reason)
                     return
                 if isinstance(command, GiveUp):
                     raise TaskFailed(command.reason)
                 self._carry_out(command)
+            # Time passing is an event too: a busy parent may be asked again, parents may stall.
+            timeout = 1.0
+            wake = self.policy.next_wake()
+            if wake is not None:
+                timeout = min(timeout, max(0.0, wake - self.clock.time()))
             try:
-                event = await asyncio.wait_for(self._events.get(), timeout=1.0)
+                event = await _next_event(self._events, timeout)
             except TimeoutError:
-                continue  # time passed: the policy may decide the parents have stalled
+                continue
             await self._handle(event)
+
+    async def _more_reads(self) -> bool:
+        """A Range download without prefetch has what its reads wanted: stay (parents, their
+        announcements and the scheduler stream with it) for LAZY_IDLE, so the next read of the
+        blob joins at once instead of registering anew. True when a read wants more pieces."""
+        deadline = self.clock.time() + LAZY_IDLE
+        while self.policy.is_finished():
+            remaining = deadline - self.clock.time()
+            if remaining <= 0:
+                return False
+            try:
+                event = await _next_event(self._events, remaining)
+            except TimeoutError:
+                return False
+            await self._handle(event)
+            if self.policy.task_failure or self.policy.back_to_source_reason:
+                return True  # next_commands says what to do
+        return True
 
     def _carry_out(self, command: Command) -> None:
         if isinstance(command, FetchPiece):
@@ -548,6 +605,9 @@ class Conductor:
             self._in_flight.pop(event.number, None)
             if event.error is None:
                 self.policy.piece_succeeded(event.number, event.parent_id)
+                return
+            if isinstance(event.error, ParentBusy):
+                self.policy.piece_busy(event.number, event.parent_id)
                 return
             integrity = isinstance(event.error, IntegrityError)
             if event.number in self.policy.demanded and not integrity:
@@ -605,7 +665,13 @@ class Conductor:
         url = f"{self.engine.piece_scheme}://{parent.ip}:{parent.download_port}/pieces/{self.task_id}/{number}"
         started = self.clock.time()
         timeout = aiohttp.ClientTimeout(total=self.engine.config.piece_timeout)
-        async with self.engine.http.get(url, timeout=timeout) as response:
+        # A demand waits at the seed; other pieces may be had elsewhere when this parent is busy.
+        headers = {CHILD_HEADER: self.engine.host_id}
+        if not demand:
+            headers[WHEN_BUSY_HEADER] = "refuse"
+        async with self.engine.http.get(url, timeout=timeout, headers=headers) as response:
+            if response.status == 503 and response.headers.get(BUSY_HEADER):
+                raise ParentBusy(parent.peer_id)
             if response.status != 200:
                 reason = (await response.text())[:200].strip()
                 raise ParentError(parent.peer_id, f"HTTP {response.status} for piece {number}: {reason}")
@@ -707,11 +773,18 @@ class Conductor:
 
     async def _fetch_from_origin(self, queue: list[int], headers: dict[str, str]) -> None:
         """Fetch the pieces of `queue` from the origin, in the order and number the policy says:
-        pieces readers wait for (also those that join meanwhile) first, the rest behind them."""
+        pieces readers wait for (also those that join meanwhile) first, the rest behind them.
+
+        A lazy download (Range reads, no prefetch) also takes the pieces wanted meanwhile (new
+        reads, children's demands) and waits :data:`LAZY_IDLE` for more before it ends.
+        """
         limit = self.engine.config.back_to_source_concurrency
         running: dict[int, asyncio.Task[None]] = {}
+        lazy = not self.policy.want_everything
         async with asyncio.TaskGroup() as fetches:
-            while queue or running:
+            while True:
+                if not queue and not running and not (lazy and await self._more_wanted(queue)):
+                    return
                 self._origin_wake.clear()
                 while (number := self.policy.next_origin_fetch(queue, running, limit)) is not None:
                     running[number] = fetches.create_task(self._origin_piece(number, headers),
@@ -723,6 +796,21 @@ class Conductor:
                     wake.cancel()
                 for done in [n for n, task in running.items() if task.done()]:
                     del running[done]
+                if self._origin_wake.is_set():
+                    self._queue_wanted(queue, running)
+
+    def _queue_wanted(self, queue: list[int], running: Mapping[int, object]) -> None:
+        """Put pieces wanted since the queue was made (a read or a demand joined) at its end."""
+        queued = set(queue)
+        queue.extend(n for n in self._missing() if n not in queued and n not in running)
+
+    async def _more_wanted(self, queue: list[int]) -> bool:
+        """Wait up to LAZY_IDLE for pieces to be wanted; True when some were queued."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(LAZY_IDLE):  # not wait_for: see _next_event
+                await self._origin_wake.wait()
+        self._queue_wanted(queue, {})
+        return bool(queue)
 
     async def _origin_piece(self, number: int, headers: dict[str, str], *, report: bool = True) -> None:
         span = self.local.span(number)
@@ -832,6 +920,14 @@ class Conductor:
             raise ContentDigestMismatch(expected, actual)
 
 
+async def _next_event(events: asyncio.Queue[_Event], timeout: float) -> _Event:  # noqa: ASYNC109
+    """The next event, TimeoutError after `timeout`. Not ``asyncio.wait_for``: on Python 3.11 it
+    returns an event that arrives as the task is cancelled and drops the cancellation (a daemon
+    stopping had its parents' sessions end at once, and a download went on, past the grace)."""
+    async with asyncio.timeout(timeout):
+        return await events.get()
+
+
 def _int_or_zero(text: str) -> int:
     """A header's decimal value; 0 when it is missing or no number (then no bound accepts it)."""
     return int(text) if text.isascii() and text.isdigit() and len(text) <= 20 else 0
@@ -880,7 +976,10 @@ class Engine:
         self.metrics = metrics
         self.host_id = host_id
         self.collector = collector
+        self.stopping = False  # set by stop(): downloads end without waiting for their schedulers
         self._conductors: dict[str, Conductor] = {}
+        # Lazy back-to-source requests (seed triggers for Range reads), most recent last.
+        self._lazy_requests: OrderedDict[str, DownloadRequest] = OrderedDict()
         self._runners: set[asyncio.Task[None]] = set()
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._http: aiohttp.ClientSession | None = None
@@ -923,6 +1022,13 @@ class Engine:
             if request.byte_range is None or request.prefetch:
                 conductor.want_all()
             return conductor
+        if request.need_back_to_source and request.byte_range is not None and not request.prefetch:
+            self._lazy_requests[task_id] = request
+            self._lazy_requests.move_to_end(task_id)
+            while len(self._lazy_requests) > LAZY_REQUESTS_KEPT:
+                self._lazy_requests.popitem(last=False)
+        elif request.byte_range is None or request.prefetch:
+            self._lazy_requests.pop(task_id, None)
         local = self.store.create(task_id, url=request.url, digest=request.content_digest,
                                   tag=request.tag, application=request.application)
         conductor = Conductor(self, request, local)
@@ -944,15 +1050,20 @@ class Engine:
     async def wait_demanded_piece(self, task_id: str, number: int, timeout: float) -> bool:  # noqa: ASYNC109
         """A child asks for a piece this node has not got yet: move it first, wait for it.
 
-        True once the piece is here (within `timeout`); False at once when no download running
-        here will bring it, or when it did not come in time.
+        True once the piece is here (within `timeout`); False at once when no download here will
+        bring it, or when it did not come in time. A lazy back-to-source (this seed fetches what
+        children demand) takes the piece on, and starts again if it had ended.
         """
         conductor = self._conductors.get(task_id)
-        if conductor is None or conductor.done.done() or not conductor.fetches(number):
-            return False
+        if conductor is None or conductor.done.done():
+            request = self._lazy_requests.get(task_id)
+            if request is None:
+                return False
+            conductor = self.download(request)
         local = conductor.local
         if not local.has_piece(number):
-            conductor.prioritize([number])
+            if not conductor.demand(number):
+                return False
             with contextlib.suppress(TimeoutError, DamselflyError):  # late, failed or deleted: not here
                 await local.wait_for_piece(number, timeout)
         return local.has_piece(number)
@@ -982,6 +1093,7 @@ class Engine:
 
     async def stop(self) -> None:
         """Cancel running downloads and close shared connections."""
+        self.stopping = True
         for runner in list(self._runners):
             runner.cancel()
         await asyncio.gather(*self._runners, return_exceptions=True)

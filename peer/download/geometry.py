@@ -77,13 +77,14 @@ def view_from_task(content_length: int, pieces: Iterable[KnownPiece]) -> Schedul
     return SchedulerView(content_length if content_length > 0 else None, tuple(pieces))
 
 
-def origin_piece_length(content_length: int, requested: int | None) -> int:
-    """The back-sourcer's piece length: the requested one (or the default), grown as needed so the
-    content fits in MAX_PIECE_COUNT pieces. Raises ValueError for content beyond the bounds."""
+def origin_piece_length(content_length: int, requested: int | None, *, lazy: bool = False) -> int:
+    """The back-sourcer's piece length: the requested one (or the default, smaller for a content
+    read `lazy`), grown as needed so the content fits in MAX_PIECE_COUNT pieces. Raises ValueError
+    for content beyond the bounds."""
     if content_length > MAX_CONTENT_LENGTH:
         raise ValueError(f"content of {content_length} bytes is larger than {MAX_CONTENT_LENGTH} "
                          f"({MAX_PIECE_COUNT} pieces of {MAX_PIECE_LENGTH})")
-    length = requested or piece_length_for(content_length)
+    length = requested or piece_length_for(content_length, lazy=lazy)
     while length < MAX_PIECE_LENGTH and piece_count(content_length, length) > MAX_PIECE_COUNT:
         length *= 2
     return min(length, MAX_PIECE_LENGTH)

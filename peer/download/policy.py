@@ -47,7 +47,13 @@ The rules, each tested in ``tests/unit/test_download_policy.py``:
   forbidden): parents that read other parts of the blob may never get it. A failure waits as long
   again. Whole downloads do not: every parent gets every piece, and a stall reschedules.
 - The origin queue (:meth:`DownloadPolicy.next_origin_fetch`): demanded pieces start at once; the
-  whole-blob rest keeps at most :data:`BACKGROUND_UNDER_DEMAND` fetches going while demand waits.
+  whole-blob rest keeps at most :data:`BACKGROUND_UNDER_DEMAND` fetches going while demand waits,
+  and :data:`BACKGROUND_PIECES_UNDER_DEMAND` at any time in a blob read in Range reads.
+- The same from parents: while a reader waits, or always in a blob read in Range reads, at most
+  :data:`BACKGROUND_PIECES_UNDER_DEMAND` pieces nobody waits for are in flight.
+- A parent whose uplink is full says so (:meth:`DownloadPolicy.piece_busy`): no failure; it is
+  left alone for :data:`PARENT_BUSY_BACKOFF` and other holders are asked meanwhile
+  (:meth:`DownloadPolicy.next_wake` says when to look again).
 """
 
 from __future__ import annotations
@@ -65,8 +71,14 @@ from common.clock import Clock
 PARENT_PIECE_LIMIT = 2
 SEED_PIECE_LIMIT = 1
 SEED_PIECE_LIMIT_WITH_PEERS = 1
+# A parent that answered "all my upload slots are taken" is not asked again for this long.
+PARENT_BUSY_BACKOFF = 0.2
 # A parent that failed this many pieces of the task is dropped and reported to the scheduler.
 PARENT_FAILURE_LIMIT = 2
+# While a reader waits for pieces, or may come back any moment (a blob read in Range reads, with
+# prefetch), at most this many other pieces (prefetch, the whole blob) are fetched at once: the
+# downlink is the reader's, and a read that arrives finds no queue of prefetch pieces before it.
+BACKGROUND_PIECES_UNDER_DEMAND = 2
 # Pieces a reader waits for that are asked of a seed before it announced them, at once per task.
 DEMAND_LIMIT = 8
 # A demand the seed could not answer (it does not fetch the piece, or not in time) is retried this
@@ -150,6 +162,8 @@ class ParentState:
     failures: int = 0
     # False once its piece announcements ended: it will not offer anything new.
     live: bool = True
+    # Until when it is not asked for pieces: its uplink was full (it answered "busy").
+    busy_until: float = 0.0
 
 
 @dataclass
@@ -184,6 +198,8 @@ class DownloadPolicy:
     # piece from the origin itself (its request allows back-to-source).
     waiting_since: dict[int, float] = field(default_factory=dict)
     origin_allowed: bool = True
+    # The blob is read in Range reads (nydusd): readers come and go, whole-blob fetching stays behind.
+    read_lazily: bool = False
 
     def __post_init__(self) -> None:
         self._order_salt = self.rng.random()
@@ -241,7 +257,7 @@ class DownloadPolicy:
         return True
 
     def parent_has(self, parent_id: str, number: int) -> None:
-        if parent_id in self.parents:
+        if parent_id in self.parents and number not in self.finished:
             self.holders.setdefault(number, set()).add(parent_id)
 
     def parent_ended(self, parent_id: str, error: str = "") -> list[Command]:
@@ -261,6 +277,7 @@ class DownloadPolicy:
         if not self._demand_settled(number, parent_id):
             self._settle(number, parent_id)
         self.finished.add(number)
+        self.holders.pop(number, None)  # who else has it no longer matters: keeps _dispatch's scan short
 
     def piece_failed(self, number: int, parent_id: str, error: str, *, integrity: bool) -> list[Command]:
         """A piece from `parent_id` failed; `integrity` when its bytes did not match the digest."""
@@ -276,6 +293,25 @@ class DownloadPolicy:
         if integrity or parent.failures >= PARENT_FAILURE_LIMIT:
             commands += self._drop(parent, error)
         return commands
+
+    def piece_busy(self, number: int, parent_id: str) -> None:
+        """The parent's upload slots were all taken, or (a seed) it just sent this piece to another
+        child, who will pass it on: no failure; other holders are asked meanwhile, and this parent
+        (for a demand: this piece of it) again after :data:`PARENT_BUSY_BACKOFF`."""
+        until = self.clock.time() + PARENT_BUSY_BACKOFF
+        if self._demand_settled(number, parent_id):
+            self.demand_retry_at[number] = until
+            return
+        parent = self._settle(number, parent_id)
+        if parent is not None:
+            parent.busy_until = until
+
+    def next_wake(self) -> float | None:
+        """When a busy parent or a refused demand may be asked again (the next decision point)."""
+        now = self.clock.time()
+        times = [p.busy_until for p in self.parents.values() if p.busy_until > now]
+        times += [t for n, t in self.demand_retry_at.items() if t > now and n not in self.finished]
+        return min(times) if times else None
 
     def scheduler_lost(self) -> None:
         self.scheduler_alive = False
@@ -339,6 +375,8 @@ class DownloadPolicy:
             return number
         background_running = len(running_now) - demand_running
         cap = BACKGROUND_UNDER_DEMAND if demand_queued or demand_running else limit
+        if self.read_lazily:
+            cap = min(cap, BACKGROUND_PIECES_UNDER_DEMAND)
         if queue and background_running < cap and len(running_now) < limit:
             return queue.pop(0)
         return None
@@ -408,21 +446,46 @@ class DownloadPolicy:
     def _dispatch(self) -> Iterable[FetchPiece]:
         if not self.content_known or len(self.in_flight) >= self.concurrent_pieces:
             return
+        # Only parents with a free slot can take a piece: with none, there is nothing to scan
+        # (this runs after every event, so its cost is per byte received).
+        seed_limit = (SEED_PIECE_LIMIT_WITH_PEERS if any(not p.is_seed for p in self.parents.values())
+                      else SEED_PIECE_LIMIT)
+        now = self.clock.time()
+        free = {parent.peer_id for parent in self.parents.values()
+                if parent.in_flight < (seed_limit if parent.is_seed else PARENT_PIECE_LIMIT)
+                and parent.busy_until <= now}
+        if not free:
+            return
         wanted = None if self.want_everything else self.wanted
         ready = [n for n, holders in self.holders.items()
-                 if holders and n not in self.finished and n not in self.in_flight
-                 and (wanted is None or n in wanted)]
+                 if n not in self.finished and n not in self.in_flight
+                 and (wanted is None or n in wanted) and not free.isdisjoint(holders)]
         ready.sort(key=self._order)
         peers_busy = any(p.in_flight for p in self.parents.values() if not p.is_seed)
+        # While a reader waits, the rest of the blob keeps only a few transfers going.
+        background_room = self.concurrent_pieces
+        if self.read_lazily or any(n not in self.finished for n in self.priority):
+            background_room = BACKGROUND_PIECES_UNDER_DEMAND - sum(1 for n in self.in_flight if n not in self.priority)
         for number in ready:
-            if len(self.in_flight) >= self.concurrent_pieces:
+            if len(self.in_flight) >= self.concurrent_pieces or not free:
                 return
-            parent = self._pick_parent(self.holders[number], use_seed=not peers_busy or number in self.priority
-                                       or self._only_seeds_hold(number))
+            background = number not in self.priority
+            if background and background_room <= 0:
+                return  # ready is sorted: only background pieces are left
+            holders = self.holders[number] & free
+            if not holders:
+                continue
+            # A seed serves what no normal parent has, or a peer whose normal parents are idle;
+            # a reader's piece too waits for a normal holder rather than load the seed's uplink,
+            # which every reader's demands and the rarest pieces need.
+            parent = self._pick_parent(holders, use_seed=not peers_busy or self._only_seeds_hold(number))
             if parent is None:
                 continue
             peers_busy = peers_busy or not parent.is_seed
+            background_room -= background
             parent.in_flight += 1
+            if parent.in_flight >= (seed_limit if parent.is_seed else PARENT_PIECE_LIMIT):
+                free.discard(parent.peer_id)
             self.in_flight[number] = parent.peer_id
             yield FetchPiece(number, parent.peer_id)
 
@@ -440,12 +503,10 @@ class DownloadPolicy:
                    for parent in (self.parents.get(p) for p in self.holders.get(number, ())))
 
     def _pick_parent(self, holders: set[str], *, use_seed: bool) -> ParentState | None:
-        has_peers = any(not p.is_seed for p in self.parents.values())
-        seed_limit = SEED_PIECE_LIMIT_WITH_PEERS if has_peers else SEED_PIECE_LIMIT
+        """Among `holders` (parents with a free slot), normal before seed, then the least busy."""
         candidates = [
             parent for parent in (self.parents.get(p) for p in sorted(holders))
             if parent is not None and (use_seed or not parent.is_seed)
-            and parent.in_flight < (seed_limit if parent.is_seed else PARENT_PIECE_LIMIT)
         ]
         if not candidates:
             return None

@@ -25,6 +25,7 @@ from dragonfly_api import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 from common import ids
 from common.launcher import LocalCluster, Node, http_get, sha256_file, wait_until
+from common.pieces import piece_length_for
 from tests.support.cluster import run_dfget, start_dfget, start_network
 from tests.support.registry import Registry, push_random_blob, write_random_file
 from tests.support.relay import ByteCountingRelay
@@ -32,7 +33,6 @@ from tests.support.relay import ByteCountingRelay
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 MIB = 1 << 20
-PIECE = 4 * MIB
 UPLOAD = "damselfly_dfdaemon_upload_traffic_bytes_total"
 FROM_PEERS = 'damselfly_dfdaemon_download_traffic_bytes_total{type="remote_peer"}'
 FROM_ORIGIN = 'damselfly_dfdaemon_download_traffic_bytes_total{type="back_to_source"}'
@@ -51,9 +51,9 @@ def content_path(node: Node, url: str) -> Path:
 
 
 def corrupt_every_piece(path: Path, size: int) -> None:
-    """Flip one byte in each 4 MiB piece of a cached content file."""
+    """Flip one byte in each piece of a cached content file (pieces of the default length)."""
     with open(path, "r+b") as file:
-        for offset in range(100, size, PIECE):
+        for offset in range(100, size, piece_length_for(size)):
             file.seek(offset)
             byte = file.read(1)
             file.seek(offset)

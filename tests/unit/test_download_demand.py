@@ -9,11 +9,13 @@ import pytest
 
 from common.clock import ManualClock
 from peer.download.policy import (
+    BACKGROUND_PIECES_UNDER_DEMAND,
     BACKGROUND_UNDER_DEMAND,
     DEMAND_LIMIT,
     DEMAND_RETRY,
     ORIGIN,
     ORIGIN_FALLBACK_WAIT,
+    PARENT_BUSY_BACKOFF,
     DownloadPolicy,
     DropParent,
     FetchFromOrigin,
@@ -217,3 +219,47 @@ def test_no_origin_fetch_when_someone_else_can_give_the_piece(case: str) -> None
         p.want_all()
     advance(p, 10 * ORIGIN_FALLBACK_WAIT)
     assert origin_fetches(p) == []
+
+
+def test_a_lazily_read_blob_keeps_its_origin_fetches_behind_readers() -> None:
+    # Range reads with prefetch: the whole blob comes, but never more than a few pieces at once,
+    # so a read that arrives does not queue behind a burst of prefetch on the origin link.
+    p = policy()
+    p.read_lazily = True
+    queue, running = list(range(16)), []
+    while (number := p.next_origin_fetch(queue, running, 8)) is not None:
+        running.append(number)
+    assert running == list(range(BACKGROUND_PIECES_UNDER_DEMAND))
+    p.prioritize([9])
+    assert p.next_origin_fetch(queue, running, 8) == 9  # a reader's piece still starts at once
+
+
+@pytest.mark.parametrize(("read_lazily", "waiting", "background"), [
+    (False, [], 16),  # a whole download: every slot
+    (False, [20], BACKGROUND_PIECES_UNDER_DEMAND),  # a reader waits: the rest stays behind
+    (True, [], BACKGROUND_PIECES_UNDER_DEMAND),  # read in Range reads: the prefetch stays behind
+])
+def test_prefetch_stays_behind_readers_on_the_downlink(read_lazily: bool, waiting: list[int],
+                                                       background: int) -> None:
+    p = policy(pieces=32, a=False, b=False, c=False, d=False, e=False, f=False, g=False, h=False)
+    p.read_lazily = read_lazily
+    for parent in "abcdefgh":
+        for number in range(32):
+            p.parent_has(parent, number)
+    p.prioritize(waiting)
+    got = [number for number, _ in fetches(p)]
+    assert set(waiting) <= set(got)  # the reader's pieces go, whatever the cap
+    assert len([n for n in got if n not in waiting]) == background
+
+
+def test_a_demand_the_seed_sent_to_another_child_is_asked_again_soon_without_blame() -> None:
+    p = policy(everything=False, seed=True)
+    p.want([3])
+    p.prioritize([3])
+    assert fetches(p) == [(3, "seed")]  # a demand: nobody announced it
+    p.piece_busy(3, "seed")  # the seed sent it to another child, who will announce it
+    assert p.parents["seed"].busy_until == 0.0 and p.parents["seed"].failures == 0
+    assert fetches(p) == []
+    assert p.next_wake() == pytest.approx(p.clock.time() + PARENT_BUSY_BACKOFF)
+    advance(p, PARENT_BUSY_BACKOFF)
+    assert fetches(p) == [(3, "seed")]

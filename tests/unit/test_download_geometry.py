@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from common.pieces import MAX_PIECE_COUNT, MAX_PIECE_LENGTH, MIB, MIN_PIECE_LENGTH, piece_count
+from common.pieces import MAX_PIECE_COUNT, MAX_PIECE_LENGTH, MIB, MIN_PIECE_LENGTH, piece_count, piece_length_for
 from peer.download.geometry import (
     MAX_CONTENT_LENGTH,
     KnownPiece,
@@ -14,7 +14,7 @@ from peer.download.geometry import (
     view_from_task,
 )
 
-SIZE = 10 * MIN_PIECE_LENGTH + 123  # 11 pieces of 4 MiB
+SIZE = 10 * MIN_PIECE_LENGTH + 123  # 11 pieces of 1 MiB
 PIECE = MIN_PIECE_LENGTH
 BACK_SOURCED = SchedulerView(SIZE, (KnownPiece(0, 0, PIECE), KnownPiece(10, 10 * PIECE, 123)))
 HALF_WAY = SchedulerView(None, (KnownPiece(0, 0, PIECE), KnownPiece(3, 3 * PIECE, PIECE)))
@@ -73,3 +73,27 @@ def test_origin_piece_length(content_length: int, requested: int | None, expecte
 def test_content_beyond_the_bounds_is_refused() -> None:
     with pytest.raises(ValueError, match="larger than"):
         origin_piece_length(MAX_CONTENT_LENGTH + 1, None)
+
+
+@pytest.mark.parametrize(
+    ("content_length", "lazy", "expected"),
+    [
+        (None, False, 4 * MIB),
+        (9 * MIB, False, 1 * MIB),  # a small content: as many pieces as 1 MiB allows
+        (64 * MIB, False, 1 * MIB),  # 64 pieces, not 16 of 4 MiB: every peer of 16 has some to trade
+        (128 * MIB, False, 2 * MIB),
+        (256 * MIB, False, 4 * MIB),  # Dragonfly's length, which already makes 64 pieces
+        (4 * 1024 * MIB, False, 16 * MIB),  # size/500 rounded up to a power of two
+        (256 * MIB, True, 1 * MIB),  # read lazily: nydusd's chunk size
+        (4 * 1024 * MIB, True, 1 * MIB),
+    ],
+)
+def test_default_piece_lengths(content_length: int | None, lazy: bool, expected: int) -> None:
+    assert piece_length_for(content_length, lazy=lazy) == expected
+    if content_length:
+        assert origin_piece_length(content_length, None, lazy=lazy) == expected
+
+
+def test_a_huge_content_read_lazily_still_fits_the_piece_cap() -> None:
+    length = origin_piece_length(MAX_PIECE_COUNT * MIN_PIECE_LENGTH + 1, None, lazy=True)
+    assert length == 2 * MIN_PIECE_LENGTH

@@ -238,6 +238,19 @@ def test_a_prioritized_piece_comes_from_the_seed_even_when_peers_are_busy() -> N
     assert sorted(fetches(p.next_commands())) == [(0, "a"), (5, "s")]
 
 
+def test_a_reader_waits_for_a_busy_normal_holder_rather_than_load_the_seed() -> None:
+    # Sixteen lazy readers each taking their hot pieces from the seed made it send 13x what was
+    # read (bench/lazyload.py); the seed's uplink is for what nobody else has.
+    p = policy(8, s=True, a=False)
+    has(p, "s", range(8))
+    has(p, "a", [0, 1, 2])
+    p.prioritize([0, 1, 2])
+    got = fetches(p.next_commands())
+    assert [f for f in got if f[1] == "a"] == [(0, "a"), (1, "a")]  # a's two slots
+    assert (2, "s") not in got  # 2 waits for a
+    assert len([f for f in got if f[1] == "s"]) == SEED_PIECE_LIMIT_WITH_PEERS  # a piece only the seed has
+
+
 def test_a_seed_alone_gets_its_own_limit() -> None:
     p = policy(8, s=True)
     has(p, "s", range(8))

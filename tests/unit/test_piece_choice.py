@@ -8,7 +8,7 @@ import random
 import pytest
 
 from common.clock import ManualClock
-from peer.download.policy import SEED_PIECE_LIMIT, DownloadPolicy, FetchPiece
+from peer.download.policy import PARENT_BUSY_BACKOFF, SEED_PIECE_LIMIT, DownloadPolicy, FetchPiece
 
 
 def policy(pieces: int = 4, concurrent: int = 16) -> DownloadPolicy:
@@ -60,3 +60,25 @@ def test_a_lone_seed_serves_one_piece_at_a_time() -> None:
     fetched = [c for c in p.next_commands() if isinstance(c, FetchPiece)]
     # a seed's uplink is shared by its children: several pieces at once from it finish late, all together
     assert len(fetched) == SEED_PIECE_LIMIT == 1
+
+
+def test_a_busy_parent_is_left_alone_for_a_while_and_its_piece_taken_elsewhere() -> None:
+    p = policy(pieces=2, concurrent=1)
+    for parent in ("a", "b"):
+        p.add_parent(parent, is_seed=False)
+    p.parent_has("a", 0)
+    (first,) = p.next_commands()
+    assert isinstance(first, FetchPiece) and (first.number, first.parent_id) == (0, "a")
+    p.piece_busy(0, "a")  # its uplink is full: no failure, no report
+    assert p.parents["a"].failures == 0 and 0 not in p.in_flight
+    assert p.next_commands() == []  # only a has piece 0
+    assert p.next_wake() == pytest.approx(p.clock.time() + PARENT_BUSY_BACKOFF)
+    p.parent_has("b", 0)
+    (second,) = p.next_commands()
+    assert isinstance(second, FetchPiece) and (second.number, second.parent_id) == (0, "b")
+    p.piece_busy(0, "b")
+    assert isinstance(p.clock, ManualClock)
+    p.clock.advance(PARENT_BUSY_BACKOFF)
+    assert p.next_wake() is None
+    (third,) = p.next_commands()
+    assert isinstance(third, FetchPiece) and third.number == 0

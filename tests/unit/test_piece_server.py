@@ -22,7 +22,7 @@ from common.digest import piece_digest
 from common.pieces import piece_span
 from peer.metrics import DaemonMetrics
 from peer.storage.store import LocalTask, PieceStore
-from peer.upload.piece_server import PIECE_DIGEST_HEADER, PieceServer
+from peer.upload.piece_server import BUSY_HEADER, CHILD_HEADER, PIECE_DIGEST_HEADER, WHEN_BUSY_HEADER, PieceServer
 
 TASK = "d" * 64
 PIECE = 256 * 1024
@@ -310,6 +310,82 @@ def test_busy_slots_answer_503(run: Run[None], store: PieceStore, use_sendfile: 
                 async with other.get(url) as again:  # the slot is free again
                     assert again.status == 200
                     assert len(await again.read()) == big
+        finally:
+            await server.stop()
+
+    run(scenario())
+
+
+def test_a_full_uplink_sends_children_elsewhere(run: Run[None], store: PieceStore, use_sendfile: bool) -> None:
+    """Choking: with its swarm slots taken, a request that may go elsewhere is refused at once with
+    the busy header; one that may not (a demand, another client) still waits its turn and is served."""
+    big = 32 * MIB  # far more than loopback socket buffers: the send blocks on the client
+    data = bytes(big)
+
+    async def scenario() -> None:
+        await add_task(store, data, [0], piece_length=big)
+        metrics = DaemonMetrics()
+        server = PieceServer(store, upload_slots=8, metrics=metrics, use_sendfile=use_sendfile, swarm_slots=1)
+        port = await server.start("127.0.0.1", 0)
+        url = f"http://127.0.0.1:{port}/pieces/{TASK}/0"
+        refuse = {WHEN_BUSY_HEADER: "refuse"}
+        try:
+            async with aiohttp.ClientSession() as holder, aiohttp.ClientSession() as other:
+                slow = await asyncio.wait_for(holder.get(url, headers=refuse), DEADLINE)  # a free slot: sent
+                assert slow.status == 200 and server.uploads_in_progress == 1
+                async with other.get(url, headers=refuse) as refused:
+                    assert refused.status == 503
+                    assert refused.headers[BUSY_HEADER] == "uplink"
+                    assert "ask another parent" in await refused.text()
+                assert counter(metrics.upload_pieces.labels("refused_busy")) == 1
+                async with other.get(url) as patient:  # no header: served beside the first
+                    assert patient.status == 200
+                    assert len(await patient.read()) == big
+                assert await asyncio.wait_for(slow.read(), DEADLINE) == data
+                slow.release()
+                async with other.get(url, headers=refuse) as again:  # the uplink is free again
+                    assert again.status == 200
+                    assert len(await again.read()) == big
+        finally:
+            await server.stop()
+
+    run(scenario())
+
+
+def test_a_seed_sends_a_demanded_piece_to_one_child_at_a_time(run: Run[None], store: PieceStore) -> None:
+    """Super-seeding of demands: two children wait for a piece the seed has not got yet; when it
+    arrives, one is sent it and the other is told to get it from that child (it announces the
+    piece once it is there). Asked for once the seed has it, the piece is no demand: it is sent."""
+    data = bytes(range(256)) * (2 * PIECE // 256)
+
+    async def scenario() -> None:
+        task = await add_task(store, data, [])  # known, no piece yet: every request is a demand
+        arrived = asyncio.Event()
+        entered: list[str] = []
+
+        async def demand(task_id: str, number: int, timeout: float) -> bool:  # noqa: ASYNC109
+            entered.append(task_id)
+            await arrived.wait()
+            return task.has_piece(number)
+
+        server = PieceServer(store, upload_slots=8, metrics=DaemonMetrics(), share_window=30.0)
+        server.serve_demands(demand)
+        port = await server.start("127.0.0.1", 0)
+        url = f"http://127.0.0.1:{port}/pieces/{TASK}/1"
+        try:
+            async with aiohttp.ClientSession() as session:
+                async def get(child: str) -> tuple[int, str]:
+                    async with session.get(url, headers={CHILD_HEADER: child}) as response:
+                        await response.read()
+                        return response.status, response.headers.get(BUSY_HEADER, "")
+
+                waiting = [asyncio.ensure_future(get(child)) for child in ("a", "b")]
+                await eventually(lambda: len(entered) == 2)
+                span = piece_span(1, len(data), PIECE)
+                await task.write_piece(1, chunks_of(data[span.offset:span.end]))
+                arrived.set()
+                assert sorted(await asyncio.gather(*waiting)) == [(200, ""), (503, "uplink")]
+                assert await get("a") == (200, "") and await get("b") == (200, "")
         finally:
             await server.stop()
 

@@ -165,7 +165,7 @@ def test_illegal_event_from_the_wire_fails_the_peer() -> None:
         ("blocklisted", "blocklisted"),
         ("no pieces", "not a parent"),
         ("no slots", "no free upload slot"),
-        ("descendant", "descendant"),
+        ("descendant", None),  # pieces trade both ways: a child's child may be its parent
         ("demoted", "not a parent"),
         ("seed back-sourcing without pieces", None),
         ("normal back-sourcing without pieces", "not a parent"),
@@ -511,20 +511,20 @@ def test_parent_failed_by_children_of_two_hosts_is_no_longer_offered_for_the_tas
     assert parents_of(decision) == ["good"]
 
 
-def test_rescheduled_parent_never_gets_its_descendant() -> None:
+def test_a_child_may_become_its_parents_parent() -> None:
+    # Not a DAG: a child that got pieces its parent lacks (from elsewhere) serves them back. With
+    # parents only upstream, the first peers served everyone and the last served no one
+    # (bench/swarm_sim.py, 16 peers: peer uploads 0.00 .. 3.00 blobs, seed 2.33; both ways: seed 1.56).
     w = World()
     w.source("src", pieces=1)
     w.running("a", "src", pieces=1)
     (b,) = w.register("b")
     assert "a" in parents_of(b)
     w.core.download_started("b")
-    w.core.piece_finished("b", 0, 0, PIECE, "a", 0.1)
-    w.source("c", pieces=1)  # pushed to a (it lacks parents), never b to a
-    decisions = w.core.reschedule("a", ["src"])
-    assert all("b" not in parents_of(d) for d in decisions)
-    assert w.core.stat_peer("a").parent_ids == ("c",)
-    reason = rejection(w.core.peers["a"], w.core.peers["b"])
-    assert reason is not None and "cycle" in reason
+    decisions = w.core.piece_finished("b", 0, 0, PIECE, "a", 0.1)  # b is pushed to a, which lacks parents
+    assert [parents_of(d) for d in decisions if d.peer_id == "a"] == [["b"]]
+    assert "b" in w.core.stat_peer("a").parent_ids and "a" in w.core.stat_peer("b").parent_ids
+    assert rejection(w.core.peers["a"], w.core.peers["b"]) is None
 
 
 def test_new_parent_is_pushed_to_children_lacking_parents() -> None:
@@ -658,8 +658,8 @@ def test_deterministic() -> None:
 def test_register_in_a_large_task_is_cheap() -> None:
     w = World(back_to_source_limit=1)
     w.source("src", pieces=1, host=w.host("src", slots=100_000))
-    for i in range(2000):
-        w.running(f"p{i}", "src", pieces=1)
+    for i in range(2000):  # parents with a piece each (back-to-source ones: the mesh pushes none to them)
+        w.source(f"p{i}", pieces=1)
     # filtering looks at a bounded sample, whatever the task size
     calls = 0
     import scheduler.scheduling as scheduling

@@ -230,17 +230,39 @@ def test_seed_trigger_carries_the_registered_download_through_the_one_conversion
         url="https://registry.local/v2/x/blobs/sha256:" + "1" * 64, digest="sha256:" + "1" * 64, tag="t",
         application="app", priority=common_pb2.LEVEL3, filtered_query_params=["sig"], request_header=HEADERS,
         piece_length=8 << 20, disable_back_to_source=False, range=common_pb2.Range(start=10, length=20),
-        timeout=duration(30.0), output_path="/tmp/not-for-the-seed",
+        prefetch=True, timeout=duration(30.0), output_path="/tmp/not-for-the-seed",
     )
-    # what the core makes of it for a trigger: a back-to-source of the whole content
+    # what the core makes of it for a trigger: a back-to-source of the whole content, as a Range
+    # read of nothing with prefetch (a blob read in Range reads is cut in small pieces)
     spec = dataclasses.replace(download_from_proto(registered), need_back_to_source=True, range_start=0,
                                range_length=0)
     sent = seed_download(spec).to_proto()
     assert DownloadRequest.from_proto(sent) == DownloadRequest(
         url=registered.url, digest=registered.digest, tag="t", application="app", priority=3,
         filtered_query_params=("sig",), request_header=HEADERS, piece_length=8 << 20, need_back_to_source=True,
+        byte_range=(0, 0), prefetch=True,
     )
-    assert not sent.HasField("range") and not sent.HasField("timeout") and not sent.output_path
+    assert (sent.range.start, sent.range.length) == (0, 0)
+    assert not sent.HasField("timeout") and not sent.output_path
+
+
+def test_a_lazy_read_triggers_a_seed_that_fetches_what_is_demanded() -> None:
+    # A Range read without prefetch: the seed is asked for a Range of nothing, prefetch off (it
+    # fetches the pieces children demand, in 1 MiB pieces), not for the whole content.
+    registered = common_pb2.Download(url="https://registry.local/v2/x/blobs/sha256:" + "1" * 64,
+                                     range=common_pb2.Range(start=10, length=20))
+    spec = download_from_proto(registered)
+    assert spec.lazy and spec.range_length == 20
+    assert not download_from_proto(common_pb2.Download(url=registered.url)).lazy
+    assert not download_from_proto(common_pb2.Download(url=registered.url, range=registered.range, prefetch=True)).lazy
+    sent = seed_download(dataclasses.replace(spec, need_back_to_source=True, range_start=0, range_length=0)).to_proto()
+    request = DownloadRequest.from_proto(sent)
+    assert request.byte_range == (0, 0) and not request.prefetch and request.need_back_to_source
+    assert request.covering_pieces(100 << 20, 1 << 20) == range(0)
+    # with prefetch: the whole content, as a Range read (so in a lazily read blob's small pieces)
+    spec = download_from_proto(common_pb2.Download(url=registered.url, range=registered.range, prefetch=True))
+    request = DownloadRequest.from_proto(seed_download(spec).to_proto())
+    assert request.byte_range == (0, 0) and request.prefetch
 
 
 async def test_seed_trigger_for_a_url_no_dfdaemon_takes_is_not_sent() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from scheduler.core import MESH_PARENT_LIMIT, SendNeedBackToSource, SendNormal
+from scheduler.core import MESH_PARENT_LIMIT, SendNeedBackToSource, SendNormal, TriggerSeed
 from scheduler.scheduling import SEED_CHILD_LIMIT
 from tests.unit.test_scheduler_core import PIECE, World, kinds, parents_of
 
@@ -89,3 +89,21 @@ def test_a_peer_fed_by_no_one_is_no_parent_to_come() -> None:
     for i in range(SEED_CHILD_LIMIT):
         w.register(f"c{i}")  # children of the seed, but never started (RECEIVED_NORMAL)
     assert w.register("late") == []  # parked
+
+
+def test_a_lazy_reader_gets_the_busy_seed_at_once() -> None:
+    # Its readers' demands for pieces nobody has reach the origin only through a seed.
+    w = seeded_world()
+    assert "seed-peer" in parents_of(w.register("lazy", ranged=True, prefetch=False, range_length=4096)[0])
+
+
+def test_a_lazy_read_triggers_the_seed_for_demand_and_a_whole_download_for_everything() -> None:
+    w = World(seed_peer=("10.9.9.9:4000",))
+    (lazy,) = w.register("a", ranged=True, prefetch=False, range_length=4096)
+    assert isinstance(lazy, TriggerSeed) and lazy.download.lazy and lazy.download.need_back_to_source
+    assert lazy.download.range_length == 0
+    # the next lazy reader waits for the seed; no second trigger
+    assert w.register("b", ranged=True, prefetch=False, range_length=4096) == []
+    (whole,) = [d for d in w.register("c") if isinstance(d, TriggerSeed)]
+    assert whole.address == lazy.address and not whole.download.lazy and whole.download.need_back_to_source
+    assert not any(isinstance(d, TriggerSeed) for d in w.register("d"))  # once
