@@ -160,7 +160,9 @@ class SchedulerSession:
             with map_rpc_errors(unreachable=SchedulerUnavailable,
                                 overrides={**_STREAM_ERRORS,
                                            grpc.StatusCode.NOT_FOUND: lambda _: HostNotFound(self.host_id)}):
-                response = await asyncio.wait_for(self._call.read(), answer_within)
+                # Not asyncio.wait_for: on Python 3.11 it drops a cancellation that races the answer.
+                async with asyncio.timeout(answer_within):
+                    response = await self._call.read()
         except TimeoutError:
             self.cancel()
             raise SchedulerUnavailable(f"no answer in {answer_within:.0f}s") from None
