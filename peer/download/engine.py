@@ -638,26 +638,25 @@ class Conductor:
             self.policy.scheduler_says_back_to_source(answer.description)
 
     async def _fetch_piece(self, number: int, parent: Parent, demand: bool = False) -> None:
-        error: BaseException | None = None
-        try:
-            await self._fetch_piece_from(number, parent, demand)
-        except asyncio.CancelledError:
-            raise
-        except (DamselflyError, aiohttp.ClientError, OSError, TimeoutError) as exc:
-            error = exc
-        await self._events.put(_PieceDone(number, parent.peer_id, error))
+        await self._piece_transfer(number, parent.peer_id, self._fetch_piece_from(number, parent, demand))
 
     async def _own_origin_piece(self, number: int) -> None:
         """One piece from the origin for this node only (not reported: this node defines nothing)."""
+        await self._piece_transfer(number, ORIGIN,
+                                   self._origin_piece(number, dict(self.request.request_header), report=False))
+
+    async def _piece_transfer(self, number: int, source: str, transfer: Coroutine[Any, Any, None]) -> None:
+        """Run one piece's transfer from `source` (a parent, or ORIGIN) and queue its outcome."""
         error: BaseException | None = None
         try:
-            await self._origin_piece(number, dict(self.request.request_header), report=False)
+            await transfer
         except asyncio.CancelledError:
             raise
         except (DamselflyError, aiohttp.ClientError, OSError, TimeoutError) as exc:
-            log.info("task %s: piece %d from the origin failed: %s", self.task_id, number, exc)
+            if source == ORIGIN:
+                log.info("task %s: piece %d from the origin failed: %s", self.task_id, number, exc)
             error = exc
-        await self._events.put(_PieceDone(number, ORIGIN, error))
+        await self._events.put(_PieceDone(number, source, error))
 
     async def _fetch_piece_from(self, number: int, parent: Parent, demand: bool) -> None:
         """One piece from a parent, checked against its relayed digest, asked for once the parent

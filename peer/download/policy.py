@@ -27,7 +27,7 @@ The rules, each tested in ``tests/unit/test_download_policy.py``:
   :data:`SEED_PIECE_LIMIT_WITH_PEERS` once a normal parent exists).
 - Seeds are the last resort: while a normal parent keeps this peer busy, a seed serves only
   pieces no normal parent has (super-seeding: a piece leaves the seed for the swarm, not again
-  for each child) and prioritized ones.
+  for each child); a reader's piece a normal parent has waits for that parent too.
 - Among holders: normal before seed, then the least busy, ties broken at random.
 - A piece that fails its digest drops its parent at once; other failures drop it after
   :data:`PARENT_FAILURE_LIMIT`. A parent whose session ends in an error is reported and dropped.
@@ -450,10 +450,13 @@ class DownloadPolicy:
         # (this runs after every event, so its cost is per byte received).
         seed_limit = (SEED_PIECE_LIMIT_WITH_PEERS if any(not p.is_seed for p in self.parents.values())
                       else SEED_PIECE_LIMIT)
+
+        def slot_limit(parent: ParentState) -> int:
+            return seed_limit if parent.is_seed else PARENT_PIECE_LIMIT
+
         now = self.clock.time()
         free = {parent.peer_id for parent in self.parents.values()
-                if parent.in_flight < (seed_limit if parent.is_seed else PARENT_PIECE_LIMIT)
-                and parent.busy_until <= now}
+                if parent.in_flight < slot_limit(parent) and parent.busy_until <= now}
         if not free:
             return
         wanted = None if self.want_everything else self.wanted
@@ -484,7 +487,7 @@ class DownloadPolicy:
             peers_busy = peers_busy or not parent.is_seed
             background_room -= background
             parent.in_flight += 1
-            if parent.in_flight >= (seed_limit if parent.is_seed else PARENT_PIECE_LIMIT):
+            if parent.in_flight >= slot_limit(parent):
                 free.discard(parent.peer_id)
             self.in_flight[number] = parent.peer_id
             yield FetchPiece(number, parent.peer_id)
