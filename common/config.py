@@ -21,8 +21,6 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
-
 from common.errors import ConfigError
 from common.hosts import default_upload_slots
 from common.tls_settings import check_settings, tls_enabled
@@ -405,6 +403,8 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: Mapping
     """Defaults, then the YAML file at `path`, then `overrides` (command-line flags)."""
     values: dict[str, Any] = {}
     if path is not None:
+        import yaml  # only with a config file: dfget, which never reads one, starts without it
+
         try:
             document = yaml.safe_load(Path(path).read_text()) or {}
         except OSError as exc:
