@@ -48,6 +48,7 @@ sys.path.insert(0, str(REPO))
 from bench.distribution import (  # noqa: E402
     NetnsRelay,
     clean_up,
+    daemons_cpu_seconds,
     existing_lab,
     netlab,
     node_ip,
@@ -186,6 +187,7 @@ class Row:
     wrong: int
     failed: int
     seed_upload: float = float("nan")  # bytes the seed sent to the nodes (Damselfly rows)
+    cpu_seconds: float = float("nan")  # of every daemon (scheduler, seed, nodes) during the traces
 
 
 def percentile(values: Sequence[float], share: float) -> float:
@@ -228,7 +230,7 @@ def run_traces(urls: list[str], blob: Path, args: argparse.Namespace) -> tuple[l
 
 
 def summarize(mode: str, n: int, results: list[dict[str, object]], failed: int, origin: int,
-              seed_upload: float = float("nan")) -> Row:
+              seed_upload: float = float("nan"), cpu_seconds: float = float("nan")) -> Row:
     seconds = [float(r["seconds"]) for r in results]  # type: ignore[arg-type]
     latencies = [float(x) for r in results for x in r["latencies"]]  # type: ignore[attr-defined]
     wrong = sum(len(r["wrong"]) for r in results)  # type: ignore[arg-type]
@@ -236,7 +238,7 @@ def summarize(mode: str, n: int, results: list[dict[str, object]], failed: int, 
         for line in r["wrong"][:3]:  # type: ignore[index]
             print(f"  {mode} N={n}: wrong body {line}", file=sys.stderr)
     return Row(mode, n, percentile(seconds, 0.5), max(seconds, default=float("nan")),
-               percentile(latencies, 0.5), percentile(latencies, 0.99), origin, wrong, failed, seed_upload)
+               percentile(latencies, 0.5), percentile(latencies, 0.99), origin, wrong, failed, seed_upload, cpu_seconds)
 
 
 def run_registry(n: int, url: str, blob: Path, relay: NetnsRelay, args: argparse.Namespace) -> Row:
@@ -262,8 +264,10 @@ def run_damselfly(mode: str, n: int, path: str, blob: Path, relay: NetnsRelay, w
                    for i in range(1, n + 1)]
         cluster.wait_ready(scheduler, seed, *daemons)
         relay.reset()
+        cpu_before = daemons_cpu_seconds(cluster.nodes)
         results, failed = run_traces([node.url("proxy", path) for node in daemons], blob, args)
-        return summarize(mode, n, results, failed, relay.bytes_from_target, seed.metrics().get(_UPLOADED, 0.0))
+        cpu = daemons_cpu_seconds(cluster.nodes) - cpu_before
+        return summarize(mode, n, results, failed, relay.bytes_from_target, seed.metrics().get(_UPLOADED, 0.0), cpu)
     finally:
         stop_cluster(cluster)
 
@@ -278,13 +282,14 @@ def print_table(rows: list[Row], size: int, unique: int, args: argparse.Namespac
     print(f"\n{args.size_mib} MiB blob, every link {args.rate}; {args.reads + 1} reads per node, "
           f"{args.read_mib} MiB read per node, {unique / MIB:.1f} MiB unique\n")
     print("| mode | N | trace p50 / max s | read p50 / p99 ms | origin ÷ blob | origin ÷ unique | "
-          "seed up ÷ unique | wrong | failed |")
-    print("|---|---:|---|---|---:|---:|---:|---:|---:|")
+          "seed up ÷ unique | daemon CPU s | wrong | failed |")
+    print("|---|---:|---|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         seed_up = "-" if math.isnan(r.seed_upload) else f"{r.seed_upload / unique:.2f}"
+        cpu = "-" if math.isnan(r.cpu_seconds) else f"{r.cpu_seconds:.1f}"
         print(f"| {r.mode} | {r.n} | {r.trace_p50:.1f} / {r.trace_max:.1f} | {r.read_p50 * 1e3:.1f} / "
               f"{r.read_p99 * 1e3:.0f} | {r.origin_bytes / size:.2f} | {r.origin_bytes / unique:.2f} | "
-              f"{seed_up} | {r.wrong} | {r.failed} |")
+              f"{seed_up} | {cpu} | {r.wrong} | {r.failed} |")
 
 
 def main() -> int:

@@ -923,6 +923,8 @@ async def _next_event(events: asyncio.Queue[_Event], timeout: float) -> _Event: 
     """The next event, TimeoutError after `timeout`. Not ``asyncio.wait_for``: on Python 3.11 it
     returns an event that arrives as the task is cancelled and drops the cancellation (a daemon
     stopping had its parents' sessions end at once, and a download went on, past the grace)."""
+    if not events.empty():
+        return events.get_nowait()  # the common case under load: no timer to arm and cancel
     async with asyncio.timeout(timeout):
         return await events.get()
 
