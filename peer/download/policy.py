@@ -181,6 +181,8 @@ class DownloadPolicy:
     parents: dict[str, ParentState] = field(default_factory=dict)
     blocked: set[str] = field(default_factory=set)
     holders: dict[int, set[str]] = field(default_factory=dict)
+    # The same the other way: per parent, the pieces it announced that are not finished here.
+    held: dict[str, set[int]] = field(default_factory=dict)
     in_flight: dict[int, str] = field(default_factory=dict)  # piece -> parent
     finished: set[int] = field(default_factory=set)
     priority: set[int] = field(default_factory=set)
@@ -200,6 +202,11 @@ class DownloadPolicy:
     origin_allowed: bool = True
     # The blob is read in Range reads (nydusd): readers come and go, whole-blob fetching stays behind.
     read_lazily: bool = False
+    # After a dispatch nothing more could be fetched: until something changes (or a busy parent's
+    # backoff ends, at _idle_until) only new announcements (_announced) can make a fetch possible.
+    _idle: bool = field(default=False, init=False, repr=False)
+    _idle_until: float = field(default=0.0, init=False, repr=False)
+    _announced: list[tuple[str, int]] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._order_salt = self.rng.random()
@@ -220,7 +227,12 @@ class DownloadPolicy:
         return [n for n in self.wanted_pieces() if n not in self.finished]
 
     def is_finished(self) -> bool:
-        return self.content_known and not self.missing()
+        if self.piece_count is None:
+            return False
+        if not self.want_everything:
+            return self.wanted <= self.finished
+        # Asked after every event: count first, and only a full count is checked piece by piece.
+        return len(self.finished) >= self.piece_count and not self.missing()
 
     def has_live_parent(self) -> bool:
         """True while some parent may still announce a piece."""
@@ -232,14 +244,17 @@ class DownloadPolicy:
         """The content's geometry is known; `finished` are the pieces already on disk."""
         self.piece_count = piece_count
         self.finished.update(finished)
+        self._changed()
 
     def want(self, numbers: Iterable[int]) -> None:
         """Fetch these pieces too (a Range read joined)."""
         self.wanted.update(numbers)
+        self._changed()
 
     def want_all(self) -> None:
         """Fetch every piece after all (a whole read or a prefetch joined)."""
         self.want_everything = True
+        self._changed()
 
     def prioritize(self, numbers: Iterable[int]) -> None:
         """A reader waits for these pieces: they go before all others."""
@@ -248,17 +263,22 @@ class DownloadPolicy:
         now = self.clock.time()
         for number in numbers:
             self.waiting_since.setdefault(number, now)
+        self._changed()
 
     def add_parent(self, peer_id: str, *, is_seed: bool) -> bool:
         """A candidate parent from the scheduler; False when it is known, blocked or this peer."""
         if peer_id in self.parents or peer_id in self.blocked or peer_id == self.peer_id:
             return False
         self.parents[peer_id] = ParentState(peer_id, is_seed)
+        self._changed()
         return True
 
     def parent_has(self, parent_id: str, number: int) -> None:
         if parent_id in self.parents and number not in self.finished:
             self.holders.setdefault(number, set()).add(parent_id)
+            self.held.setdefault(parent_id, set()).add(number)
+            if self._idle:
+                self._announced.append((parent_id, number))
 
     def parent_ended(self, parent_id: str, error: str = "") -> list[Command]:
         """A parent's piece announcements ended: cleanly (it has all it will have) or in error."""
@@ -274,13 +294,17 @@ class DownloadPolicy:
         return [report, *self._drop(parent, error)]
 
     def piece_succeeded(self, number: int, parent_id: str) -> None:
+        self._changed()
         if not self._demand_settled(number, parent_id):
             self._settle(number, parent_id)
         self.finished.add(number)
-        self.holders.pop(number, None)  # who else has it no longer matters: keeps _dispatch's scan short
+        # who else has it no longer matters: keeps _dispatch's work small
+        for holder in self.holders.pop(number, ()):
+            self.held[holder].discard(number)
 
     def piece_failed(self, number: int, parent_id: str, error: str, *, integrity: bool) -> list[Command]:
         """A piece from `parent_id` failed; `integrity` when its bytes did not match the digest."""
+        self._changed()
         if self._demand_settled(number, parent_id):
             return self._demand_failed(number, parent_id, error, integrity=integrity)
         if parent_id == ORIGIN:
@@ -299,6 +323,7 @@ class DownloadPolicy:
         child, who will pass it on: no failure; other holders are asked meanwhile, and this parent
         (for a demand: this piece of it) again after :data:`PARENT_BUSY_BACKOFF`."""
         until = self.clock.time() + PARENT_BUSY_BACKOFF
+        self._changed()
         if self._demand_settled(number, parent_id):
             self.demand_retry_at[number] = until
             return
@@ -443,27 +468,62 @@ class DownloadPolicy:
         self.demand_retry_at[number] = self.clock.time() + DEMAND_RETRY
         return []
 
-    def _dispatch(self) -> Iterable[FetchPiece]:
+    def _changed(self) -> None:
+        """Something a dispatch depends on changed: the next one looks at everything again."""
+        self._idle = False
+        self._announced.clear()
+
+    def _dispatch(self) -> list[FetchPiece]:
+        """Fetches to start now. This runs after every event, most of them a parent announcing a
+        piece: when nothing else changed since a dispatch that found nothing more to fetch, only
+        the announced pieces are looked at (the same decisions, at a fraction of the cost)."""
         if not self.content_known or len(self.in_flight) >= self.concurrent_pieces:
-            return
-        # Only parents with a free slot can take a piece: with none, there is nothing to scan
-        # (this runs after every event, so its cost is per byte received).
-        seed_limit = (SEED_PIECE_LIMIT_WITH_PEERS if any(not p.is_seed for p in self.parents.values())
-                      else SEED_PIECE_LIMIT)
+            return []
+        now = self.clock.time()
+        if self._idle and now < self._idle_until and not self._announcement_fetchable(now):
+            self._announced.clear()
+            return []
+        fetches = list(self._dispatch_all(now))
+        self._idle = True
+        self._idle_until = min((p.busy_until for p in self.parents.values() if p.busy_until > now),
+                               default=float("inf"))
+        self._announced.clear()
+        return fetches
+
+    def _seed_limit(self) -> int:
+        return (SEED_PIECE_LIMIT_WITH_PEERS if any(not p.is_seed for p in self.parents.values())
+                else SEED_PIECE_LIMIT)
+
+    def _announcement_fetchable(self, now: float) -> bool:
+        """Whether a piece announced since the last dispatch could be fetched from its announcer."""
+        for parent_id, number in self._announced:
+            parent = self.parents.get(parent_id)
+            if (parent is None or number in self.finished or number in self.in_flight
+                    or not (self.want_everything or number in self.wanted) or parent.busy_until > now):
+                continue
+            if parent.in_flight < (self._seed_limit() if parent.is_seed else PARENT_PIECE_LIMIT):
+                return True
+        return False
+
+    def _dispatch_all(self, now: float) -> Iterable[FetchPiece]:
+        # Only parents with a free slot can take a piece: with none, there is nothing to scan.
+        seed_limit = self._seed_limit()
 
         def slot_limit(parent: ParentState) -> int:
             return seed_limit if parent.is_seed else PARENT_PIECE_LIMIT
 
-        now = self.clock.time()
         free = {parent.peer_id for parent in self.parents.values()
-                if parent.in_flight < slot_limit(parent) and parent.busy_until <= now}
+                if parent.in_flight < (seed_limit if parent.is_seed else PARENT_PIECE_LIMIT)
+                and parent.busy_until <= now}
         if not free:
             return
-        wanted = None if self.want_everything else self.wanted
-        ready = [n for n, holders in self.holders.items()
-                 if n not in self.finished and n not in self.in_flight
-                 and (wanted is None or n in wanted) and not free.isdisjoint(holders)]
-        ready.sort(key=self._order)
+        # Pieces a free parent holds, by set operations on the parents' holdings (holders drops
+        # finished pieces, so what is left is small; a scan in Python was the simulator's hot spot).
+        held = set().union(*(self.held[p] for p in free if p in self.held))
+        held.difference_update(self.in_flight)
+        if not self.want_everything:
+            held.intersection_update(self.wanted)
+        ready = sorted((n for n in held if n in self.holders and n not in self.finished), key=self._order)
         peers_busy = any(p.in_flight for p in self.parents.values() if not p.is_seed)
         # While a reader waits, the rest of the blob keeps only a few transfers going.
         background_room = self.concurrent_pieces
@@ -524,9 +584,10 @@ class DownloadPolicy:
         return parent
 
     def _drop(self, parent: ParentState, reason: str) -> list[Command]:
+        self._changed()
         del self.parents[parent.peer_id]
         self.blocked.add(parent.peer_id)
-        for holders in self.holders.values():
-            holders.discard(parent.peer_id)
+        for number in self.held.pop(parent.peer_id, ()):
+            self.holders[number].discard(parent.peer_id)
         return [DropParent(parent.peer_id, reason),
                 Reschedule(f"parent {parent.peer_id} dropped: {reason}", (parent.peer_id,))]

@@ -9,6 +9,7 @@ import pytest
 
 from common.clock import ManualClock
 from peer.download.policy import (
+    PARENT_BUSY_BACKOFF,
     PARENT_FAILURE_LIMIT,
     PARENT_PIECE_LIMIT,
     SEED_PIECE_LIMIT,
@@ -404,3 +405,40 @@ def test_a_finished_download_ignores_a_late_task_failure() -> None:
     p.piece_succeeded(0, "")
     p.scheduler_failed_task("origin answered 404 Not Found for http://o/x")
     assert p.next_commands() == [Finished()]
+
+
+# -- after a dispatch that found nothing more, only announcements are looked at -------------------
+
+
+@pytest.mark.parametrize(("scenario", "expected"), [
+    # the parent that announces has a free slot: its piece is fetched at once
+    ("announce from free parent", [(5, "b")]),
+    # the announcer is full (PARENT_PIECE_LIMIT pieces in flight): nothing, as a full dispatch says
+    ("announce from full parent", []),
+    # a piece already here is announced: nothing
+    ("announce finished piece", []),
+    # a busy parent's backoff ends with no event at all: what it announced before is fetched then
+    ("busy parent's backoff ends", [(6, "c")]),
+])
+def test_announcements_after_an_idle_dispatch_give_the_decisions_of_a_full_one(
+    scenario: str, expected: list[tuple[int, str]]
+) -> None:
+    p = policy(8, a=False, b=False, c=False)
+    has(p, "a", range(PARENT_PIECE_LIMIT))
+    p.piece_succeeded(7, "a")  # a piece of our own, not from a parent's slot
+    assert sorted(fetches(p.next_commands())) == [(n, "a") for n in range(PARENT_PIECE_LIMIT)]  # "a" is full
+    has(p, "c", [6])
+    p.in_flight[6] = "c"  # "c" is asked for piece 6 ...
+    p.parents["c"].in_flight = 1
+    p.piece_busy(6, "c")  # ... and says its uplink is full: left alone for PARENT_BUSY_BACKOFF
+    assert fetches(p.next_commands()) == []  # nothing else to fetch: the policy is idle
+    if scenario == "announce from free parent":
+        p.parent_has("b", 5)
+    elif scenario == "announce from full parent":
+        p.parent_has("a", 5)
+    elif scenario == "announce finished piece":
+        p.parent_has("b", 7)
+    else:
+        assert isinstance(p.clock, ManualClock)
+        p.clock.advance(PARENT_BUSY_BACKOFF)
+    assert fetches(p.next_commands()) == expected
