@@ -1127,13 +1127,14 @@ class SchedulerCore:
         decisions += self._push(peer)
         return decisions
 
-    def _push(self, parent: Peer) -> list[Decision]:
-        """Offer a new parent to running children of its task that have too few parents."""
+    def _push(self, parent: Peer, limit: int = PUSH_LIMIT) -> list[Decision]:
+        """Offer a parent to up to `limit` running children of its task that have too few parents,
+        those with the fewest normal parents first (a child fed by a seed alone before all others)."""
         decisions: list[Decision] = []
-        if is_bad_parent(parent):
+        if is_bad_parent(parent) or limit <= 0:
             return decisions
-        for child in parent.task.hungry.first(PUSH_SCAN):
-            if len(decisions) >= PUSH_LIMIT or parent.host.free_upload_slots <= 0:
+        for child in parent.task.hungry.neediest(PUSH_SCAN):
+            if len(decisions) >= limit or parent.host.free_upload_slots <= 0:
                 break
             if (
                 child is parent
@@ -1273,7 +1274,8 @@ class SchedulerCore:
             and peer.id not in peer.task.back_to_source_peers
         )
         if wants_more:
-            peer.task.hungry.add(peer.id, peer)
+            # filed by its normal parents: a child fed by a seed alone is among the neediest
+            peer.task.hungry.file(peer, sum(1 for parent in peer.parents.values() if not parent.is_seed))
         else:
             peer.task.hungry.discard(peer.id)
 

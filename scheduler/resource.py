@@ -7,7 +7,8 @@ a transition not in its table raises :class:`InvalidTransition`.
 Indexes kept so that per-message work is O(candidates), not O(peers in the task):
 
 - ``Task.parents``: peers of the task that may be offered as parents right now;
-- ``Task.hungry``: peers downloading from parents that have fewer parents than wanted;
+- ``Task.hungry``: peers downloading from parents that have fewer parents than wanted, by how
+  many normal (non-seed) parents they have, so the neediest are served first;
 - ``Task.waiting``: peers with no parent yet, waiting for one (or for a retry);
 - ``Task.pieces``: piece number -> (offset, length, digest), from back-to-source reports only;
 - ``Host.peers``: the peers living on a host.
@@ -222,6 +223,50 @@ class IndexedMap(Generic[K, V]):
         return self._values[:k]
 
 
+class NeedIndex:
+    """Peers filed by a small count (their normal parents), drawn fewest first, oldest filed first
+    within a count: every draw is O(k), and a peer that waits longest among the neediest comes first."""
+
+    __slots__ = ("_buckets", "_where")
+
+    def __init__(self) -> None:
+        self._buckets: list[dict[str, Peer]] = []
+        self._where: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._where
+
+    def file(self, peer: Peer, count: int) -> None:
+        """Add `peer` under `count`, or move it there (to the end of that count) from where it was."""
+        where = self._where.get(peer.id)
+        if where == count:
+            return
+        if where is not None:
+            del self._buckets[where][peer.id]
+        while len(self._buckets) <= count:
+            self._buckets.append({})
+        self._buckets[count][peer.id] = peer
+        self._where[peer.id] = count
+
+    def discard(self, key: str) -> None:
+        where = self._where.pop(key, None)
+        if where is not None:
+            del self._buckets[where][key]
+
+    def neediest(self, k: int) -> list[Peer]:
+        """Up to `k` peers, fewest count first."""
+        found: list[Peer] = []
+        for bucket in self._buckets:
+            for peer in bucket.values():
+                if len(found) >= k:
+                    return found
+                found.append(peer)
+        return found
+
+
 class Bitset:
     """Finished piece numbers of one peer: one bit per piece (10k peers x 500 pieces stays small)."""
 
@@ -411,7 +456,7 @@ class Task:
         self.updated_at = now
         self.peers: dict[str, Peer] = {}
         self.parents: IndexedMap[str, Peer] = IndexedMap()
-        self.hungry: IndexedMap[str, Peer] = IndexedMap()
+        self.hungry = NeedIndex()
         self.waiting: dict[str, Peer] = {}  # insertion order = waiting order
         self.back_to_source_peers: dict[str, Peer] = {}  # peers ever told (or choosing) to back-source
         self.pieces: dict[int, PieceRecord] = {}  # from back-source reports only
