@@ -10,6 +10,9 @@ Indexes kept so that per-message work is O(candidates), not O(peers in the task)
 - ``Task.hungry``: peers downloading from parents that have fewer parents than wanted, by how
   many normal (non-seed) parents they have, so the neediest are served first;
 - ``Task.waiting``: peers with no parent yet, waiting for one (or for a retry);
+- ``Task.coming``: running peers with no piece yet that are fed by a parent and have room for
+  children (parents to come, for a waiting peer), by their distance in hops from a peer that has
+  pieces, nearest first;
 - ``Task.pieces``: piece number -> (offset, length, digest), from back-to-source reports only;
 - ``Host.peers``: the peers living on a host.
 """
@@ -224,8 +227,9 @@ class IndexedMap(Generic[K, V]):
 
 
 class NeedIndex:
-    """Peers filed by a small count (their normal parents), drawn fewest first, oldest filed first
-    within a count: every draw is O(k), and a peer that waits longest among the neediest comes first."""
+    """Peers filed by a small count (``Task.hungry``: their normal parents; ``Task.coming``: hops
+    from a peer with pieces), drawn lowest count first, oldest filed first within a count: every
+    draw is O(k), and among equals the peer filed longest ago comes first."""
 
     __slots__ = ("_buckets", "_where")
 
@@ -257,7 +261,7 @@ class NeedIndex:
             del self._buckets[where][key]
 
     def neediest(self, k: int) -> list[Peer]:
-        """Up to `k` peers, fewest count first."""
+        """Up to `k` peers, lowest count first."""
         found: list[Peer] = []
         for bucket in self._buckets:
             for peer in bucket.values():
@@ -457,6 +461,7 @@ class Task:
         self.peers: dict[str, Peer] = {}
         self.parents: IndexedMap[str, Peer] = IndexedMap()
         self.hungry = NeedIndex()
+        self.coming = NeedIndex()
         self.waiting: dict[str, Peer] = {}  # insertion order = waiting order
         self.back_to_source_peers: dict[str, Peer] = {}  # peers ever told (or choosing) to back-source
         self.pieces: dict[int, PieceRecord] = {}  # from back-source reports only
@@ -512,6 +517,7 @@ class Peer:
         self.failed_by: set[str] = set()  # identities (Host.owner) of children it failed
         self.demoted = False  # reported bad by enough children: not offered again
         self.waiting_since: float | None = None
+        self.hops = 0  # from a peer with pieces, while it has none (Task.coming)
         self.origin_status: int | None = None  # HTTP status of the origin's refusal it reported, if any
         # The scheduler sent it to the origin for the task (or it is a seed): its piece digests
         # and geometry define the task. A peer that went to the origin on its own never does.

@@ -153,3 +153,23 @@ def test_a_new_parent_goes_to_the_children_with_the_fewest_normal_parents(
     decisions = w.core.back_to_source_piece_finished("new", 0, 0, PIECE, f"{DIGEST}0")
     assert [d.peer_id for d in decisions if isinstance(d, SendNormal)] == pushed
     assert all(parents_of(d) == ["new"] for d in decisions if isinstance(d, SendNormal))
+
+
+# (peers joining at once behind a busy seed, most hops from a peer with pieces among them). Each
+# takes parents to come, nearest first, and none waits or piles onto the seed. Before, a walk
+# from the seed looked at 256 peers: once those were all busy (here somewhere between 600 and
+# 3,000 joiners), the rest waited, then took the busy seed at patience (at 5,000 peers x 256 MiB
+# in bench/swarm_sim.py: 1,982 of them; the seed's upload slots ran out, and 199 peers went to
+# the origin).
+@pytest.mark.parametrize(("joining", "max_hops"), [(3, 2), (30, 3), (600, 6), (3000, 7)])
+def test_a_crowd_joining_behind_a_busy_seed_takes_parents_to_come_nearest_first(joining: int, max_hops: int) -> None:
+    w = seeded_world()
+    for i in range(SEED_CHILD_LIMIT):
+        w.core.download_started(f"c{i}")  # running, no piece yet
+    for i in range(joining):
+        (decision,) = w.register(f"j{i}")
+        assert "seed-peer" not in parents_of(decision)
+        w.core.download_started(f"j{i}")
+    assert w.core.waiting_count == 0
+    assert len(w.core.peers["seed-peer"].children) == SEED_CHILD_LIMIT
+    assert max(w.core.peers[f"j{i}"].hops for i in range(joining)) == max_hops
