@@ -64,7 +64,7 @@ from __future__ import annotations
 import ipaddress
 import itertools
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
@@ -117,7 +117,9 @@ FAILED_BY_LIMIT = 2
 # (bench/swarm_sim.py, N=16, 64 MiB, with the rest of issue 11: 23 s with 3, 13 s with 15).
 MESH_PARENT_LIMIT = 15
 # Peers looked at when a waiting peer is given parents that have no piece yet (parents_to_come).
-PARENTS_TO_COME_VISIT = 256
+PARENTS_TO_COME_VISIT = 32
+# Hops counted for a parent to come (Task.coming files them nearest first; deeper is all the same).
+MAX_HOPS = 16
 # A failed peer is forgotten this long after its last event (it serves nobody); a task with no
 # peer left is forgotten this long after its last event (unless its origin failure still stands).
 FAILED_PEER_TTL = 300.0
@@ -878,14 +880,14 @@ class SchedulerCore:
     # ----------------------------------------------------------------------------------------
     # Scheduling
 
-    def _schedule(self, peer: Peer, exclude: Iterable[str] = ()) -> list[Decision]:
+    def _schedule(self, peer: Peer, exclude: Collection[str] = ()) -> list[Decision]:
         """Parents for `peer` if there are any, else the no-parent policy."""
         sent = self._offer_parents(peer, exclude)
         if sent is not None:
             return [sent]
         return self._no_parent(peer)
 
-    def _offer_parents(self, peer: Peer, exclude: Iterable[str] = ()) -> SendNormal | None:
+    def _offer_parents(self, peer: Peer, exclude: Collection[str] = ()) -> SendNormal | None:
         task = peer.task
         if not task.parents:
             return None
@@ -900,15 +902,17 @@ class SchedulerCore:
             limit=self.config.candidate_parent_limit,
             sample=self.config.filter_parent_limit,
             rng=self.rng,
-            exclude=set(exclude),
+            exclude=exclude,
             # A lazy reader's demands reach the origin through a seed: it does not wait for one.
             busy_fallback=not first_parents or waited >= patience or peer.download.lazy,
         )
-        if first_parents and not any(not parent.is_seed for parent in parents):
-            # Busy parents only (or none): peers still receiving their first pieces from them
-            # serve as well, and spare the seed's uplink.
-            coming = parents_to_come(peer, task.parents.sample(self.config.filter_parent_limit, self.rng),
-                                     limit=self.config.candidate_parent_limit, visit=PARENTS_TO_COME_VISIT)
+        if not any(not parent.is_seed for parent in parents):
+            # A seed only (or nothing): peers still receiving their first pieces serve as well, and
+            # spare the seed's uplink. (A running peer that lost parents too: given the busy seed, a
+            # few thousand such peers took it to its upload slot limit, and the next waiting ones
+            # went to the origin.)
+            coming = parents_to_come(peer, task, limit=self.config.candidate_parent_limit,
+                                     visit=PARENTS_TO_COME_VISIT, exclude=exclude)
             parents = coming or parents
         if not parents:
             return None
@@ -1108,6 +1112,7 @@ class SchedulerCore:
 
     def _parent_changed(self, peer: Peer, was_parent: bool) -> list[Decision]:
         """React to `peer` becoming (or ceasing to be) a parent."""
+        self._update_coming(peer)
         is_parent = peer.eligible_parent
         if is_parent == was_parent:
             return []
@@ -1116,6 +1121,8 @@ class SchedulerCore:
             task.parents.discard(peer.id)
             return []
         task.parents.add(peer.id, peer)
+        for child in list(peer.children.values()):
+            self._update_coming(child)  # one hop from a peer with pieces now
         decisions: list[Decision] = []
         # waiting peers first: they have nothing at all
         for waiting in list(itertools.islice(task.waiting.values(), WAKE_LIMIT)):
@@ -1127,13 +1134,14 @@ class SchedulerCore:
         decisions += self._push(peer)
         return decisions
 
-    def _push(self, parent: Peer) -> list[Decision]:
-        """Offer a new parent to running children of its task that have too few parents."""
+    def _push(self, parent: Peer, limit: int = PUSH_LIMIT) -> list[Decision]:
+        """Offer a parent to up to `limit` running children of its task that have too few parents,
+        those with the fewest normal parents first (a child fed by a seed alone before all others)."""
         decisions: list[Decision] = []
-        if is_bad_parent(parent):
+        if is_bad_parent(parent) or limit <= 0:
             return decisions
-        for child in parent.task.hungry.first(PUSH_SCAN):
-            if len(decisions) >= PUSH_LIMIT or parent.host.free_upload_slots <= 0:
+        for child in parent.task.hungry.neediest(PUSH_SCAN):
+            if len(decisions) >= limit or parent.host.free_upload_slots <= 0:
                 break
             if (
                 child is parent
@@ -1153,6 +1161,7 @@ class SchedulerCore:
         if len(parent.failed_by) >= FAILED_BY_LIMIT and not parent.demoted:
             parent.demoted = True
             parent.task.parents.discard(parent.id)
+            self._update_coming(parent)
 
     # ----------------------------------------------------------------------------------------
     # State changes
@@ -1230,6 +1239,7 @@ class SchedulerCore:
         self._unpark(peer)
         task.parents.discard(peer.id)
         task.hungry.discard(peer.id)
+        task.coming.discard(peer.id)
         for parent in list(peer.parents.values()):
             self._unlink(peer, parent)
         for child in list(peer.children.values()):
@@ -1258,12 +1268,33 @@ class SchedulerCore:
         child.parents[parent.id] = parent
         parent.children[child.id] = child
         parent.host.child_edges += 1
+        self._update_coming(child)
+        self._update_coming(parent)
 
     def _unlink(self, child: Peer, parent: Peer) -> None:
         if child.parents.pop(parent.id, None) is None:
             return
         parent.children.pop(child.id, None)
         parent.host.child_edges -= 1
+        self._update_coming(child)
+        self._update_coming(parent)
+
+    @staticmethod
+    def _update_coming(peer: Peer) -> None:
+        """File `peer` in ``Task.coming`` while it is a parent to come (running, fed, no piece yet,
+        room for a child), by its hops from a peer with pieces (the nearest of its parents' + 1)."""
+        if (
+            peer.state is PeerState.RUNNING
+            and peer.parents
+            and not peer.eligible_parent
+            and not peer.demoted
+            and not is_busy(peer)
+        ):
+            nearest = min(0 if parent.eligible_parent else parent.hops for parent in peer.parents.values())
+            peer.hops = min(nearest + 1, MAX_HOPS)  # (a cycle of parents to come must not count up)
+            peer.task.coming.file(peer, peer.hops)
+        else:
+            peer.task.coming.discard(peer.id)
 
     def _update_hungry(self, peer: Peer) -> None:
         wants_more = (
@@ -1273,7 +1304,8 @@ class SchedulerCore:
             and peer.id not in peer.task.back_to_source_peers
         )
         if wants_more:
-            peer.task.hungry.add(peer.id, peer)
+            # filed by its normal parents: a child fed by a seed alone is among the neediest
+            peer.task.hungry.file(peer, sum(1 for parent in peer.parents.values() if not parent.is_seed))
         else:
             peer.task.hungry.discard(peer.id)
 

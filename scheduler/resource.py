@@ -7,8 +7,12 @@ a transition not in its table raises :class:`InvalidTransition`.
 Indexes kept so that per-message work is O(candidates), not O(peers in the task):
 
 - ``Task.parents``: peers of the task that may be offered as parents right now;
-- ``Task.hungry``: peers downloading from parents that have fewer parents than wanted;
+- ``Task.hungry``: peers downloading from parents that have fewer parents than wanted, by how
+  many normal (non-seed) parents they have, so the neediest are served first;
 - ``Task.waiting``: peers with no parent yet, waiting for one (or for a retry);
+- ``Task.coming``: running peers with no piece yet that are fed by a parent and have room for
+  children (parents to come, for a waiting peer), by their distance in hops from a peer that has
+  pieces, nearest first;
 - ``Task.pieces``: piece number -> (offset, length, digest), from back-to-source reports only;
 - ``Host.peers``: the peers living on a host.
 """
@@ -222,6 +226,51 @@ class IndexedMap(Generic[K, V]):
         return self._values[:k]
 
 
+class NeedIndex:
+    """Peers filed by a small count (``Task.hungry``: their normal parents; ``Task.coming``: hops
+    from a peer with pieces), drawn lowest count first, oldest filed first within a count: every
+    draw is O(k), and among equals the peer filed longest ago comes first."""
+
+    __slots__ = ("_buckets", "_where")
+
+    def __init__(self) -> None:
+        self._buckets: list[dict[str, Peer]] = []
+        self._where: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._where
+
+    def file(self, peer: Peer, count: int) -> None:
+        """Add `peer` under `count`, or move it there (to the end of that count) from where it was."""
+        where = self._where.get(peer.id)
+        if where == count:
+            return
+        if where is not None:
+            del self._buckets[where][peer.id]
+        while len(self._buckets) <= count:
+            self._buckets.append({})
+        self._buckets[count][peer.id] = peer
+        self._where[peer.id] = count
+
+    def discard(self, key: str) -> None:
+        where = self._where.pop(key, None)
+        if where is not None:
+            del self._buckets[where][key]
+
+    def neediest(self, k: int) -> list[Peer]:
+        """Up to `k` peers, lowest count first."""
+        found: list[Peer] = []
+        for bucket in self._buckets:
+            for peer in bucket.values():
+                if len(found) >= k:
+                    return found
+                found.append(peer)
+        return found
+
+
 class Bitset:
     """Finished piece numbers of one peer: one bit per piece (10k peers x 500 pieces stays small)."""
 
@@ -411,7 +460,8 @@ class Task:
         self.updated_at = now
         self.peers: dict[str, Peer] = {}
         self.parents: IndexedMap[str, Peer] = IndexedMap()
-        self.hungry: IndexedMap[str, Peer] = IndexedMap()
+        self.hungry = NeedIndex()
+        self.coming = NeedIndex()
         self.waiting: dict[str, Peer] = {}  # insertion order = waiting order
         self.back_to_source_peers: dict[str, Peer] = {}  # peers ever told (or choosing) to back-source
         self.pieces: dict[int, PieceRecord] = {}  # from back-source reports only
@@ -467,6 +517,7 @@ class Peer:
         self.failed_by: set[str] = set()  # identities (Host.owner) of children it failed
         self.demoted = False  # reported bad by enough children: not offered again
         self.waiting_since: float | None = None
+        self.hops = 0  # from a peer with pieces, while it has none (Task.coming)
         self.origin_status: int | None = None  # HTTP status of the origin's refusal it reported, if any
         # The scheduler sent it to the origin for the task (or it is a seed): its piece digests
         # and geometry define the task. A peer that went to the origin on its own never does.

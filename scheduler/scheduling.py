@@ -8,8 +8,7 @@ eligible parents is looked at, so the work per schedule does not grow with the t
 from __future__ import annotations
 
 import random
-from collections import deque
-from collections.abc import Collection, Iterable
+from collections.abc import Collection
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -99,36 +98,30 @@ def rejection(child: Peer, parent: Peer) -> str | None:
     return None
 
 
-def parents_to_come(child: Peer, roots: Iterable[Peer], *, limit: int, visit: int) -> list[Peer]:
-    """Up to `limit` peers with no piece yet that are being fed by `roots` (directly or further
-    down), closest first, each with room for a child: a waiting `child` may take them as parents,
-    their pieces announced as they arrive. Looks at no more than `visit` peers.
+def parents_to_come(child: Peer, task: Task, *, limit: int, visit: int, exclude: Collection[str] = ()) -> list[Peer]:
+    """Up to `limit` peers with no piece yet that are being fed (directly or further down) by
+    peers with pieces, nearest first, each with room for a child: a waiting `child` may take them
+    as parents, their pieces announced as they arrive. Looks at no more than `visit` of them.
 
     Without them, a swarm whose seed has all the children it should serve makes every newcomer
     wait for a first piece two hops away, longer than it may wait before going to the origin.
+    They come from ``Task.coming`` (running, fed, not busy, no piece), not from a walk down the
+    tree: a walk from the seed looked at the first few hundred peers, all busy once a few
+    thousand peers joined at once, and the rest waited for the seed (bench/swarm_sim.py).
     """
     found: list[Peer] = []
-    seen: set[str] = set()
-    queue = deque(roots)
-    while queue and len(found) < limit and len(seen) < visit:
-        for candidate in list(queue.popleft().children.values()):
-            if candidate.id in seen:
-                continue
-            seen.add(candidate.id)
-            queue.append(candidate)
-            if (
-                candidate.state is PeerState.RUNNING
-                and not candidate.eligible_parent
-                and not candidate.demoted
-                and not is_busy(candidate)
-                and candidate is not child
-                and candidate.host is not child.host
-                and candidate.id not in child.blocklist
-                and candidate.host.free_upload_slots > 0
-            ):
-                found.append(candidate)
-                if len(found) >= limit:
-                    break
+    for candidate in task.coming.neediest(visit):
+        if (
+            candidate is not child
+            and candidate.host is not child.host
+            and candidate.id not in exclude
+            and candidate.id not in child.parents
+            and candidate.id not in child.blocklist
+            and candidate.host.free_upload_slots > 0
+        ):
+            found.append(candidate)
+            if len(found) >= limit:
+                break
     return found
 
 

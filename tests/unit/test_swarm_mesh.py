@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from scheduler.core import MESH_PARENT_LIMIT, SendNeedBackToSource, SendNormal, TriggerSeed
+from scheduler.core import MESH_PARENT_LIMIT, PUSH_LIMIT, SendNeedBackToSource, SendNormal, TriggerSeed
 from scheduler.scheduling import SEED_CHILD_LIMIT
-from tests.unit.test_scheduler_core import PIECE, World, kinds, parents_of
+from tests.unit.test_scheduler_core import DIGEST, PIECE, World, kinds, parents_of
 
 
 def seeded_world() -> World:
@@ -67,7 +67,8 @@ def test_the_mesh_stops_at_its_limit() -> None:
     w.source("src", pieces=4, host=w.host("src", slots=1000))
     w.running("child", "src", pieces=0)
     for i in range(MESH_PARENT_LIMIT + 3):
-        w.running(f"p{i}", "src", pieces=1)
+        # back-sourcing parents: no hungry peers themselves, so every push goes to `child`
+        w.source(f"p{i}", pieces=1)
     assert len(w.core.stat_peer("child").parent_ids) == MESH_PARENT_LIMIT
 
 
@@ -107,3 +108,68 @@ def test_a_lazy_read_triggers_the_seed_for_demand_and_a_whole_download_for_every
     (whole,) = [d for d in w.register("c") if isinstance(d, TriggerSeed)]
     assert whole.address == lazy.address and not whole.download.lazy and whole.download.need_back_to_source
     assert not any(isinstance(d, TriggerSeed) for d in w.register("d"))  # once
+
+
+def mesh_world(children: list[tuple[int, bool]]) -> World:
+    """Three normal sources and a seed, all with a piece, and running children `c0`, `c1`, ... in
+    that order, each with the given number of normal parents and with the seed or without."""
+    w = World(retry_interval=1.0)
+    w.source("seed-peer", pieces=1, host=w.host("seed", seed=True))
+    sources = [f"s{i}" for i in range(3)]
+    for name in sources:
+        w.source(name, pieces=1)
+    # The children share a host: their failure reports are one reporter's and demote no parent.
+    host = w.host("children")
+    for i, (normal, with_seed) in enumerate(children):
+        name = f"c{i}"
+        offered = parents_of(w.register(name, host=host)[0])
+        w.core.download_started(name)
+        dropped = [p for p in offered if p in sources][normal:]
+        dropped += ["seed-peer"] if "seed-peer" in offered and not with_seed else []
+        for parent in dropped:  # it failed them: unlinked (the seed, when taken, frees a place)
+            w.core.piece_failed(name, 0, parent)
+        parents = w.core.stat_peer(name).parent_ids
+        assert (len(set(parents) & set(sources)), "seed-peer" in parents) == (normal, with_seed)
+    return w
+
+
+# (children in registration order: (normal parents, fed by the seed too), whom a new parent is
+# pushed to, in order). Fewest normal parents first, equals in the order they were filed; before,
+# the first PUSH_SCAN children of the index were pushed to in index order, whatever they had, and
+# in a swarm of 1,000 a late peer left with the seed alone waited a minute for a second parent.
+@pytest.mark.parametrize(("children", "pushed"), [
+    ([(3, False), (3, False), (0, True)], ["c2", "c0", "c1"]),
+    ([(1, True), (0, False), (2, False)], ["c1", "c0", "c2"]),
+    ([(2, False), (0, True), (0, True), (1, False)], ["c1", "c2", "c3", "c0"]),
+    ([(3, False)] * PUSH_LIMIT + [(0, True)], ["c8", *(f"c{i}" for i in range(PUSH_LIMIT - 1))]),
+])
+def test_a_new_parent_goes_to_the_children_with_the_fewest_normal_parents(
+    children: list[tuple[int, bool]], pushed: list[str]
+) -> None:
+    w = mesh_world(children)
+    w.register("new", need_back_to_source=True)
+    w.core.peers["new"].defines_content = True
+    w.core.back_to_source_started("new")
+    decisions = w.core.back_to_source_piece_finished("new", 0, 0, PIECE, f"{DIGEST}0")
+    assert [d.peer_id for d in decisions if isinstance(d, SendNormal)] == pushed
+    assert all(parents_of(d) == ["new"] for d in decisions if isinstance(d, SendNormal))
+
+
+# (peers joining at once behind a busy seed, most hops from a peer with pieces among them). Each
+# takes parents to come, nearest first, and none waits or piles onto the seed. Before, a walk
+# from the seed looked at 256 peers: once those were all busy (here somewhere between 600 and
+# 3,000 joiners), the rest waited, then took the busy seed at patience (at 5,000 peers x 256 MiB
+# in bench/swarm_sim.py: 1,982 of them; the seed's upload slots ran out, and 199 peers went to
+# the origin).
+@pytest.mark.parametrize(("joining", "max_hops"), [(3, 2), (30, 3), (600, 6), (3000, 7)])
+def test_a_crowd_joining_behind_a_busy_seed_takes_parents_to_come_nearest_first(joining: int, max_hops: int) -> None:
+    w = seeded_world()
+    for i in range(SEED_CHILD_LIMIT):
+        w.core.download_started(f"c{i}")  # running, no piece yet
+    for i in range(joining):
+        (decision,) = w.register(f"j{i}")
+        assert "seed-peer" not in parents_of(decision)
+        w.core.download_started(f"j{i}")
+    assert w.core.waiting_count == 0
+    assert len(w.core.peers["seed-peer"].children) == SEED_CHILD_LIMIT
+    assert max(w.core.peers[f"j{i}"].hops for i in range(joining)) == max_hops
