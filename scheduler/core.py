@@ -107,6 +107,12 @@ from scheduler.scheduling import (
 WAKE_LIMIT = 64
 PUSH_LIMIT = 8
 PUSH_SCAN = 32
+# A peer reading the blob in Range reads (nydusd) holds the pieces its readers happened to ask for,
+# and a neighbour learns that it has one only from its announcements, as its child: otherwise it
+# asks the seed again. So a Range reader's new parent is pushed to as many children as the mesh
+# takes (bench/lazyload.py, N=16: the seed sent the hot pieces 4.7 times each with PUSH_LIMIT,
+# 2.2 times with this).
+RANGE_READER_PUSH_LIMIT = 15
 # A parent reported failed (not temporarily) by children of this many different identities
 # (Caller.owner of their hosts) is not offered again for the task. One report only blocklists the
 # parent for the child that made it: a single client must not take a parent away from everyone.
@@ -1131,7 +1137,7 @@ class SchedulerCore:
             sent = self._offer_parents(waiting)
             if sent is not None:
                 decisions.append(sent)
-        decisions += self._push(peer)
+        decisions += self._push(peer, RANGE_READER_PUSH_LIMIT if peer.download.ranged else PUSH_LIMIT)
         return decisions
 
     def _push(self, parent: Peer, limit: int = PUSH_LIMIT) -> list[Decision]:

@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from scheduler.core import MESH_PARENT_LIMIT, PUSH_LIMIT, SendNeedBackToSource, SendNormal, TriggerSeed
+from scheduler.core import (
+    MESH_PARENT_LIMIT,
+    PUSH_LIMIT,
+    RANGE_READER_PUSH_LIMIT,
+    SendNeedBackToSource,
+    SendNormal,
+    TriggerSeed,
+)
 from scheduler.scheduling import SEED_CHILD_LIMIT
 from tests.unit.test_scheduler_core import DIGEST, PIECE, World, kinds, parents_of
 
@@ -173,3 +180,27 @@ def test_a_crowd_joining_behind_a_busy_seed_takes_parents_to_come_nearest_first(
     assert w.core.waiting_count == 0
     assert len(w.core.peers["seed-peer"].children) == SEED_CHILD_LIMIT
     assert max(w.core.peers[f"j{i}"].hops for i in range(joining)) == max_hops
+
+
+# (the new parent reads the blob in Range reads, children waiting for more parents, how many it is
+# pushed to). A Range reader's pieces are found only through its announcements, so it goes to up
+# to RANGE_READER_PUSH_LIMIT children; a whole download's parent to PUSH_LIMIT (its pieces reach
+# the others through the swarm anyway).
+@pytest.mark.parametrize(("ranged", "children", "pushed"), [
+    (True, 12, 12),
+    (True, RANGE_READER_PUSH_LIMIT + 4, RANGE_READER_PUSH_LIMIT),
+    (False, 12, PUSH_LIMIT),
+])
+def test_a_range_reader_with_its_first_piece_is_pushed_to_more_children(
+    ranged: bool, children: int, pushed: int
+) -> None:
+    w = World(retry_interval=1.0)
+    w.source("src", pieces=4, host=w.host("src", slots=1000))
+    reading = {"ranged": True, "prefetch": False, "range_length": 4096} if ranged else {}
+    for i in range(children):
+        assert isinstance(w.register(f"c{i}", **reading)[0], SendNormal)
+        w.core.download_started(f"c{i}")
+    assert isinstance(w.register("new", **reading)[0], SendNormal)
+    w.core.download_started("new")
+    decisions = w.core.piece_finished("new", 0, 0, PIECE, "src", 0.1)  # its first piece: now a parent
+    assert sum(1 for d in decisions if isinstance(d, SendNormal) and parents_of(d) == ["new"]) == pushed
