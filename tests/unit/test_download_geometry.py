@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from common.pieces import MAX_PIECE_COUNT, MAX_PIECE_LENGTH, MIB, MIN_PIECE_LENGTH, piece_count, piece_length_for
+from common.pieces import (
+    MAX_PIECE_COUNT,
+    MAX_PIECE_LENGTH,
+    MIB,
+    MIN_PIECE_LENGTH,
+    SWARM_MIN_PIECE_LENGTH,
+    piece_count,
+    piece_length_for,
+)
 from peer.download.geometry import (
     MAX_CONTENT_LENGTH,
     KnownPiece,
@@ -14,7 +22,7 @@ from peer.download.geometry import (
     view_from_task,
 )
 
-SIZE = 10 * MIN_PIECE_LENGTH + 123  # 11 pieces of 1 MiB
+SIZE = 10 * MIN_PIECE_LENGTH + 123  # 11 pieces of the smallest length
 PIECE = MIN_PIECE_LENGTH
 BACK_SOURCED = SchedulerView(SIZE, (KnownPiece(0, 0, PIECE), KnownPiece(10, 10 * PIECE, 123)))
 HALF_WAY = SchedulerView(None, (KnownPiece(0, 0, PIECE), KnownPiece(3, 3 * PIECE, PIECE)))
@@ -58,7 +66,7 @@ def test_zero_bytes_in_the_schedulers_answer_mean_not_known_yet() -> None:
 @pytest.mark.parametrize(
     ("content_length", "requested", "expected"),
     [
-        (SIZE, None, MIN_PIECE_LENGTH),
+        (SIZE, None, SWARM_MIN_PIECE_LENGTH),
         (SIZE, 8 * MIB, 8 * MIB),
         (MAX_PIECE_COUNT * MIN_PIECE_LENGTH + 1, MIN_PIECE_LENGTH, 2 * MIN_PIECE_LENGTH),  # grown to fit the cap
         (MAX_CONTENT_LENGTH, None, MAX_PIECE_LENGTH),
@@ -84,8 +92,8 @@ def test_content_beyond_the_bounds_is_refused() -> None:
         (128 * MIB, False, 2 * MIB),
         (256 * MIB, False, 4 * MIB),  # Dragonfly's length, which already makes 64 pieces
         (4 * 1024 * MIB, False, 16 * MIB),  # size/500 rounded up to a power of two
-        (256 * MIB, True, 1 * MIB),  # read lazily: nydusd's chunk size
-        (4 * 1024 * MIB, True, 1 * MIB),
+        (256 * MIB, True, MIB // 2),  # read in Range reads: half nydusd's chunk size
+        (4 * 1024 * MIB, True, MIB // 2),
     ],
 )
 def test_default_piece_lengths(content_length: int | None, lazy: bool, expected: int) -> None:
