@@ -20,7 +20,8 @@ SWARM_MIN_PIECE_LENGTH = 1 * MIB
 # A content read in Range reads (nydusd) is cut in pieces of half nydusd's 1 MiB chunk: a cold
 # read waits for a piece twice (origin -> seed, seed or peer -> node, each stored and verified
 # before it moves on), and a piece of half the size halves that wait (bench/lazyload.py, N=1:
-# trace 2.7 -> 2.2 s, read p99 401 -> 328 ms; the origin sends 1.85 -> 1.49 x the bytes read).
+# trace 2.8 -> 2.2 s, read p99 478 -> 255 ms; the origin sends 1.85 -> 1.49 x the bytes read). It
+# costs CPU per byte: at N=16 on 2 shared cores the traces got slower (11.5 -> 14.7 s median).
 LAZY_PIECE_LENGTH = MIB // 2
 # No task has more pieces than this (1 TiB at the largest piece length): the scheduler refuses a
 # piece number or a geometry beyond it, so a report cannot make it (or a peer) hold huge bitmaps.
