@@ -42,6 +42,10 @@ _TEMP_NAME = re.compile(r"^\..+\.dfget-[0-9a-f]{12}$")
 CREATING_SUFFIX = ".new"
 _CREATING_NAME = re.compile(r"^\..+\.dfget-[0-9a-f]{12}\.new$")
 CREATING_GRACE = 60.0
+# After the daemon filled a dfget's temporary file it checks this often whether that dfget still
+# holds it (and gives up after ABANDONED_WATCH: a dfget alive that long moves it itself).
+ABANDONED_POLL = 0.2
+ABANDONED_WATCH = 3600.0
 # The daemon copies in steps of this size so that a client that goes away stops it soon.
 COPY_STEP = 8 << 20
 # New files get 0666 minus the umask, like any file a shell command creates.
@@ -143,26 +147,63 @@ def sweep_stale(directory: str) -> list[str]:
         creating = bool(_CREATING_NAME.match(entry.name))
         if not (creating or is_temp_name(entry.name)):
             continue
-        try:
-            fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-        except OSError:
-            continue
-        try:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode) or (creating and now - info.st_mtime < CREATING_GRACE):
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # a running dfget holds it
-            if _same_file(entry.path, info):
-                os.unlink(entry.path)
-                removed.append(entry.name)
-        except OSError:
-            continue
-        finally:
-            os.close(fd)
+        if _remove_if_unlocked(entry.path, _older_than(CREATING_GRACE if creating else 0.0, now)) is True:
+            removed.append(entry.name)
     return removed
+
+
+def _older_than(seconds: float, now: float) -> Callable[[os.stat_result], bool]:
+    def old_enough(info: os.stat_result) -> bool:
+        return now - info.st_mtime >= seconds
+    return old_enough
+
+
+def _remove_if_unlocked(path: str, eligible: Callable[[os.stat_result], bool]) -> bool | None:
+    """Remove the regular file at `path` if `eligible(its stat)` and no dfget holds its lock.
+
+    True: removed; False: it stays (locked, or not eligible); None: nothing (a regular file) there.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            return None
+        if not eligible(info):
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # a running dfget holds it
+        if _same_file(path, info):
+            os.unlink(path)
+            return True
+        return None
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+async def remove_when_abandoned(path: Path, info: os.stat_result, *, interval: float = ABANDONED_POLL,
+                                limit: float = ABANDONED_WATCH) -> bool:
+    """Watch dfget's temporary file `path` (the file `info` describes) after the daemon filled it:
+    the dfget that holds its lock moves it onto FILE, or dies before it could (SIGKILL right after
+    the copy); then this removes it. True when it removed it."""
+    def the_filled_file(current: os.stat_result) -> bool:
+        return (current.st_dev, current.st_ino) == (info.st_dev, info.st_ino)
+
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        outcome = _remove_if_unlocked(str(path), the_filled_file)
+        if outcome is not False:  # removed, or gone (placed by dfget) or another file by now
+            return outcome is True
+        if not _same_file(str(path), info):
+            return False
+        await asyncio.sleep(interval)
+    return False
 
 
 def place(temp: TempFile, output: str, *, overwrite: bool) -> None:
@@ -295,13 +336,13 @@ def _copy_steps(source: Path, fd: int, stop: threading.Event) -> None:
 Copier = Callable[[Path, Path, threading.Event], os.stat_result]
 
 
-async def copy_to_client(source: Path, output: Path, copy: Copier = copy_into) -> None:
+async def copy_to_client(source: Path, output: Path, copy: Copier = copy_into) -> os.stat_result:
     """Run `copy` (:func:`copy_into`) in a thread. If this coroutine is cancelled (the client went
     away), stop the copy, remove the file (also when the copy had just finished) and re-raise."""
     stop = threading.Event()
     work = asyncio.ensure_future(asyncio.to_thread(copy, source, output, stop))
     try:
-        await asyncio.shield(work)
+        return await asyncio.shield(work)
     except asyncio.CancelledError:
         stop.set()
         with contextlib.suppress(Exception):

@@ -6,7 +6,9 @@ delegate to the engine and the piece store; errors end a call with the status co
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,7 +22,7 @@ from common.download import DownloadRequest
 from common.errors import DamselflyError, InvalidRequest, PermissionDenied, TaskNotFound
 from common.identity import grpc_identity
 from peer.access import TriggerPolicy, caller_ip, public_url, trigger_refusal
-from peer.dfget_output import copy_to_client
+from peer.dfget_output import copy_to_client, is_temp_name, remove_when_abandoned
 from peer.download.engine import PIECE_LENGTH_HEADER, RESPONSE_HEADER_PREFIX, Conductor, Engine, progress
 
 if TYPE_CHECKING:
@@ -178,6 +180,7 @@ class DownloadService(_LocalTaskRpcs, _LocalDelete, dfdaemon_pb2_grpc.DfdaemonDo
     def __init__(self, engine: Engine, store: PieceStore) -> None:
         self.engine = engine
         self.store = store
+        self._watchers: set[asyncio.Task[bool]] = set()
 
     async def DownloadTask(
         self, request: dfdaemon_pb2.DownloadTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -195,11 +198,20 @@ class DownloadService(_LocalTaskRpcs, _LocalDelete, dfdaemon_pb2_grpc.DfdaemonDo
             if output is not None:
                 with conductor.local.reader():
                     # Stops and removes its partial copy if the client goes away (dfget killed).
-                    await copy_to_client(conductor.local.content_path, output)
+                    filled = await copy_to_client(conductor.local.content_path, output)
+                if is_temp_name(output.name):
+                    # A dfget killed after the copy, before it moved the file onto FILE, leaves
+                    # it unlocked: removed then (a living dfget holds it until it is moved).
+                    self._watch(output, filled)
         except DamselflyError as exc:
             await rpc.abort(context, exc)
         except OSError as exc:
             await context.abort(grpc.StatusCode.INTERNAL, f"cannot write {output}: {exc.strerror}")
+
+    def _watch(self, temp: Path, filled: os.stat_result) -> None:
+        watcher = asyncio.ensure_future(remove_when_abandoned(temp, filled))
+        self._watchers.add(watcher)
+        watcher.add_done_callback(self._watchers.discard)
 
     StatLocalTask = _unimplemented("StatLocalTask")
     ListLocalTasks = _unimplemented("ListLocalTasks")

@@ -1048,3 +1048,34 @@ def test_log_level_info_names_the_stale_files_it_removes(
     err = capsys.readouterr().err
     assert f"dfget: INFO: removed {stale.path}, left by a dfget that did not finish" in err
     assert entries(tmp_path) == ["blob.bin"]
+
+
+# (what dfget does after the daemon filled its temporary file, whether the file is removed)
+@pytest.mark.parametrize(("dfget_then", "removed"), [
+    ("dies", True),  # SIGKILL right after the copy: nobody would move or remove it
+    ("moves it onto FILE", False),  # the usual end: FILE stays, nothing is removed
+])
+def test_the_daemon_removes_a_filled_temporary_file_only_when_its_dfget_is_gone(
+    tmp_path: Path, dfget_then: str, removed: bool
+) -> None:
+    output = str(tmp_path / "out.bin")
+    temp = dfget_output.create_temp(output)
+    os.write(temp.fd, CONTENT)
+    filled = os.stat(temp.path)
+
+    async def scenario() -> bool:
+        watcher = asyncio.ensure_future(dfget_output.remove_when_abandoned(Path(temp.path), filled, interval=0.01))
+        # While the dfget lives it holds the lock: the file is not taken from under it.
+        assert dfget_output._remove_if_unlocked(temp.path, lambda info: True) is False
+        assert not watcher.done()
+        if dfget_then == "dies":
+            temp.close()  # the lock goes with the process
+        else:
+            dfget_output.place(temp, output, overwrite=False)
+            temp.close()
+        return await asyncio.wait_for(watcher, 10)
+
+    assert asyncio.run(scenario()) is removed
+    assert entries(tmp_path) == ([] if removed else ["out.bin"])
+    if not removed:
+        assert Path(output).read_bytes() == CONTENT
