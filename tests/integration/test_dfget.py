@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import signal
@@ -18,10 +19,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
+from dragonfly_api import dfdaemon_pb2, dfdaemon_pb2_grpc
 
+from common.download import DownloadRequest
 from common.launcher import LocalCluster, free_port, http_get, sha256_file, wait_until
-from peer.dfget_output import is_temp_name
+from peer.dfget_output import create_temp, is_temp_name
 from tests.support.cluster import run_dfget, start_dfget, start_network
 from tests.support.registry import write_random_file
 
@@ -132,6 +136,33 @@ def test_dfget_killed_during_the_final_copy_leaves_no_file(
     assert again.returncode == 0, again.stderr
     assert os.listdir(out) == ["kill.bin"]
     assert sha256_file(output) == digest
+
+
+def test_a_dfget_gone_right_after_the_copy_leaves_no_temporary_file(
+    cluster: LocalCluster, origin: tuple[str, Path], tmp_path: Path
+) -> None:
+    """The landing the test above can only hit by chance: the daemon's copy has ended (the stream
+    ended well, the file is complete) and dfget dies before moving the file onto FILE. Played here
+    by a client that does what dfget does up to that point, then lets go of its lock."""
+    base, folder = origin
+    digest = write_random_file(folder / "late.bin", 8 * MIB, seed=14)
+    _, (peer,) = start_network(cluster, ["peer1"])
+    out = tmp_path / "out"
+    out.mkdir()
+    temp = create_temp(str(out / "late.bin"))
+    request = dfdaemon_pb2.DownloadTaskRequest(download=DownloadRequest(url=f"{base}/late.bin").to_proto())
+    request.download.output_path = temp.path
+
+    async def download() -> None:
+        async with grpc.aio.insecure_channel(f"unix://{peer.socket_path}") as channel:
+            async for _ in dfdaemon_pb2_grpc.DfdaemonDownloadStub(channel).DownloadTask(request, timeout=120):
+                pass
+
+    asyncio.run(download())
+    assert sha256_file(Path(temp.path)) == digest  # filled, not yet moved
+    temp.close()  # the client is gone: its lock with it
+    wait_until(lambda: temp_files(out) == [], 10, "the daemon to remove the temporary file its dfget left")
+    assert os.listdir(out) == []
 
 
 def test_recursive_download_of_a_directory_listing(
