@@ -334,7 +334,7 @@ class DownloadPolicy:
     def next_wake(self) -> float | None:
         """When a busy parent or a refused demand may be asked again (the next decision point)."""
         now = self.clock.time()
-        times = [p.busy_until for p in self.parents.values() if p.busy_until > now]
+        times = self._backoff_ends(now)
         times += [t for n, t in self.demand_retry_at.items() if t > now and n not in self.finished]
         return min(times) if times else None
 
@@ -485,36 +485,39 @@ class DownloadPolicy:
             return []
         fetches = list(self._dispatch_all(now))
         self._idle = True
-        self._idle_until = min((p.busy_until for p in self.parents.values() if p.busy_until > now),
-                               default=float("inf"))
+        self._idle_until = min(self._backoff_ends(now), default=float("inf"))
         self._announced.clear()
         return fetches
+
+    def _backoff_ends(self, now: float) -> list[float]:
+        """When the parents that answered busy may be asked again (those still backing off)."""
+        return [p.busy_until for p in self.parents.values() if p.busy_until > now]
 
     def _seed_limit(self) -> int:
         return (SEED_PIECE_LIMIT_WITH_PEERS if any(not p.is_seed for p in self.parents.values())
                 else SEED_PIECE_LIMIT)
 
+    @staticmethod
+    def _has_room(parent: ParentState, seed_limit: int, now: float) -> bool:
+        """The parent may be asked for one more piece now: a slot free, not backing off."""
+        return (parent.in_flight < (seed_limit if parent.is_seed else PARENT_PIECE_LIMIT)
+                and parent.busy_until <= now)
+
     def _announcement_fetchable(self, now: float) -> bool:
         """Whether a piece announced since the last dispatch could be fetched from its announcer."""
+        seed_limit = self._seed_limit()
         for parent_id, number in self._announced:
             parent = self.parents.get(parent_id)
-            if (parent is None or number in self.finished or number in self.in_flight
-                    or not (self.want_everything or number in self.wanted) or parent.busy_until > now):
-                continue
-            if parent.in_flight < (self._seed_limit() if parent.is_seed else PARENT_PIECE_LIMIT):
+            if (parent is not None and number not in self.finished and number not in self.in_flight
+                    and (self.want_everything or number in self.wanted)
+                    and self._has_room(parent, seed_limit, now)):
                 return True
         return False
 
     def _dispatch_all(self, now: float) -> Iterable[FetchPiece]:
         # Only parents with a free slot can take a piece: with none, there is nothing to scan.
         seed_limit = self._seed_limit()
-
-        def slot_limit(parent: ParentState) -> int:
-            return seed_limit if parent.is_seed else PARENT_PIECE_LIMIT
-
-        free = {parent.peer_id for parent in self.parents.values()
-                if parent.in_flight < (seed_limit if parent.is_seed else PARENT_PIECE_LIMIT)
-                and parent.busy_until <= now}
+        free = {parent.peer_id for parent in self.parents.values() if self._has_room(parent, seed_limit, now)}
         if not free:
             return
         # Pieces a free parent holds, by set operations on the parents' holdings (holders drops
@@ -547,7 +550,7 @@ class DownloadPolicy:
             peers_busy = peers_busy or not parent.is_seed
             background_room -= background
             parent.in_flight += 1
-            if parent.in_flight >= slot_limit(parent):
+            if not self._has_room(parent, seed_limit, now):
                 free.discard(parent.peer_id)
             self.in_flight[number] = parent.peer_id
             yield FetchPiece(number, parent.peer_id)
