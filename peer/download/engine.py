@@ -29,6 +29,7 @@ import contextlib
 import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from random import Random
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec
@@ -55,6 +56,7 @@ from common.errors import (
 )
 from common.tls import TlsCredentials, open_channel, url_scheme
 from peer.download.geometry import KnownPiece, SchedulerView, claim_problem, origin_piece_length, view_from_task
+from peer.download.piece_fetch import PieceFetcher
 from peer.download.policy import (
     ORIGIN,
     BackToSource,
@@ -94,6 +96,9 @@ _P = ParamSpec("_P")
 PIECE_LENGTH_HEADER = "X-Damselfly-Piece-Length"
 RESPONSE_HEADER_PREFIX = "X-Damselfly-Response-"
 _CHUNK = 1 << 20
+# Worker threads receiving pieces from parents (each blocks for one piece transfer at a time):
+# enough for several tasks' concurrent pieces; more transfers wait for a free thread.
+PIECE_THREADS = 64
 # How long to keep asking the scheduler for a piece digest still in flight from the seed.
 DIGEST_WAIT = 5.0
 # After the final report, how long the scheduler may take to end the stream before we cancel it
@@ -533,6 +538,10 @@ class Conductor:
             except TimeoutError:
                 continue
             await self._handle(event)
+            # What queued meanwhile (announcements come in bursts, and more so when the CPU is
+            # busy) is applied before the next decision: one decision for all of it.
+            while not self._events.empty():
+                await self._handle(self._events.get_nowait())
 
     async def _more_reads(self) -> bool:
         """A Range download without prefetch has what its reads wanted: stay (parents, their
@@ -668,6 +677,22 @@ class Conductor:
         headers = {CHILD_HEADER: self.engine.host_id}
         if not demand:
             headers[WHEN_BUSY_HEADER] = "refuse"
+        fetcher = self.engine.piece_fetcher
+        if fetcher is not None:
+            request = fetcher.request(parent.peer_id, parent.ip, parent.download_port,
+                                      f"/pieces/{self.task_id}/{number}", headers,
+                                      timeout=self.engine.config.piece_timeout, busy_header=BUSY_HEADER)
+            try:
+                # The digest is asked for once the bytes are in: a demanded piece has one only
+                # from the seed's answer on.
+                digest = await self.local.write_piece_in_thread(
+                    number, request.receive, executor=self.engine.piece_threads,
+                    expected_digest=lambda: self._digest_of(number), parent_id=parent.peer_id)
+            except asyncio.CancelledError:
+                request.abort()  # the worker thread stops at once instead of at the piece timeout
+                raise
+            self._piece_received(number, parent, started, digest)
+            return
         async with self.engine.http.get(url, timeout=timeout, headers=headers) as response:
             if response.status == 503 and response.headers.get(BUSY_HEADER):
                 raise ParentBusy(parent.peer_id)
@@ -679,6 +704,9 @@ class Conductor:
             expected = await self._digest_of(number)
             digest = await self.local.write_piece(number, response.content.iter_chunked(_CHUNK),
                                                   expected_digest=expected, parent_id=parent.peer_id)
+        self._piece_received(number, parent, started, digest)
+
+    def _piece_received(self, number: int, parent: Parent, started: float, digest: str) -> None:
         cost = self.clock.time() - started
         span = self.local.span(number)
         self.engine.metrics.download_traffic.labels("remote_peer").inc(span.length)
@@ -984,6 +1012,10 @@ class Engine:
         self._runners: set[asyncio.Task[None]] = set()
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._http: aiohttp.ClientSession | None = None
+        # Plaintext pieces are received in worker threads (peer.download.piece_fetch); with TLS
+        # through the aiohttp session.
+        self.piece_fetcher = PieceFetcher() if tls is None else None
+        self.piece_threads = ThreadPoolExecutor(max_workers=PIECE_THREADS, thread_name_prefix="piece-receive")
 
     @property
     def http(self) -> aiohttp.ClientSession:
@@ -1100,6 +1132,9 @@ class Engine:
         await asyncio.gather(*self._runners, return_exceptions=True)
         if self._http is not None:
             await self._http.close()
+        if self.piece_fetcher is not None:
+            self.piece_fetcher.close()
+        self.piece_threads.shutdown(wait=False, cancel_futures=True)
         await asyncio.gather(*(c.close() for c in self._channels.values()), return_exceptions=True)
 
 

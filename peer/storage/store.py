@@ -26,7 +26,8 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -61,6 +62,11 @@ METADATA_FILE = "metadata"
 # Chunks at least this big are written and hashed in a worker thread, so the event loop stays
 # free; smaller ones cost less than the hand-off.
 THREAD_WRITE_THRESHOLD = 256 * 1024
+
+# The digest a piece must have: known, asked for once its bytes are in, or none to check.
+ExpectedDigest = str | Callable[[], Awaitable[str]] | None
+# A blocking source of one piece: receive(length, sink) passes its bytes to sink, in order.
+PieceReceiver = Callable[[int, Callable[[memoryview], None]], None]
 
 PENDING = "pending"
 RUNNING = "running"
@@ -136,9 +142,9 @@ class _PieceFile:
         self.fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
         self._inflight: asyncio.Future[Any] | None = None
 
-    async def run(self, fn: Callable[..., _T], *args: Any) -> _T:
+    async def run(self, fn: Callable[..., _T], *args: Any, executor: Executor | None = None) -> _T:
         loop = asyncio.get_running_loop()
-        self._inflight = loop.run_in_executor(None, fn, *args)
+        self._inflight = loop.run_in_executor(executor, fn, *args)
         result: _T = await self._inflight
         self._inflight = None
         return result
@@ -338,7 +344,7 @@ class LocalTask:
         number: int,
         chunks: AsyncIterable[bytes],
         *,
-        expected_digest: str | None = None,
+        expected_digest: ExpectedDigest = None,
         parent_id: str = "",
     ) -> str:
         """Stream one piece's bytes to disk, verify, record it; return its digest.
@@ -347,7 +353,30 @@ class LocalTask:
         parent, `parent_id` given) or OriginError (no parent: the bytes came from the origin).
         A wrong digest raises PieceDigestMismatch. In every failure the piece stays incomplete.
         A piece that is already complete is not written again (the chunks are not consumed).
+        `expected_digest` may be a coroutine function: it is asked once the bytes are in.
         """
+        return await self._write_piece(number, lambda span: self._receive(span, chunks, parent_id),
+                                       expected_digest, parent_id)
+
+    async def write_piece_in_thread(
+        self,
+        number: int,
+        receive: PieceReceiver,
+        *,
+        executor: Executor,
+        expected_digest: ExpectedDigest = None,
+        parent_id: str = "",
+    ) -> str:
+        """Like :meth:`write_piece`, for a blocking receiver: ``receive(length, sink)`` runs in a
+        thread of `executor` and passes the piece's bytes to `sink`, which hashes and writes each
+        part in that same thread (one hand-off per piece, not per chunk; the flush too)."""
+        return await self._write_piece(number, lambda span: self._receive_in_thread(span, receive, executor, parent_id),
+                                       expected_digest, parent_id)
+
+    async def _write_piece(
+        self, number: int, receive: Callable[[PieceSpan], Awaitable[str]], expected_digest: ExpectedDigest,
+        parent_id: str,
+    ) -> str:
         span = self.span(number)
         self._check_alive()
         done = self._pieces.get(number)
@@ -365,9 +394,11 @@ class LocalTask:
                 self._check_alive()
                 if self.state == PENDING:
                     self.state = RUNNING  # persisted with the piece
-                digest = await self._receive(span, chunks, parent_id)
-                if expected_digest is not None and expected_digest.strip().lower() != digest:
-                    raise PieceDigestMismatch(self.task_id, number, expected_digest, digest, parent_id)
+                digest = await receive(span)
+                expected = expected_digest if expected_digest is None or isinstance(expected_digest, str) \
+                    else await expected_digest()
+                if expected is not None and expected.strip().lower() != digest:
+                    raise PieceDigestMismatch(self.task_id, number, expected, digest, parent_id)
                 self._unpersisted[number] = digest
                 try:
                     await self._persist_durably()
@@ -384,6 +415,42 @@ class LocalTask:
             entry.users -= 1
             if entry.users == 0:
                 del self._piece_locks[number]
+
+    async def _receive_in_thread(self, span: PieceSpan, receive: PieceReceiver, executor: Executor,
+                                 parent_id: str) -> str:
+        what = f"writing piece {span.number} of task {self.task_id}"
+        try:
+            file = _PieceFile(self.content_path)
+        except OSError as exc:
+            raise _disk_error(exc, what) from exc
+        try:
+            return await file.run(self._receive_blocking, span, receive, file.fd, what, parent_id, executor=executor)
+        finally:
+            file.close()
+
+    def _receive_blocking(self, span: PieceSpan, receive: PieceReceiver, fd: int, what: str, parent_id: str) -> str:
+        """In a worker thread: the piece's bytes from `receive`, hashed and written, flushed."""
+        hasher = new_piece_hasher()
+        received = 0
+
+        def sink(part: memoryview) -> None:
+            nonlocal received
+            if received + len(part) > span.length:
+                raise self._length_error(span, f"more than {span.length} bytes", parent_id)
+            try:
+                _write_and_hash(fd, hasher, part, span.offset + received)
+            except OSError as exc:
+                raise _disk_error(exc, what) from exc
+            received += len(part)
+
+        receive(span.length, sink)
+        if received != span.length:
+            raise self._length_error(span, f"{received} bytes instead of {span.length}", parent_id)
+        try:
+            os.fdatasync(fd)
+        except OSError as exc:
+            raise _disk_error(exc, what) from exc
+        return format_digest(PIECE_DIGEST_ALGORITHM, hasher)
 
     async def _receive(self, span: PieceSpan, chunks: AsyncIterable[bytes], parent_id: str) -> str:
         what = f"writing piece {span.number} of task {self.task_id}"
