@@ -150,6 +150,11 @@ class UploadService(_LocalTaskRpcs, dfdaemon_pb2_grpc.DfdaemonUploadServicer):  
                     interested.discard(number)
                     if not interested:
                         return
+            # Every piece was announced. The stream stays open until the child leaves or the task
+            # is deleted: its end tells a child that still fetches from this node that it died
+            # (a child with no piece in flight here would not learn it otherwise, and a dead
+            # parent went on being offered: tests/integration/test_faults.py, dead parent).
+            await local.until_deleted()
         except DamselflyError as exc:  # the task was deleted or failed under the subscriber
             await rpc.abort(context, exc)
 

@@ -531,6 +531,12 @@ class LocalTask:
             self._raise_if_ended()
             await self._changed.wait()
 
+    async def until_deleted(self) -> None:
+        """Wait until the task is deleted, then raise TaskNotFound."""
+        while True:
+            self._check_alive()
+            await self._changed.wait()
+
     def _raise_if_ended(self) -> None:
         self._check_alive()
         if self.state == FAILED:
