@@ -96,6 +96,8 @@ _P = ParamSpec("_P")
 PIECE_LENGTH_HEADER = "X-Damselfly-Piece-Length"
 RESPONSE_HEADER_PREFIX = "X-Damselfly-Response-"
 _CHUNK = 1 << 20
+# A policy wake-up may come this much after the time it asked for (timers are not re-armed for less).
+WAKE_SLACK = 0.005
 # Worker threads receiving pieces from parents (each blocks for one piece transfer at a time):
 # enough for several tasks' concurrent pieces; more transfers wait for a free thread.
 PIECE_THREADS = 64
@@ -197,6 +199,8 @@ class Conductor:
         self._in_flight: dict[int, asyncio.Task[None]] = {}
         self._digests: dict[int, str] = {}
         self._digest_refresh: asyncio.Task[None] | None = None
+        self._wake_timer: asyncio.Handle | None = None  # see _wake_in
+        self._wake_at = 0.0
         self._session: SchedulerSession | None = None
         self._stream_reader: asyncio.Task[None] | None = None
         self._back_to_source = False
@@ -368,6 +372,8 @@ class Conductor:
         return self._workers.create_task(coroutine, name=f"{name}-{self.task_id[:12]}")
 
     def _cancel_workers(self) -> list[asyncio.Task[None]]:
+        if self._wake_timer is not None:
+            self._wake_timer.cancel()
         tasks = [t for t in self._in_flight.values() if not t.done()]
         tasks += [p.session for p in self._parents.values() if p.session and not p.session.done()]
         if self._digest_refresh is not None and not self._digest_refresh.done():
@@ -529,19 +535,32 @@ class Conductor:
                     raise TaskFailed(command.reason)
                 self._carry_out(command)
             # Time passing is an event too: a busy parent may be asked again, parents may stall.
-            timeout = 1.0
+            delay = 1.0
             wake = self.policy.next_wake()
             if wake is not None:
-                timeout = min(timeout, max(0.0, wake - self.clock.time()))
-            try:
-                event = await _next_event(self._events, timeout)
-            except TimeoutError:
-                continue
-            await self._handle(event)
+                delay = min(delay, max(0.0, wake - self.clock.time()))
+            self._wake_in(delay)
+            await self._handle(await self._events.get())
             # What queued meanwhile (announcements come in bursts, and more so when the CPU is
             # busy) is applied before the next decision: one decision for all of it.
             while not self._events.empty():
                 await self._handle(self._events.get_nowait())
+
+    def _wake_in(self, delay: float) -> None:
+        """Queue a _Wake `delay` seconds from now, at the latest. One timer: it stays when it
+        fires no later than that (an early wake costs one more look; arming a time-out around
+        every wait for an event cost more than the decisions, bench/lazyload.py N=16)."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        when = now + delay
+        timer = self._wake_timer
+        if timer is not None and not timer.cancelled() and now < self._wake_at <= when + WAKE_SLACK:
+            return
+        if timer is not None:
+            timer.cancel()
+        self._wake_at = when
+        # (uvloop answers a time already past with a plain Handle, which has no when())
+        self._wake_timer = loop.call_at(when, self._events.put_nowait, _Wake())
 
     async def _more_reads(self) -> bool:
         """A Range download without prefetch has what its reads wanted: stay (parents, their
