@@ -410,19 +410,28 @@ class DownloadPolicy:
         """Ask a live seed for pieces a reader waits for that no parent announced yet."""
         if self.piece_count is None or not self.priority:
             return []
+        # Each demand adds one to both counts.
+        room = min(DEMAND_LIMIT - len(self.demanded), self.concurrent_pieces - len(self.in_flight))
+        if room <= 0:
+            return []
+        # The readers' pieces pile up in `priority` as a blob is read: look at the missing ones
+        # only (it is asked after every event while a reader waits).
+        count = self.piece_count
+        unannounced = [n for n in self.priority - self.finished
+                       if n < count and n not in self.in_flight and not self.holders.get(n)]
+        if not unannounced:
+            return []
         seeds = [p for p in self.parents.values() if p.is_seed and p.live]
         if not seeds:
             return []
         now = self.clock.time()
         commands: list[FetchPiece] = []
-        for number in sorted(self.priority):
-            if len(self.demanded) >= DEMAND_LIMIT or len(self.in_flight) >= self.concurrent_pieces:
+        for number in sorted(unannounced):
+            if room <= 0:
                 break
-            if (number >= self.piece_count or number in self.finished or number in self.in_flight
-                    or self.holders.get(number)
-                    or not (self.want_everything or number in self.wanted)
-                    or self.demand_retry_at.get(number, 0.0) > now):
+            if not (self.want_everything or number in self.wanted) or self.demand_retry_at.get(number, 0.0) > now:
                 continue
+            room -= 1
             # Not counted in the seed's in_flight: a demand waits on the origin, not on the seed's
             # upload, and must not hold back the pieces the seed has announced.
             seed = min(seeds, key=lambda p: (sum(1 for n in self.demanded if self.in_flight.get(n) == p.peer_id),
