@@ -31,6 +31,9 @@ RECEIVE_BUFFER = 1 << 20
 MAX_HEADER_BYTES = 16 * 1024
 # Error bodies are short texts; only their beginning is kept for the message.
 MAX_ERROR_BODY = 64 * 1024
+# A parent that does not accept a connection within this long is taken for dead. (A blocked
+# connect cannot be aborted: it holds its worker thread, and at exit the process, this long.)
+CONNECT_TIMEOUT = 5.0
 # Idle keep-alive connections kept per parent address.
 IDLE_CONNECTIONS_PER_PARENT = 4
 
@@ -128,7 +131,8 @@ class PieceRequest:
             return
         # (the parent closed the reused connection while it sat idle: once more on a new one)
         try:
-            connection = socket.create_connection(self._address, timeout=self._remaining(deadline))
+            connection = socket.create_connection(self._address,
+                                                  timeout=min(CONNECT_TIMEOUT, self._remaining(deadline)))
         except OSError as exc:
             raise self._failed(f"cannot connect to {self._address[0]}:{self._address[1]}: {exc}") from None
         connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
