@@ -202,11 +202,24 @@ class DownloadPolicy:
     origin_allowed: bool = True
     # The blob is read in Range reads (nydusd): readers come and go, whole-blob fetching stays behind.
     read_lazily: bool = False
-    # After a dispatch nothing more could be fetched: until something changes (or a busy parent's
-    # backoff ends, at _idle_until) only new announcements (_announced) can make a fetch possible.
+    # After a dispatch nothing more could be fetched: until something else changes, only these can
+    # make a fetch possible: new announcements; parents that gained room (a backoff or a transfer
+    # ended); pieces no longer in flight. When that dispatch stopped at the concurrency or the
+    # background limit (_dispatch_limited), any transfer that ends changes everything.
     _idle: bool = field(default=False, init=False, repr=False)
-    _idle_until: float = field(default=0.0, init=False, repr=False)
+    _dispatch_limited: bool = field(default=False, init=False, repr=False)
     _announced: list[tuple[str, int]] = field(default_factory=list, init=False, repr=False)
+    _gained_room: list[str] = field(default_factory=list, init=False, repr=False)
+    _unsettled: list[int] = field(default_factory=list, init=False, repr=False)
+    # Kept up to date as parents come, go and take pieces, so a dispatch (after every event) does not
+    # scan every parent: the normal parents; those of them with pieces in flight; the parents with a
+    # slot free (below their piece limit; backing off or not); and the parents that answered busy,
+    # with when their backoff ends (those past it are pruned when looked at).
+    _normal_parents: set[str] = field(default_factory=set, init=False, repr=False)
+    _loaded_normal_parents: set[str] = field(default_factory=set, init=False, repr=False)
+    _parents_with_slot: set[str] = field(default_factory=set, init=False, repr=False)
+    _backing_off: dict[str, float] = field(default_factory=dict, init=False, repr=False)
+    _first_backoff_end: float = field(default=float("inf"), init=False, repr=False)  # at most the earliest
 
     def __post_init__(self) -> None:
         self._order_salt = self.rng.random()
@@ -270,6 +283,9 @@ class DownloadPolicy:
         if peer_id in self.parents or peer_id in self.blocked or peer_id == self.peer_id:
             return False
         self.parents[peer_id] = ParentState(peer_id, is_seed)
+        if not is_seed:
+            self._normal_parents.add(peer_id)
+        self._count_all_loads()  # the first normal parent changes a seed's limit
         self._changed()
         return True
 
@@ -294,8 +310,9 @@ class DownloadPolicy:
         return [report, *self._drop(parent, error)]
 
     def piece_succeeded(self, number: int, parent_id: str) -> None:
-        self._changed()
-        if not self._demand_settled(number, parent_id):
+        if self._demand_settled(number, parent_id):
+            self._changed()
+        else:
             self._settle(number, parent_id)
         self.finished.add(number)
         # who else has it no longer matters: keeps _dispatch's work small
@@ -323,13 +340,15 @@ class DownloadPolicy:
         child, who will pass it on: no failure; other holders are asked meanwhile, and this parent
         (for a demand: this piece of it) again after :data:`PARENT_BUSY_BACKOFF`."""
         until = self.clock.time() + PARENT_BUSY_BACKOFF
-        self._changed()
         if self._demand_settled(number, parent_id):
+            self._changed()
             self.demand_retry_at[number] = until
             return
         parent = self._settle(number, parent_id)
         if parent is not None:
             parent.busy_until = until
+            self._backing_off[parent_id] = until
+            self._first_backoff_end = min(self._first_backoff_end, until)
 
     def next_wake(self) -> float | None:
         """When a busy parent or a refused demand may be asked again (the next decision point)."""
@@ -471,53 +490,99 @@ class DownloadPolicy:
     def _changed(self) -> None:
         """Something a dispatch depends on changed: the next one looks at everything again."""
         self._idle = False
+        self._forget_since_idle()
+
+    def _forget_since_idle(self) -> None:
         self._announced.clear()
+        self._gained_room.clear()
+        self._unsettled.clear()
 
     def _dispatch(self) -> list[FetchPiece]:
         """Fetches to start now. This runs after every event, most of them a parent announcing a
-        piece: when nothing else changed since a dispatch that found nothing more to fetch, only
-        the announced pieces are looked at (the same decisions, at a fraction of the cost)."""
+        piece or a busy parent's backoff ending: when nothing else changed since a dispatch that
+        found nothing more to fetch, only the announced pieces and the pieces of the parents whose
+        backoff ended are looked at (the same decisions, at a fraction of the cost)."""
         if not self.content_known or len(self.in_flight) >= self.concurrent_pieces:
             return []
         now = self.clock.time()
-        if self._idle and now < self._idle_until and not self._announcement_fetchable(now):
-            self._announced.clear()
-            return []
-        fetches = list(self._dispatch_all(now))
+        fetches = list(self._dispatch_all(now)) if not self._idle or self._fetchable_since_idle(now) else []
         self._idle = True
-        self._idle_until = min(self._backoff_ends(now), default=float("inf"))
-        self._announced.clear()
+        self._forget_since_idle()
         return fetches
+
+    def _backing_off_now(self, now: float) -> dict[str, float]:
+        """The parents that answered busy and are still backing off, with when that ends; those whose
+        backoff ended are noted in _gained_room."""
+        if now >= self._first_backoff_end:
+            ended = [parent_id for parent_id, until in self._backing_off.items() if until <= now]
+            for parent_id in ended:
+                del self._backing_off[parent_id]
+            self._gained_room += ended
+            self._first_backoff_end = min(self._backing_off.values(), default=float("inf"))
+        return self._backing_off
 
     def _backoff_ends(self, now: float) -> list[float]:
         """When the parents that answered busy may be asked again (those still backing off)."""
-        return [p.busy_until for p in self.parents.values() if p.busy_until > now]
+        return list(self._backing_off_now(now).values())
 
     def _seed_limit(self) -> int:
-        return (SEED_PIECE_LIMIT_WITH_PEERS if any(not p.is_seed for p in self.parents.values())
-                else SEED_PIECE_LIMIT)
+        return SEED_PIECE_LIMIT_WITH_PEERS if self._normal_parents else SEED_PIECE_LIMIT
 
-    @staticmethod
-    def _has_room(parent: ParentState, seed_limit: int, now: float) -> bool:
-        """The parent may be asked for one more piece now: a slot free, not backing off."""
-        return (parent.in_flight < (seed_limit if parent.is_seed else PARENT_PIECE_LIMIT)
-                and parent.busy_until <= now)
+    def _has_slot(self, parent: ParentState) -> bool:
+        """The parent has fewer pieces in flight than its limit (it may still be backing off)."""
+        return parent.in_flight < (self._seed_limit() if parent.is_seed else PARENT_PIECE_LIMIT)
 
-    def _announcement_fetchable(self, now: float) -> bool:
-        """Whether a piece announced since the last dispatch could be fetched from its announcer."""
-        seed_limit = self._seed_limit()
+    def _count_load(self, parent: ParentState) -> None:
+        """Bring the sets that follow pieces in flight up to date after `parent`'s count changed."""
+        peer_id = parent.peer_id
+        if self._has_slot(parent):
+            self._parents_with_slot.add(peer_id)
+        else:
+            self._parents_with_slot.discard(peer_id)
+        if parent.in_flight and not parent.is_seed:
+            self._loaded_normal_parents.add(peer_id)
+        else:
+            self._loaded_normal_parents.discard(peer_id)
+
+    def _count_all_loads(self) -> None:
+        """The same for every parent (a parent came or went: a seed's limit may have changed)."""
+        self._parents_with_slot.clear()
+        self._loaded_normal_parents.clear()
+        for parent in self.parents.values():
+            self._count_load(parent)
+
+    def _free_parents(self, now: float) -> set[str]:
+        """The parents that may be asked for one more piece now: a slot free, not backing off."""
+        return self._parents_with_slot.difference(self._backing_off_now(now))
+
+    def _fetchable_since_idle(self, now: float) -> bool:
+        """Whether a piece could be fetched now that no dispatch since the last one had: one that a
+        parent announced since, from that parent; one a parent that gained room since holds, from
+        it; one no longer in flight, from any holder. The only fetches an idle policy can gain."""
+        backing_off = self._backing_off_now(now)
         for parent_id, number in self._announced:
-            parent = self.parents.get(parent_id)
-            if (parent is not None and number not in self.finished and number not in self.in_flight
-                    and (self.want_everything or number in self.wanted)
-                    and self._has_room(parent, seed_limit, now)):
+            if (parent_id in self._parents_with_slot and parent_id not in backing_off
+                    and self._fetchable(number)):
                 return True
+        for parent_id in self._gained_room:
+            if (parent_id in self._parents_with_slot and parent_id not in backing_off
+                    and any(self._fetchable(number) for number in self.held.get(parent_id, ()))):
+                return True
+        unsettled = [number for number in self._unsettled if self._fetchable(number)]
+        if unsettled:
+            free = self._free_parents(now)
+            return any(not free.isdisjoint(self.holders.get(number, ())) for number in unsettled)
         return False
+
+    def _fetchable(self, number: int) -> bool:
+        """The piece is wanted, not here and not in flight."""
+        return (number not in self.finished and number not in self.in_flight
+                and (self.want_everything or number in self.wanted))
 
     def _dispatch_all(self, now: float) -> Iterable[FetchPiece]:
         # Only parents with a free slot can take a piece: with none, there is nothing to scan.
-        seed_limit = self._seed_limit()
-        free = {parent.peer_id for parent in self.parents.values() if self._has_room(parent, seed_limit, now)}
+        self._dispatch_limited = False
+        free = self._free_parents(now)
         if not free:
             return
         # Pieces a free parent holds, by set operations on the parents' holdings (holders drops
@@ -526,18 +591,19 @@ class DownloadPolicy:
         held.difference_update(self.in_flight)
         if not self.want_everything:
             held.intersection_update(self.wanted)
-        ready = sorted((n for n in held if n in self.holders and n not in self.finished), key=self._order)
-        peers_busy = any(p.in_flight for p in self.parents.values() if not p.is_seed)
+        ready = sorted([n for n in held if n in self.holders and n not in self.finished], key=self._order)
+        peers_busy = bool(self._loaded_normal_parents)
         # While a reader waits, the rest of the blob keeps only a few transfers going.
         background_room = self.concurrent_pieces
-        if self.read_lazily or any(n not in self.finished for n in self.priority):
+        if self.read_lazily or not self.priority <= self.finished:
             background_room = BACKGROUND_PIECES_UNDER_DEMAND - sum(1 for n in self.in_flight if n not in self.priority)
         for number in ready:
-            if len(self.in_flight) >= self.concurrent_pieces or not free:
+            if not free:
                 return
             background = number not in self.priority
-            if background and background_room <= 0:
-                return  # ready is sorted: only background pieces are left
+            if len(self.in_flight) >= self.concurrent_pieces or (background and background_room <= 0):
+                self._dispatch_limited = True
+                return  # (for the background limit: ready is sorted, only background pieces are left)
             holders = self.holders[number] & free
             if not holders:
                 continue
@@ -550,7 +616,8 @@ class DownloadPolicy:
             peers_busy = peers_busy or not parent.is_seed
             background_room -= background
             parent.in_flight += 1
-            if not self._has_room(parent, seed_limit, now):
+            self._count_load(parent)
+            if parent.peer_id not in self._parents_with_slot:
                 free.discard(parent.peer_id)
             self.in_flight[number] = parent.peer_id
             yield FetchPiece(number, parent.peer_id)
@@ -565,8 +632,7 @@ class DownloadPolicy:
     def _only_seeds_hold(self, number: int) -> bool:
         """No normal parent has the piece: a seed may serve it even while normal parents keep this
         peer busy (it leaves the seed for the swarm; the seed's uplink would idle otherwise)."""
-        return all(parent is None or parent.is_seed
-                   for parent in (self.parents.get(p) for p in self.holders.get(number, ())))
+        return self._normal_parents.isdisjoint(self.holders.get(number, ()))
 
     def _pick_parent(self, holders: set[str], *, use_seed: bool) -> ParentState | None:
         """Among `holders` (parents with a free slot), normal before seed, then the least busy."""
@@ -584,11 +650,23 @@ class DownloadPolicy:
         parent = self.parents.get(parent_id)
         if parent is not None and parent.in_flight > 0:
             parent.in_flight -= 1
+            self._count_load(parent)
+        if self._dispatch_limited or not self._loaded_normal_parents:
+            # A transfer under a limit may let any piece go; with no normal parent busy any more, a
+            # seed may serve pieces normal parents hold: the next dispatch looks at everything.
+            self._changed()
+        else:
+            self._unsettled.append(number)
+            if parent is not None:
+                self._gained_room.append(parent_id)
         return parent
 
     def _drop(self, parent: ParentState, reason: str) -> list[Command]:
         self._changed()
         del self.parents[parent.peer_id]
+        self._normal_parents.discard(parent.peer_id)
+        self._backing_off.pop(parent.peer_id, None)
+        self._count_all_loads()
         self.blocked.add(parent.peer_id)
         for number in self.held.pop(parent.peer_id, ()):
             self.holders[number].discard(parent.peer_id)
