@@ -181,7 +181,8 @@ class DownloadPolicy:
     parents: dict[str, ParentState] = field(default_factory=dict)
     blocked: set[str] = field(default_factory=set)
     holders: dict[int, set[str]] = field(default_factory=dict)
-    # The same the other way: per parent, the pieces it announced that are not finished here.
+    # The same the other way: per parent (each has an entry), the pieces it announced that are not
+    # finished here.
     held: dict[str, set[int]] = field(default_factory=dict)
     in_flight: dict[int, str] = field(default_factory=dict)  # piece -> parent
     finished: set[int] = field(default_factory=set)
@@ -283,6 +284,7 @@ class DownloadPolicy:
         if peer_id in self.parents or peer_id in self.blocked or peer_id == self.peer_id:
             return False
         self.parents[peer_id] = ParentState(peer_id, is_seed)
+        self.held[peer_id] = set()
         if not is_seed:
             self._normal_parents.add(peer_id)
         self._count_all_loads()  # the first normal parent changes a seed's limit
@@ -291,8 +293,12 @@ class DownloadPolicy:
 
     def parent_has(self, parent_id: str, number: int) -> None:
         if parent_id in self.parents and number not in self.finished:
-            self.holders.setdefault(number, set()).add(parent_id)
-            self.held.setdefault(parent_id, set()).add(number)
+            holders = self.holders.get(number)
+            if holders is None:
+                self.holders[number] = {parent_id}
+            else:
+                holders.add(parent_id)
+            self.held[parent_id].add(number)
             if self._idle:
                 self._announced.append((parent_id, number))
 
@@ -354,7 +360,8 @@ class DownloadPolicy:
         """When a busy parent or a refused demand may be asked again (the next decision point)."""
         now = self.clock.time()
         times = self._backoff_ends(now)
-        times += [t for n, t in self.demand_retry_at.items() if t > now and n not in self.finished]
+        if self.demand_retry_at:
+            times += [t for n, t in self.demand_retry_at.items() if t > now and n not in self.finished]
         return min(times) if times else None
 
     def scheduler_lost(self) -> None:
@@ -379,8 +386,9 @@ class DownloadPolicy:
         if self.is_finished():
             return [Finished()]
         commands: list[Command] = list(self._dispatch())
-        commands += self._demand_unannounced()
-        commands += self._origin_fallback()
+        if self.priority:  # both serve only pieces a reader waits for
+            commands += self._demand_unannounced()
+            commands += self._origin_fallback()
         if self.in_flight or self.has_live_parent():
             self.stalled_since = None
             return commands
@@ -499,13 +507,17 @@ class DownloadPolicy:
 
     def _dispatch(self) -> list[FetchPiece]:
         """Fetches to start now. This runs after every event, most of them a parent announcing a
-        piece or a busy parent's backoff ending: when nothing else changed since a dispatch that
-        found nothing more to fetch, only the announced pieces and the pieces of the parents whose
-        backoff ended are looked at (the same decisions, at a fraction of the cost)."""
+        piece, a busy answer or a busy parent's backoff ending: when nothing else changed since a
+        dispatch that found nothing more to fetch, only the pieces those events concern are looked
+        at (the same decisions, at a fraction of the cost)."""
         if not self.content_known or len(self.in_flight) >= self.concurrent_pieces:
             return []
         now = self.clock.time()
-        fetches = list(self._dispatch_all(now)) if not self._idle or self._fetchable_since_idle(now) else []
+        if not self._idle:
+            fetches = self._dispatch_all(now)
+        else:
+            pieces = self._pieces_since_idle(now)
+            fetches = self._dispatch_all(now, pieces) if pieces else []
         self._idle = True
         self._forget_since_idle()
         return fetches
@@ -528,14 +540,11 @@ class DownloadPolicy:
     def _seed_limit(self) -> int:
         return SEED_PIECE_LIMIT_WITH_PEERS if self._normal_parents else SEED_PIECE_LIMIT
 
-    def _has_slot(self, parent: ParentState) -> bool:
-        """The parent has fewer pieces in flight than its limit (it may still be backing off)."""
-        return parent.in_flight < (self._seed_limit() if parent.is_seed else PARENT_PIECE_LIMIT)
-
     def _count_load(self, parent: ParentState) -> None:
-        """Bring the sets that follow pieces in flight up to date after `parent`'s count changed."""
+        """Bring the sets that follow pieces in flight up to date after `parent`'s count changed: it has
+        a slot free below its limit (backing off or not), it is a normal parent with pieces in flight."""
         peer_id = parent.peer_id
-        if self._has_slot(parent):
+        if parent.in_flight < (self._seed_limit() if parent.is_seed else PARENT_PIECE_LIMIT):
             self._parents_with_slot.add(peer_id)
         else:
             self._parents_with_slot.discard(peer_id)
@@ -555,55 +564,72 @@ class DownloadPolicy:
         """The parents that may be asked for one more piece now: a slot free, not backing off."""
         return self._parents_with_slot.difference(self._backing_off_now(now))
 
-    def _fetchable_since_idle(self, now: float) -> bool:
-        """Whether a piece could be fetched now that no dispatch since the last one had: one that a
-        parent announced since, from that parent; one a parent that gained room since holds, from
-        it; one no longer in flight, from any holder. The only fetches an idle policy can gain."""
+    def _pieces_since_idle(self, now: float) -> set[int]:
+        """The pieces a dispatch may fetch now when the last one found nothing more: one a parent
+        announced since, if that parent can take one; those of a parent that gained room since; one
+        no longer in flight, if a parent that can take one holds it. Every other piece has no parent
+        to go to, as at the last dispatch (parents only filled up or backed off since)."""
+        # Loops rather than comprehensions: these lists hold a piece or two, and this runs after
+        # nearly every event.
         backing_off = self._backing_off_now(now)
+        with_slot, fetchable = self._parents_with_slot, self._fetchable
+        pieces: set[int] = set()
         for parent_id, number in self._announced:
-            if (parent_id in self._parents_with_slot and parent_id not in backing_off
-                    and self._fetchable(number)):
-                return True
+            if parent_id in with_slot and parent_id not in backing_off and fetchable(number):
+                pieces.add(number)
         for parent_id in self._gained_room:
-            if (parent_id in self._parents_with_slot and parent_id not in backing_off
-                    and any(self._fetchable(number) for number in self.held.get(parent_id, ()))):
-                return True
-        unsettled = [number for number in self._unsettled if self._fetchable(number)]
-        if unsettled:
-            free = self._free_parents(now)
-            return any(not free.isdisjoint(self.holders.get(number, ())) for number in unsettled)
-        return False
+            if parent_id in with_slot and parent_id not in backing_off:
+                pieces |= self._fetchable_among(self.held[parent_id])
+        free: set[str] | None = None
+        for number in self._unsettled:
+            if fetchable(number):
+                free = self._free_parents(now) if free is None else free
+                if not free.isdisjoint(self.holders.get(number, ())):
+                    pieces.add(number)
+        return pieces
 
     def _fetchable(self, number: int) -> bool:
         """The piece is wanted, not here and not in flight."""
         return (number not in self.finished and number not in self.in_flight
                 and (self.want_everything or number in self.wanted))
 
-    def _dispatch_all(self, now: float) -> Iterable[FetchPiece]:
+    def _fetchable_among(self, numbers: set[int]) -> set[int]:
+        """Those of `numbers` that are wanted, not here and not in flight (set operations that look
+        up each of `numbers`, however many pieces are here)."""
+        fetchable = numbers.difference(self.in_flight).difference(self.finished)
+        if not self.want_everything:
+            fetchable &= self.wanted
+        return fetchable
+
+    def _dispatch_all(self, now: float, pieces: set[int] | None = None) -> list[FetchPiece]:
+        """Fetches to start now among `pieces`, or among every piece when None: the same as among
+        every piece when the others cannot go anywhere (see _pieces_since_idle)."""
         # Only parents with a free slot can take a piece: with none, there is nothing to scan.
         self._dispatch_limited = False
         free = self._free_parents(now)
         if not free:
-            return
+            return []
         # Pieces a free parent holds, by set operations on the parents' holdings (holders drops
         # finished pieces, so what is left is small; a scan in Python was the simulator's hot spot).
-        held = set().union(*(self.held[p] for p in free if p in self.held))
-        held.difference_update(self.in_flight)
-        if not self.want_everything:
-            held.intersection_update(self.wanted)
-        ready = sorted([n for n in held if n in self.holders and n not in self.finished], key=self._order)
+        if pieces is None:
+            pieces = set()
+            for parent_id in free:
+                pieces |= self.held[parent_id]
+        # (holders has every piece announced and not finished: each of these has its entry)
+        ready = sorted(self._fetchable_among(pieces), key=self._order)
         peers_busy = bool(self._loaded_normal_parents)
         # While a reader waits, the rest of the blob keeps only a few transfers going.
         background_room = self.concurrent_pieces
         if self.read_lazily or not self.priority <= self.finished:
             background_room = BACKGROUND_PIECES_UNDER_DEMAND - sum(1 for n in self.in_flight if n not in self.priority)
+        fetches: list[FetchPiece] = []
         for number in ready:
             if not free:
-                return
+                break
             background = number not in self.priority
             if len(self.in_flight) >= self.concurrent_pieces or (background and background_room <= 0):
                 self._dispatch_limited = True
-                return  # (for the background limit: ready is sorted, only background pieces are left)
+                break  # (for the background limit: ready is sorted, only background pieces are left)
             holders = self.holders[number] & free
             if not holders:
                 continue
@@ -620,7 +646,8 @@ class DownloadPolicy:
             if parent.peer_id not in self._parents_with_slot:
                 free.discard(parent.peer_id)
             self.in_flight[number] = parent.peer_id
-            yield FetchPiece(number, parent.peer_id)
+            fetches.append(FetchPiece(number, parent.peer_id))
+        return fetches
 
     def _order(self, number: int) -> tuple[int, int, int]:
         # Prioritized pieces first, in order; the rest rarest first (fewest holders among the
@@ -636,10 +663,14 @@ class DownloadPolicy:
 
     def _pick_parent(self, holders: set[str], *, use_seed: bool) -> ParentState | None:
         """Among `holders` (parents with a free slot), normal before seed, then the least busy."""
-        candidates = [
-            parent for parent in (self.parents.get(p) for p in sorted(holders))
-            if parent is not None and (use_seed or not parent.is_seed)
-        ]
+        candidates = []
+        for parent_id in sorted(holders):
+            parent = self.parents.get(parent_id)
+            if parent is not None and (use_seed or not parent.is_seed):
+                candidates.append(parent)
+        if len(candidates) == 1:
+            self.rng.random()  # min() below draws one per candidate: so does this, and later draws stay
+            return candidates[0]
         if not candidates:
             return None
         return min(candidates, key=lambda p: (p.is_seed, p.in_flight, self.rng.random()))

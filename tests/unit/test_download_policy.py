@@ -450,9 +450,9 @@ def test_announcements_after_an_idle_dispatch_give_the_decisions_of_a_full_one(
 class FullLookPolicy(DownloadPolicy):
     """The policy without its idle shortcut: every dispatch looks at every parent and piece."""
 
-    def _fetchable_since_idle(self, now: float) -> bool:
-        super()._fetchable_since_idle(now)  # the same bookkeeping (backoffs that ended), then look
-        return True
+    def _dispatch(self) -> list[FetchPiece]:
+        self._changed()  # as if the last dispatch had found more to do
+        return super()._dispatch()
 
 
 def assert_incremental_sets_match_a_rescan(p: DownloadPolicy) -> None:
