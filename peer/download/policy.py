@@ -316,7 +316,7 @@ class DownloadPolicy:
         return [report, *self._drop(parent, error)]
 
     def piece_succeeded(self, number: int, parent_id: str) -> None:
-        if self._demand_settled(number, parent_id):
+        if self.demanded and self._demand_settled(number, parent_id):
             self._changed()
         else:
             self._settle(number, parent_id)
@@ -346,7 +346,7 @@ class DownloadPolicy:
         child, who will pass it on: no failure; other holders are asked meanwhile, and this parent
         (for a demand: this piece of it) again after :data:`PARENT_BUSY_BACKOFF`."""
         until = self.clock.time() + PARENT_BUSY_BACKOFF
-        if self._demand_settled(number, parent_id):
+        if self.demanded and self._demand_settled(number, parent_id):
             self._changed()
             self.demand_retry_at[number] = until
             return
@@ -354,13 +354,14 @@ class DownloadPolicy:
         if parent is not None:
             parent.busy_until = until
             self._backing_off[parent_id] = until
-            self._first_backoff_end = min(self._first_backoff_end, until)
+            if until < self._first_backoff_end:
+                self._first_backoff_end = until
 
     def next_wake(self) -> float | None:
         """When a busy parent or a refused demand may be asked again (the next decision point)."""
         now = self.clock.time()
         times = self._backoff_ends(now)
-        if self.demand_retry_at:
+        if self.demand_retry_at:  # (rarely any: only readers' pieces a seed could not answer)
             times += [t for n, t in self.demand_retry_at.items() if t > now and n not in self.finished]
         return min(times) if times else None
 
@@ -510,7 +511,7 @@ class DownloadPolicy:
         piece, a busy answer or a busy parent's backoff ending: when nothing else changed since a
         dispatch that found nothing more to fetch, only the pieces those events concern are looked
         at (the same decisions, at a fraction of the cost)."""
-        if not self.content_known or len(self.in_flight) >= self.concurrent_pieces:
+        if self.piece_count is None or len(self.in_flight) >= self.concurrent_pieces:
             return []
         now = self.clock.time()
         if not self._idle:
