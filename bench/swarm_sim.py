@@ -94,6 +94,9 @@ MIB = 1024 * 1024
 TASK_ID = "t" * 64
 URL = "https://registry.example/v2/bench/blobs/sha256:0"
 REQUEST_RTT = 0.002  # a request answered at once (a parent with no free upload slot)
+# The event queue is cleared of stale completions when it grows past twice its size after the last
+# clearing (and this many events): most completions go stale, as flows are re-rated.
+COMPACT_MIN_EVENTS = 4096
 TICK = 0.5  # seconds between the scheduler's ticks (its retry interval)
 
 
@@ -149,9 +152,21 @@ class Network:
         self.clock = clock
         self._events: list[tuple[float, int, Callable[[], None]]] = []
         self._sequence = itertools.count()
+        self._compact_above = COMPACT_MIN_EVENTS
 
     def at(self, when: float, action: Callable[[], None]) -> None:
         heapq.heappush(self._events, (when, next(self._sequence), action))
+        if len(self._events) > self._compact_above:
+            self._compact()
+
+    def _compact(self) -> None:
+        """Drop the completions that went stale (their flow ended or was re-rated since): they would
+        do nothing when popped. The others keep their keys, so they pop in the same order; a smaller
+        heap is cheaper to pop from (three in four completions go stale)."""
+        self._events[:] = [event for event in self._events
+                           if not (isinstance(event[2], _Completion) and event[2].stale())]
+        heapq.heapify(self._events)
+        self._compact_above = max(COMPACT_MIN_EVENTS, 2 * len(self._events))
 
     def start(self, src: SimHost, dst: SimHost, size: float, on_done: Callable[[], None],
               on_fail: Callable[[str], None]) -> Flow:
@@ -198,25 +213,39 @@ class Network:
         for flow in flows:
             if flow.over:
                 continue
-            rate = min(flow.src.up.rate / len(flow.src.up.flows), flow.dst.down.rate / len(flow.dst.down.flows))
+            up, down = flow.src.up, flow.dst.down
+            rate = min(up.rate / len(up.flows), down.rate / len(down.flows))
             if rate == flow.rate:
                 continue  # its completion event stands
             flow.left = max(0.0, flow.left - flow.rate * (now - flow.since))
             flow.since = now
             flow.rate = rate
             flow.version += 1
-            self.at(now + flow.left / flow.rate, self._completion(flow, flow.version))
+            self.at(now + flow.left / flow.rate, _Completion(self, flow, flow.version))
 
-    def _completion(self, flow: Flow, version: int) -> Callable[[], None]:
-        def complete() -> None:
-            if flow.over or flow.version != version:
-                return
-            self._remove(flow)
-            flow.src.up.sent += flow.size
-            self._rerate(flow.src.up.flows | flow.dst.down.flows)
-            flow.on_done()
+    def complete(self, flow: Flow) -> None:
+        """The flow's last byte arrived."""
+        self._remove(flow)
+        flow.src.up.sent += flow.size
+        self._rerate(flow.src.up.flows | flow.dst.down.flows)
+        flow.on_done()
 
-        return complete
+
+class _Completion:
+    """The event of a flow's completion at its current rate; stale once the flow ended or was
+    re-rated (a newer one stands)."""
+
+    __slots__ = ("flow", "network", "version")
+
+    def __init__(self, network: Network, flow: Flow, version: int) -> None:
+        self.network, self.flow, self.version = network, flow, version
+
+    def stale(self) -> bool:
+        return self.flow.over or self.flow.version != self.version
+
+    def __call__(self) -> None:
+        if not self.stale():
+            self.network.complete(self.flow)
 
 
 # -- peers -----------------------------------------------------------------------------------------
@@ -471,12 +500,13 @@ class Swarm:
         peer.pieces.add(number)
         for child in list(peer.subscribers):
             policy = child.policy
-            # An announcement of a piece the child has or is fetching starts nothing (time passing
-            # is its timer's and the tick's): no decision to ask for. Three in four announcements
-            # at 1,000 peers; each asked for one cost a scan of the child's holders.
-            useless = number in policy.finished or number in policy.in_flight
+            if number in policy.finished:
+                continue  # the policy ignores the announcement of a piece it has
+            # An announcement of a piece the child is fetching starts nothing (time passing is its
+            # timer's and the tick's): no decision to ask for. Each asked for cost a dispatch.
+            fetching = number in policy.in_flight
             policy.parent_has(peer.id, number)
-            if not useless:
+            if not fetching:
                 self._pump(child)
 
     def _finish(self, peer: SimPeer) -> None:
