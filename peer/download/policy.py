@@ -360,7 +360,7 @@ class DownloadPolicy:
     def next_wake(self) -> float | None:
         """When a busy parent or a refused demand may be asked again (the next decision point)."""
         now = self.clock.time()
-        times = self._backoff_ends(now)
+        times = list(self._backing_off_now(now).values())  # (each still backing off: later than now)
         if self.demand_retry_at:  # (rarely any: only readers' pieces a seed could not answer)
             times += [t for n, t in self.demand_retry_at.items() if t > now and n not in self.finished]
         return min(times) if times else None
@@ -534,10 +534,6 @@ class DownloadPolicy:
             self._first_backoff_end = min(self._backing_off.values(), default=float("inf"))
         return self._backing_off
 
-    def _backoff_ends(self, now: float) -> list[float]:
-        """When the parents that answered busy may be asked again (those still backing off)."""
-        return list(self._backing_off_now(now).values())
-
     def _seed_limit(self) -> int:
         return SEED_PIECE_LIMIT_WITH_PEERS if self._normal_parents else SEED_PIECE_LIMIT
 
@@ -581,12 +577,12 @@ class DownloadPolicy:
         for parent_id in self._gained_room:
             if parent_id in with_slot and parent_id not in backing_off:
                 pieces |= self._fetchable_among(self.held[parent_id])
-        free: set[str] | None = None
         for number in self._unsettled:
             if fetchable(number):
-                free = self._free_parents(now) if free is None else free
-                if not free.isdisjoint(self.holders.get(number, ())):
-                    pieces.add(number)
+                for holder in self.holders.get(number, ()):
+                    if holder in with_slot and holder not in backing_off:
+                        pieces.add(number)
+                        break
         return pieces
 
     def _fetchable(self, number: int) -> bool:
@@ -617,7 +613,8 @@ class DownloadPolicy:
             for parent_id in free:
                 pieces |= self.held[parent_id]
         # (holders has every piece announced and not finished: each of these has its entry)
-        ready = sorted(self._fetchable_among(pieces), key=self._order)
+        fetchable = self._fetchable_among(pieces)
+        ready = sorted(fetchable, key=self._order) if len(fetchable) > 1 else list(fetchable)
         peers_busy = bool(self._loaded_normal_parents)
         # While a reader waits, the rest of the blob keeps only a few transfers going.
         background_room = self.concurrent_pieces
