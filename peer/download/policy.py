@@ -181,7 +181,8 @@ class DownloadPolicy:
     parents: dict[str, ParentState] = field(default_factory=dict)
     blocked: set[str] = field(default_factory=set)
     holders: dict[int, set[str]] = field(default_factory=dict)
-    # The same the other way: per parent, the pieces it announced that are not finished here.
+    # The same the other way: per parent (each has an entry), the pieces it announced that are not
+    # finished here.
     held: dict[str, set[int]] = field(default_factory=dict)
     in_flight: dict[int, str] = field(default_factory=dict)  # piece -> parent
     finished: set[int] = field(default_factory=set)
@@ -202,11 +203,24 @@ class DownloadPolicy:
     origin_allowed: bool = True
     # The blob is read in Range reads (nydusd): readers come and go, whole-blob fetching stays behind.
     read_lazily: bool = False
-    # After a dispatch nothing more could be fetched: until something changes (or a busy parent's
-    # backoff ends, at _idle_until) only new announcements (_announced) can make a fetch possible.
+    # After a dispatch nothing more could be fetched: until something else changes, only these can
+    # make a fetch possible: new announcements; parents that gained room (a backoff or a transfer
+    # ended); pieces no longer in flight. When that dispatch stopped at the concurrency or the
+    # background limit (_dispatch_limited), any transfer that ends changes everything.
     _idle: bool = field(default=False, init=False, repr=False)
-    _idle_until: float = field(default=0.0, init=False, repr=False)
+    _dispatch_limited: bool = field(default=False, init=False, repr=False)
     _announced: list[tuple[str, int]] = field(default_factory=list, init=False, repr=False)
+    _gained_room: list[str] = field(default_factory=list, init=False, repr=False)
+    _unsettled: list[int] = field(default_factory=list, init=False, repr=False)
+    # Kept up to date as parents come, go and take pieces, so a dispatch (after every event) does not
+    # scan every parent: the normal parents; those of them with pieces in flight; the parents with a
+    # slot free (below their piece limit; backing off or not); and the parents that answered busy,
+    # with when their backoff ends (those past it are pruned when looked at).
+    _normal_parents: set[str] = field(default_factory=set, init=False, repr=False)
+    _loaded_normal_parents: set[str] = field(default_factory=set, init=False, repr=False)
+    _parents_with_slot: set[str] = field(default_factory=set, init=False, repr=False)
+    _backing_off: dict[str, float] = field(default_factory=dict, init=False, repr=False)
+    _first_backoff_end: float = field(default=float("inf"), init=False, repr=False)  # at most the earliest
 
     def __post_init__(self) -> None:
         self._order_salt = self.rng.random()
@@ -270,13 +284,21 @@ class DownloadPolicy:
         if peer_id in self.parents or peer_id in self.blocked or peer_id == self.peer_id:
             return False
         self.parents[peer_id] = ParentState(peer_id, is_seed)
+        self.held[peer_id] = set()
+        if not is_seed:
+            self._normal_parents.add(peer_id)
+        self._count_all_loads()  # the first normal parent changes a seed's limit
         self._changed()
         return True
 
     def parent_has(self, parent_id: str, number: int) -> None:
         if parent_id in self.parents and number not in self.finished:
-            self.holders.setdefault(number, set()).add(parent_id)
-            self.held.setdefault(parent_id, set()).add(number)
+            holders = self.holders.get(number)
+            if holders is None:
+                self.holders[number] = {parent_id}
+            else:
+                holders.add(parent_id)
+            self.held[parent_id].add(number)
             if self._idle:
                 self._announced.append((parent_id, number))
 
@@ -294,8 +316,9 @@ class DownloadPolicy:
         return [report, *self._drop(parent, error)]
 
     def piece_succeeded(self, number: int, parent_id: str) -> None:
-        self._changed()
-        if not self._demand_settled(number, parent_id):
+        if self.demanded and self._demand_settled(number, parent_id):
+            self._changed()
+        else:
             self._settle(number, parent_id)
         self.finished.add(number)
         # who else has it no longer matters: keeps _dispatch's work small
@@ -323,19 +346,23 @@ class DownloadPolicy:
         child, who will pass it on: no failure; other holders are asked meanwhile, and this parent
         (for a demand: this piece of it) again after :data:`PARENT_BUSY_BACKOFF`."""
         until = self.clock.time() + PARENT_BUSY_BACKOFF
-        self._changed()
-        if self._demand_settled(number, parent_id):
+        if self.demanded and self._demand_settled(number, parent_id):
+            self._changed()
             self.demand_retry_at[number] = until
             return
         parent = self._settle(number, parent_id)
         if parent is not None:
             parent.busy_until = until
+            self._backing_off[parent_id] = until
+            if until < self._first_backoff_end:
+                self._first_backoff_end = until
 
     def next_wake(self) -> float | None:
         """When a busy parent or a refused demand may be asked again (the next decision point)."""
         now = self.clock.time()
-        times = self._backoff_ends(now)
-        times += [t for n, t in self.demand_retry_at.items() if t > now and n not in self.finished]
+        times = list(self._backing_off_now(now).values())  # (each still backing off: later than now)
+        if self.demand_retry_at:  # (rarely any: only readers' pieces a seed could not answer)
+            times += [t for n, t in self.demand_retry_at.items() if t > now and n not in self.finished]
         return min(times) if times else None
 
     def scheduler_lost(self) -> None:
@@ -360,8 +387,9 @@ class DownloadPolicy:
         if self.is_finished():
             return [Finished()]
         commands: list[Command] = list(self._dispatch())
-        commands += self._demand_unannounced()
-        commands += self._origin_fallback()
+        if self.priority:  # both serve only pieces a reader waits for
+            commands += self._demand_unannounced()
+            commands += self._origin_fallback()
         if self.in_flight or self.has_live_parent():
             self.stalled_since = None
             return commands
@@ -480,73 +508,135 @@ class DownloadPolicy:
     def _changed(self) -> None:
         """Something a dispatch depends on changed: the next one looks at everything again."""
         self._idle = False
+        self._forget_since_idle()
+
+    def _forget_since_idle(self) -> None:
         self._announced.clear()
+        self._gained_room.clear()
+        self._unsettled.clear()
 
     def _dispatch(self) -> list[FetchPiece]:
         """Fetches to start now. This runs after every event, most of them a parent announcing a
-        piece: when nothing else changed since a dispatch that found nothing more to fetch, only
-        the announced pieces are looked at (the same decisions, at a fraction of the cost)."""
-        if not self.content_known or len(self.in_flight) >= self.concurrent_pieces:
+        piece, a busy answer or a busy parent's backoff ending: when nothing else changed since a
+        dispatch that found nothing more to fetch, only the pieces those events concern are looked
+        at (the same decisions, at a fraction of the cost)."""
+        if self.piece_count is None or len(self.in_flight) >= self.concurrent_pieces:
             return []
         now = self.clock.time()
-        if self._idle and now < self._idle_until and not self._announcement_fetchable(now):
-            self._announced.clear()
-            return []
-        fetches = list(self._dispatch_all(now))
+        if not self._idle:
+            fetches = self._dispatch_all(now)
+        else:
+            pieces = self._pieces_since_idle(now)
+            fetches = self._dispatch_all(now, pieces) if pieces else []
         self._idle = True
-        self._idle_until = min(self._backoff_ends(now), default=float("inf"))
-        self._announced.clear()
+        self._forget_since_idle()
         return fetches
 
-    def _backoff_ends(self, now: float) -> list[float]:
-        """When the parents that answered busy may be asked again (those still backing off)."""
-        return [p.busy_until for p in self.parents.values() if p.busy_until > now]
+    def _backing_off_now(self, now: float) -> dict[str, float]:
+        """The parents that answered busy and are still backing off, with when that ends; those whose
+        backoff ended are noted in _gained_room."""
+        if now >= self._first_backoff_end:
+            ended = [parent_id for parent_id, until in self._backing_off.items() if until <= now]
+            for parent_id in ended:
+                del self._backing_off[parent_id]
+            self._gained_room += ended
+            self._first_backoff_end = min(self._backing_off.values(), default=float("inf"))
+        return self._backing_off
 
     def _seed_limit(self) -> int:
-        return (SEED_PIECE_LIMIT_WITH_PEERS if any(not p.is_seed for p in self.parents.values())
-                else SEED_PIECE_LIMIT)
+        return SEED_PIECE_LIMIT_WITH_PEERS if self._normal_parents else SEED_PIECE_LIMIT
 
-    @staticmethod
-    def _has_room(parent: ParentState, seed_limit: int, now: float) -> bool:
-        """The parent may be asked for one more piece now: a slot free, not backing off."""
-        return (parent.in_flight < (seed_limit if parent.is_seed else PARENT_PIECE_LIMIT)
-                and parent.busy_until <= now)
+    def _count_load(self, parent: ParentState) -> None:
+        """Bring the sets that follow pieces in flight up to date after `parent`'s count changed: it has
+        a slot free below its limit (backing off or not), it is a normal parent with pieces in flight."""
+        peer_id = parent.peer_id
+        if parent.in_flight < (self._seed_limit() if parent.is_seed else PARENT_PIECE_LIMIT):
+            self._parents_with_slot.add(peer_id)
+        else:
+            self._parents_with_slot.discard(peer_id)
+        if parent.in_flight and not parent.is_seed:
+            self._loaded_normal_parents.add(peer_id)
+        else:
+            self._loaded_normal_parents.discard(peer_id)
 
-    def _announcement_fetchable(self, now: float) -> bool:
-        """Whether a piece announced since the last dispatch could be fetched from its announcer."""
-        seed_limit = self._seed_limit()
+    def _count_all_loads(self) -> None:
+        """The same for every parent (a parent came or went: a seed's limit may have changed)."""
+        self._parents_with_slot.clear()
+        self._loaded_normal_parents.clear()
+        for parent in self.parents.values():
+            self._count_load(parent)
+
+    def _free_parents(self, now: float) -> set[str]:
+        """The parents that may be asked for one more piece now: a slot free, not backing off."""
+        return self._parents_with_slot.difference(self._backing_off_now(now))
+
+    def _pieces_since_idle(self, now: float) -> set[int]:
+        """The pieces a dispatch may fetch now when the last one found nothing more: one a parent
+        announced since, if that parent can take one; those of a parent that gained room since; one
+        no longer in flight, if a parent that can take one holds it. Every other piece has no parent
+        to go to, as at the last dispatch (parents only filled up or backed off since)."""
+        # Loops rather than comprehensions: these lists hold a piece or two, and this runs after
+        # nearly every event.
+        backing_off = self._backing_off_now(now)
+        with_slot, fetchable = self._parents_with_slot, self._fetchable
+        pieces: set[int] = set()
         for parent_id, number in self._announced:
-            parent = self.parents.get(parent_id)
-            if (parent is not None and number not in self.finished and number not in self.in_flight
-                    and (self.want_everything or number in self.wanted)
-                    and self._has_room(parent, seed_limit, now)):
-                return True
-        return False
+            if parent_id in with_slot and parent_id not in backing_off and fetchable(number):
+                pieces.add(number)
+        for parent_id in self._gained_room:
+            if parent_id in with_slot and parent_id not in backing_off:
+                pieces |= self._fetchable_among(self.held[parent_id])
+        for number in self._unsettled:
+            if fetchable(number):
+                for holder in self.holders.get(number, ()):
+                    if holder in with_slot and holder not in backing_off:
+                        pieces.add(number)
+                        break
+        return pieces
 
-    def _dispatch_all(self, now: float) -> Iterable[FetchPiece]:
+    def _fetchable(self, number: int) -> bool:
+        """The piece is wanted, not here and not in flight."""
+        return (number not in self.finished and number not in self.in_flight
+                and (self.want_everything or number in self.wanted))
+
+    def _fetchable_among(self, numbers: set[int]) -> set[int]:
+        """Those of `numbers` that are wanted, not here and not in flight (set operations that look
+        up each of `numbers`, however many pieces are here)."""
+        fetchable = numbers.difference(self.in_flight).difference(self.finished)
+        if not self.want_everything:
+            fetchable &= self.wanted
+        return fetchable
+
+    def _dispatch_all(self, now: float, pieces: set[int] | None = None) -> list[FetchPiece]:
+        """Fetches to start now among `pieces`, or among every piece when None: the same as among
+        every piece when the others cannot go anywhere (see _pieces_since_idle)."""
         # Only parents with a free slot can take a piece: with none, there is nothing to scan.
-        seed_limit = self._seed_limit()
-        free = {parent.peer_id for parent in self.parents.values() if self._has_room(parent, seed_limit, now)}
+        self._dispatch_limited = False
+        free = self._free_parents(now)
         if not free:
-            return
+            return []
         # Pieces a free parent holds, by set operations on the parents' holdings (holders drops
         # finished pieces, so what is left is small; a scan in Python was the simulator's hot spot).
-        held = set().union(*(self.held[p] for p in free if p in self.held))
-        held.difference_update(self.in_flight)
-        if not self.want_everything:
-            held.intersection_update(self.wanted)
-        ready = sorted((n for n in held if n in self.holders and n not in self.finished), key=self._order)
-        peers_busy = any(p.in_flight for p in self.parents.values() if not p.is_seed)
+        if pieces is None:
+            pieces = set()
+            for parent_id in free:
+                pieces |= self.held[parent_id]
+        # (holders has every piece announced and not finished: each of these has its entry)
+        fetchable = self._fetchable_among(pieces)
+        ready = sorted(fetchable, key=self._order) if len(fetchable) > 1 else list(fetchable)
+        peers_busy = bool(self._loaded_normal_parents)
         # While a reader waits, the rest of the blob keeps only a few transfers going.
         background_room = self.concurrent_pieces
-        if self.read_lazily or any(n not in self.finished for n in self.priority):
+        if self.read_lazily or not self.priority <= self.finished:
             background_room = BACKGROUND_PIECES_UNDER_DEMAND - sum(1 for n in self.in_flight if n not in self.priority)
+        fetches: list[FetchPiece] = []
         for number in ready:
-            if len(self.in_flight) >= self.concurrent_pieces or not free:
-                return
+            if not free:
+                break
             background = number not in self.priority
-            if background and background_room <= 0:
-                return  # ready is sorted: only background pieces are left
+            if len(self.in_flight) >= self.concurrent_pieces or (background and background_room <= 0):
+                self._dispatch_limited = True
+                break  # (for the background limit: ready is sorted, only background pieces are left)
             holders = self.holders[number] & free
             if not holders:
                 continue
@@ -559,10 +649,12 @@ class DownloadPolicy:
             peers_busy = peers_busy or not parent.is_seed
             background_room -= background
             parent.in_flight += 1
-            if not self._has_room(parent, seed_limit, now):
+            self._count_load(parent)
+            if parent.peer_id not in self._parents_with_slot:
                 free.discard(parent.peer_id)
             self.in_flight[number] = parent.peer_id
-            yield FetchPiece(number, parent.peer_id)
+            fetches.append(FetchPiece(number, parent.peer_id))
+        return fetches
 
     def _order(self, number: int) -> tuple[int, int, int]:
         # Prioritized pieces first, in order; the rest rarest first (fewest holders among the
@@ -574,15 +666,18 @@ class DownloadPolicy:
     def _only_seeds_hold(self, number: int) -> bool:
         """No normal parent has the piece: a seed may serve it even while normal parents keep this
         peer busy (it leaves the seed for the swarm; the seed's uplink would idle otherwise)."""
-        return all(parent is None or parent.is_seed
-                   for parent in (self.parents.get(p) for p in self.holders.get(number, ())))
+        return self._normal_parents.isdisjoint(self.holders.get(number, ()))
 
     def _pick_parent(self, holders: set[str], *, use_seed: bool) -> ParentState | None:
         """Among `holders` (parents with a free slot), normal before seed, then the least busy."""
-        candidates = [
-            parent for parent in (self.parents.get(p) for p in sorted(holders))
-            if parent is not None and (use_seed or not parent.is_seed)
-        ]
+        candidates = []
+        for parent_id in sorted(holders):
+            parent = self.parents.get(parent_id)
+            if parent is not None and (use_seed or not parent.is_seed):
+                candidates.append(parent)
+        if len(candidates) == 1:
+            self.rng.random()  # min() below draws one per candidate: so does this, and later draws stay
+            return candidates[0]
         if not candidates:
             return None
         return min(candidates, key=lambda p: (p.is_seed, p.in_flight, self.rng.random()))
@@ -593,11 +688,23 @@ class DownloadPolicy:
         parent = self.parents.get(parent_id)
         if parent is not None and parent.in_flight > 0:
             parent.in_flight -= 1
+            self._count_load(parent)
+        if self._dispatch_limited or not self._loaded_normal_parents:
+            # A transfer under a limit may let any piece go; with no normal parent busy any more, a
+            # seed may serve pieces normal parents hold: the next dispatch looks at everything.
+            self._changed()
+        else:
+            self._unsettled.append(number)
+            if parent is not None:
+                self._gained_room.append(parent_id)
         return parent
 
     def _drop(self, parent: ParentState, reason: str) -> list[Command]:
         self._changed()
         del self.parents[parent.peer_id]
+        self._normal_parents.discard(parent.peer_id)
+        self._backing_off.pop(parent.peer_id, None)
+        self._count_all_loads()
         self.blocked.add(parent.peer_id)
         for number in self.held.pop(parent.peer_id, ()):
             self.holders[number].discard(parent.peer_id)

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from common.clock import ManualClock
+from peer.download import policy as policy_module
 from peer.download.policy import (
     PARENT_BUSY_BACKOFF,
     PARENT_FAILURE_LIMIT,
@@ -428,8 +429,7 @@ def test_announcements_after_an_idle_dispatch_give_the_decisions_of_a_full_one(
     p.piece_succeeded(7, "a")  # a piece of our own, not from a parent's slot
     assert sorted(fetches(p.next_commands())) == [(n, "a") for n in range(PARENT_PIECE_LIMIT)]  # "a" is full
     has(p, "c", [6])
-    p.in_flight[6] = "c"  # "c" is asked for piece 6 ...
-    p.parents["c"].in_flight = 1
+    assert fetches(p.next_commands()) == [(6, "c")]  # "c" is asked for piece 6 ...
     p.piece_busy(6, "c")  # ... and says its uplink is full: left alone for PARENT_BUSY_BACKOFF
     assert fetches(p.next_commands()) == []  # nothing else to fetch: the policy is idle
     if scenario == "announce from free parent":
@@ -442,3 +442,150 @@ def test_announcements_after_an_idle_dispatch_give_the_decisions_of_a_full_one(
         assert isinstance(p.clock, ManualClock)
         p.clock.advance(PARENT_BUSY_BACKOFF)
     assert fetches(p.next_commands()) == expected
+
+
+# -- the dispatch's shortcuts and incremental sets give the decisions of a full look ---------------
+
+
+class FullLookPolicy(DownloadPolicy):
+    """The policy without its idle shortcut: every dispatch looks at every parent and piece."""
+
+    def _dispatch(self) -> list[FetchPiece]:
+        self._changed()  # as if the last dispatch had found more to do
+        return super()._dispatch()
+
+
+def assert_incremental_sets_match_a_rescan(p: DownloadPolicy) -> None:
+    """The sets the policy keeps up to date, against what a scan of its parents says (no side effect)."""
+    now = p.clock.time()
+    normal = {parent_id for parent_id, parent in p.parents.items() if not parent.is_seed}
+    seed_limit = policy_module.SEED_PIECE_LIMIT_WITH_PEERS if normal else policy_module.SEED_PIECE_LIMIT
+    assert p._normal_parents == normal
+    assert p._loaded_normal_parents == {parent_id for parent_id in normal if p.parents[parent_id].in_flight}
+    assert p._parents_with_slot == {
+        parent_id for parent_id, parent in p.parents.items()
+        if parent.in_flight < (seed_limit if parent.is_seed else PARENT_PIECE_LIMIT)
+    }
+    backing_off = {parent_id: parent.busy_until for parent_id, parent in p.parents.items() if parent.busy_until > now}
+    assert {parent_id: until for parent_id, until in p._backing_off.items() if until > now} == backing_off
+    assert p._first_backoff_end <= min(backing_off.values(), default=float("inf"))
+
+
+@pytest.mark.parametrize(("scenario", "expected"), [
+    # "a" answers busy for piece 0; "b" has it and a free slot: asked at once
+    ("busy, another holder free", [(0, "b")]),
+    # "a" answers busy and nobody else has piece 0: nothing until its backoff ends
+    ("busy, no other holder", []),
+    # a transfer ends while the concurrency limit held pieces back: the next one goes
+    ("transfer ends under the limit", [(2, "b")]),
+    # the only busy normal parent's transfer ends: the seed may serve what normal parents hold
+    ("last normal transfer ends", [(2, "s")]),
+])
+def test_a_transfer_that_ends_after_an_idle_dispatch_gives_the_decisions_of_a_full_one(
+    scenario: str, expected: list[tuple[int, str]]
+) -> None:
+    if scenario == "busy, another holder free":
+        p = policy(4, a=False, b=False, c=False)
+        has(p, "a", [0])
+        has(p, "c", [1])
+        assert sorted(fetches(p.next_commands())) == [(0, "a"), (1, "c")]
+        has(p, "b", [0])
+        assert fetches(p.next_commands()) == []  # idle: piece 0 is in flight
+        p.piece_busy(0, "a")
+    elif scenario == "busy, no other holder":
+        p = policy(4, a=False, b=False)
+        has(p, "a", [0])
+        has(p, "b", [1])
+        assert sorted(fetches(p.next_commands())) == [(0, "a"), (1, "b")]
+        p.piece_busy(0, "a")
+    elif scenario == "transfer ends under the limit":
+        p = policy(4, concurrent=2, a=False, b=False)
+        p.prioritize([0, 1, 2])
+        has(p, "a", [0])
+        has(p, "b", [1, 2])
+        assert fetches(p.next_commands()) == [(0, "a"), (1, "b")]  # piece 2 waits for the limit only
+        p.piece_succeeded(0, "a")  # "a" has nothing more, piece 0 is here: only the limit changed
+    else:
+        p = policy(4, a=False, b=False, s=True)
+        has(p, "a", [0])
+        has(p, "b", [2])
+        has(p, "s", [2])
+        assert sorted(fetches(p.next_commands())) == [(0, "a"), (2, "b")]
+        p.piece_busy(2, "b")
+        assert fetches(p.next_commands()) == []  # "a" keeps us busy: piece 2 waits for "b", not the seed
+        p.piece_succeeded(0, "a")
+    assert fetches(p.next_commands()) == expected
+
+
+@pytest.mark.parametrize(("walk_seed", "concurrent", "seed_limits", "everything", "lazily"), [
+    (1, 16, (1, 1), True, False),
+    (2, 4, (1, 1), True, False),
+    (3, 2, (1, 1), True, False),
+    (4, 3, (3, 1), True, False),  # a seed alone takes more than beside normal parents
+    (5, 16, (1, 1), False, False),
+    (6, 2, (2, 1), False, False),
+    (7, 4, (1, 1), True, True),
+    (8, 16, (1, 1), False, True),
+])
+def test_random_events_give_the_decisions_of_a_full_look_and_keep_the_sets_true(
+    monkeypatch: pytest.MonkeyPatch, walk_seed: int, concurrent: int, seed_limits: tuple[int, int],
+    everything: bool, lazily: bool
+) -> None:
+    """A walk of random events on the policy and on one without its shortcut: the same commands
+    after every event, and the incremental sets always match a scan."""
+    monkeypatch.setattr(policy_module, "SEED_PIECE_LIMIT", seed_limits[0])
+    monkeypatch.setattr(policy_module, "SEED_PIECE_LIMIT_WITH_PEERS", seed_limits[1])
+    walk = random.Random(walk_seed)
+    clock = ManualClock()
+    settings: dict[str, Any] = {"peer_id": "me", "clock": clock, "concurrent_pieces": concurrent,
+                                "schedule_timeout": SCHEDULE_TIMEOUT, "want_everything": everything,
+                                "read_lazily": lazily}
+    fast = DownloadPolicy(rng=random.Random(walk_seed), **settings)
+    full = FullLookPolicy(rng=random.Random(walk_seed), **settings)
+    pieces = 12
+    parent_ids = ["a", "b", "c", "d", "e", "f", "s", "t"]
+    transfers: list[tuple[int, str]] = []
+    both = (fast, full)
+    for p in both:
+        p.content_info(pieces)
+        p.add_parent("s", is_seed=True)  # a seed alone first: the first normal parent changes its limit
+    for _ in range(2000):
+        event = walk.choice(["announce", "announce", "announce", "dispatch", "dispatch", "succeed", "busy",
+                             "busy", "fail", "advance", "advance", "parent", "end", "wake", "want"])
+        commands: list[list[Command]] = []
+        if event == "announce":
+            parent_id, number = walk.choice(parent_ids), walk.randrange(pieces)
+            for p in both:
+                p.parent_has(parent_id, number)
+        elif event == "dispatch":
+            commands = [p.next_commands() for p in both]
+            transfers += [(c.number, c.parent_id) for c in commands[0] if isinstance(c, FetchPiece)]
+        elif event in ("succeed", "busy", "fail") and transfers:
+            number, parent_id = transfers.pop(walk.randrange(len(transfers)))
+            integrity = walk.random() < 0.2
+            for p in both:
+                if event == "succeed":
+                    p.piece_succeeded(number, parent_id)
+                elif event == "busy":
+                    p.piece_busy(number, parent_id)
+                else:
+                    commands.append(p.piece_failed(number, parent_id, "reset", integrity=integrity))
+        elif event == "advance":
+            clock.advance(walk.choice([0.05, 0.1, PARENT_BUSY_BACKOFF, 0.3]))
+        elif event == "parent":
+            parent_id, is_seed = walk.choice(parent_ids), walk.random() < 0.3
+            assert fast.add_parent(parent_id, is_seed=is_seed) == full.add_parent(parent_id, is_seed=is_seed)
+        elif event == "end":
+            parent_id, error = walk.choice(parent_ids), walk.choice(["", "", "stream reset"])
+            commands = [p.parent_ended(parent_id, error) for p in both]
+        elif event == "wake":
+            assert fast.next_wake() == full.next_wake()
+        else:
+            numbers = walk.sample(range(pieces), 2)
+            for p in both:
+                p.want(numbers[:1])
+                p.prioritize(numbers[1:])
+        if commands:
+            assert commands[0] == commands[1], event
+        assert fast.in_flight == full.in_flight
+        assert_incremental_sets_match_a_rescan(fast)
