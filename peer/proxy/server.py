@@ -44,6 +44,7 @@ import math
 import re
 import socket
 import ssl
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, BinaryIO
 from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
@@ -118,6 +119,8 @@ _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 # Pieces ahead of a whole-content reader that are fetched first, so it streams in order.
 STREAM_WINDOW = 4
 TUNNEL_BUFFER = 256 * 1024
+# Upstream URLs remembered as checked (Proxy._check_url).
+CHECKED_URLS = 1024
 # Longer numbers in a header or a CONNECT port are refused before int() sees them.
 _MAX_NUMBER_DIGITS = 12
 # Error answers logged: bursts of up to ERROR_LOG_BURST lines, ERROR_LOG_RATE a second on average.
@@ -236,6 +239,7 @@ class Proxy:
         self._tunnels: set[asyncio.Task[Any]] = set()
         self._schemes = SchemeCache(self._ping, self._clock)
         self._error_log = ErrorAnswerLog(self._clock.time())
+        self._checked_urls: OrderedDict[str, None] = OrderedDict()  # see _check_url
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -288,8 +292,7 @@ class Proxy:
                 response = await self._connect(request)
             else:
                 url, route = await self._upstream_url(request) if origin is None else self._inner_url(request, origin)
-                _check_upstream(url)
-                self._allow(url)
+                self._check_url(url)
                 if self._use_p2p(request, url):
                     route = "p2p"
                     response = await self._admitted_p2p(request, url)
@@ -319,6 +322,21 @@ class Proxy:
         level = logging.WARNING if response.status >= 500 else logging.INFO
         log.log(level, "answered %d to %s %s (%s): %s%s", response.status, request.method,
                 request.raw_path[:300], route, reason[:500], more)
+
+    def _check_url(self, url: str) -> None:
+        """A 400 for a URL without a usable host, a 403 for an upstream the operator did not allow.
+
+        Both depend on the URL and the configuration only: a URL that passed is remembered (the
+        last CHECKED_URLS of them), as nydusd asks for the same blob URL on every Range read.
+        """
+        if url in self._checked_urls:
+            self._checked_urls.move_to_end(url)
+            return
+        _check_upstream(url)
+        self._allow(url)
+        self._checked_urls[url] = None
+        if len(self._checked_urls) > CHECKED_URLS:
+            self._checked_urls.popitem(last=False)
 
     def _allow(self, url: str) -> None:
         """403 unless the operator allows `url`'s upstream."""
