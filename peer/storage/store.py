@@ -416,13 +416,17 @@ class LocalTask:
             if entry.users == 0:
                 del self._piece_locks[number]
 
-    async def _receive_in_thread(self, span: PieceSpan, receive: PieceReceiver, executor: Executor,
-                                 parent_id: str) -> str:
+    def _open_for(self, span: PieceSpan) -> tuple[_PieceFile, str]:
+        """The content file opened to write a piece, and what to call the writing in errors."""
         what = f"writing piece {span.number} of task {self.task_id}"
         try:
-            file = _PieceFile(self.content_path)
+            return _PieceFile(self.content_path), what
         except OSError as exc:
             raise _disk_error(exc, what) from exc
+
+    async def _receive_in_thread(self, span: PieceSpan, receive: PieceReceiver, executor: Executor,
+                                 parent_id: str) -> str:
+        file, what = self._open_for(span)
         try:
             return await file.run(self._receive_blocking, span, receive, file.fd, what, parent_id, executor=executor)
         finally:
@@ -453,11 +457,7 @@ class LocalTask:
         return format_digest(PIECE_DIGEST_ALGORITHM, hasher)
 
     async def _receive(self, span: PieceSpan, chunks: AsyncIterable[bytes], parent_id: str) -> str:
-        what = f"writing piece {span.number} of task {self.task_id}"
-        try:
-            file = _PieceFile(self.content_path)
-        except OSError as exc:
-            raise _disk_error(exc, what) from exc
+        file, what = self._open_for(span)
         try:
             hasher = new_piece_hasher()
             received = 0
