@@ -689,17 +689,15 @@ class Conductor:
     async def _fetch_piece_from(self, number: int, parent: Parent, demand: bool) -> None:
         """One piece from a parent, checked against its relayed digest, asked for once the parent
         answers (a `demand`, a piece the seed did not announce yet, has a digest only from then on)."""
-        url = f"{self.engine.piece_scheme}://{parent.ip}:{parent.download_port}/pieces/{self.task_id}/{number}"
+        path = f"/pieces/{self.task_id}/{number}"
         started = self.clock.time()
-        timeout = aiohttp.ClientTimeout(total=self.engine.config.piece_timeout)
         # A demand waits at the seed; other pieces may be had elsewhere when this parent is busy.
         headers = {CHILD_HEADER: self.engine.host_id}
         if not demand:
             headers[WHEN_BUSY_HEADER] = "refuse"
         fetcher = self.engine.piece_fetcher
         if fetcher is not None:
-            request = fetcher.request(parent.peer_id, parent.ip, parent.download_port,
-                                      f"/pieces/{self.task_id}/{number}", headers,
+            request = fetcher.request(parent.peer_id, parent.ip, parent.download_port, path, headers,
                                       timeout=self.engine.config.piece_timeout, busy_header=BUSY_HEADER)
             try:
                 # The digest is asked for once the bytes are in: a demanded piece has one only
@@ -712,6 +710,8 @@ class Conductor:
                 raise
             self._piece_received(number, parent, started, digest)
             return
+        url = f"{self.engine.piece_scheme}://{parent.ip}:{parent.download_port}{path}"
+        timeout = aiohttp.ClientTimeout(total=self.engine.config.piece_timeout)
         async with self.engine.http.get(url, timeout=timeout, headers=headers) as response:
             if response.status == 503 and response.headers.get(BUSY_HEADER):
                 raise ParentBusy(parent.peer_id)

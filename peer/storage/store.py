@@ -157,6 +157,53 @@ class _PieceFile:
             os.close(fd)
 
 
+class _PieceWriter:
+    """One piece's bytes, in order, into its span of the content file: checked against the
+    piece's length, hashed, written, and flushed by :meth:`finish`. Usable from a worker thread."""
+
+    def __init__(self, task_id: str, span: PieceSpan, fd: int, what: str, parent_id: str) -> None:
+        self._task_id = task_id
+        self._span = span
+        self._fd = fd
+        self._what = what
+        self._parent_id = parent_id
+        self._hasher = new_piece_hasher()
+        self._received = 0
+
+    def write(self, part: bytes | memoryview) -> None:
+        span = self._span
+        if self._received + len(part) > span.length:
+            raise self._length_error(f"more than {span.length} bytes")
+        try:
+            _write_and_hash(self._fd, self._hasher, part, span.offset + self._received)
+        except OSError as exc:
+            raise _disk_error(exc, self._what) from exc
+        self._received += len(part)
+
+    def finish(self) -> str:
+        """Flush the piece once all of it arrived; its digest."""
+        span = self._span
+        if self._received != span.length:
+            raise self._length_error(f"{self._received} bytes instead of {span.length}")
+        try:
+            os.fdatasync(self._fd)
+        except OSError as exc:
+            raise _disk_error(exc, self._what) from exc
+        return format_digest(PIECE_DIGEST_ALGORITHM, self._hasher)
+
+    def _length_error(self, detail: str) -> DamselflyError:
+        """Too many or too few bytes: the parent's fault, or the origin's when there is none."""
+        reason = f"piece {self._span.number} of task {self._task_id}: got {detail}"
+        if self._parent_id:
+            return ParentError(self._parent_id, reason)
+        return OriginError(reason)
+
+    def receive_all(self, receive: PieceReceiver) -> str:
+        """The whole piece from a blocking receiver, then :meth:`finish` (in one worker thread)."""
+        receive(self._span.length, self.write)
+        return self.finish()
+
+
 @dataclass
 class _PieceLock:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -416,80 +463,34 @@ class LocalTask:
             if entry.users == 0:
                 del self._piece_locks[number]
 
-    def _open_for(self, span: PieceSpan) -> tuple[_PieceFile, str]:
-        """The content file opened to write a piece, and what to call the writing in errors."""
+    def _open_for(self, span: PieceSpan, parent_id: str) -> tuple[_PieceFile, _PieceWriter]:
+        """The content file opened to write a piece, and the writer of its bytes."""
         what = f"writing piece {span.number} of task {self.task_id}"
         try:
-            return _PieceFile(self.content_path), what
+            file = _PieceFile(self.content_path)
         except OSError as exc:
             raise _disk_error(exc, what) from exc
+        return file, _PieceWriter(self.task_id, span, file.fd, what, parent_id)
 
     async def _receive_in_thread(self, span: PieceSpan, receive: PieceReceiver, executor: Executor,
                                  parent_id: str) -> str:
-        file, what = self._open_for(span)
+        file, writer = self._open_for(span, parent_id)
         try:
-            return await file.run(self._receive_blocking, span, receive, file.fd, what, parent_id, executor=executor)
+            return await file.run(writer.receive_all, receive, executor=executor)
         finally:
             file.close()
-
-    def _receive_blocking(self, span: PieceSpan, receive: PieceReceiver, fd: int, what: str, parent_id: str) -> str:
-        """In a worker thread: the piece's bytes from `receive`, hashed and written, flushed."""
-        hasher = new_piece_hasher()
-        received = 0
-
-        def sink(part: memoryview) -> None:
-            nonlocal received
-            if received + len(part) > span.length:
-                raise self._length_error(span, f"more than {span.length} bytes", parent_id)
-            try:
-                _write_and_hash(fd, hasher, part, span.offset + received)
-            except OSError as exc:
-                raise _disk_error(exc, what) from exc
-            received += len(part)
-
-        receive(span.length, sink)
-        if received != span.length:
-            raise self._length_error(span, f"{received} bytes instead of {span.length}", parent_id)
-        try:
-            os.fdatasync(fd)
-        except OSError as exc:
-            raise _disk_error(exc, what) from exc
-        return format_digest(PIECE_DIGEST_ALGORITHM, hasher)
 
     async def _receive(self, span: PieceSpan, chunks: AsyncIterable[bytes], parent_id: str) -> str:
-        file, what = self._open_for(span)
+        file, writer = self._open_for(span, parent_id)
         try:
-            hasher = new_piece_hasher()
-            received = 0
             async for chunk in chunks:
-                size = len(chunk)
-                if not size:
-                    continue
-                if received + size > span.length:
-                    raise self._length_error(span, f"more than {span.length} bytes", parent_id)
-                try:
-                    if size >= THREAD_WRITE_THRESHOLD:
-                        await file.run(_write_and_hash, file.fd, hasher, chunk, span.offset + received)
-                    else:
-                        _write_and_hash(file.fd, hasher, chunk, span.offset + received)
-                except OSError as exc:
-                    raise _disk_error(exc, what) from exc
-                received += size
-            if received != span.length:
-                raise self._length_error(span, f"{received} bytes instead of {span.length}", parent_id)
-            try:
-                await file.run(os.fdatasync, file.fd)
-            except OSError as exc:
-                raise _disk_error(exc, what) from exc
-            return format_digest(PIECE_DIGEST_ALGORITHM, hasher)
+                if len(chunk) >= THREAD_WRITE_THRESHOLD:
+                    await file.run(writer.write, chunk)
+                elif chunk:
+                    writer.write(chunk)
+            return await file.run(writer.finish)
         finally:
             file.close()
-
-    def _length_error(self, span: PieceSpan, detail: str, parent_id: str) -> DamselflyError:
-        reason = f"piece {span.number} of task {self.task_id}: got {detail}"
-        if parent_id:
-            return ParentError(parent_id, reason)
-        return OriginError(reason)
 
     # ---- waiting -----------------------------------------------------------------------------
 
