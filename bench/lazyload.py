@@ -158,11 +158,11 @@ async def replay(url: str, blob_path: Path, reads: list[Read]) -> dict[str, obje
 
             print("ready", flush=True)
             sys.stdin.readline()  # the go signal: every node starts at once
-            started = time.monotonic()
+            started, cpu_started = time.monotonic(), time.process_time()
             await one(reads[0])
             await asyncio.gather(*(worker() for _ in range(IN_FLIGHT)))
-            elapsed = time.monotonic() - started
-    return {"seconds": elapsed, "latencies": latencies, "wrong": wrong}
+            elapsed, cpu = time.monotonic() - started, time.process_time() - cpu_started
+    return {"seconds": elapsed, "latencies": latencies, "wrong": wrong, "cpu": cpu}
 
 
 def replay_main(args: argparse.Namespace) -> int:
@@ -188,6 +188,7 @@ class Row:
     failed: int
     seed_upload: float = float("nan")  # bytes the seed sent to the nodes (Damselfly rows)
     cpu_seconds: float = float("nan")  # of every daemon (scheduler, seed, nodes) during the traces
+    replay_cpu: float = float("nan")  # of every replayer (the nydusd stand-ins) during its trace
 
 
 def percentile(values: Sequence[float], share: float) -> float:
@@ -234,11 +235,13 @@ def summarize(mode: str, n: int, results: list[dict[str, object]], failed: int, 
     seconds = [float(r["seconds"]) for r in results]  # type: ignore[arg-type]
     latencies = [float(x) for r in results for x in r["latencies"]]  # type: ignore[attr-defined]
     wrong = sum(len(r["wrong"]) for r in results)  # type: ignore[arg-type]
+    replay_cpu = sum(float(r["cpu"]) for r in results)  # type: ignore[arg-type]
     for r in results:
         for line in r["wrong"][:3]:  # type: ignore[index]
             print(f"  {mode} N={n}: wrong body {line}", file=sys.stderr)
     return Row(mode, n, percentile(seconds, 0.5), max(seconds, default=float("nan")),
-               percentile(latencies, 0.5), percentile(latencies, 0.99), origin, wrong, failed, seed_upload, cpu_seconds)
+               percentile(latencies, 0.5), percentile(latencies, 0.99), origin, wrong, failed, seed_upload, cpu_seconds,
+               replay_cpu)
 
 
 def run_registry(n: int, url: str, blob: Path, relay: NetnsRelay, args: argparse.Namespace) -> Row:
@@ -282,14 +285,14 @@ def print_table(rows: list[Row], size: int, unique: int, args: argparse.Namespac
     print(f"\n{args.size_mib} MiB blob, every link {args.rate}; {args.reads + 1} reads per node, "
           f"{args.read_mib} MiB read per node, {unique / MIB:.1f} MiB unique\n")
     print("| mode | N | trace p50 / max s | read p50 / p99 ms | origin ÷ blob | origin ÷ unique | "
-          "seed up ÷ unique | daemon CPU s | wrong | failed |")
-    print("|---|---:|---|---|---:|---:|---:|---:|---:|---:|")
+          "seed up ÷ unique | daemon CPU s | replayer CPU s | wrong | failed |")
+    print("|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         seed_up = "-" if math.isnan(r.seed_upload) else f"{r.seed_upload / unique:.2f}"
         cpu = "-" if math.isnan(r.cpu_seconds) else f"{r.cpu_seconds:.1f}"
         print(f"| {r.mode} | {r.n} | {r.trace_p50:.1f} / {r.trace_max:.1f} | {r.read_p50 * 1e3:.1f} / "
               f"{r.read_p99 * 1e3:.0f} | {r.origin_bytes / size:.2f} | {r.origin_bytes / unique:.2f} | "
-              f"{seed_up} | {cpu} | {r.wrong} | {r.failed} |")
+              f"{seed_up} | {cpu} | {r.replay_cpu:.1f} | {r.wrong} | {r.failed} |")
 
 
 def main() -> int:

@@ -139,10 +139,14 @@ class UploadService(_LocalTaskRpcs, dfdaemon_pb2_grpc.DfdaemonUploadServicer):  
         if local is None:
             await rpc.abort(context, TaskNotFound(request.task_id))
         interested = set(request.interested_piece_numbers)
+        child = request.host_id
         try:
             async for number in local.subscribe():
-                if interested and number not in interested:
-                    continue
+                if interested:
+                    if number not in interested:
+                        continue
+                elif local.announced_by(child, number):
+                    continue  # the child is also our parent and told us it has this piece
                 span = local.span(number)
                 yield dfdaemon_pb2.SyncPiecesResponse(number=number, offset=span.offset, length=span.length,
                                                       ip=self.host_ip, tcp_port=self.upload_port)

@@ -132,6 +132,7 @@ class Parent:
 @dataclass(frozen=True)
 class _Have:
     parent_id: str
+    host_id: str
     number: int
 
 
@@ -476,7 +477,7 @@ class Conductor:
             await self._events.put(_ParentInfo(parent.peer_id, task))
             request = dfdaemon_pb2.SyncPiecesRequest(host_id=self.engine.host_id, task_id=self.task_id)
             async for piece in stub.SyncPieces(request):
-                await self._events.put(_Have(parent.peer_id, piece.number))
+                await self._events.put(_Have(parent.peer_id, parent.host_id, piece.number))
             await self._events.put(_ParentGone(parent.peer_id, ""))
         except grpc.aio.AioRpcError as exc:
             await self._events.put(_ParentGone(parent.peer_id, f"{exc.code().name}: {exc.details()}"))
@@ -604,6 +605,7 @@ class Conductor:
         """Apply one event to the policy (and carry out what it answers at once)."""
         if isinstance(event, _Have):
             self.policy.parent_has(event.parent_id, event.number)
+            self.local.note_announced(event.host_id, event.number)
         elif isinstance(event, _ParentInfo):
             if self.local.content_length is None:
                 task = event.task

@@ -242,6 +242,10 @@ class LocalTask:
         self._pieces: dict[int, str] = {}  # complete (durable) pieces
         self._unpersisted: dict[int, str] = {}  # written and flushed, metadata not yet durable
         self._order: list[int] = []  # completion order, for subscribers
+        # Pieces that other hosts announced to this node as its parents, by host id: a host is
+        # not told of a piece it told us it has (half of all announcements in a mesh where
+        # parents are also children). Bounded by the parents the scheduler gives this task.
+        self._announced_by: dict[str, set[int]] = {}
         self._used = 0
         self._readers = 0
         self._deleted = False
@@ -321,6 +325,18 @@ class LocalTask:
     def has_piece(self, number: int) -> bool:
         """Whether piece `number` is complete (False for any number outside the content)."""
         return number in self._pieces
+
+    def note_announced(self, host_id: str, number: int) -> None:
+        """Remember that host `host_id`, a parent of this node for this task, has piece `number`."""
+        held = self._announced_by.get(host_id)
+        if held is None:
+            held = self._announced_by[host_id] = set()
+        held.add(number)
+
+    def announced_by(self, host_id: str, number: int) -> bool:
+        """Whether host `host_id` announced piece `number` to this node (so it needs no announcement)."""
+        held = self._announced_by.get(host_id)
+        return held is not None and number in held
 
     def finished_pieces(self) -> list[int]:
         """Numbers of the complete pieces, sorted."""

@@ -65,3 +65,27 @@ async def test_a_stream_of_interested_pieces_ends_once_they_were_all_announced(
     call = stub.SyncPieces(request)
     assert [(await call.read()).number for _ in range(2)] == [0, 2]
     assert await call.read() is grpc.aio.EOF
+
+
+async def test_a_child_is_not_told_of_pieces_it_announced_to_this_node(
+    parent: tuple[PieceStore, dfdaemon_pb2_grpc.DfdaemonUploadStub],
+) -> None:
+    """Parents are also children in the mesh: a host that told us it has a piece (as our parent)
+    does not hear of it back; any other host does, and so does one that asks for it by number."""
+    store, stub = parent
+    local = store.get(TASK)
+    assert local is not None
+    local.note_announced("child", 1)
+    call = stub.SyncPieces(dfdaemon_pb2.SyncPiecesRequest(host_id="child", task_id=TASK))
+    assert [(await call.read()).number for _ in range(2)] == [0, 2]
+    other = stub.SyncPieces(dfdaemon_pb2.SyncPiecesRequest(host_id="other", task_id=TASK))
+    assert [(await other.read()).number for _ in range(3)] == [0, 1, 2]
+    asked = stub.SyncPieces(dfdaemon_pb2.SyncPiecesRequest(host_id="child", task_id=TASK,
+                                                           interested_piece_numbers=[1]))
+    assert (await asked.read()).number == 1
+    assert await asked.read() is grpc.aio.EOF
+    # Piece 1 was held back from "child", not delayed: its stream now waits for new pieces.
+    await store.delete(TASK)
+    with pytest.raises(grpc.aio.AioRpcError) as ended:
+        await call.read()
+    assert ended.value.code() == grpc.StatusCode.NOT_FOUND
