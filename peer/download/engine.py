@@ -375,6 +375,7 @@ class Conductor:
     def _cancel_workers(self) -> list[asyncio.Task[None]]:
         if self._wake_timer is not None:
             self._wake_timer.cancel()
+            self._wake_timer = None
         tasks = [t for t in self._in_flight.values() if not t.done()]
         tasks += [p.session for p in self._parents.values() if p.session and not p.session.done()]
         if self._digest_refresh is not None and not self._digest_refresh.done():
@@ -552,16 +553,22 @@ class Conductor:
         fires no later than that (an early wake costs one more look; arming a time-out around
         every wait for an event cost more than the decisions, bench/lazyload.py N=16)."""
         loop = asyncio.get_running_loop()
-        now = loop.time()
-        when = now + delay
+        when = loop.time() + delay
         timer = self._wake_timer
-        if timer is not None and not timer.cancelled() and now < self._wake_at <= when + WAKE_SLACK:
+        # A timer that fired is None (see _wake): uvloop fires timers up to a millisecond before
+        # the loop's clock reaches their time, and a fired timer taken for a pending one left a
+        # download with nothing else to wake it waiting forever (a parent's backoff ending).
+        if timer is not None and self._wake_at <= when + WAKE_SLACK:
             return
         if timer is not None:
             timer.cancel()
         self._wake_at = when
         # (uvloop answers a time already past with a plain Handle, which has no when())
-        self._wake_timer = loop.call_at(when, self._events.put_nowait, _Wake())
+        self._wake_timer = loop.call_at(when, self._wake)
+
+    def _wake(self) -> None:
+        self._wake_timer = None
+        self._events.put_nowait(_Wake())
 
     async def _more_reads(self) -> bool:
         """A Range download without prefetch has what its reads wanted: stay (parents, their
