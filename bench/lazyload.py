@@ -58,6 +58,7 @@ from bench.distribution import (  # noqa: E402
 from common.launcher import (  # noqa: E402
     _UPLOADED,
     LocalCluster,
+    Node,
     in_netns,
 )
 from tests.support.registry import Registry, push_random_blob, start_registry  # noqa: E402
@@ -65,6 +66,7 @@ from tests.support.registry import Registry, push_random_blob, start_registry  #
 KIB, MIB = 1024, 1024 * 1024
 ORIGIN_NS, ORIGIN_IP = "nl-origin", "10.77.0.2"
 REPO_NAME = "bench/lazy"
+_UPLOAD_PIECES = "damselfly_dfdaemon_upload_pieces_total"
 META_READ = 64 * KIB  # nydusd reads the blob meta at the tail first
 MIN_READ, MAX_READ = 4 * KIB, 1 * MIB
 HOT_SHARE = 0.12
@@ -235,7 +237,9 @@ def summarize(mode: str, n: int, results: list[dict[str, object]], failed: int, 
     seconds = [float(r["seconds"]) for r in results]  # type: ignore[arg-type]
     latencies = [float(x) for r in results for x in r["latencies"]]  # type: ignore[attr-defined]
     wrong = sum(len(r["wrong"]) for r in results)  # type: ignore[arg-type]
-    replay_cpu = sum(float(r["cpu"]) for r in results)  # type: ignore[arg-type]
+    replay_cpu = 0.0
+    for r in results:
+        replay_cpu += float(r["cpu"])  # type: ignore[arg-type]
     for r in results:
         for line in r["wrong"][:3]:  # type: ignore[index]
             print(f"  {mode} N={n}: wrong body {line}", file=sys.stderr)
@@ -270,9 +274,26 @@ def run_damselfly(mode: str, n: int, path: str, blob: Path, relay: NetnsRelay, w
         cpu_before = daemons_cpu_seconds(cluster.nodes)
         results, failed = run_traces([node.url("proxy", path) for node in daemons], blob, args)
         cpu = daemons_cpu_seconds(cluster.nodes) - cpu_before
+        print_uploads(mode, n, [seed, *daemons])
         return summarize(mode, n, results, failed, relay.bytes_from_target, seed.metrics().get(_UPLOADED, 0.0), cpu)
     finally:
         stop_cluster(cluster)
+
+
+def print_uploads(mode: str, n: int, daemons: list[Node]) -> None:
+    """Piece requests the daemons answered, by result, and the bytes they uploaded (a diagnosis:
+    refusals cost CPU too)."""
+    results: dict[str, float] = {}
+    uploaded = 0.0
+    for daemon in daemons:
+        for name, value in daemon.metrics().items():
+            if name.startswith(_UPLOAD_PIECES + "{"):
+                result = name.split('result="', 1)[1].split('"', 1)[0]
+                results[result] = results.get(result, 0.0) + value
+            elif name == _UPLOADED:
+                uploaded += value
+    counts = ", ".join(f"{result} {count:.0f}" for result, count in sorted(results.items()))
+    print(f"{mode} N={n}: piece requests answered: {counts}; uploaded {uploaded / MIB:.0f} MiB", file=sys.stderr)
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:

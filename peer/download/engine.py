@@ -79,7 +79,7 @@ from peer.download.scheduler_client import (
     SchedulerClient,
     SchedulerSession,
 )
-from peer.upload.piece_server import BUSY_HEADER, CHILD_HEADER, WHEN_BUSY_HEADER
+from peer.upload.piece_server import BUSY_HEADER, CHILD_HEADER, PRIORITY_HEADER, WHEN_BUSY_HEADER
 
 if TYPE_CHECKING:
     from common.config import DfdaemonConfig
@@ -704,6 +704,8 @@ class Conductor:
         headers = {CHILD_HEADER: self.engine.host_id}
         if not demand:
             headers[WHEN_BUSY_HEADER] = "refuse"
+        if demand or self.policy.reader_waits_for(number):
+            headers[PRIORITY_HEADER] = "reader"  # the parent's uplink serves it before others
         fetcher = self.engine.piece_fetcher
         if fetcher is not None:
             request = fetcher.request(parent.peer_id, parent.ip, parent.download_port, path, headers,

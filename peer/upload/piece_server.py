@@ -24,6 +24,13 @@ above, not held to the window: in whole-blob swarms that made the last peers wai
 (bench/swarm_sim.py, 16 peers, 64 MiB: 2.7x the bound with a 0.5 s window on every request,
 2.1x without).
 
+Readers first: a child marks the request for a piece one of its readers waits for
+(``X-Damselfly-Priority: reader``; a lazily loaded image's Range reads). While such pieces are being
+sent, and for :data:`READER_GRACE` after, a request that may go elsewhere and is for no reader (a
+prefetch, the rest of a blob) is answered busy: the uplink is the readers'. Whole-blob swarms send
+no reader requests and are not affected. With prefetch on, 16 lazy readers otherwise shared every
+uplink (and the CPU) with the blob's other pieces (bench/lazyload.py, N=16: trace ~40 % slower).
+
 A piece this node does not have yet but is fetching (a seed back-sourcing the task) is a
 *demand*: a child's reader waits for it. With a demand handler (:meth:`PieceServer.serve_demands`,
 the engine's), the request moves the piece to the front of the download and is answered as soon
@@ -84,6 +91,11 @@ WHEN_BUSY_HEADER = "X-Damselfly-When-Busy"
 BUSY_HEADER = "X-Damselfly-Busy"
 # Pieces sent at once to children that can fetch them elsewhere (see "Choking" above).
 DEFAULT_SWARM_SLOTS = 4
+# A child's request header: "reader" when a reader waits for the piece (see "Readers first").
+PRIORITY_HEADER = "X-Damselfly-Priority"
+# How long after sending a reader's piece other pieces that can go elsewhere are still refused:
+# a cold start's reads come in bursts a few milliseconds apart.
+READER_GRACE = 0.5
 # A child's request header: its host id (who got a piece, for super-seeding; a hint, not trusted).
 CHILD_HEADER = "X-Damselfly-Child"
 # A seed's super-seeding window (see above): about the time a child takes to receive a piece and
@@ -433,6 +445,8 @@ class PieceServer:
         self.limits = ConnectionLimits(header_timeout=DEFAULT_HEADER_TIMEOUT, max_connections=max_connections,
                                        max_per_client=min(max_connections, max(SPARE_CONNECTIONS, upload_slots)))
         self._uploads = 0
+        self._reader_uploads = 0  # of those, pieces a reader waits for
+        self._readers_until = 0.0  # until then other pieces that can go elsewhere are refused
         # The request tasks inside _upload: stop() finishes those aiohttp's shutdown leaves running.
         self._upload_tasks: set[asyncio.Task[object]] = set()
         self._runner: web.AppRunner | None = None
@@ -531,6 +545,9 @@ class PieceServer:
         if digest is None:
             return self._refuse(404, "not_found", f"piece {raw_number} of task {task_id} is not available")
         may_go_elsewhere = request.headers.get(WHEN_BUSY_HEADER) == "refuse"
+        for_reader = demand or request.headers.get(PRIORITY_HEADER) == "reader"
+        if may_go_elsewhere and not for_reader and self._serving_readers():
+            return self._busy("pieces readers wait for are being sent; ask another parent or later")
         if self._swarm_slots and self._uploads >= self._swarm_slots and may_go_elsewhere:
             return self._busy(f"{self._uploads} pieces are being sent; ask another parent")
         if self._share_window and demand and self._sent_elsewhere(
@@ -550,9 +567,20 @@ class PieceServer:
         assert upload is not None  # aiohttp runs every request in a task of its own
         self._upload_tasks.add(upload)
         try:
-            return await self._upload(request, task, span, digest, part)
+            if not for_reader:
+                return await self._upload(request, task, span, digest, part)
+            self._reader_uploads += 1
+            try:
+                return await self._upload(request, task, span, digest, part)
+            finally:
+                self._reader_uploads -= 1
+                self._readers_until = self._clock.time() + READER_GRACE
         finally:
             self._upload_tasks.discard(upload)
+
+    def _serving_readers(self) -> bool:
+        """Whether pieces readers wait for are being sent now, or were a moment ago."""
+        return self._reader_uploads > 0 or self._clock.time() < self._readers_until
 
     async def _upload(
         self, request: web.Request, task: LocalTask, span: PieceSpan, digest: str, part: ByteRange | None

@@ -16,6 +16,7 @@ from peer.download.policy import (
     ORIGIN,
     ORIGIN_FALLBACK_WAIT,
     PARENT_BUSY_BACKOFF,
+    READERS_QUIET,
     DownloadPolicy,
     DropParent,
     FetchFromOrigin,
@@ -250,6 +251,29 @@ def test_prefetch_stays_behind_readers_on_the_downlink(read_lazily: bool, waitin
     got = [number for number, _ in fetches(p)]
     assert set(waiting) <= set(got)  # the reader's pieces go, whatever the cap
     assert len([n for n in got if n not in waiting]) == background
+
+
+def test_a_lazily_read_blob_prefetches_only_once_its_readers_went_quiet() -> None:
+    """Range reads with prefetch: between the reads of a cold start no piece nobody asked for
+    starts; once the readers asked for nothing for READERS_QUIET, the prefetch goes on (at the
+    background limit), and the policy says when to look again."""
+    p = policy(pieces=32, a=False, b=False, c=False, d=False)
+    p.read_lazily = True
+    for parent in "abcd":
+        for number in range(32):
+            p.parent_has(parent, number)
+    p.prioritize([5])
+    assert [number for number, _ in fetches(p)] == [5]  # the reader's piece alone
+    p.piece_succeeded(5, p.in_flight[5])
+    advance(p, READERS_QUIET / 2)
+    p.prioritize([6])  # the next read of the burst (its piece: held back too until then)
+    assert [number for number, _ in fetches(p)] == [6]
+    p.piece_succeeded(6, p.in_flight[6])
+    assert fetches(p) == []  # no reader waits, but they were active a moment ago
+    assert p.next_wake() == pytest.approx(p.clock.time() + READERS_QUIET)
+    advance(p, READERS_QUIET)
+    assert len(fetches(p)) == BACKGROUND_PIECES_UNDER_DEMAND  # quiet: the prefetch goes on
+    assert p.next_wake() is None
 
 
 def test_a_demand_the_seed_sent_to_another_child_is_asked_again_soon_without_blame() -> None:

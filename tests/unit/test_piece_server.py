@@ -18,11 +18,20 @@ import aiohttp
 import pytest
 import uvloop
 
+from common.clock import ManualClock
 from common.digest import piece_digest
 from common.pieces import piece_span
 from peer.metrics import DaemonMetrics
 from peer.storage.store import LocalTask, PieceStore
-from peer.upload.piece_server import BUSY_HEADER, CHILD_HEADER, PIECE_DIGEST_HEADER, WHEN_BUSY_HEADER, PieceServer
+from peer.upload.piece_server import (
+    BUSY_HEADER,
+    CHILD_HEADER,
+    PIECE_DIGEST_HEADER,
+    PRIORITY_HEADER,
+    READER_GRACE,
+    WHEN_BUSY_HEADER,
+    PieceServer,
+)
 
 TASK = "d" * 64
 PIECE = 256 * 1024
@@ -346,6 +355,51 @@ def test_a_full_uplink_sends_children_elsewhere(run: Run[None], store: PieceStor
                 async with other.get(url, headers=refuse) as again:  # the uplink is free again
                     assert again.status == 200
                     assert len(await again.read()) == big
+        finally:
+            await server.stop()
+
+    run(scenario())
+
+
+def test_a_readers_piece_keeps_the_uplink_from_pieces_nobody_waits_for(
+    run: Run[None], store: PieceStore, use_sendfile: bool,
+) -> None:
+    """Readers first: while a piece a reader waits for is being sent, and READER_GRACE after, a
+    request for no reader that may go elsewhere (a prefetch) is told busy; another reader's piece,
+    and a request that may not go elsewhere, are served."""
+    big = 32 * MIB  # far more than loopback socket buffers: the send blocks on the client
+    data = bytes(big)
+
+    async def scenario() -> None:
+        await add_task(store, data, [0], piece_length=big)
+        clock = ManualClock()
+        server = PieceServer(store, upload_slots=8, metrics=DaemonMetrics(), use_sendfile=use_sendfile, clock=clock)
+        port = await server.start("127.0.0.1", 0)
+        url = f"http://127.0.0.1:{port}/pieces/{TASK}/0"
+        background = {WHEN_BUSY_HEADER: "refuse"}
+        reader = {WHEN_BUSY_HEADER: "refuse", PRIORITY_HEADER: "reader"}
+        try:
+            async with aiohttp.ClientSession() as holder, aiohttp.ClientSession() as other:
+                async with other.get(url, headers=background) as before:  # no reader yet: sent
+                    assert before.status == 200 and len(await before.read()) == big
+                slow = await asyncio.wait_for(holder.get(url, headers=reader), DEADLINE)
+                assert slow.status == 200 and server.uploads_in_progress == 1
+                async with other.get(url, headers=background) as refused:
+                    assert refused.status == 503
+                    assert refused.headers[BUSY_HEADER] == "uplink"
+                    assert "readers wait for" in await refused.text()
+                async with other.get(url, headers=reader) as second_reader:
+                    assert second_reader.status == 200 and len(await second_reader.read()) == big
+                async with other.get(url) as patient:  # cannot go elsewhere: served
+                    assert patient.status == 200 and len(await patient.read()) == big
+                assert await asyncio.wait_for(slow.read(), DEADLINE) == data
+                slow.release()
+                await eventually(lambda: server.uploads_in_progress == 0)
+                async with other.get(url, headers=background) as soon_after:  # within the grace
+                    assert soon_after.status == 503
+                clock.advance(READER_GRACE)
+                async with other.get(url, headers=background) as later:
+                    assert later.status == 200 and len(await later.read()) == big
         finally:
             await server.stop()
 
