@@ -258,8 +258,14 @@ class Conductor:
             self._ranges.append(request)
         return True
 
-    def want_all(self) -> None:
-        """Fetch every piece after all (a whole read or a prefetch joined a Range read)."""
+    def want_all(self, *, whole_read: bool = False) -> None:
+        """Fetch every piece after all (a whole read or a prefetch joined a Range read). A whole
+        read (dfget, a pull) also ends the lazy reading: its pieces no longer wait for readers
+        to go quiet."""
+        if whole_read and self.policy.read_lazily:
+            self.policy.whole_read_joined()
+            self._events.put_nowait(_Wake())
+            self._origin_wake.set()
         if not self.policy.want_everything:
             self.policy.want_all()
             self._events.put_nowait(_Wake())
@@ -847,8 +853,12 @@ class Conductor:
                     running[number] = fetches.create_task(self._origin_piece(number, headers),
                                                           name=f"origin-{number}-{self.task_id[:12]}")
                 wake = asyncio.ensure_future(self._origin_wake.wait())
+                # Pieces held back while readers are active may start once they went quiet.
+                wake_at = self.policy.next_wake()
+                timeout = None if wake_at is None else max(0.0, wake_at - self.clock.time())
                 try:
-                    await asyncio.wait([wake, *running.values()], return_when=asyncio.FIRST_COMPLETED)
+                    await asyncio.wait([wake, *running.values()], timeout=timeout,
+                                       return_when=asyncio.FIRST_COMPLETED)
                 finally:
                     wake.cancel()
                 for done in [n for n, task in running.items() if task.done()]:
@@ -1083,7 +1093,7 @@ class Engine:
             if request.byte_range is not None:
                 conductor.add_range(request)
             if request.byte_range is None or request.prefetch:
-                conductor.want_all()
+                conductor.want_all(whole_read=request.byte_range is None)
             return conductor
         if request.need_back_to_source and request.byte_range is not None and not request.prefetch:
             self._lazy_requests[task_id] = request

@@ -48,7 +48,8 @@ The rules, each tested in ``tests/unit/test_download_policy.py``:
   again. Whole downloads do not: every parent gets every piece, and a stall reschedules.
 - The origin queue (:meth:`DownloadPolicy.next_origin_fetch`): demanded pieces start at once; the
   whole-blob rest keeps at most :data:`BACKGROUND_UNDER_DEMAND` fetches going while demand waits,
-  and :data:`BACKGROUND_PIECES_UNDER_DEMAND` at any time in a blob read in Range reads.
+  and :data:`BACKGROUND_PIECES_UNDER_DEMAND` at any time in a blob read in Range reads, where it
+  starts only once the readers have asked for nothing for :data:`READERS_QUIET`.
 - The same from parents: while a reader waits, or always in a blob read in Range reads, at most
   :data:`BACKGROUND_PIECES_UNDER_DEMAND` pieces nobody waits for are in flight; in a blob read in
   Range reads none starts until the readers have asked for nothing for :data:`READERS_QUIET`.
@@ -292,6 +293,13 @@ class DownloadPolicy:
             self.last_read_at = now
         self._changed()
 
+    def whole_read_joined(self) -> None:
+        """A whole read (dfget, a pull) joined a blob read in Range reads: it is not read lazily
+        any more, and the pieces nobody waits for stop waiting for its readers to go quiet."""
+        self.read_lazily = False
+        self._background_held_until = None
+        self._changed()
+
     def reader_waits_for(self, number: int) -> bool:
         """Whether a reader waits for piece `number` (its request says so: parents send it first)."""
         return number in self.priority
@@ -448,10 +456,22 @@ class DownloadPolicy:
         background_running = len(running_now) - demand_running
         cap = BACKGROUND_UNDER_DEMAND if demand_queued or demand_running else limit
         if self.read_lazily:
-            cap = min(cap, BACKGROUND_PIECES_UNDER_DEMAND)
+            hold = self._hold_background_for_readers(self.clock.time())
+            cap = 0 if hold else min(cap, BACKGROUND_PIECES_UNDER_DEMAND)
         if queue and background_running < cap and len(running_now) < limit:
             return queue.pop(0)
         return None
+
+    def _hold_background_for_readers(self, now: float) -> bool:
+        """In a blob read lazily: True while its readers asked for pieces within READERS_QUIET
+        (the pieces nobody asked for wait); notes when that ends for next_wake."""
+        if not self.read_lazily or self.last_read_at is None:
+            return False
+        until = self.last_read_at + READERS_QUIET
+        if now >= until:
+            return False
+        self._background_held_until = until
+        return True
 
     def _demand_unannounced(self) -> list[FetchPiece]:
         """Ask a live seed for pieces a reader waits for that no parent announced yet."""
@@ -650,10 +670,8 @@ class DownloadPolicy:
         # While a reader waits, the rest of the blob keeps only a few transfers going.
         background_room = self.concurrent_pieces
         if self.read_lazily or not self.priority <= self.finished:
-            background_room = BACKGROUND_PIECES_UNDER_DEMAND - sum(1 for n in self.in_flight if n not in self.priority)
-            if self.read_lazily and self.last_read_at is not None and now < self.last_read_at + READERS_QUIET:
-                background_room = 0
-                self._background_held_until = self.last_read_at + READERS_QUIET
+            cap = 0 if self._hold_background_for_readers(now) else BACKGROUND_PIECES_UNDER_DEMAND
+            background_room = cap - sum(1 for n in self.in_flight if n not in self.priority)
         fetches: list[FetchPiece] = []
         for number in ready:
             if not free:

@@ -235,6 +235,23 @@ def test_a_lazily_read_blob_keeps_its_origin_fetches_behind_readers() -> None:
     assert p.next_origin_fetch(queue, running, 8) == 9  # a reader's piece still starts at once
 
 
+def test_a_lazily_read_blob_fetches_the_rest_from_the_origin_once_its_readers_went_quiet() -> None:
+    p = policy()
+    p.read_lazily = True
+    queue: list[int] = list(range(16))
+    p.prioritize([9])  # a child's demand
+    assert p.next_origin_fetch(queue, [], 8) == 9
+    assert p.next_origin_fetch(queue, [9], 8) is None  # the origin link is the reader's
+    p.piece_succeeded(9, ORIGIN)
+    assert p.next_origin_fetch(queue, [], 8) is None  # no demand now, but one a moment ago
+    assert p.next_wake() == pytest.approx(p.clock.time() + READERS_QUIET)
+    advance(p, READERS_QUIET)
+    running: list[int] = []
+    while (number := p.next_origin_fetch(queue, running, 8)) is not None:
+        running.append(number)
+    assert running == list(range(BACKGROUND_PIECES_UNDER_DEMAND))
+
+
 @pytest.mark.parametrize(("read_lazily", "waiting", "background"), [
     (False, [], 16),  # a whole download: every slot
     (False, [20], BACKGROUND_PIECES_UNDER_DEMAND),  # a reader waits: the rest stays behind
@@ -274,6 +291,20 @@ def test_a_lazily_read_blob_prefetches_only_once_its_readers_went_quiet() -> Non
     advance(p, READERS_QUIET)
     assert len(fetches(p)) == BACKGROUND_PIECES_UNDER_DEMAND  # quiet: the prefetch goes on
     assert p.next_wake() is None
+
+
+def test_a_whole_read_joining_a_lazily_read_blob_does_not_wait_for_its_readers() -> None:
+    p = policy(pieces=32, concurrent=8, a=False, b=False, c=False, d=False)
+    p.read_lazily = True
+    for parent in "abcd":
+        for number in range(32):
+            p.parent_has(parent, number)
+    p.prioritize([5])
+    assert [number for number, _ in fetches(p)] == [5]
+    p.piece_succeeded(5, p.in_flight[5])
+    assert fetches(p) == []  # readers active a moment ago: the rest waits
+    p.whole_read_joined()  # a dfget of the same blob
+    assert len(fetches(p)) == 4 * 2  # every parent's slots (PARENT_PIECE_LIMIT) at once
 
 
 def test_a_demand_the_seed_sent_to_another_child_is_asked_again_soon_without_blame() -> None:
