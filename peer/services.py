@@ -140,6 +140,8 @@ class UploadService(_LocalTaskRpcs, dfdaemon_pb2_grpc.DfdaemonUploadServicer):  
             await rpc.abort(context, TaskNotFound(request.task_id))
         interested = set(request.interested_piece_numbers)
         child = request.host_id
+        if not interested:
+            local.forget_announced(child)  # a new subscription: what it told us may be gone since
         try:
             async for number in local.subscribe():
                 if interested:

@@ -333,6 +333,11 @@ class LocalTask:
             held = self._announced_by[host_id] = set()
         held.add(number)
 
+    def forget_announced(self, host_id: str) -> None:
+        """Host `host_id` subscribes to this node's pieces anew: it may have lost pieces since it
+        announced them (its task deleted, its daemon restarted), so it hears of every piece."""
+        self._announced_by.pop(host_id, None)
+
     def announced_by(self, host_id: str, number: int) -> bool:
         """Whether host `host_id` announced piece `number` to this node (so it needs no announcement)."""
         held = self._announced_by.get(host_id)

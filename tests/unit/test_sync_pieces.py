@@ -3,6 +3,7 @@ stream of a parent's announcements ends."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, cast
@@ -67,25 +68,51 @@ async def test_a_stream_of_interested_pieces_ends_once_they_were_all_announced(
     assert await call.read() is grpc.aio.EOF
 
 
-async def test_a_child_is_not_told_of_pieces_it_announced_to_this_node(
-    parent: tuple[PieceStore, dfdaemon_pb2_grpc.DfdaemonUploadStub],
-) -> None:
-    """Parents are also children in the mesh: a host that told us it has a piece (as our parent)
-    does not hear of it back; any other host does, and so does one that asks for it by number."""
-    store, stub = parent
-    local = store.get(TASK)
-    assert local is not None
-    local.note_announced("child", 1)
-    call = stub.SyncPieces(dfdaemon_pb2.SyncPiecesRequest(host_id="child", task_id=TASK))
-    assert [(await call.read()).number for _ in range(2)] == [0, 2]
-    other = stub.SyncPieces(dfdaemon_pb2.SyncPiecesRequest(host_id="other", task_id=TASK))
-    assert [(await other.read()).number for _ in range(3)] == [0, 1, 2]
-    asked = stub.SyncPieces(dfdaemon_pb2.SyncPiecesRequest(host_id="child", task_id=TASK,
-                                                           interested_piece_numbers=[1]))
-    assert (await asked.read()).number == 1
-    assert await asked.read() is grpc.aio.EOF
-    # Piece 1 was held back from "child", not delayed: its stream now waits for new pieces.
-    await store.delete(TASK)
-    with pytest.raises(grpc.aio.AioRpcError) as ended:
-        await call.read()
-    assert ended.value.code() == grpc.StatusCode.NOT_FOUND
+async def numbers(call: Any, count: int) -> list[int]:
+    """The next `count` piece numbers of a SyncPieces stream (a missing one fails, not hangs)."""
+    return [(await asyncio.wait_for(call.read(), 10)).number for _ in range(count)]
+
+
+async def test_a_child_is_not_told_of_pieces_it_announced_to_this_node(tmp_path: Path) -> None:
+    """Parents are also children in the mesh: a piece a host told us it has (as our parent) is not
+    announced back to it; any other host hears of it, and so does that host once it subscribes
+    anew (it may have lost the piece since: its task deleted, its daemon restarted)."""
+    store = PieceStore(tmp_path)
+    store.load()
+    local = store.create(TASK, url="http://origin.invalid/blob")
+    local.set_content_info(4 * PIECE, PIECE, {})
+
+    async def one(number: int) -> AsyncIterator[bytes]:
+        yield bytes([number]) * PIECE
+
+    await local.write_piece(0, one(0))
+    server = grpc.aio.server()
+    policy = TriggerPolicy(seed=False, mutual_tls=False, scheduler_ips=frozenset())
+    dfdaemon_pb2_grpc.add_DfdaemonUploadServicer_to_server(
+        UploadService(cast(Any, None), store, "127.0.0.1", 1, policy), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = dfdaemon_pb2_grpc.DfdaemonUploadStub(channel)
+            child = stub.SyncPieces(dfdaemon_pb2.SyncPiecesRequest(host_id="child", task_id=TASK))
+            other = stub.SyncPieces(dfdaemon_pb2.SyncPiecesRequest(host_id="other", task_id=TASK))
+            assert await numbers(child, 1) == [0] and await numbers(other, 1) == [0]
+            local.note_announced("child", 1)  # "child", our parent too, has piece 1
+            for number in (1, 2):
+                await local.write_piece(number, one(number))
+            assert await numbers(child, 1) == [2]  # not 1
+            assert await numbers(other, 2) == [1, 2]
+            asked = stub.SyncPieces(dfdaemon_pb2.SyncPiecesRequest(host_id="child", task_id=TASK,
+                                                                   interested_piece_numbers=[1]))
+            assert await numbers(asked, 1) == [1]  # asked for by number: told
+            assert await asked.read() is grpc.aio.EOF
+            local.note_announced("child", 0)
+            again = stub.SyncPieces(dfdaemon_pb2.SyncPiecesRequest(host_id="child", task_id=TASK))
+            assert await numbers(again, 3) == [0, 1, 2]  # a new subscription: every piece
+            await store.delete(TASK)
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                await child.read()
+            assert ended.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        await server.stop(None)
