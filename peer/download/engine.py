@@ -262,12 +262,14 @@ class Conductor:
         """Fetch every piece after all (a whole read or a prefetch joined a Range read). A whole
         read (dfget, a pull) also ends the lazy reading: its pieces no longer wait for readers
         to go quiet."""
+        changed = False
         if whole_read and self.policy.read_lazily:
             self.policy.whole_read_joined()
-            self._events.put_nowait(_Wake())
-            self._origin_wake.set()
+            changed = True
         if not self.policy.want_everything:
             self.policy.want_all()
+            changed = True
+        if changed:
             self._events.put_nowait(_Wake())
             self._origin_wake.set()
 

@@ -566,17 +566,15 @@ class PieceServer:
         upload = asyncio.current_task()
         assert upload is not None  # aiohttp runs every request in a task of its own
         self._upload_tasks.add(upload)
-        try:
-            if not for_reader:
-                return await self._upload(request, task, span, digest, part)
+        if for_reader:
             self._reader_uploads += 1
-            try:
-                return await self._upload(request, task, span, digest, part)
-            finally:
-                self._reader_uploads -= 1
-                self._readers_until = self._clock.time() + READER_GRACE
+        try:
+            return await self._upload(request, task, span, digest, part)
         finally:
             self._upload_tasks.discard(upload)
+            if for_reader:
+                self._reader_uploads -= 1
+                self._readers_until = self._clock.time() + READER_GRACE
 
     def _serving_readers(self) -> bool:
         """Whether pieces readers wait for are being sent now, or were a moment ago."""
