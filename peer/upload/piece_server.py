@@ -121,6 +121,11 @@ DEFAULT_MIN_UPLOAD_RATE = 256 * 1024
 DEFAULT_RATE_BURST = 4 * MIB
 # Unit of rate limiting and of the stall timeout on the event loop's own sendfile.
 SEND_SLICE = MIB
+# A region this small goes out by one non-blocking sendfile on the event loop when the socket takes
+# it whole (the usual case for a Range read of a cached blob): a sender thread's hand-offs cost more
+# than the send (``bench/range.py``). The file's pages are nearly always cached (just written or
+# just read); an uncached region blocks the loop for one small disk read at most.
+INLINE_SEND_LIMIT = 256 * 1024
 # Sender threads of the uvloop sendfile path: one per upload slot, but never more than this.
 MAX_SENDER_THREADS = 64
 # A stalled sender thread wakes this often to notice that its upload was abandoned.
@@ -174,6 +179,15 @@ def _sendfile_until_done(
             raise TimeoutError(f"client read nothing for {stall_timeout:g} s")
         # POLLERR/POLLHUP wake us too: the next sendfile then raises the socket's error
         poller.poll(min(left, _ABORT_CHECK_INTERVAL) * 1000)
+
+
+def _sendfile_now(transport: asyncio.BaseTransport, file: BinaryIO, offset: int, count: int) -> int:
+    """What one non-blocking sendfile on the loop sends of the region now (0 when the socket is full)."""
+    sock = transport.get_extra_info("socket")
+    try:
+        return os.sendfile(sock.fileno(), file.fileno(), offset, count)
+    except BlockingIOError:
+        return 0
 
 
 class _SenderJob:
@@ -291,6 +305,8 @@ class FileRegionSender:
         # An unlimited threaded send is one job: its thread watches progress itself.
         whole = path is _SendPath.THREAD and self._bucket is None
         end = offset + count
+        if whole and count <= INLINE_SEND_LIMIT and not transport.get_write_buffer_size():
+            offset += _sendfile_now(transport, file, offset, count)
         while offset < end:
             size = end - offset if whole else min(SEND_SLICE, end - offset)
             await self._throttle(size)

@@ -138,11 +138,14 @@ async def serving(store: PieceStore, **options: Any) -> AsyncIterator[SimpleName
 
 
 class SendfileSpies:
-    """Records loop.sendfile calls and the bytes os.sendfile sent (from any thread)."""
+    """Records loop.sendfile calls and the bytes os.sendfile sent (from any thread), and which of
+    those bytes left from the event loop's own thread."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, loop: asyncio.AbstractEventLoop) -> None:
         self.loop_calls: list[tuple[int, int]] = []
         self.os_sent: list[int] = []
+        self.sent_on_loop: list[int] = []
+        loop_thread = threading.current_thread()
         self._lock = threading.Lock()
         loop_sendfile = loop.sendfile
         os_sendfile = os.sendfile
@@ -162,6 +165,8 @@ class SendfileSpies:
             sent = os_sendfile(out_fd, in_fd, offset, count)
             with self._lock:
                 self.os_sent.append(sent)
+                if threading.current_thread() is loop_thread:
+                    self.sent_on_loop.append(sent)
             return sent
 
         monkeypatch.setattr(loop, "sendfile", spy_loop)
@@ -197,10 +202,13 @@ def test_serves_exact_piece_bytes_over_keep_alive(
             spans = [(task.span(n).offset, task.span(n).length) for n in range(8)]
             if not use_sendfile:
                 assert spies.loop_calls == [] and spies.os_sent == []
-            elif uvloop_loop:  # one try of loop.sendfile, then every byte by os.sendfile in threads
+            elif uvloop_loop:  # one try of loop.sendfile, then every byte by os.sendfile
                 assert served.server.sendfile_in_threads
                 assert spies.loop_calls == spans[:1]
                 assert sum(spies.os_sent) == len(data)
+                # the first piece found out in a sender thread; the other small ones left from
+                # the loop at once (each whole: the socket buffer takes 256 KiB)
+                assert spies.sent_on_loop == [length for _, length in spans[1:]]
             else:
                 assert not served.server.sendfile_in_threads
                 assert spies.loop_calls == spans
@@ -230,6 +238,8 @@ def test_uvloop_threaded_sendfile_serves_large_pieces(store: PieceStore, monkeyp
             assert served.connections() == 1
             assert served.server.sendfile_in_threads
             assert sum(spies.os_sent) == len(data)
+            # the 8 MiB pieces in sender threads; the short last piece is small enough for the loop
+            assert spies.sent_on_loop == [12345]
             assert counter(served.metrics.upload_pieces.labels("succeeded")) == 4
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
