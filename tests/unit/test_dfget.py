@@ -423,6 +423,16 @@ def test_version_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().out.startswith("dfget (damselfly) ")
 
 
+def test_a_download_does_not_look_up_the_version() -> None:
+    """importlib.metadata costs every dfget start tens of ms of CPU: only --version loads it."""
+    probe = ("import sys; from peer import dfget; "
+             f"dfget.parse_options([{URL!r}, '-O', '/tmp/out']); print('importlib.metadata' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60,
+                            cwd=Path(dfget.__file__).resolve().parent.parent)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
+
+
 @pytest.mark.parametrize(
     ("make_output", "message"),
     [
