@@ -59,6 +59,7 @@ from __future__ import annotations
 import argparse
 import heapq
 import itertools
+import math
 import random
 import statistics
 import sys
@@ -83,7 +84,7 @@ from peer.download.policy import (
     ReportPieceFailed,
     Reschedule,
 )
-from peer.upload.piece_server import DEFAULT_SWARM_SLOTS
+from peer.upload.piece_server import DEFAULT_SHARE_WINDOW, DEFAULT_SWARM_SLOTS
 from scheduler.core import (
     Decision,
     FailPeer,
@@ -134,6 +135,10 @@ class SimHost:
     alive: bool = True
     # Pieces sent at once to children that may ask elsewhere (the piece server's swarm slots).
     upload_slots: int = 0
+    # A seed's super-seeding: a piece is held for the child it goes to until this long after it
+    # got there (the piece server's share_window; 0: none), and the holds: piece -> (until, child).
+    share_window: float = 0.0
+    held: dict[int, tuple[float, SimPeer]] = field(default_factory=dict)
 
 
 @dataclass(eq=False)
@@ -315,7 +320,9 @@ class Swarm:
             self._add_host(f"n{i}", node_rate, HostType.NORMAL, ip=f"10.2.{i // 256}.{i % 256}")
 
     def _add_host(self, host_id: str, rate: float, kind: HostType, ip: str) -> None:
-        self.hosts[host_id] = SimHost(host_id, Link(rate), Link(rate), upload_slots=self.args.upload_slots)
+        window = DEFAULT_SHARE_WINDOW if kind is HostType.SUPER_SEED else 0.0
+        self.hosts[host_id] = SimHost(host_id, Link(rate), Link(rate), upload_slots=self.args.upload_slots,
+                                      share_window=window)
         self.core.announce_host(HostInfo(id=host_id, ip=ip, type=kind, port=4000))
 
     # -- driving ------------------------------------------------------------------------------
@@ -455,19 +462,37 @@ class Swarm:
                 return
 
     def _fetch(self, peer: SimPeer, number: int, parent: SimPeer) -> None:
-        slots = parent.host.upload_slots
-        if slots and len(parent.host.up.flows) >= slots and number not in peer.policy.demanded:
-            def busy() -> None:
+        host = parent.host
+        slots = host.upload_slots
+        demand = number in peer.policy.demanded
+        busy = bool(slots and len(host.up.flows) >= slots and not demand)
+        held = bool(host.share_window) and not demand and not busy
+        if held:  # the piece server's super-seeding: a piece on its way to another child is held
+            holder = host.held.get(number)
+            busy = holder is not None and holder[1] is not peer and self.clock.now < holder[0]
+            if not busy:
+                host.held[number] = (math.inf, peer)
+        if busy:
+            def answer_busy() -> None:
                 peer.policy.piece_busy(number, parent.id)
                 self._arm(peer)
                 self._pump(peer)
 
-            self.net.at(self.clock.now + REQUEST_RTT, busy)
+            self.net.at(self.clock.now + REQUEST_RTT, answer_busy)
             return
         length = self._length(number)
         started = self.clock.now
 
+        def release(delivered: bool) -> None:
+            holder = host.held.get(number)
+            if held and holder is not None and holder[1] is peer:
+                if delivered:
+                    host.held[number] = (self.clock.now + host.share_window, peer)
+                else:
+                    del host.held[number]
+
         def done() -> None:
+            release(delivered=True)
             peer.flows.pop(number, None)
             peer.policy.piece_succeeded(number, parent.id)
             self._apply(self.core.piece_finished(peer.id, number, number * self.piece_length, length, parent.id,
@@ -476,6 +501,7 @@ class Swarm:
             self._pump(peer)
 
         def failed(reason: str) -> None:
+            release(delivered=False)
             peer.flows.pop(number, None)
             if peer.host.alive:
                 self._carry_out(peer, peer.policy.piece_failed(number, parent.id, reason, integrity=False))

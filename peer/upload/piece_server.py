@@ -15,14 +15,17 @@ instead of one piece to every child at a fraction of the speed, so that every ch
 same parent and the others' uplinks idle (bench/swarm_sim.py, 16 peers, 64 MiB: 3.6x the lower
 bound without it, 2.1x with 4 slots).
 
-Super-seeding of demands (a seed's server, ``share_window`` set): a demanded piece the seed sent
-to one child is not sent for another child's demand within the window; that child is told "busy"
-and gets the piece from the first, which announces it as soon as it is there. Sixteen lazy readers
-waiting for the same chunk otherwise had the seed send it once per reader (bench/lazyload.py,
-N=16: the seed sent 13x the bytes read). Requests for pieces the seed announced are choked as
-above, not held to the window: in whole-blob swarms that made the last peers wait
-(bench/swarm_sim.py, 16 peers, 64 MiB: 2.7x the bound with a 0.5 s window on every request,
-2.1x without).
+Super-seeding (a seed's server, ``share_window`` set): a piece leaves the seed for the swarm
+once, and the other children get it from the child it went to, which announces it as soon as it is
+there. A demanded piece the seed sent to one child is not sent for another child's demand within
+the window (sixteen lazy readers waiting for the same chunk otherwise had the seed send it once per
+reader: bench/lazyload.py, N=16, 13x the bytes read). Any other piece a child may fetch elsewhere
+(a whole download's) is refused to other children while it is on its way to the first and for the
+window after it got there; at once again if it did not get there. Without that the seed's uplink,
+which the origin's bytes also come through, carried 1.4-1.7 copies of the blob and was the
+swarm's bottleneck (bench/swarm_sim.py, 256 MiB, every link 200 Mbit/s, random seeds 1-3: 4 peers
+16.4-19.3 s -> 14.6-15.0 s, 16 peers 17.9-20.4 s -> 17.3-18.1 s, the seed sending 1.0-1.14 copies).
+Readers' pieces are not held: a reader waits for them now.
 
 Readers first: a child marks the request for a piece one of its readers waits for
 (``X-Damselfly-Priority: reader``; a lazily loaded image's Range reads). While such pieces are being
@@ -60,6 +63,7 @@ import asyncio
 import concurrent.futures
 import enum
 import logging
+import math
 import os
 import resource
 import select
@@ -179,6 +183,11 @@ def _sendfile_until_done(
             raise TimeoutError(f"client read nothing for {stall_timeout:g} s")
         # POLLERR/POLLHUP wake us too: the next sendfile then raises the socket's error
         poller.poll(min(left, _ABORT_CHECK_INTERVAL) * 1000)
+
+
+def _aborted(request: web.BaseRequest) -> bool:
+    """Whether the request's connection was given up (an incomplete response)."""
+    return request.transport is None or request.transport.is_closing()
 
 
 def _sendfile_now(transport: asyncio.BaseTransport, file: BinaryIO, offset: int, count: int) -> int:
@@ -443,7 +452,8 @@ class PieceServer:
         self._upload_slots = upload_slots
         self._swarm_slots = swarm_slots  # 0: no choking
         self._share_window = share_window  # 0: every child may get every piece from here
-        # (task id, piece) -> (when, child) of the last send a later child is sent elsewhere for
+        # (task id, piece) -> (until when, child): a later child is sent elsewhere for the piece
+        # until then (infinity while a held piece is on its way)
         self._recent_sends: OrderedDict[tuple[str, int], tuple[float, str]] = OrderedDict()
         self._clock = clock or SystemClock()
         self._slot_wait = slot_wait
@@ -566,31 +576,40 @@ class PieceServer:
             return self._busy("pieces readers wait for are being sent; ask another parent or later")
         if self._swarm_slots and self._uploads >= self._swarm_slots and may_go_elsewhere:
             return self._busy(f"{self._uploads} pieces are being sent; ask another parent")
-        if self._share_window and demand and self._sent_elsewhere(
-                task_id, number, request.headers.get(CHILD_HEADER) or request.remote or ""):
-            return self._busy(f"piece {number} was just sent to another child; it will have it soon")
         span = task.span(number)
         try:  # a Range applies within the piece (resuming a piece, or a part of it)
             part = select_range(request.headers.get("Range"), span.length)
         except InvalidRange as exc:
             return self._refuse(400, "bad_request", str(exc))
         except RangeNotSatisfiable as exc:
-            response = self._refuse(416, "bad_request", str(exc))
-            response.headers["Content-Range"] = unsatisfied_content_range(span.length)
-            return response
+            refusal = self._refuse(416, "bad_request", str(exc))
+            refusal.headers["Content-Range"] = unsatisfied_content_range(span.length)
+            return refusal
+        child = request.headers.get(CHILD_HEADER) or request.remote or ""
+        # Super-seeding (see above): a demand is held for the window from now, another piece a
+        # child may fetch elsewhere until the window after it got to this child.
+        shared = bool(self._share_window) and (demand or (may_go_elsewhere and not for_reader))
+        held = shared and not demand
+        if shared and self._sent_elsewhere(task_id, number, child, until_sent=held):
+            return self._busy(f"piece {number} was just sent to another child; it will have it soon")
 
         upload = asyncio.current_task()
         assert upload is not None  # aiohttp runs every request in a task of its own
         self._upload_tasks.add(upload)
         if for_reader:
             self._reader_uploads += 1
+        delivered = False
         try:
-            return await self._upload(request, task, span, digest, part)
+            response: web.StreamResponse = await self._upload(request, task, span, digest, part)
+            delivered = response.status == 200 and not _aborted(request)
+            return response
         finally:
             self._upload_tasks.discard(upload)
             if for_reader:
                 self._reader_uploads -= 1
                 self._readers_until = self._clock.time() + READER_GRACE
+            if held:
+                self._piece_left(task_id, number, child, delivered=delivered)
 
     def _serving_readers(self) -> bool:
         """Whether pieces readers wait for are being sent now, or were a moment ago."""
@@ -620,19 +639,34 @@ class PieceServer:
         response.headers[BUSY_HEADER] = "uplink"
         return response
 
-    def _sent_elsewhere(self, task_id: str, number: int, child: str) -> bool:
-        """Super-seeding: True when another child got this piece from here within the window;
-        otherwise this child is the one it is sent to now."""
+    def _sent_elsewhere(self, task_id: str, number: int, child: str, *, until_sent: bool) -> bool:
+        """Super-seeding: True when the piece is held for another child; otherwise it is held for
+        this one from now, for the window (`until_sent`: until :meth:`_piece_left`, then the window)."""
         now = self._clock.time()
         recent = self._recent_sends
-        while recent and now - next(iter(recent.values()))[0] >= self._share_window:
+        # (held pieces on their way stop this at the front: there are no more of them than uploads)
+        while recent and next(iter(recent.values()))[0] <= now:
             recent.popitem(last=False)
-        last = recent.get((task_id, number))
+        key = (task_id, number)
+        last = recent.get(key)
         if last is not None and last[1] != child:
             return True
-        recent[(task_id, number)] = (now, child)
-        recent.move_to_end((task_id, number))
+        recent[key] = (math.inf if until_sent else now + self._share_window, child)
+        recent.move_to_end(key)
         return False
+
+    def _piece_left(self, task_id: str, number: int, child: str, *, delivered: bool) -> None:
+        """A held piece's send to `child` ended: others are sent elsewhere for the window from now
+        if it got there, not at all if it did not (its transfer failed, or it was refused)."""
+        key = (task_id, number)
+        last = self._recent_sends.get(key)
+        if last is None or last[1] != child:
+            return
+        if delivered:
+            self._recent_sends[key] = (self._clock.time() + self._share_window, child)
+            self._recent_sends.move_to_end(key)
+        else:
+            del self._recent_sends[key]
 
     async def _acquire_slot(self) -> bool:
         try:

@@ -456,6 +456,55 @@ def test_a_seed_sends_a_demanded_piece_to_one_child_at_a_time(run: Run[None], st
     run(scenario())
 
 
+def test_a_seed_sends_a_piece_to_the_swarm_once(run: Run[None], store: PieceStore) -> None:
+    """Super-seeding of a whole download's pieces: while a piece is on its way to one child, and
+    for the window after it got there, the seed answers other children that may fetch it elsewhere
+    "busy" (the first child announces it). A reader's piece, or a child that cannot go elsewhere, is
+    served; a transfer that fails releases the piece at once."""
+    big = 32 * MIB  # far more than loopback socket buffers: the first transfer stays in progress
+    data = content_bytes(big + PIECE)
+
+    async def scenario() -> None:
+        await add_task(store, data, [0, 1], piece_length=big)
+        clock = ManualClock()
+        server = PieceServer(store, upload_slots=8, metrics=DaemonMetrics(), share_window=0.5, clock=clock)
+        port = await server.start("127.0.0.1", 0)
+        base = f"http://127.0.0.1:{port}/pieces/{TASK}"
+        swarm = {WHEN_BUSY_HEADER: "refuse"}
+        try:
+            async with aiohttp.ClientSession() as session:
+                async def status(number: int, child: str, **headers: str) -> int:
+                    async with session.get(f"{base}/{number}", headers={CHILD_HEADER: child, **headers}) as answer:
+                        body = await answer.read()
+                        if answer.status == 200:
+                            assert sha256(body) == sha256(data[number * big:(number + 1) * big])
+                        return answer.status
+
+                # child a takes piece 0 and reads nothing yet: the piece is on its way
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(f"GET /pieces/{TASK}/0 HTTP/1.1\r\nHost: seed\r\n{CHILD_HEADER}: a\r\n"
+                             f"{WHEN_BUSY_HEADER}: refuse\r\n\r\n".encode())
+                assert (await asyncio.wait_for(reader.readline(), DEADLINE)).startswith(b"HTTP/1.1 200")
+                assert await status(0, "b", **swarm) == 503
+                assert await status(0, "c") == 200  # a child that has nowhere else to go
+                writer.close()  # child a goes away mid-piece: the piece is free again at once
+                await eventually(lambda: not server.uploads_in_progress)
+                assert await status(0, "b", **swarm) == 200
+
+                # piece 1 got to d: held for the window after, then served again
+                assert await status(1, "d", **swarm) == 200
+                assert await status(1, "e", **swarm) == 503
+                assert await status(1, "d", **swarm) == 200  # the child it went to may ask again
+                clock.advance(0.6)
+                assert await status(1, "e", **swarm) == 200
+                # a reader waits for its piece now: not held
+                assert await status(1, "f", **swarm, **{PRIORITY_HEADER: "reader"}) == 200
+        finally:
+            await server.stop()
+
+    run(scenario())
+
+
 def test_client_going_away_frees_the_slot(run: Run[None], store: PieceStore, use_sendfile: bool) -> None:
     big = 32 * MIB
 
