@@ -9,8 +9,11 @@ one :class:`peer.download.policy.DownloadPolicy` per peer (which piece, from who
 up), with the daemon's default configuration. What is modelled: the network. Every host has an
 uplink and a downlink; a piece transfer is a flow whose rate is its fair share of the sender's
 uplink and of the receiver's downlink, whichever is smaller (TCP-like sharing at each end, without
-the redistribution of a full max-min solver, so it errs on the slow side). Messages (scheduler
-answers, piece announcements) arrive instantly. Time is a :class:`~common.clock.ManualClock`
+the redistribution of a full max-min solver, so it errs on the slow side). Of the piece server,
+what decides who sends: its swarm slots (a parent sending that many pieces answers others busy)
+and a seed's super-seeding (a piece on its way to one child, and for the share window after, is
+refused to the others). Messages (scheduler answers, piece announcements) arrive instantly, and
+CPU is free: on the netns bench 18 processes share 2 cores, which the model does not see. Time is a :class:`~common.clock.ManualClock`
 advanced from event to event, and every random choice comes from seeded generators: the same
 arguments give the same output (vary ``--random-seed`` to see the spread; at N=16 one seed's
 result can differ from another's by 30 %, so compare policies over a few).
