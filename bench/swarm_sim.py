@@ -13,10 +13,11 @@ the redistribution of a full max-min solver, so it errs on the slow side). Of th
 what decides who sends: its swarm slots (a parent sending that many pieces answers others busy)
 and a seed's super-seeding (a piece on its way to one child, and for the share window after, is
 refused to the others). Messages (scheduler answers, piece announcements) arrive instantly, and
-CPU is free: on the netns bench 18 processes share 2 cores, which the model does not see. Time is a :class:`~common.clock.ManualClock`
-advanced from event to event, and every random choice comes from seeded generators: the same
-arguments give the same output (vary ``--random-seed`` to see the spread; at N=16 one seed's
-result can differ from another's by 30 %, so compare policies over a few).
+CPU is free: on the netns bench 18 processes share 2 cores, which the model does not see. Time
+is a :class:`~common.clock.ManualClock` advanced from event to event, and every random choice
+comes from seeded generators: the same arguments give the same output (vary ``--random-seed`` to
+see the spread; at N=16 one seed's result can differ from another's by 30 %, so compare policies
+over a few).
 
 The run: a seed host (or several) behind the origin's link, N peers starting at once; a share of
 the peers (``--leave``) leaves at random moments mid-download, and optionally a seed host dies
