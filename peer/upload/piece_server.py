@@ -644,12 +644,13 @@ class PieceServer:
         this one from now, for the window (`until_sent`: until :meth:`_piece_left`, then the window)."""
         now = self._clock.time()
         recent = self._recent_sends
-        # (held pieces on their way stop this at the front: there are no more of them than uploads)
+        # (a held piece on its way stops this at the front, so entries behind it may be past their
+        # time: the check below looks at that too; there are no more of them than uploads)
         while recent and next(iter(recent.values()))[0] <= now:
             recent.popitem(last=False)
         key = (task_id, number)
         last = recent.get(key)
-        if last is not None and last[1] != child:
+        if last is not None and last[1] != child and now < last[0]:
             return True
         recent[key] = (math.inf if until_sent else now + self._share_window, child)
         recent.move_to_end(key)

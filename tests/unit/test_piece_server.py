@@ -486,17 +486,21 @@ def test_a_seed_sends_a_piece_to_the_swarm_once(run: Run[None], store: PieceStor
                              f"{WHEN_BUSY_HEADER}: refuse\r\n\r\n".encode())
                 assert (await asyncio.wait_for(reader.readline(), DEADLINE)).startswith(b"HTTP/1.1 200")
                 assert await status(0, "b", **swarm) == 503
+                # meanwhile piece 1 goes to d; its window ends while piece 0 is still on its way
+                assert await status(1, "d", **swarm) == 200
+                assert await status(1, "e", **swarm) == 503
+                clock.advance(0.6)
+                assert await status(1, "e", **swarm) == 200
                 assert await status(0, "c") == 200  # a child that has nowhere else to go
                 writer.close()  # child a goes away mid-piece: the piece is free again at once
                 await eventually(lambda: not server.uploads_in_progress)
                 assert await status(0, "b", **swarm) == 200
 
-                # piece 1 got to d: held for the window after, then served again
-                assert await status(1, "d", **swarm) == 200
-                assert await status(1, "e", **swarm) == 503
-                assert await status(1, "d", **swarm) == 200  # the child it went to may ask again
+                # piece 1 got to e: held for the window after, then served again
+                assert await status(1, "h", **swarm) == 503
+                assert await status(1, "e", **swarm) == 200  # the child it went to may ask again
                 clock.advance(0.6)
-                assert await status(1, "e", **swarm) == 200
+                assert await status(1, "h", **swarm) == 200
                 # a reader waits for its piece now: not held
                 assert await status(1, "f", **swarm, **{PRIORITY_HEADER: "reader"}) == 200
         finally:
