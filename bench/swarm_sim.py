@@ -23,7 +23,9 @@ The run: a seed host (or several) behind the origin's link, N peers starting at 
 the peers (``--leave``) leaves at random moments mid-download, and optionally a seed host dies
 (``--fail-seed-at``). Prints completion p50/p99/max against the lower bound
 max(F/u_origin, N·F/(u_origin + N·u_node), F/d_node), origin bytes and the seed's upload, each
-÷ the blob.
+÷ the blob. A seed that dies takes with it the pieces no peer has yet; the scheduler then brings
+in a new fetcher (``--peers 200 --size-mib 64 --fail-seed-at 3 --leave 0``: before, 200 of 200
+never finished; now all by 6.2 s with origin 1.45x, or 7.1 s and 2.00x with ``--seeds 2``).
 
 Trying a policy: change the core or the policy module, run this, then confirm on the netns bench
 (``bench/distribution.py``). Agreement so far (the policy of December 2026, N=16, every link
@@ -385,7 +387,7 @@ class Swarm:
         peer = self.peers.get(f"{host_id}-p")
         if peer is not None and peer.finished_at is None and not peer.failed:
             peer.failed = "left"
-            self.left += 1
+            self.left += not peer.is_seed  # (the count is of pulling peers)
         self.net.kill(host)
         if peer is not None:
             for child in list(peer.subscribers):

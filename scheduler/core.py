@@ -825,10 +825,13 @@ class SchedulerCore:
         now = self.clock.time()
         decisions: list[Decision] = []
         failed_ttl = min(FAILED_PEER_TTL, self.config.peer_ttl)
-        for peer in list(self.peers.values()):
-            ttl = failed_ttl if peer.state is PeerState.FAILED else self.config.peer_ttl
-            if now - peer.updated_at > ttl:
-                decisions += self._remove_peer(peer, "peer expired")
+        expired = [peer for peer in self.peers.values()
+                   if now - peer.updated_at > (failed_ttl if peer.state is PeerState.FAILED else self.config.peer_ttl)]
+        # All of them first: a task whose fetcher expired is fetched again for live peers only.
+        for peer in expired:
+            decisions += self._remove_peer(peer, "peer expired", refetch=False)
+        for task in {id(peer.task): peer.task for peer in expired}.values():
+            decisions += self._refetch(task)
         for host in list(self.hosts.values()):
             if now - host.announced_at > self.config.host_ttl:
                 decisions += self.delete_host(host.id)
@@ -1104,14 +1107,84 @@ class SchedulerCore:
         return SendNeedBackToSource(peer.id, description)
 
     def _refetch(self, task: Task) -> list[Decision]:
-        """Nobody fetches the task any more: let the first waiting peer trigger a seed or back-source."""
+        """Nobody fetches the task any more: let the first waiting peer trigger a seed or back-source,
+        and bring in a new fetcher for pieces that left with the last one."""
         if self._fetching(task):
             return []
+        lost = self._pieces_lost(task)
+        decisions: list[Decision] = []
         for peer in list(task.waiting.values()):
             decisions = self._schedule(peer)
             if decisions:
-                return decisions
-        return []
+                break
+        if lost:
+            task.rescue_pending = True
+            if not self._fetching(task):
+                decisions += self._fetch_lost_pieces(task)
+        return decisions
+
+    # ----------------------------------------------------------------------------------------
+    # Lost pieces
+    #
+    # A fetcher (a seed, or a peer sent to the origin) that leaves mid-download takes with it the
+    # pieces only it had. The peers still downloading keep parents, and those parents keep
+    # announcing what they have, but nobody will ever announce the lost pieces: without the
+    # scheduler every such peer would wait until its own time-out and go to the origin, all at
+    # once. Instead one new fetcher is brought in (a seed if one is available, else the running
+    # peer that misses the fewest pieces) and made a parent of every peer still downloading.
+
+    def _downloading_whole(self, task: Task) -> list[Peer]:
+        """Peers of `task` fetching the whole content from parents (not waiting for any)."""
+        return [peer for peer in task.peers.values()
+                if peer.state in (PeerState.RECEIVED_NORMAL, PeerState.RUNNING) and not peer.download.ranged
+                and peer.id not in task.back_to_source_peers]
+
+    def _pieces_lost(self, task: Task) -> bool:
+        """Some piece of `task` is on no peer that may serve it, and peers still need the whole
+        content. With the piece count unknown (no whole back-to-source finished) any piece may be
+        missing unless a peer has the whole content."""
+        for holder in task.parents:
+            if holder.state is PeerState.SUCCEEDED and not holder.download.ranged:
+                return False
+        if not self._downloading_whole(task):
+            return False
+        if task.piece_count is None:
+            return True
+        held: set[int] = set()
+        for holder in task.parents:
+            held.update(holder.finished)
+            if len(held) >= task.piece_count:
+                return False
+        return True
+
+    def _fetch_lost_pieces(self, task: Task) -> list[Decision]:
+        """Trigger a seed for `task`, or send the peer that misses the fewest pieces to the origin."""
+        downloading = self._downloading_whole(task)
+        if not downloading:
+            return []
+        address = hashring.choose(self.available_seeds(), task.id)
+        if address is not None:
+            task.seed_trigger = (address, self.clock.time())
+            return [TriggerSeed(address, task.id, _seed_download(downloading[0].download))]
+        allowed = [peer for peer in downloading if self._may_back_to_source(peer)]
+        if not allowed:
+            return []  # each peer's own stall rules decide (none may reach the origin)
+        fetcher = max(allowed, key=lambda peer: peer.finished.count)
+        return [self._back_to_source(fetcher, "the peer that fetched this task from the origin left with pieces "
+                                              "nobody else has, and no seed peer is available: fetch what you lack")]
+
+    def _adopt_downloading(self, fetcher: Peer) -> list[Decision]:
+        """Make `fetcher`, the first to go to the origin since pieces were lost, a parent of every
+        peer still downloading the whole task (they lack those pieces, and may have no parent that
+        will ever get them)."""
+        task = fetcher.task
+        task.rescue_pending = False
+        decisions: list[Decision] = []
+        for child in self._downloading_whole(task):
+            if child.host is fetcher.host or fetcher.id in child.parents or fetcher.id in child.blocklist:
+                continue
+            decisions.append(self._send_normal(child, [fetcher]))
+        return decisions
 
     # ----------------------------------------------------------------------------------------
     # Parents appearing and disappearing
@@ -1192,7 +1265,10 @@ class SchedulerCore:
         for parent in list(peer.parents.values()):
             self._unlink(peer, parent)
         task.hungry.discard(peer.id)
-        return self._parent_changed(peer, was_parent)
+        decisions = self._parent_changed(peer, was_parent)
+        if task.rescue_pending and (peer.is_seed or peer.defines_content):
+            decisions += self._adopt_downloading(peer)
+        return decisions
 
     def _record_piece(self, peer: Peer, number: int, offset: int, length: int) -> None:
         now = self.clock.time()
@@ -1225,7 +1301,7 @@ class SchedulerCore:
             task.transition(TaskEvent.FAIL, now)
         return self._refetch(task) if refetch else []
 
-    def _remove_peer(self, peer: Peer, reason: str) -> list[Decision]:
+    def _remove_peer(self, peer: Peer, reason: str, refetch: bool = True) -> list[Decision]:
         """Forget `peer` entirely; a peer still downloading has its stream ended."""
         decisions: list[Decision] = []
         task = peer.task
@@ -1237,7 +1313,7 @@ class SchedulerCore:
         task.back_to_source_peers.pop(peer.id, None)
         peer.host.peers.pop(peer.id, None)
         self.peers.pop(peer.id, None)
-        return decisions + self._refetch(task)
+        return decisions + self._refetch(task) if refetch else decisions
 
     def _detach(self, peer: Peer) -> None:
         """Drop `peer` from every index and every edge (it keeps its record)."""

@@ -222,6 +222,37 @@ def test_without_seed_peers_back_source_and_the_seed_is_used_when_back(
             origin_mib_total=round(registry_relay.bytes_from_target / MIB, 1))
 
 
+def test_seed_killed_mid_back_source_peers_fetch_the_rest_once(
+    cluster: LocalCluster, registry: Registry, tmp_path: Path
+) -> None:
+    size = 32 * MIB
+    digest, _ = push_random_blob(registry, "faults/seeddeath", size, seed=106)
+    # The origin link is slow enough that the seed is still back-sourcing when it dies.
+    with ByteCountingRelay("127.0.0.1", registry.port, rate=8 * MIB) as relay:
+        seed, nodes = start_network(cluster, ["a", "b", "c"])
+        url = f"{relay.url}/v2/faults/seeddeath/blobs/{digest}"
+        downloads = [(node, start_dfget(node, url, tmp_path / f"{node.name}.blob")) for node in nodes]
+        wait_until(lambda: seed.metrics().get(FROM_ORIGIN, 0) >= size // 4
+                   and sum(n.metrics().get(FROM_PEERS, 0) for n in nodes) > 0, 60,
+                   "the seed to back-source a quarter of the blob and pass some on")
+        killed_at = time.monotonic()
+        cluster.kill(seed, signal.SIGKILL)
+        # Without a new fetcher the peers would wait for pieces no parent ever announces.
+        wait_processes(downloads, timeout=120)
+        recovery = time.monotonic() - killed_at
+        origin = relay.bytes_from_target
+
+    for node in nodes:
+        assert sha256_file(tmp_path / f"{node.name}.blob") == digest, node.name
+    fetched = {node.name: node.metrics().get(FROM_ORIGIN, 0) for node in nodes}
+    # One peer fetched what was lost (nothing else may reach the origin: the only seed is dead),
+    # and the origin sent the blob about once, not once per peer.
+    assert sum(1 for value in fetched.values() if value) == 1, fetched
+    assert origin <= 2 * size, f"{origin / MIB:.1f} MiB from the origin for a {size // MIB} MiB blob"
+    figures("seed-killed", blob_mib=size // MIB, done_after_kill_s=round(recovery, 1),
+            origin_mib=round(origin / MIB, 1), peer_from_origin_mib=round(max(fetched.values()) / MIB, 1))
+
+
 # -- 5. scheduler down and restarted ----------------------------------------------------------
 
 

@@ -408,6 +408,90 @@ def test_seed_peer_back_to_source_started_wakes_waiting_peers() -> None:
     assert w.core.waiting_count == 0
 
 
+# Lost pieces: the fetcher left with pieces nobody else has
+
+
+def lost_pieces_world(**config: Any) -> World:
+    """A fetcher `src` that back-sourced pieces 0-2 of a task and has gone; `b` holds 0-1 of them,
+    `c` piece 0, both still downloading."""
+    w = World(**config)
+    w.source("src", pieces=3)
+    w.running("b", "src", pieces=2)
+    w.running("c", "src", pieces=1)
+    return w
+
+
+def test_pieces_lost_with_the_fetcher_send_the_fullest_peer_to_the_origin() -> None:
+    w = lost_pieces_world()
+    decisions = w.core.delete_host("h-src")
+    assert kinds(decisions) == ["FailPeer", "SendNeedBackToSource"]
+    assert decisions[1].peer_id == "b"  # type: ignore[union-attr]  # it misses the fewest pieces
+    # c, still downloading, has b as a parent (here already through the mesh; else b's start
+    # makes it one, as the seed's in the next test)
+    w.core.back_to_source_started("b")
+    assert "b" in w.core.peers["c"].parents
+
+
+def test_pieces_lost_with_the_fetcher_trigger_a_seed_that_becomes_everyones_parent() -> None:
+    w = lost_pieces_world()
+    seed_host = w.host("seed", seed=True)
+    decisions = w.core.delete_peer("src")
+    assert kinds(decisions) == ["FailPeer", "TriggerSeed"]
+    trigger = decisions[1]
+    assert isinstance(trigger, TriggerSeed) and trigger.download.need_back_to_source
+    assert kinds(w.core.register_peer(seed_host, TASK, "seed-peer", trigger.download)) == ["SendNeedBackToSource"]
+    adopted = w.core.back_to_source_started("seed-peer")
+    assert sorted(d.peer_id for d in adopted if isinstance(d, SendNormal)) == ["b", "c"]
+    assert all("seed-peer" in w.core.peers[peer].parents for peer in ("b", "c"))
+    # the next fetcher after that is an ordinary one: nobody is made its child
+    w.source("d", pieces=1)
+    assert not w.core.tasks[TASK].rescue_pending
+
+
+def _finish_src(w: World) -> None:
+    w.core.back_to_source_finished("src")  # the piece count is known now: 3
+
+
+def _c_gets_the_last_piece(w: World) -> None:
+    _finish_src(w)
+    w.core.piece_finished("c", 2, 2 * PIECE, PIECE, "src")
+
+
+def _d_succeeds(w: World) -> None:
+    w.running("d", "src", pieces=3)
+    w.core.peer_finished("d")
+
+
+def _another_fetcher(w: World) -> None:
+    w.source("src2", pieces=0)
+
+
+@pytest.mark.parametrize(
+    "setup",
+    [_c_gets_the_last_piece, _d_succeeds, _another_fetcher],
+    ids=["the live peers hold every piece", "a peer has the whole content", "another peer still fetches"],
+)
+def test_no_fetcher_is_brought_in_when_no_piece_is_lost(setup: Any) -> None:
+    w = lost_pieces_world()
+    setup(w)
+    assert not [d for d in w.core.delete_host("h-src") if not isinstance(d, FailPeer)]
+
+
+def test_every_piece_lost_after_the_whole_fetch_finished_is_fetched_again() -> None:
+    w = lost_pieces_world()
+    _finish_src(w)  # src has the whole content, b and c do not have piece 2
+    assert kinds(w.core.delete_host("h-src")) == ["SendNeedBackToSource"]  # (src itself had succeeded)
+
+
+def test_expired_peers_are_not_sent_to_fetch_lost_pieces() -> None:
+    w = lost_pieces_world(peer_ttl=100.0)
+    w.clock.advance(150.0)
+    for host in list(w.core.hosts.values()):
+        w.core.announce_host(host.info)
+    assert not [d for d in w.core.gc() if not isinstance(d, FailPeer)]
+    assert w.core.peer_count == 0
+
+
 @pytest.mark.parametrize(
     ("limit", "waited", "expected"),
     [

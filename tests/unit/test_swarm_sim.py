@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
 import swarm_sim
@@ -37,3 +39,18 @@ def test_a_thousand_peers_finish_with_one_origin_copy() -> None:
     assert max(outcome.completions) <= MAX_OVER_BOUND * swarm.lower_bound(), max(outcome.completions)
     assert outcome.seed_upload <= MAX_SEED_COPIES * swarm.size, outcome.seed_upload / swarm.size
     assert elapsed < 60, f"the simulation took {elapsed:.0f} CPU seconds"
+
+
+@pytest.mark.parametrize("seeds", [1, 2])
+def test_peers_finish_when_the_seed_dies_mid_download(seeds: int) -> None:
+    # At 3 s the seed has fetched most of the blob but passed some pieces to nobody yet: the
+    # scheduler brings in another seed (or, with none left, the peer that lacks the fewest pieces)
+    # for them. Before, every peer waited for pieces no parent would ever announce.
+    args = swarm_sim.parse_args(["--peers", "200", "--size-mib", "64", "--leave", "0", "--seeds", str(seeds),
+                                 "--fail-seed-at", "3", "--deadline", "600"])
+    swarm = swarm_sim.Swarm(args)
+    outcome = swarm.run()
+    assert len(outcome.completions) == args.peers, f"{args.peers - len(outcome.completions)} peers did not finish"
+    assert outcome.failed == 0
+    # one more copy from the origin at most: the pieces are fetched once again, not once per peer
+    assert swarm.size < outcome.origin_bytes <= 2.05 * swarm.size, outcome.origin_bytes / swarm.size
