@@ -697,8 +697,7 @@ class SchedulerCore:
                 return []
             self._unlink(peer, parent)
             self._update_hungry(peer)
-            self._count_parent_failure(parent, peer)
-            return []
+            return self._count_parent_failure(parent, peer)
 
         return self._guard(peer_id, apply)
 
@@ -1232,7 +1231,10 @@ class SchedulerCore:
             decisions.append(self._send_normal(child, [parent]))
         return decisions
 
-    def _count_parent_failure(self, parent: Peer, child: Peer) -> None:
+    def _count_parent_failure(self, parent: Peer, child: Peer) -> list[Decision]:
+        """Count a child's report against `parent`; reported by enough, it is offered no more. A
+        killed node's peer that had finished is still registered (its stream's end is a finished
+        peer's normal end): its pieces may be lost with it, like a fetcher's that left."""
         parent.upload_failed += 1
         # Independent reporters: different identities (a per-host certificate, or a shared one from
         # another IP). Without TLS nothing is proven and each host counts (see the module's docs).
@@ -1241,6 +1243,8 @@ class SchedulerCore:
             parent.demoted = True
             parent.task.parents.discard(parent.id)
             self._update_coming(parent)
+            return self._refetch(parent.task)
+        return []
 
     # ----------------------------------------------------------------------------------------
     # State changes

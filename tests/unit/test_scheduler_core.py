@@ -483,6 +483,18 @@ def test_every_piece_lost_after_the_whole_fetch_finished_is_fetched_again() -> N
     assert kinds(w.core.delete_host("h-src")) == ["SendNeedBackToSource"]  # (src itself had succeeded)
 
 
+def test_a_finished_fetcher_reported_dead_by_two_children_is_replaced() -> None:
+    # A killed node's finished peer stays registered: its stream's end is a finished peer's
+    # normal end, and its host stays announced until its time-to-live passes.
+    w = lost_pieces_world()
+    _finish_src(w)
+    assert w.core.stream_closed("src") == []
+    assert w.core.piece_failed("c", 2, "src") == []  # one report: only c stops using it
+    decisions = w.core.piece_failed("b", 2, "src")  # two: offered no more, and its pieces are lost
+    assert kinds(decisions) == ["SendNeedBackToSource"]
+    assert decisions[0].peer_id == "b"  # type: ignore[union-attr]
+
+
 def test_expired_peers_are_not_sent_to_fetch_lost_pieces() -> None:
     w = lost_pieces_world(peer_ttl=100.0)
     w.clock.advance(150.0)

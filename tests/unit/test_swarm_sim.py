@@ -41,13 +41,15 @@ def test_a_thousand_peers_finish_with_one_origin_copy() -> None:
     assert elapsed < 60, f"the simulation took {elapsed:.0f} CPU seconds"
 
 
-@pytest.mark.parametrize("seeds", [1, 2])
-def test_peers_finish_when_the_seed_dies_mid_download(seeds: int) -> None:
-    # At 3 s the seed has fetched most of the blob but passed some pieces to nobody yet: the
-    # scheduler brings in another seed (or, with none left, the peer that lacks the fewest pieces)
-    # for them. Before, every peer waited for pieces no parent would ever announce.
+@pytest.mark.parametrize(("seeds", "how"), [(1, "--fail-seed-at"), (2, "--fail-seed-at"), (1, "--kill-seed-at")])
+def test_peers_finish_when_the_seed_dies_mid_download(seeds: int, how: str) -> None:
+    # At 3 s the seed has the whole blob (2.7 s from the origin) but has passed some pieces to
+    # nobody yet. It leaves (the scheduler deletes its host), or is killed (the scheduler only
+    # sees its finished peer's stream end; children report it dead). The scheduler brings in
+    # another seed (or, with none left, the peer that lacks the fewest pieces) for those pieces.
+    # Before, every peer waited for pieces no parent would ever announce.
     args = swarm_sim.parse_args(["--peers", "200", "--size-mib", "64", "--leave", "0", "--seeds", str(seeds),
-                                 "--fail-seed-at", "3", "--deadline", "600"])
+                                 how, "3", "--deadline", "600"])
     swarm = swarm_sim.Swarm(args)
     outcome = swarm.run()
     assert len(outcome.completions) == args.peers, f"{args.peers - len(outcome.completions)} peers did not finish"
