@@ -287,6 +287,9 @@ def main() -> int:
     parser.add_argument("--tls", action="store_true",
                         help="--swarm only: mutual TLS on every daemon (a throwaway CA, one certificate each)")
     parser.add_argument("--repeat", type=int, default=1, help="--swarm only: runs of each row (default 1)")
+    parser.add_argument("--kill-seed-at", type=float, default=None, metavar="SECONDS",
+                        help="--swarm only: kill the seed (SIGKILL) this long after the dfgets start; its "
+                             "upload is then what it had sent by that moment")
     parser.add_argument("--netlab", type=Path, default=REPO.parent / "shared" / "tools" / "netlab.sh")
     parser.add_argument("--log-level", default="warning", help="log level of the Damselfly processes")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs) instead of deleting it")
@@ -456,8 +459,9 @@ class SwarmPki:
 
 def swarm_row(n: int, size: int, url: str, digest: str, relay: ByteCountingRelay, work: Path, *,
               scheduler_host: int, seed_host: int, origin_bits: float, node_bits: float, log_level: str,
-              pki: SwarmPki | None, label: str) -> SwarmResult:
-    """One row: a fresh cluster (scheduler, seed, N dfdaemons, each on its own host), N dfgets at once."""
+              pki: SwarmPki | None, label: str, kill_seed_at: float | None = None) -> SwarmResult:
+    """One row: a fresh cluster (scheduler, seed, N dfdaemons, each on its own host), N dfgets at once;
+    with `kill_seed_at`, the seed is killed (SIGKILL) that many seconds after they start."""
     root = work / label
     cluster = LocalCluster(root, python=sys.executable, log_level=log_level,
                            scheduler_ip=node_ip(scheduler_host), scheduler_netns=node_ns(scheduler_host))
@@ -482,14 +486,27 @@ def swarm_row(n: int, size: int, url: str, digest: str, relay: ByteCountingRelay
         relay.reset()
         link0 = link_tx_bytes(ORIGIN_NS, "v-origin")
         cpu0 = daemons_cpu_seconds(cluster.nodes)
+        seed_upload: list[float] = []  # read just before the seed is killed, if it is
+
+        def kill_seed() -> None:
+            seed_upload.append(seed.metrics().get(_UPLOADED, 0.0))
+            cluster.kill(seed, signal.SIGKILL)
+
+        killer = threading.Timer(kill_seed_at, kill_seed) if kill_seed_at is not None else None
+        if killer is not None:
+            killer.start()
         run = run_all(commands)
+        if killer is not None:
+            killer.cancel()
+            killer.join()
         cpu1 = daemons_cpu_seconds(cluster.nodes)
         link1 = link_tx_bytes(ORIGIN_NS, "v-origin")
         origin = relay.bytes_from_target
         ok = check_copies(outputs, run.outcomes, digest, label)
         return SwarmResult(
             size=size, n=n, bound=lower_bound(size, n, origin_bits, node_bits), wall=run.seconds, times=run.times,
-            origin_relay=origin, origin_link=link1 - link0, seed_upload=seed.metrics().get(_UPLOADED, 0.0),
+            origin_relay=origin, origin_link=link1 - link0,
+            seed_upload=seed_upload[0] if seed_upload else seed.metrics().get(_UPLOADED, 0.0),
             peer_uploads=[node.metrics().get(_UPLOADED, 0.0) for node in daemons], cpu_seconds=cpu1 - cpu0,
             busy=run.cpu, ok=ok)
     finally:
@@ -535,14 +552,17 @@ def swarm_main(args: argparse.Namespace, counts: list[int], sizes: list[int]) ->
         pki = SwarmPki(work / "pki") if args.tls else None
         print(f"swarm set-up: origin link {args.origin_rate}, node links {args.node_rate} (scheduler "
               f"{node_ip(scheduler_host)}, seed {node_ip(seed_host)} on hosts of their own); TLS "
-              f"{'on' if args.tls else 'off'}; work dir {work}\n{SWARM_HEADER}\n{SWARM_RULE}", flush=True)
+              f"{'on' if args.tls else 'off'}; work dir {work}"
+              + (f"; the seed is killed {args.kill_seed_at:g} s in" if args.kill_seed_at is not None else "")
+              + f"\n{SWARM_HEADER}\n{SWARM_RULE}", flush=True)
         for size_mib in sizes:
             digest, url = blobs[size_mib]
             for n in counts:
                 for attempt in range(1, args.repeat + 1):
                     r = swarm_row(n, size_mib * MIB, url, digest, relay, work, scheduler_host=scheduler_host,
                                   seed_host=seed_host, origin_bits=origin_bits, node_bits=node_bits,
-                                  log_level=args.log_level, pki=pki, label=f"{size_mib}m-n{n}-{attempt}")
+                                  log_level=args.log_level, pki=pki, label=f"{size_mib}m-n{n}-{attempt}",
+                                  kill_seed_at=args.kill_seed_at)
                     results.append(r)
                     print(swarm_line(r, args.tls), flush=True)
     except KeyboardInterrupt:
@@ -551,7 +571,9 @@ def swarm_main(args: argparse.Namespace, counts: list[int], sizes: list[int]) ->
     finally:
         clean_up(relay, registry, args.netlab, work, keep=args.keep)
     if results:
-        print(f"\nall links: origin {args.origin_rate}, nodes {args.node_rate}; TLS {'on' if args.tls else 'off'}\n")
+        killed = f"; the seed killed {args.kill_seed_at:g} s in" if args.kill_seed_at is not None else ""
+        print(f"\nall links: origin {args.origin_rate}, nodes {args.node_rate}; TLS {'on' if args.tls else 'off'}"
+              f"{killed}\n")
         print(SWARM_HEADER)
         print(SWARM_RULE)
         for r in results:

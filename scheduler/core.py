@@ -718,7 +718,8 @@ class SchedulerCore:
                 if parent is not None:
                     self._unlink(peer, parent)
             self._update_hungry(peer)
-            return self._schedule(peer, exclude=peer.parents)
+            # (a peer whose parents had nothing for it for long asks too: pieces may be lost)
+            return self._schedule(peer, exclude=peer.parents) + self._refetch(peer.task)
 
         return self._guard(peer_id, apply)
 

@@ -35,6 +35,11 @@ The rules, each tested in ``tests/unit/test_download_policy.py``:
 - Stalled (nothing in flight, no live parent that could still announce a piece): ask the
   scheduler once for new parents; back to source after ``schedule_timeout`` of stall, or at once
   when the scheduler stream is gone.
+- Starved (a whole download, nothing in flight, live parents, but none has announced a piece this
+  peer lacks) for ``schedule_timeout``: ask the scheduler for parents again (and again after as
+  long), or with the scheduler gone, go to the origin. Parents usually get more from their own;
+  not when the pieces left with a fetcher that died — the scheduler brings in a new one, and this
+  is the net under that.
 - The scheduler failed the task (the origin refused it, for every peer): give up at once, never
   back to source: that would ask the same origin again.
 - Demand (:meth:`DownloadPolicy._demand_unannounced`): a piece a reader waits for that no parent
@@ -198,6 +203,7 @@ class DownloadPolicy:
     wanted: set[int] = field(default_factory=set)
     scheduler_alive: bool = True
     stalled_since: float | None = None
+    starved_since: float | None = None
     asked_reschedule: bool = False
     back_to_source_reason: str = ""
     task_failure: str = ""
@@ -390,6 +396,8 @@ class DownloadPolicy:
             times += [t for n, t in self.demand_retry_at.items() if t > now and n not in self.finished]
         if self._background_held_until is not None and self._background_held_until > now:
             times.append(self._background_held_until)
+        if self.starved_since is not None and self.starved_since + self.schedule_timeout > now:
+            times.append(self.starved_since + self.schedule_timeout)  # (past it, next_commands acts)
         return min(times) if times else None
 
     def scheduler_lost(self) -> None:
@@ -417,11 +425,12 @@ class DownloadPolicy:
         if self.priority:  # both serve only pieces a reader waits for
             commands += self._demand_unannounced()
             commands += self._origin_fallback()
+        now = self.clock.time()
         if self.in_flight or self.has_live_parent():
             self.stalled_since = None
-            return commands
+            return commands + self._starvation(now)
+        self.starved_since = None
         # Nothing to do with the parents we have: ask for more, then fall back to the origin.
-        now = self.clock.time()
         if self.stalled_since is None:
             self.stalled_since = now
             if self.scheduler_alive and not self.asked_reschedule:
@@ -430,6 +439,23 @@ class DownloadPolicy:
         if not self.scheduler_alive or now - self.stalled_since > self.schedule_timeout:
             commands.append(BackToSource("parents could not provide every piece"))
         return commands
+
+    def _starvation(self, now: float) -> list[Command]:
+        """The starved rule (see the module's docs): what to do, if anything, about live parents
+        that have announced nothing this peer lacks."""
+        if self.in_flight or not self.want_everything or any(self.held.values()):
+            self.starved_since = None
+            return []
+        if self.starved_since is None:
+            self.starved_since = now
+        waited = now - self.starved_since
+        if waited < self.schedule_timeout:
+            return []
+        if not self.scheduler_alive:
+            return [BackToSource(f"for {waited:.0f}s no parent had a piece this peer lacks, and the scheduler "
+                                 "is gone")]
+        self.starved_since = now  # ask again after as long
+        return [Reschedule(f"for {waited:.0f}s no parent has had a piece this peer lacks")]
 
     def next_origin_piece(self, queue: list[int]) -> int:
         """Take the next piece to back-source from `queue`: a prioritized one if any, else the first."""

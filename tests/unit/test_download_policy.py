@@ -363,10 +363,64 @@ def test_new_work_ends_a_stall() -> None:
     assert p.next_commands() == []
 
 
-def test_a_live_parent_is_waited_for_however_long() -> None:
+def starved() -> DownloadPolicy:
+    """A whole download whose one live parent has announced nothing it lacks (piece 0, fetched)."""
     p = policy(4, a=False)
+    has(p, "a", [0])
+    assert fetches(p.next_commands()) == [(0, "a")]
+    p.piece_succeeded(0, "a")
+    assert p.next_commands() == []  # starved from now: the parent may get more from its own
+    return p
+
+
+@pytest.mark.parametrize(
+    ("scheduler_alive", "expected"),
+    [
+        (True, Reschedule(f"for {SCHEDULE_TIMEOUT:.0f}s no parent has had a piece this peer lacks")),
+        (False, BackToSource(f"for {SCHEDULE_TIMEOUT:.0f}s no parent had a piece this peer lacks, and the "
+                             "scheduler is gone")),
+    ],
+)
+def test_live_parents_with_nothing_new_for_the_timeout_are_a_starvation(
+        scheduler_alive: bool, expected: Command) -> None:
+    p = starved()
+    if not scheduler_alive:
+        p.scheduler_lost()
+    advance(p, SCHEDULE_TIMEOUT - 0.1)
+    assert p.next_commands() == []
+    assert p.next_wake() == pytest.approx(p.clock.time() + 0.1)  # the engine looks again then
+    advance(p, 0.1)
+    assert p.next_commands() == [expected]
+
+
+def test_a_starved_peer_asks_the_scheduler_again_after_as_long() -> None:
+    p = starved()
+    advance(p, SCHEDULE_TIMEOUT)
+    assert kinds(p.next_commands()) == ["Reschedule"]
+    assert p.next_commands() == []
+    advance(p, SCHEDULE_TIMEOUT)
+    assert kinds(p.next_commands()) == ["Reschedule"]
+
+
+def test_an_announcement_ends_a_starvation_and_the_next_one_starts_its_own_clock() -> None:
+    p = starved()
+    advance(p, SCHEDULE_TIMEOUT - 1)
+    has(p, "a", [1])
+    assert fetches(p.next_commands()) == [(1, "a")]
+    advance(p, 2)  # in flight: not starved
+    assert p.next_commands() == []
+    p.piece_succeeded(1, "a")
+    assert p.next_commands() == []
+    advance(p, SCHEDULE_TIMEOUT - 0.1)
+    assert p.next_commands() == []
+
+
+def test_a_range_read_without_prefetch_is_never_starved() -> None:
+    p = policy(4, everything=False, a=False)  # it wants only what its readers ask for
+    p.want([2])
     advance(p, 10 * SCHEDULE_TIMEOUT)
     assert p.next_commands() == []
+    assert p.next_wake() is None
 
 
 def test_without_the_scheduler_a_stall_backs_to_source_at_once() -> None:
