@@ -719,7 +719,15 @@ class SchedulerCore:
                     self._unlink(peer, parent)
             self._update_hungry(peer)
             # (a peer whose parents had nothing for it for long asks too: pieces may be lost)
-            return self._schedule(peer, exclude=peer.parents) + self._refetch(peer.task)
+            sent = self._offer_parents(peer, exclude=peer.parents)
+            if sent is not None:
+                return [sent, *self._refetch(peer.task)]
+            if self._fetching(peer.task, peer) and any(p.state not in TERMINAL_STATES for p in peer.parents.values()):
+                # Its parents still download what someone brings in: they will have more. Not the
+                # waiting room, whence a peer goes to the origin after a while: behind a slow
+                # origin every starved peer would.
+                return []
+            return self._no_parent(peer) + self._refetch(peer.task)
 
         return self._guard(peer_id, apply)
 

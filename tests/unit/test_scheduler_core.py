@@ -495,6 +495,22 @@ def test_a_finished_fetcher_reported_dead_by_two_children_is_replaced() -> None:
     assert decisions[0].peer_id == "b"  # type: ignore[union-attr]
 
 
+def test_a_starved_peer_whose_parents_still_download_is_not_sent_to_a_slow_origin() -> None:
+    # The download policy asks again when its parents had nothing new for schedule_timeout: behind
+    # a slow origin, that is every peer. While someone fetches and its parents still download, a
+    # peer keeps them, and is not put among the waiting (who go to the origin after a while).
+    w = World()
+    w.source("src", pieces=1)
+    w.running("a", "src", pieces=1)
+    w.running("b", "src", pieces=1)
+    assert set(w.core.peers["b"].parents) == {"src", "a"}
+    assert w.core.reschedule("b") == []
+    assert w.core.waiting_count == 0
+    for _ in range(10):
+        w.clock.advance(1.0)
+        assert w.core.tick() == []
+
+
 def test_expired_peers_are_not_sent_to_fetch_lost_pieces() -> None:
     w = lost_pieces_world(peer_ttl=100.0)
     w.clock.advance(150.0)
