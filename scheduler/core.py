@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
+import logging
 import random
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, replace
@@ -100,6 +101,8 @@ from scheduler.scheduling import (
     rejection,
     select_parents,
 )
+
+log = logging.getLogger(__name__)
 
 # A new parent wakes at most this many waiting peers of its task at once (the rest wait for the
 # next parent or the next tick), and is pushed to at most PUSH_LIMIT running children, looking at
@@ -1172,12 +1175,18 @@ class SchedulerCore:
             return []
         address = hashring.choose(self.available_seeds(), task.id)
         if address is not None:
+            log.info("task %s: pieces lost with the peer that fetched them; %d peers still downloading; "
+                     "triggering seed %s", task.id, len(downloading), address)
             task.seed_trigger = (address, self.clock.time())
             return [TriggerSeed(address, task.id, _seed_download(downloading[0].download))]
         allowed = [peer for peer in downloading if self._may_back_to_source(peer)]
         if not allowed:
+            log.warning("task %s: pieces lost with the peer that fetched them, and none of the %d peers still "
+                        "downloading may fetch them from the origin", task.id, len(downloading))
             return []  # each peer's own stall rules decide (none may reach the origin)
         fetcher = max(allowed, key=lambda peer: peer.finished.count)
+        log.info("task %s: pieces lost with the peer that fetched them, and no seed available; %s (%d pieces) "
+                 "fetches what it lacks from the origin", task.id, fetcher.id, fetcher.finished.count)
         return [self._back_to_source(fetcher, "the peer that fetched this task from the origin left with pieces "
                                               "nobody else has, and no seed peer is available: fetch what you lack")]
 
@@ -1250,6 +1259,8 @@ class SchedulerCore:
         parent.failed_by.add(child.host.id if child.host.owner.startswith(PLAINTEXT_OWNER) else child.host.owner)
         if len(parent.failed_by) >= FAILED_BY_LIMIT and not parent.demoted:
             parent.demoted = True
+            log.info("task %s: parent %s reported failed by %d children's hosts; offered no more",
+                     parent.task.id, parent.id, len(parent.failed_by))
             parent.task.parents.discard(parent.id)
             self._update_coming(parent)
             return self._refetch(parent.task)
