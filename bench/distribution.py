@@ -25,7 +25,9 @@ its own (``nl-n(N+1)``, ``nl-n(N+2)``), N=4,8,16,32 and blobs of 64 and 256 MiB 
 fresh cluster per row. Its table has wall, p50/max node completion, x the lower bound
 max(F/u_origin, N·F/(u_origin + N·u_node), F/d_node), origin bytes (relay and link TX counter),
 seed and min/max peer upload, the daemons' CPU-seconds per GiB delivered and byte-exact copies.
-``--tls`` runs every daemon with mutual TLS (a throwaway CA, role CNs); ``--repeat`` repeats rows.
+``--tls`` runs every daemon with mutual TLS (a throwaway CA, role CNs); ``--repeat`` repeats rows;
+``--kill-seed-at S`` kills the seed (SIGKILL) S seconds after the dfgets start, to see the swarm
+fetch the pieces that died with it (docs/protocol.md, "Lost pieces").
 """
 
 from __future__ import annotations
