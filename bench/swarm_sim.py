@@ -25,7 +25,7 @@ the peers (``--leave``) leaves at random moments mid-download, and optionally a 
 max(F/u_origin, N·F/(u_origin + N·u_node), F/d_node), origin bytes and the seed's upload, each
 ÷ the blob. A seed that dies takes with it the pieces no peer has yet; the scheduler then brings
 in a new fetcher (``--peers 200 --size-mib 64 --fail-seed-at 3 --leave 0``: before, 200 of 200
-never finished; now all by 6.2 s with origin 1.45x, or 7.1 s and 2.00x with ``--seeds 2``;
+never finished; now all by 6.3 s with origin 1.45x, or 7.0 s and 2.00x with ``--seeds 2``;
 ``--kill-seed-at 3``, where the scheduler learns of the death only from children's reports:
 6.3 s, 1.45x).
 

@@ -116,6 +116,11 @@ PUSH_SCAN = 32
 # takes (bench/lazyload.py, N=16: the seed sent the hot pieces 4.7 times each with PUSH_LIMIT,
 # 2.2 times with this).
 RANGE_READER_PUSH_LIMIT = 15
+# The fetcher brought in for lost pieces is made a parent of this many peers still downloading;
+# the mesh carries the pieces on from them, as from a seed's few children. All of them gave the
+# same completion times in bench/swarm_sim.py (16 to 1,000 peers, a seed killed or leaving), and
+# put thousands of piece streams on one daemon.
+LOST_PIECES_CHILDREN = 16
 # A parent reported failed (not temporarily) by children of this many different identities
 # (Caller.owner of their hosts) is not offered again for the task. One report only blocklists the
 # parent for the child that made it: a single client must not take a parent away from everyone.
@@ -1142,7 +1147,7 @@ class SchedulerCore:
     # announcing what they have, but nobody will ever announce the lost pieces: without the
     # scheduler every such peer would wait until its own time-out and go to the origin, all at
     # once. Instead one new fetcher is brought in (a seed if one is available, else the running
-    # peer that misses the fewest pieces) and made a parent of every peer still downloading.
+    # peer that misses the fewest pieces) and made a parent of some of the peers still downloading.
 
     def _downloading_whole(self, task: Task) -> list[Peer]:
         """Peers of `task` fetching the whole content from parents (not waiting for any)."""
@@ -1191,13 +1196,15 @@ class SchedulerCore:
                                               "nobody else has, and no seed peer is available: fetch what you lack")]
 
     def _adopt_downloading(self, fetcher: Peer) -> list[Decision]:
-        """Make `fetcher`, the first to go to the origin since pieces were lost, a parent of every
-        peer still downloading the whole task (they lack those pieces, and may have no parent that
-        will ever get them)."""
+        """Make `fetcher`, the first to go to the origin since pieces were lost, a parent of up to
+        LOST_PIECES_CHILDREN peers still downloading the whole task (they lack those pieces, and
+        their parents may never get them but through it)."""
         task = fetcher.task
         task.rescue_pending = False
         decisions: list[Decision] = []
         for child in self._downloading_whole(task):
+            if len(decisions) >= LOST_PIECES_CHILDREN:
+                break
             if child.host is fetcher.host or fetcher.id in child.parents or fetcher.id in child.blocklist:
                 continue
             decisions.append(self._send_normal(child, [fetcher]))

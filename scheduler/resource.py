@@ -478,7 +478,7 @@ class Task:
         # triggered again for the whole content when a download that wants it all joins.
         self.lazy_seed: str | None = None
         # Pieces were lost with a fetcher that left (scheduler.core: "Lost pieces"): the next peer to
-        # start fetching from the origin becomes a parent of every peer still downloading the task.
+        # start fetching from the origin becomes a parent of some of the peers still downloading the task.
         self.rescue_pending = False
         # The current back-to-source round (scheduler.core: "Origin failures"): attempts that
         # failed, the origin's last answer, when the next attempt may start, and, once the task

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+import scheduler.core as core_module
 from common import hashring
 from common.clock import ManualClock
 from common.config import SchedulerConfig
@@ -446,6 +447,24 @@ def test_pieces_lost_with_the_fetcher_trigger_a_seed_that_becomes_everyones_pare
     # the next fetcher after that is an ordinary one: nobody is made its child
     w.source("d", pieces=1)
     assert not w.core.tasks[TASK].rescue_pending
+
+
+@pytest.mark.parametrize("limit", [0, 3])
+def test_the_fetcher_for_lost_pieces_gets_a_bounded_number_of_children(
+        monkeypatch: pytest.MonkeyPatch, limit: int) -> None:
+    monkeypatch.setattr(core_module, "LOST_PIECES_CHILDREN", limit)
+    w = lost_pieces_world()
+    downloading = ["b", "c", *"defghijkl"]
+    for name in downloading[2:]:
+        w.running(name, "src", pieces=1)
+    seed_host = w.host("seed", seed=True)
+    trigger = w.core.delete_peer("src")[1]
+    assert isinstance(trigger, TriggerSeed)
+    w.core.register_peer(seed_host, TASK, "seed-peer", trigger.download)
+    w.core.back_to_source_started("seed-peer")
+    children = sum("seed-peer" in w.core.peers[name].parents for name in downloading)
+    # a new seed is pushed to PUSH_LIMIT hungry children anyway; the lost pieces add `limit`
+    assert children == min(PUSH_LIMIT + limit, len(downloading)), children
 
 
 def _finish_src(w: World) -> None:
