@@ -539,6 +539,7 @@ def swarm_main(args: argparse.Namespace, counts: list[int], sizes: list[int]) ->
     relay: NetnsRelay | None = None
     results: list[SwarmResult] = []
     interrupted = False
+    killed = f"; the seed killed {args.kill_seed_at:g} s in" if args.kill_seed_at is not None else ""
     try:
         netlab(args.netlab, "up", str(seed_host), args.origin_rate, args.node_rate)
         registry = in_netns(ORIGIN_NS, lambda: start_registry(work / "registry"))
@@ -554,9 +555,7 @@ def swarm_main(args: argparse.Namespace, counts: list[int], sizes: list[int]) ->
         pki = SwarmPki(work / "pki") if args.tls else None
         print(f"swarm set-up: origin link {args.origin_rate}, node links {args.node_rate} (scheduler "
               f"{node_ip(scheduler_host)}, seed {node_ip(seed_host)} on hosts of their own); TLS "
-              f"{'on' if args.tls else 'off'}; work dir {work}"
-              + (f"; the seed is killed {args.kill_seed_at:g} s in" if args.kill_seed_at is not None else "")
-              + f"\n{SWARM_HEADER}\n{SWARM_RULE}", flush=True)
+              f"{'on' if args.tls else 'off'}{killed}; work dir {work}\n{SWARM_HEADER}\n{SWARM_RULE}", flush=True)
         for size_mib in sizes:
             digest, url = blobs[size_mib]
             for n in counts:
@@ -573,7 +572,6 @@ def swarm_main(args: argparse.Namespace, counts: list[int], sizes: list[int]) ->
     finally:
         clean_up(relay, registry, args.netlab, work, keep=args.keep)
     if results:
-        killed = f"; the seed killed {args.kill_seed_at:g} s in" if args.kill_seed_at is not None else ""
         print(f"\nall links: origin {args.origin_rate}, nodes {args.node_rate}; TLS {'on' if args.tls else 'off'}"
               f"{killed}\n")
         print(SWARM_HEADER)

@@ -67,7 +67,6 @@ from __future__ import annotations
 import argparse
 import heapq
 import itertools
-import math
 import random
 import statistics
 import sys
@@ -92,7 +91,7 @@ from peer.download.policy import (
     ReportPieceFailed,
     Reschedule,
 )
-from peer.upload.piece_server import DEFAULT_SHARE_WINDOW, DEFAULT_SWARM_SLOTS
+from peer.upload.piece_server import DEFAULT_SHARE_WINDOW, DEFAULT_SWARM_SLOTS, ShareHolds
 from scheduler.core import (
     Decision,
     FailPeer,
@@ -143,10 +142,8 @@ class SimHost:
     alive: bool = True
     # Pieces sent at once to children that may ask elsewhere (the piece server's swarm slots).
     upload_slots: int = 0
-    # A seed's super-seeding: a piece is held for the child it goes to until this long after it
-    # got there (the piece server's share_window; 0: none), and the holds: piece -> (until, child).
-    share_window: float = 0.0
-    held: dict[int, tuple[float, SimPeer]] = field(default_factory=dict)
+    # A seed's super-seeding, as its piece server keeps it (None: every child gets every piece).
+    holds: ShareHolds | None = None
 
 
 @dataclass(eq=False)
@@ -328,9 +325,9 @@ class Swarm:
             self._add_host(f"n{i}", node_rate, HostType.NORMAL, ip=f"10.2.{i // 256}.{i % 256}")
 
     def _add_host(self, host_id: str, rate: float, kind: HostType, ip: str) -> None:
-        window = DEFAULT_SHARE_WINDOW if kind is HostType.SUPER_SEED else 0.0
+        holds = ShareHolds(DEFAULT_SHARE_WINDOW, self.clock) if kind is HostType.SUPER_SEED else None
         self.hosts[host_id] = SimHost(host_id, Link(rate), Link(rate), upload_slots=self.args.upload_slots,
-                                      share_window=window)
+                                      holds=holds)
         self.core.announce_host(HostInfo(id=host_id, ip=ip, type=kind, port=4000))
 
     # -- driving ------------------------------------------------------------------------------
@@ -481,12 +478,9 @@ class Swarm:
         slots = host.upload_slots
         demand = number in peer.policy.demanded
         busy = bool(slots and len(host.up.flows) >= slots and not demand)
-        held = bool(host.share_window) and not demand and not busy
-        if held:  # the piece server's super-seeding: a piece on its way to another child is held
-            holder = host.held.get(number)
-            busy = holder is not None and holder[1] is not peer and self.clock.now < holder[0]
-            if not busy:
-                host.held[number] = (math.inf, peer)
+        holds = host.holds if not demand and not busy else None
+        if holds is not None:  # the piece server's super-seeding: a piece on its way to another child is held
+            busy = holds.sent_elsewhere(number, peer.id, until_sent=True)
         if busy:
             def answer_busy() -> None:
                 peer.policy.piece_busy(number, parent.id)
@@ -499,12 +493,8 @@ class Swarm:
         started = self.clock.now
 
         def release(delivered: bool) -> None:
-            holder = host.held.get(number)
-            if held and holder is not None and holder[1] is peer:
-                if delivered:
-                    host.held[number] = (self.clock.now + host.share_window, peer)
-                else:
-                    del host.held[number]
+            if holds is not None:
+                holds.piece_left(number, peer.id, delivered=delivered)
 
         def done() -> None:
             release(delivered=True)

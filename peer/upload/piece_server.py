@@ -71,7 +71,7 @@ import ssl
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 from typing import BinaryIO
 
 from aiohttp import web
@@ -417,6 +417,46 @@ def max_connections_for_fds() -> int:
     return max(16, soft // 2) if soft != resource.RLIM_INFINITY else 1 << 20
 
 
+class ShareHolds:
+    """Super-seeding's book (see the module's docs): for each piece, the child it is held for and
+    until when (infinity while a held piece is on its way). Pure, on a clock: the piece server
+    keeps one, and bench/swarm_sim.py one per simulated seed."""
+
+    def __init__(self, window: float, clock: Clock) -> None:
+        self.window = window
+        self._clock = clock
+        # key -> (until when, child), in the order the holds were last set
+        self._holds: OrderedDict[Hashable, tuple[float, str]] = OrderedDict()
+
+    def sent_elsewhere(self, key: Hashable, child: str, *, until_sent: bool) -> bool:
+        """True when the piece is held for another child; otherwise it is held for this one from
+        now, for the window (`until_sent`: until :meth:`piece_left`, then the window)."""
+        now = self._clock.time()
+        holds = self._holds
+        # (a held piece on its way stops this at the front, so entries behind it may be past their
+        # time: the check below looks at that too; there are no more of them than uploads)
+        while holds and next(iter(holds.values()))[0] <= now:
+            holds.popitem(last=False)
+        last = holds.get(key)
+        if last is not None and last[1] != child and now < last[0]:
+            return True
+        holds[key] = (math.inf if until_sent else now + self.window, child)
+        holds.move_to_end(key)
+        return False
+
+    def piece_left(self, key: Hashable, child: str, *, delivered: bool) -> None:
+        """A held piece's send to `child` ended: others are sent elsewhere for the window from now
+        if it got there, not at all if it did not (its transfer failed, or it was refused)."""
+        last = self._holds.get(key)
+        if last is None or last[1] != child:
+            return
+        if delivered:
+            self._holds[key] = (self._clock.time() + self.window, child)
+            self._holds.move_to_end(key)
+        else:
+            del self._holds[key]
+
+
 class PieceServer:
     """aiohttp server of complete pieces with a bounded number of concurrent uploads.
 
@@ -451,11 +491,9 @@ class PieceServer:
         self._metrics = metrics
         self._upload_slots = upload_slots
         self._swarm_slots = swarm_slots  # 0: no choking
-        self._share_window = share_window  # 0: every child may get every piece from here
-        # (task id, piece) -> (until when, child): a later child is sent elsewhere for the piece
-        # until then (infinity while a held piece is on its way)
-        self._recent_sends: OrderedDict[tuple[str, int], tuple[float, str]] = OrderedDict()
         self._clock = clock or SystemClock()
+        # super-seeding; None (share_window 0): every child may get every piece from here
+        self._holds = ShareHolds(share_window, self._clock) if share_window else None
         self._slot_wait = slot_wait
         self._slots = asyncio.Semaphore(upload_slots)
         clock = self._clock
@@ -588,9 +626,9 @@ class PieceServer:
         child = request.headers.get(CHILD_HEADER) or request.remote or ""
         # Super-seeding (see above): a demand is held for the window from now, another piece a
         # child may fetch elsewhere until the window after it got to this child.
-        shared = bool(self._share_window) and (demand or (may_go_elsewhere and not for_reader))
-        held = shared and not demand
-        if shared and self._sent_elsewhere(task_id, number, child, until_sent=held):
+        holds = self._holds if demand or (may_go_elsewhere and not for_reader) else None
+        held = holds is not None and not demand
+        if holds is not None and holds.sent_elsewhere((task_id, number), child, until_sent=held):
             return self._busy(f"piece {number} was just sent to another child; it will have it soon")
 
         upload = asyncio.current_task()
@@ -608,8 +646,8 @@ class PieceServer:
             if for_reader:
                 self._reader_uploads -= 1
                 self._readers_until = self._clock.time() + READER_GRACE
-            if held:
-                self._piece_left(task_id, number, child, delivered=delivered)
+            if held and holds is not None:
+                holds.piece_left((task_id, number), child, delivered=delivered)
 
     def _serving_readers(self) -> bool:
         """Whether pieces readers wait for are being sent now, or were a moment ago."""
@@ -638,36 +676,6 @@ class PieceServer:
         response = self._refuse(503, "refused_busy", message)
         response.headers[BUSY_HEADER] = "uplink"
         return response
-
-    def _sent_elsewhere(self, task_id: str, number: int, child: str, *, until_sent: bool) -> bool:
-        """Super-seeding: True when the piece is held for another child; otherwise it is held for
-        this one from now, for the window (`until_sent`: until :meth:`_piece_left`, then the window)."""
-        now = self._clock.time()
-        recent = self._recent_sends
-        # (a held piece on its way stops this at the front, so entries behind it may be past their
-        # time: the check below looks at that too; there are no more of them than uploads)
-        while recent and next(iter(recent.values()))[0] <= now:
-            recent.popitem(last=False)
-        key = (task_id, number)
-        last = recent.get(key)
-        if last is not None and last[1] != child and now < last[0]:
-            return True
-        recent[key] = (math.inf if until_sent else now + self._share_window, child)
-        recent.move_to_end(key)
-        return False
-
-    def _piece_left(self, task_id: str, number: int, child: str, *, delivered: bool) -> None:
-        """A held piece's send to `child` ended: others are sent elsewhere for the window from now
-        if it got there, not at all if it did not (its transfer failed, or it was refused)."""
-        key = (task_id, number)
-        last = self._recent_sends.get(key)
-        if last is None or last[1] != child:
-            return
-        if delivered:
-            self._recent_sends[key] = (self._clock.time() + self._share_window, child)
-            self._recent_sends.move_to_end(key)
-        else:
-            del self._recent_sends[key]
 
     async def _acquire_slot(self) -> bool:
         try:
