@@ -10,9 +10,11 @@ tests run dfget against the real daemon.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import errno
 import hashlib
 import io
+import mmap
 import os
 import shutil
 import signal
@@ -837,6 +839,81 @@ def test_copy_into_keeps_the_clients_file(cached: Path, tmp_path: Path, monkeypa
         assert Path(temp.path).read_bytes() == cached.read_bytes()
     finally:
         temp.remove()
+
+
+def _resident_pages(path: Path) -> int:
+    """How many of the file's pages are in the page cache (mincore over a mapping of it)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    size = path.stat().st_size
+    pages = -(-size // mmap.PAGESIZE)
+    with open(path, "rb") as file:
+        address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, file.fileno(), 0)
+        assert address not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
+        try:
+            vector = ctypes.create_string_buffer(pages)
+            assert libc.mincore(address, size, vector) == 0, os.strerror(ctypes.get_errno())
+            return sum(byte & 1 for byte in vector.raw)
+        finally:
+            libc.munmap(address, size)
+
+
+def _takes_direct_writes(directory: Path) -> bool:
+    try:
+        fd = os.open(directory / "direct-probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o600)
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(directory / "direct-probe")
+    return True
+
+
+@pytest.mark.parametrize("size", [3 * 2**20, 3 * 2**20 + 17, 100])
+def test_copy_into_leaves_no_second_copy_in_the_page_cache(tmp_path: Path, size: int,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemon's cache holds the bytes in memory already: the client's copy goes around the
+    page cache (all but the unaligned tail), and is byte-exact whatever its length."""
+    if not _takes_direct_writes(tmp_path):
+        pytest.skip(f"the file system of {tmp_path} takes no O_DIRECT writes")
+    monkeypatch.setattr(dfget_output, "COPY_STEP", 2**20)
+    source = tmp_path / "cache.bin"
+    source.write_bytes(os.urandom(size))
+    temp = dfget_output.create_temp(str(tmp_path / "out"))
+    try:
+        dfget_output.copy_into(source, Path(temp.path), threading.Event())
+        resident = _resident_pages(Path(temp.path))
+        tail_pages = -(-(size % dfget_output.DIRECT_ALIGN) // mmap.PAGESIZE)
+        assert resident <= tail_pages, f"{resident} pages of the copy are cached"
+        assert hashlib.sha256(Path(temp.path).read_bytes()).digest() == hashlib.sha256(source.read_bytes()).digest()
+    finally:
+        temp.remove()
+
+
+def test_copy_into_stops_mid_direct_copy_and_removes_the_file(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dfget_output, "COPY_STEP", 2**20)
+    source = tmp_path / "cache.bin"
+    source.write_bytes(os.urandom(4 * 2**20))
+    output = tmp_path / "users" / ".out.dfget-0123456789ab"
+    output.parent.mkdir()
+    if os.geteuid() == 0:
+        os.chown(output.parent, 65534, 65534)
+    stop = threading.Event()
+    real_pwritev = os.pwritev
+
+    def pwritev_then_stop(fd: int, buffers: Any, offset: int) -> int:
+        written = real_pwritev(fd, buffers, offset)
+        stop.set()  # the client goes away after the first step
+        return written
+
+    monkeypatch.setattr(dfget_output.os, "pwritev", pwritev_then_stop)
+    output.touch()
+    with pytest.raises(DownloadFailed, match="went away"):
+        dfget_output.copy_into(source, output, stop)
+    assert not output.exists()
 
 
 def test_copy_into_creates_a_missing_file(cached: Path, tmp_path: Path) -> None:
