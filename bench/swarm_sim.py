@@ -13,7 +13,11 @@ the redistribution of a full max-min solver, so it errs on the slow side). Of th
 what decides who sends: its swarm slots (a parent sending that many pieces answers others busy)
 and a seed's super-seeding (a piece on its way to one child, and for the share window after, is
 refused to the others). Messages (scheduler answers, piece announcements) arrive instantly, and
-CPU is free: on the netns bench 18 processes share 2 cores, which the model does not see. Time
+CPU is free unless ``--cores C --cpu-per-gib S`` give the machine: on the netns bench 18 processes
+share 2 cores, and every transfer costs the machine CPU (receiving, hashing, writing, sending, the
+kernel's copies and the veths): the model then has every flow also cross one shared link of
+C / S GiB per second. Measure S on a bench row that is not CPU-bound (N=4: the machine's
+busy share * cores * wall / GiB moved, origin included) and compare the CPU-bound rows. Time
 is a :class:`~common.clock.ManualClock` advanced from event to event, and every random choice
 comes from seeded generators: the same arguments give the same output (vary ``--random-seed`` to
 see the spread; at N=16 one seed's result can differ from another's by 30 %, so compare policies
@@ -45,6 +49,15 @@ from the seed), 256 MiB, 10 % leaving, max completion: 1,000 peers 88.7 s -> 23.
 upload 8.1x -> 1.8x), 2,000 peers 224 s -> 25.7 s (20.6x -> 1.9x), 5,000 peers 1,997 s (199
 peers sent to the origin: 186 copies) -> 26 s (origin 1.00x, seed 1.8x); N=16 --leave 0:
 64 MiB 5.6 s -> 5.2 s, 256 MiB 27.4 s -> 20.4 s (random seed 1).
+
+With the machine modelled, calibrated on the N=4 rows of one hour (``--cores 2 --cpu-per-gib``
+16.6 for 64 MiB and 11.7 for 256 MiB at 200 Mbit/s, 14.6 and 8.3 with 1 Gbit/s node links; the
+commit of e5d9e78, 2026-12-07), the other rows of that hour agree within 3-21 %: N=16 64 MiB
+9.3 s here vs 9.4 s measured, 256 MiB 27.4 vs 25.4; N=8 5.7 vs 7.2 and 19.0 vs 18.9; N=32 17.6
+vs 20.0 and 50.1 vs 46.7; 1 Gbit/s N=16 8.2 vs 9.1 and 19.7 vs 20.3, N=32 15.4 vs 19.5 and 35.9
+vs 41.5 (docs/benchmarks.md). Without it, N=16 x 256 MiB takes 17.3-18.1 s: the bench's
+shortfall is the machine, not the policy. Every such flow shares one link, so each event
+re-rates every flow: for bench-sized swarms only.
 
 Cost: each flow start or end re-rates every flow on the two links it crosses, so a host with k
 flows at once costs O(k) per event. With the policy before issue 11 every peer kept the seed as
@@ -104,6 +117,7 @@ from scheduler.core import (
 from scheduler.resource import DownloadSpec, HostInfo
 
 MIB = 1024 * 1024
+GIB = 1024 * MIB
 TASK_ID = "t" * 64
 URL = "https://registry.example/v2/bench/blobs/sha256:0"
 REQUEST_RTT = 0.002  # a request answered at once (a parent with no free upload slot)
@@ -161,10 +175,12 @@ class Flow:
 
 
 class Network:
-    """Flows between hosts, each at the smaller of its fair shares of the two links it crosses."""
+    """Flows between hosts, each at the smaller of its fair shares of the two links it crosses
+    (and of the machine's CPU, when one is given: every flow crosses it too)."""
 
-    def __init__(self, clock: ManualClock) -> None:
+    def __init__(self, clock: ManualClock, machine: Link | None = None) -> None:
         self.clock = clock
+        self.machine = machine
         self._events: list[tuple[float, int, Callable[[], None]]] = []
         self._sequence = itertools.count()
         self._compact_above = COMPACT_MIN_EVENTS
@@ -192,8 +208,16 @@ class Network:
             return flow
         src.up.flows[flow] = None
         dst.down.flows[flow] = None
-        self._rerate(src.up.flows | dst.down.flows)
+        if self.machine is not None:
+            self.machine.flows[flow] = None
+        self._rerate(self._sharing(flow))
         return flow
+
+    def _sharing(self, flow: Flow) -> dict[Flow, None]:
+        """The flows whose rate may change when `flow` starts or ends: those on its links."""
+        if self.machine is not None:
+            return self.machine.flows  # every flow shares the machine
+        return flow.src.up.flows | flow.dst.down.flows
 
     def kill(self, host: SimHost) -> None:
         """The host is gone: every flow it takes part in fails."""
@@ -202,7 +226,7 @@ class Network:
         touched: dict[Flow, None] = {}
         for flow in broken:
             self._remove(flow)
-            touched |= flow.src.up.flows | flow.dst.down.flows
+            touched |= self._sharing(flow)
         self._rerate(touched)
         for flow in broken:
             flow.on_fail("connection reset by peer")
@@ -222,6 +246,8 @@ class Network:
         flow.over = True
         flow.src.up.flows.pop(flow, None)
         flow.dst.down.flows.pop(flow, None)
+        if self.machine is not None:
+            self.machine.flows.pop(flow, None)
 
     def _rerate(self, flows: Iterable[Flow]) -> None:
         now = self.clock.now
@@ -230,6 +256,8 @@ class Network:
                 continue
             up, down = flow.src.up, flow.dst.down
             rate = min(up.rate / len(up.flows), down.rate / len(down.flows))
+            if self.machine is not None:
+                rate = min(rate, self.machine.rate / len(self.machine.flows))
             if rate == flow.rate:
                 continue  # its completion event stands
             flow.left = max(0.0, flow.left - flow.rate * (now - flow.since))
@@ -242,7 +270,7 @@ class Network:
         """The flow's last byte arrived."""
         self._remove(flow)
         flow.src.up.sent += flow.size
-        self._rerate(flow.src.up.flows | flow.dst.down.flows)
+        self._rerate(self._sharing(flow))
         flow.on_done()
 
 
@@ -301,7 +329,7 @@ class Swarm:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.clock = ManualClock(start=0.0)
-        self.net = Network(self.clock)
+        self.net = Network(self.clock, machine_cpu(args.cores, args.cpu_per_gib))
         self.rng = random.Random(args.random_seed)
         scheduler_config = SchedulerConfig(seed_peer=(), candidate_parent_limit=args.candidate_limit)
         self.core = SchedulerCore(scheduler_config, self.clock, random.Random(args.random_seed + 1))
@@ -603,6 +631,14 @@ class Swarm:
         return min(self.piece_length, self.size - number * self.piece_length)
 
 
+def machine_cpu(cores: float, cpu_per_gib: float) -> Link | None:
+    """The CPU all hosts share, as a link every transfer crosses: `cores` CPU-seconds per second,
+    `cpu_per_gib` CPU-seconds (of every process and the kernel) per GiB moved. None: CPU is free."""
+    if cores <= 0 or cpu_per_gib <= 0:
+        return None
+    return Link(rate=cores / cpu_per_gib * GIB)
+
+
 def percentile(values: list[float], share: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(share * len(ordered)))] if ordered else float("nan")
@@ -632,6 +668,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--upload-slots", type=int, default=DEFAULT_SWARM_SLOTS,
                         help="pieces a host sends at once to children that may ask elsewhere; the "
                              f"others are told it is busy (default {DEFAULT_SWARM_SLOTS}, as dfdaemons; 0: no limit)")
+    parser.add_argument("--cores", type=float, default=0.0,
+                        help="model one machine's CPU shared by every host, as on the netns bench (with "
+                             "--cpu-per-gib; default 0: CPU is free)")
+    parser.add_argument("--cpu-per-gib", type=float, default=0.0,
+                        help="CPU-seconds the machine spends per GiB moved, every process and the kernel "
+                             "(measure it on a bench row that is not CPU-bound)")
     parser.add_argument("--random-seed", type=int, default=1)
     parser.add_argument("--deadline", type=float, default=3600.0, help="simulated seconds before giving up")
     args = parser.parse_args(argv)

@@ -56,3 +56,18 @@ def test_peers_finish_when_the_seed_dies_mid_download(seeds: int, how: str) -> N
     assert outcome.failed == 0
     # one more copy from the origin at most: the pieces are fetched once again, not once per peer
     assert swarm.size < outcome.origin_bytes <= 2.05 * swarm.size, outcome.origin_bytes / swarm.size
+
+
+def test_a_shared_machine_cpu_bounds_the_swarm() -> None:
+    """With the netns bench's machine modelled (2 cores, CPU-seconds per GiB moved), no run can
+    beat moving every byte through that CPU; without it the same swarm finishes sooner than that."""
+    common = ["--peers", "16", "--size-mib", "64", "--leave", "0"]
+    cpu_bound_swarm = swarm_sim.Swarm(swarm_sim.parse_args([*common, "--cores", "2", "--cpu-per-gib", "12"]))
+    free_cpu_swarm = swarm_sim.Swarm(swarm_sim.parse_args(common))
+    with_cpu, free_cpu = cpu_bound_swarm.run(), free_cpu_swarm.run()
+    assert len(with_cpu.completions) == len(free_cpu.completions) == 16
+    moved_gib = (with_cpu.origin_bytes + with_cpu.seed_upload + sum(with_cpu.peer_uploads)) / swarm_sim.GIB
+    cpu_floor = moved_gib * 12 / 2
+    assert max(with_cpu.completions) >= cpu_floor, (max(with_cpu.completions), cpu_floor)
+    assert max(free_cpu.completions) < cpu_floor, (max(free_cpu.completions), cpu_floor)
+    assert with_cpu.origin_bytes <= 1.05 * cpu_bound_swarm.size
