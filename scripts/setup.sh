@@ -31,3 +31,9 @@ if [[ ! -f $stamp || pyproject.toml -nt $stamp ]]; then
   .venv/bin/python -m pip install -q -e '.[test]'
   touch "$stamp"
 fi
+
+# The editable install leaves our own modules uncompiled, and where PYTHONDONTWRITEBYTECODE is set
+# (as on the project's machine) every process would compile them again at each start: a dfget
+# 30 ms of CPU, a dfdaemon 120 ms. An installed package carries its bytecode; so does this tree
+# (compileall only rewrites what changed).
+.venv/bin/python -m compileall -q common peer scheduler seed bench >/dev/null
