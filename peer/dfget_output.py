@@ -6,12 +6,13 @@ Who does what:
   to the user who ran dfget, and holds an exclusive ``flock`` on it for as long as it lives. The
   lock dies with the process, however it dies (SIGKILL included), so the next dfget knows a
   temporary file nobody holds is stale and removes it (:func:`sweep_stale`).
-- the dfdaemon copies the content into that file (:func:`copy_into`, run by
-  :func:`copy_to_client`): it opens it without following symlinks (nor a directory symlink a
-  user planted), writes an existing file only when it has a dfget temporary name, refuses
-  anything but a regular file with one link, creates a new file as root only in a directory of
-  another owner (and gives it to that owner), and when the client goes away mid-copy it stops
-  and removes what it wrote, so a killed dfget leaves no full-size copy behind.
+- the dfdaemon fills that file piece by piece while the download runs (:class:`OutputFill`;
+  :func:`copy_into` copies a whole file the same way): it opens it without following symlinks
+  (nor a directory symlink a user planted), writes an existing file only when it has a dfget
+  temporary name, refuses anything but a regular file with one link, creates a new file as root
+  only in a directory of another owner (and gives it to that owner), and when the client goes
+  away or the download fails it stops and removes what it wrote, so a killed dfget leaves no
+  copy behind.
 - dfget checks the content and moves the file onto FILE (:func:`place`): without ``--overwrite``
   an existing FILE is never replaced, not even one that appeared during the download.
 """
@@ -238,11 +239,28 @@ def place(temp: TempFile, output: str, *, overwrite: bool) -> None:
 def copy_into(source: Path, output: Path, stop: threading.Event) -> os.stat_result:
     """Copy `source` into the client's file `output` (runs in a thread of the daemon).
 
+    The file is opened as :func:`open_client_file` says. When `stop` is set, or the copy fails,
+    what was written is removed and the exception raised: no partial copy is left. Returns the
+    file's identity (to remove it should the client be gone by then).
+    """
+    fd, info = open_client_file(output)
+    try:
+        try:
+            _copy_steps(source, fd, stop)
+        except BaseException:
+            _remove_if_same(output, info)
+            raise
+        return info
+    finally:
+        os.close(fd)
+
+
+def open_client_file(output: Path) -> tuple[int, os.stat_result]:
+    """Open the client's file `output` for the daemon to write, emptied; its descriptor and identity.
+
     The file is opened without following a symlink and without blocking on a FIFO; it must be a
     regular file with a single link (writing through a hard link could change another file).
-    It is created when missing (clients that name FILE itself). When `stop` is set, or the copy
-    fails, what was written is removed and the exception raised: no partial copy is left.
-    Returns the file's identity (to remove it should the client be gone by then).
+    It is created when missing (clients that name FILE itself).
     """
     base = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
     _check_directory_path(output.parent)
@@ -272,15 +290,11 @@ def copy_into(source: Path, output: Path, stop: threading.Event) -> os.stat_resu
             raise InvalidRequest(f"output path {output} is not a regular file")
         if info.st_nlink != 1:
             raise InvalidRequest(f"output path {output} has {info.st_nlink} hard links; remove the others")
-        try:
-            os.ftruncate(fd, 0)
-            _copy_steps(source, fd, stop)
-        except BaseException:
-            _remove_if_same(output, info)
-            raise
-        return info
-    finally:
+        os.ftruncate(fd, 0)
+    except BaseException:
         os.close(fd)
+        raise
+    return fd, info
 
 
 def _check_directory_path(directory: Path) -> None:
@@ -327,18 +341,7 @@ def _copy_steps(source: Path, fd: int, stop: threading.Event) -> None:
         if size == 0 or _reflink(src.fileno(), fd):
             return
         offset = _copy_direct(src.fileno(), fd, size, stop)
-        while offset < size:
-            _check_stop(stop, offset, size)
-            step = min(COPY_STEP, size - offset)
-            try:
-                copied = os.copy_file_range(src.fileno(), fd, step, offset, offset)
-            except OSError as exc:
-                if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-                    raise
-                copied = os.sendfile(fd, src.fileno(), offset, step)
-            if copied == 0:
-                raise DownloadFailed(f"cache file {source} shrank to {offset} bytes while copying")
-            offset += copied
+        _copy_range(src.fileno(), fd, offset, size, stop)
 
 
 def _check_stop(stop: threading.Event, offset: int, size: int) -> None:
@@ -372,48 +375,156 @@ def _copy_direct(src_fd: int, fd: int, size: int, stop: threading.Event) -> int:
         fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)
     except OSError:
         return 0
-    aligned = size - size % DIRECT_ALIGN
-    offset = 0
     try:
         with mmap.mmap(-1, COPY_STEP) as buffer:  # page-aligned, as O_DIRECT wants
-            while offset < aligned:
-                _check_stop(stop, offset, size)
-                read = os.preadv(src_fd, [memoryview(buffer)[:min(COPY_STEP, aligned - offset)]], offset)
-                if read == 0:
-                    raise DownloadFailed(f"cache file shrank to {offset} bytes while copying")
-                # A short read (the file shrank) would leave an unaligned length: stop direct there.
-                whole = read - read % DIRECT_ALIGN
-                if whole == 0:
-                    break
-                try:
-                    written = os.pwritev(fd, [memoryview(buffer)[:whole]], offset)
-                except OSError as exc:
-                    if exc.errno != errno.EINVAL or offset:
-                        raise
-                    break  # accepted at open but not at write (some FUSE and overlay set-ups)
-                offset += written
-                if written < whole:
-                    break
+            return _copy_range_direct(src_fd, fd, 0, size - size % DIRECT_ALIGN, buffer, stop)
     finally:
         fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+
+
+def _copy_range_direct(src_fd: int, direct_fd: int, start: int, end: int, buffer: mmap.mmap,
+                       stop: threading.Event) -> int:
+    """Copy [start, end) (both block-aligned) into `direct_fd`, opened ``O_DIRECT``, through the
+    page-aligned `buffer`; where it got to (short of `end` when the source is shorter or the file
+    system refuses direct writes after all: the caller copies the rest another way)."""
+    offset = start
+    while offset < end:
+        _check_stop(stop, offset, end)
+        read = os.preadv(src_fd, [memoryview(buffer)[:min(len(buffer), end - offset)]], offset)
+        whole = read - read % DIRECT_ALIGN  # a short read (the file shrank) stops direct there
+        if whole == 0:
+            break
+        try:
+            written = os.pwritev(direct_fd, [memoryview(buffer)[:whole]], offset)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL or offset != start:
+                raise
+            break  # accepted at open but not at write (some FUSE and overlay set-ups)
+        offset += written
+        if written < whole:
+            break
     return offset
 
 
-Copier = Callable[[Path, Path, threading.Event], os.stat_result]
+def _copy_range(src_fd: int, fd: int, start: int, end: int, stop: threading.Event) -> None:
+    """Copy [start, end) of the source into `fd` in the kernel (``copy_file_range``, else
+    ``sendfile``)."""
+    offset = start
+    while offset < end:
+        _check_stop(stop, offset, end)
+        step = min(COPY_STEP, end - offset)
+        try:
+            copied = os.copy_file_range(src_fd, fd, step, offset, offset)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            copied = os.sendfile(fd, src_fd, offset, step)
+        if copied == 0:
+            raise DownloadFailed(f"the cached content ends at {offset}, before {end}")
+        offset += copied
 
 
-async def copy_to_client(source: Path, output: Path, copy: Copier = copy_into) -> os.stat_result:
-    """Run `copy` (:func:`copy_into`) in a thread. If this coroutine is cancelled (the client went
-    away), stop the copy, remove the file (also when the copy had just finished) and re-raise."""
-    stop = threading.Event()
-    work = asyncio.ensure_future(asyncio.to_thread(copy, source, output, stop))
-    try:
-        return await asyncio.shield(work)
-    except asyncio.CancelledError:
-        stop.set()
-        with contextlib.suppress(Exception):
-            _remove_if_same(output, await work)
-        raise
+class OutputFill:
+    """The client's file, filled piece by piece while the download runs (the daemon's side).
+
+    A piece is copied in as soon as the cache has it, so the end of a download waits for the last
+    pieces only, not for a copy of the whole content (sixteen nodes finishing a 256 MiB download
+    at once on the swarm bench spent 2.7 s on it). The file is opened as :func:`open_client_file`
+    says, before the download's bytes; aligned regions are written around the page cache as in
+    :func:`copy_into`. One thread copies at a time. :meth:`finish` returns the file's identity;
+    :meth:`discard` stops and removes what was written (the client went away, the download
+    failed).
+    """
+
+    def __init__(self, output: Path, source: Path | None = None) -> None:
+        self.output = output
+        self.source = source  # the cache's content file: set before the first add()
+        self.info: os.stat_result | None = None
+        self._fd = -1
+        self._direct_fd = -1  # the same file opened O_DIRECT; -1 where the file system refuses
+        self._source_fd = -1
+        self._buffer: mmap.mmap | None = None
+        self._pending: list[tuple[int, int]] = []
+        self._copying: asyncio.Future[None] | None = None
+        self._stop = threading.Event()
+
+    async def open(self) -> None:
+        """Open (or create) the client's file, with every check; raises InvalidRequest."""
+        self._fd, self.info = await asyncio.to_thread(open_client_file, self.output)
+        try:
+            self._direct_fd = os.open(f"/proc/self/fd/{self._fd}", os.O_WRONLY | os.O_CLOEXEC | os.O_DIRECT)
+        except OSError:
+            self._direct_fd = -1  # no /proc, or no direct writes here: buffered copies
+
+    def add(self, offset: int, length: int) -> None:
+        """Copy this region of the content in, soon (in the background)."""
+        self._pending.append((offset, length))
+        if self._copying is None or self._copying.done():
+            self._copying = asyncio.ensure_future(self._drain())
+
+    async def finish(self, size: int) -> os.stat_result:
+        """Wait for the copies, set the file's length to `size`, close it; its identity."""
+        while self._copying is not None and not self._copying.done():
+            await asyncio.shield(self._copying)
+        if self._copying is not None:
+            self._copying.result()  # a failed copy fails the download
+        await asyncio.to_thread(os.ftruncate, self._fd, size)
+        assert self.info is not None
+        self._close()
+        return self.info
+
+    async def discard(self) -> None:
+        """Stop copying, remove what was written and close the file (once no thread uses it)."""
+        self._stop.set()
+        self._pending.clear()
+        copying = self._copying
+        if copying is not None and not copying.done():
+            with contextlib.suppress(BaseException):  # cancelled again: the callback closes
+                await asyncio.shield(copying)
+        if self.info is not None:
+            _remove_if_same(self.output, self.info)
+        if copying is not None and not copying.done():
+            copying.add_done_callback(self._close_after)
+        else:
+            if copying is not None and not copying.cancelled():
+                copying.exception()  # retrieved: the failure is the download's, reported already
+            self._close()
+
+    def _close_after(self, copying: asyncio.Future[None]) -> None:
+        if not copying.cancelled():
+            copying.exception()
+        self._close()
+
+    async def _drain(self) -> None:
+        while self._pending:
+            regions, self._pending = self._pending, []
+            await asyncio.to_thread(self._copy_regions, regions)
+
+    def _copy_regions(self, regions: list[tuple[int, int]]) -> None:
+        if self._source_fd < 0:
+            assert self.source is not None, "add() before the source is known"
+            self._source_fd = os.open(self.source, os.O_RDONLY | os.O_CLOEXEC)
+        for start, length in regions:
+            end = start + length
+            offset = start
+            if self._direct_fd >= 0 and start % DIRECT_ALIGN == 0 and length >= DIRECT_ALIGN:
+                if self._buffer is None:
+                    self._buffer = mmap.mmap(-1, COPY_STEP)
+                offset = _copy_range_direct(self._source_fd, self._direct_fd, start, end - length % DIRECT_ALIGN,
+                                            self._buffer, self._stop)
+                if offset == start:
+                    os.close(self._direct_fd)  # refused: buffered from now on
+                    self._direct_fd = -1
+            _copy_range(self._source_fd, self._fd, offset, end, self._stop)
+
+    def _close(self) -> None:
+        for fd in (self._fd, self._direct_fd, self._source_fd):
+            if fd >= 0:
+                os.close(fd)
+        self._fd = self._direct_fd = self._source_fd = -1
+        if self._buffer is not None:
+            self._buffer.close()
+            self._buffer = None
 
 
 def _remove_if_same(path: Path, info: os.stat_result) -> None:

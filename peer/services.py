@@ -22,7 +22,7 @@ from common.download import DownloadRequest
 from common.errors import DamselflyError, InvalidRequest, PermissionDenied, TaskNotFound
 from common.identity import grpc_identity
 from peer.access import TriggerPolicy, caller_ip, public_url, trigger_refusal
-from peer.dfget_output import copy_to_client, is_temp_name, remove_when_abandoned
+from peer.dfget_output import OutputFill, is_temp_name, remove_when_abandoned
 from peer.download.engine import PIECE_LENGTH_HEADER, RESPONSE_HEADER_PREFIX, Conductor, Engine, progress
 
 if TYPE_CHECKING:
@@ -201,23 +201,37 @@ class DownloadService(_LocalTaskRpcs, _LocalDelete, dfdaemon_pb2_grpc.DfdaemonDo
             output = _check_output_path(request.download.output_path)
         except DamselflyError as exc:
             await rpc.abort(context, exc)
-        conductor = self.engine.download(download)
+        # The client's file, checked and opened before anything is downloaded, fills piece by
+        # piece as the download runs; it is removed again if the download fails or the client
+        # goes away (dfget killed).
+        fill = OutputFill(output) if output is not None else None
+        filled: os.stat_result | None = None
         try:
-            async for response in _download_responses(conductor, self.engine.host_id):
-                yield response
-            await self.engine.check_digest(download, conductor.local)
-            if output is not None:
-                with conductor.local.reader():
-                    # Stops and removes its partial copy if the client goes away (dfget killed).
-                    filled = await copy_to_client(conductor.local.content_path, output)
-                if is_temp_name(output.name):
-                    # A dfget killed after the copy, before it moved the file onto FILE, leaves
-                    # it unlocked: removed then (a living dfget holds it until it is moved).
-                    self._watch(output, filled)
+            if fill is not None:
+                await fill.open()
+            conductor = self.engine.download(download)
+            with conductor.local.reader():
+                if fill is not None:
+                    fill.source = conductor.local.content_path
+                async for response in _download_responses(conductor, self.engine.host_id):
+                    if fill is not None and response.HasField("download_piece_finished_response"):
+                        piece = response.download_piece_finished_response.piece
+                        fill.add(piece.offset, piece.length)
+                    yield response
+                await self.engine.check_digest(download, conductor.local)
+                if fill is not None:
+                    filled = await fill.finish(conductor.local.content_length or 0)
+            if output is not None and filled is not None and is_temp_name(output.name):
+                # A dfget killed after the copy, before it moved the file onto FILE, leaves
+                # it unlocked: removed then (a living dfget holds it until it is moved).
+                self._watch(output, filled)
         except DamselflyError as exc:
             await rpc.abort(context, exc)
         except OSError as exc:
             await context.abort(grpc.StatusCode.INTERNAL, f"cannot write {output}: {exc.strerror}")
+        finally:
+            if fill is not None and filled is None:
+                await fill.discard()
 
     def _watch(self, temp: Path, filled: os.stat_result) -> None:
         watcher = asyncio.ensure_future(remove_when_abandoned(temp, filled))

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import signal
@@ -28,10 +29,13 @@ from common.launcher import LocalCluster, free_port, http_get, sha256_file, wait
 from peer.dfget_output import create_temp, is_temp_name
 from tests.support.cluster import run_dfget, start_dfget, start_network
 from tests.support.registry import write_random_file
+from tests.support.relay import ByteCountingRelay
 
 pytestmark = pytest.mark.integration
 
 MIB = 1 << 20
+FROM_PEERS = 'damselfly_dfdaemon_download_traffic_bytes_total{type="remote_peer"}'
+FROM_ORIGIN = 'damselfly_dfdaemon_download_traffic_bytes_total{type="back_to_source"}'
 # Big enough that the daemon's copy into dfget's file takes a while (8 MiB steps).
 KILL_SIZE = 160 * MIB
 
@@ -75,6 +79,46 @@ def temp_files(directory: Path) -> list[tuple[str, int]]:
 
 def _first_bytes_copied(directory: Path) -> bool:
     return any(size > 0 for _, size in temp_files(directory))
+
+
+def _bytes_in_temp_files(directory: Path) -> int:
+    """Bytes on disk (allocated blocks, not the apparent size) in dfget's temporary files."""
+    total = 0
+    for name, _ in temp_files(directory):
+        with contextlib.suppress(FileNotFoundError):
+            total += os.stat(directory / name).st_blocks * 512
+    return total
+
+
+def test_dfget_file_fills_while_the_download_runs(
+    cluster: LocalCluster, origin: tuple[str, Path], tmp_path: Path
+) -> None:
+    """The daemon copies each piece into dfget's file as soon as it has it, so the end of a
+    download does not wait for a copy of the whole content. Seen from outside: half-way through
+    a download (the origin paced at 8 MiB/s), dfget's temporary file already holds pieces."""
+    base, folder = origin
+    size = 48 * MIB
+    digest = write_random_file(folder / "fill.bin", size, seed=17)
+    host, port = base.removeprefix("http://").split(":")
+    out = tmp_path / "out"
+    out.mkdir()
+    with ByteCountingRelay(host, int(port), rate=8 * MIB) as relay:
+        _, (peer,) = start_network(cluster, ["peer1"])
+        process = start_dfget(peer, f"{relay.url}/fill.bin", out / "fill.bin")
+        try:
+            wait_until(lambda: peer.metrics().get(FROM_PEERS, 0) >= size // 2 or process.poll() is not None, 60,
+                       "the peer to receive half of the content")
+            running = process.poll() is None
+            in_file = _bytes_in_temp_files(out)
+            _, stderr = process.communicate(timeout=120)
+        finally:
+            if process.poll() is None:
+                process.kill()
+    assert process.returncode == 0, stderr
+    assert running, "the download ended before it was half-way: the origin was not paced"
+    assert in_file >= size // 4, f"{in_file / MIB:.1f} MiB in dfget's file half-way through the download"
+    assert sha256_file(out / "fill.bin") == digest
+    assert os.listdir(out) == ["fill.bin"]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
@@ -163,6 +207,41 @@ def test_a_dfget_gone_right_after_the_copy_leaves_no_temporary_file(
     temp.close()  # the client is gone: its lock with it
     wait_until(lambda: temp_files(out) == [], 10, "the daemon to remove the temporary file its dfget left")
     assert os.listdir(out) == []
+
+
+def test_an_output_through_a_symlink_is_refused_before_anything_is_downloaded(
+    cluster: LocalCluster, origin: tuple[str, Path], tmp_path: Path
+) -> None:
+    """A local client names a dfget temporary file that is a symlink to a file it wants the
+    (root) daemon to overwrite. The daemon refuses it as it opens the file, which it does before
+    the download starts: the victim is untouched and no byte is fetched for that request."""
+    base, folder = origin
+    write_random_file(folder / "bait.bin", 8 * MIB, seed=15)
+    _, (peer,) = start_network(cluster, ["peer1"])
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"do not touch")
+    out = tmp_path / "out"
+    out.mkdir()
+    planted = out / ".bait.bin.dfget-0123456789ab"
+    planted.symlink_to(victim)
+    request = dfdaemon_pb2.DownloadTaskRequest(download=DownloadRequest(url=f"{base}/bait.bin").to_proto())
+    request.download.output_path = str(planted)
+
+    async def download() -> grpc.StatusCode:
+        async with grpc.aio.insecure_channel(f"unix://{peer.socket_path}") as channel:
+            try:
+                async for _ in dfdaemon_pb2_grpc.DfdaemonDownloadStub(channel).DownloadTask(request, timeout=60):
+                    pass
+            except grpc.aio.AioRpcError as exc:
+                assert "symbolic link" in (exc.details() or ""), exc.details()
+                return exc.code()
+        return grpc.StatusCode.OK
+
+    assert asyncio.run(download()) == grpc.StatusCode.INVALID_ARGUMENT
+    assert victim.read_bytes() == b"do not touch"
+    assert planted.is_symlink()
+    metrics = peer.metrics()
+    assert metrics.get(FROM_PEERS, 0) == 0 and metrics.get(FROM_ORIGIN, 0) == 0, "the refused request downloaded"
 
 
 def test_recursive_download_of_a_directory_listing(

@@ -916,6 +916,71 @@ def test_copy_into_stops_mid_direct_copy_and_removes_the_file(tmp_path: Path,
     assert not output.exists()
 
 
+def _fill(source: Path, output: Path, regions: list[tuple[int, int]], size: int) -> os.stat_result:
+    async def run() -> os.stat_result:
+        fill = dfget_output.OutputFill(output, source)
+        await fill.open()
+        for offset, length in regions:
+            fill.add(offset, length)
+            await asyncio.sleep(0)  # copies start while more pieces come
+        return await fill.finish(size)
+    return asyncio.run(run())
+
+
+def test_output_fill_copies_pieces_in_any_order_byte_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pieces arrive out of order (rarest first); each is copied in when it is there, and the
+    file ends byte-exact, around the page cache but for the unaligned last piece."""
+    monkeypatch.setattr(dfget_output, "COPY_STEP", 2**20)
+    piece, size = 3 * 2**20 // 2, 5 * 2**20 + 17  # a piece spans two copy steps; the last is short
+    source = tmp_path / "cache.bin"
+    source.write_bytes(os.urandom(size))
+    temp = dfget_output.create_temp(str(tmp_path / "out"))
+    try:
+        regions = [(n * piece, min(piece, size - n * piece)) for n in (3, 0, 2, 1)]
+        info = _fill(source, Path(temp.path), regions, size)
+        assert (info.st_ino, info.st_size) == (os.stat(temp.path).st_ino, 0)  # written in place
+        if _takes_direct_writes(tmp_path):
+            assert _resident_pages(Path(temp.path)) <= 1  # the unaligned tail
+        assert hashlib.sha256(Path(temp.path).read_bytes()).digest() == hashlib.sha256(source.read_bytes()).digest()
+    finally:
+        temp.remove()
+
+
+def test_output_fill_discarded_mid_copy_removes_the_file_and_closes_after_the_thread(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The client went away (or the download failed) while a piece was being copied: the copy
+    stops, the file goes, and its descriptors close only once the copying thread let go."""
+    monkeypatch.setattr(dfget_output, "COPY_STEP", 2**20)
+    source = tmp_path / "cache.bin"
+    source.write_bytes(os.urandom(8 * 2**20))
+    output = tmp_path / ".out.dfget-0123456789ab"
+    output.touch()
+    in_copy, release = threading.Event(), threading.Event()
+    real_copy_range = dfget_output._copy_range
+
+    def slow_copy_range(src_fd: int, fd: int, start: int, end: int, stop: threading.Event) -> None:
+        in_copy.set()
+        release.wait(10)
+        real_copy_range(src_fd, fd, start, end, stop)
+
+    monkeypatch.setattr(dfget_output, "_copy_range", slow_copy_range)
+
+    async def run() -> list[int]:
+        fill = dfget_output.OutputFill(output, source)
+        await fill.open()
+        fill.add(0, 4 * 2**20 + 1)  # direct head, then the (slow) buffered tail
+        await asyncio.to_thread(in_copy.wait, 10)
+        discarding = asyncio.ensure_future(fill.discard())
+        await asyncio.sleep(0.05)
+        assert not discarding.done()  # it waits for the thread
+        release.set()
+        await discarding
+        return [fill._fd, fill._direct_fd, fill._source_fd]
+
+    assert asyncio.run(run()) == [-1, -1, -1]
+    assert not output.exists()
+
+
 def test_copy_into_creates_a_missing_file(cached: Path, tmp_path: Path) -> None:
     directory = tmp_path / "users"
     directory.mkdir()
@@ -992,49 +1057,23 @@ def test_stopped_copy_removes_what_it_wrote(cached: Path, tmp_path: Path) -> Non
     assert not output.exists()
 
 
-def _cancel_once_copying(copy: dfget_output.Copier, started: threading.Event, source: Path, output: Path) -> None:
-    """Run copy_to_client with `copy`, cancel it (the client went away) once `copy` has started."""
+def test_output_fill_discarded_once_it_copied_everything_removes_the_file(cached: Path, tmp_path: Path) -> None:
+    """The client went away (or the digest check failed) after every piece was copied in."""
+    output = tmp_path / ".out.dfget-0123456789ab"
+    output.write_bytes(b"")
+
+    size, content = cached.stat().st_size, cached.read_bytes()
 
     async def scenario() -> None:
-        task = asyncio.create_task(dfget_output.copy_to_client(source, output, copy))
-        await asyncio.to_thread(started.wait, 30)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        fill = dfget_output.OutputFill(output, cached)
+        await fill.open()
+        fill.add(0, size)
+        while fill._copying is not None and not fill._copying.done():
+            await asyncio.shield(fill._copying)
+        assert await asyncio.to_thread(output.read_bytes) == content
+        await fill.discard()
 
     asyncio.run(scenario())
-
-
-def test_cancelled_copy_to_client_stops_the_copy_and_waits_for_its_cleanup(cached: Path, tmp_path: Path) -> None:
-    output = tmp_path / ".out.dfget-0123456789ab"
-    output.write_bytes(b"")
-    started, finished = threading.Event(), threading.Event()
-
-    def copy_until_stopped(source: Path, out: Path, stop: threading.Event) -> os.stat_result:
-        started.set()
-        stop.wait(30)
-        try:
-            return dfget_output.copy_into(source, out, stop)  # sees stop: removes the file, raises
-        finally:
-            finished.set()
-
-    _cancel_once_copying(copy_until_stopped, started, cached, output)
-    assert finished.is_set(), "copy_to_client re-raised before the copy had cleaned up"
-    assert entries(tmp_path) == ["cache.bin"]
-
-
-def test_copy_that_finished_as_the_client_went_away_is_removed(cached: Path, tmp_path: Path) -> None:
-    output = tmp_path / ".out.dfget-0123456789ab"
-    output.write_bytes(b"")
-    started = threading.Event()
-
-    def copy_then_finish_late(source: Path, out: Path, stop: threading.Event) -> os.stat_result:
-        info = dfget_output.copy_into(source, out, threading.Event())  # the whole copy
-        started.set()
-        stop.wait(30)  # the client went away just as it finished
-        return info
-
-    _cancel_once_copying(copy_then_finish_late, started, cached, output)
     assert entries(tmp_path) == ["cache.bin"]
 
 
