@@ -245,14 +245,18 @@ def copy_into(source: Path, output: Path, stop: threading.Event) -> os.stat_resu
     """
     fd, info = open_client_file(output)
     try:
-        try:
-            _copy_steps(source, fd, stop)
-        except BaseException:
-            _remove_if_same(output, info)
-            raise
-        return info
+        with open(source, "rb") as src:
+            copier = _RegionCopier(src.fileno(), fd, stop)
+            try:
+                copier.copy(0, os.fstat(src.fileno()).st_size)
+            finally:
+                copier.close()
+    except BaseException:
+        _remove_if_same(output, info)
+        raise
     finally:
         os.close(fd)
+    return info
 
 
 def open_client_file(output: Path) -> tuple[int, os.stat_result]:
@@ -328,58 +332,13 @@ def _new_file_owner(output: Path) -> tuple[int, int] | None:
     return info.st_uid, info.st_gid
 
 
-def _copy_steps(source: Path, fd: int, stop: threading.Event) -> None:
-    """Copy `source` into `fd`: a reflink where the file system shares extents, else around the
-    page cache (``O_DIRECT``) where it can, else in the kernel (``copy_file_range``).
-
-    The node's cache already holds these bytes in memory; a second cached copy would double the
-    memory a download takes (a 5 GB image: 10 GB of page cache) and allocating it is the dearest
-    part of a copy (docs/benchmarks.md: 0.7 CPU-s per 256 MiB through the page cache, 0.05 direct).
-    """
-    with open(source, "rb") as src:
-        size = os.fstat(src.fileno()).st_size
-        if size == 0 or _reflink(src.fileno(), fd):
-            return
-        offset = _copy_direct(src.fileno(), fd, size, stop)
-        _copy_range(src.fileno(), fd, offset, size, stop)
-
-
 def _check_stop(stop: threading.Event, offset: int, size: int) -> None:
     if stop.is_set():
         raise DownloadFailed(f"the client went away after {offset} of {size} bytes were copied")
 
 
-# FICLONE: make the destination share the source's extents (btrfs, XFS with reflink, bcachefs).
-_FICLONE = 0x40049409
 # O_DIRECT transfers are whole multiples of this (any block device's logical block divides it).
 DIRECT_ALIGN = 4096
-
-
-def _reflink(src_fd: int, fd: int) -> bool:
-    """Whether the file system cloned the whole source into `fd` (no bytes copied at all)."""
-    try:
-        fcntl.ioctl(fd, _FICLONE, src_fd)
-    except OSError:
-        return False  # ext4, tmpfs, another device: copy instead
-    return True
-
-
-def _copy_direct(src_fd: int, fd: int, size: int, stop: threading.Event) -> int:
-    """Copy the block-aligned head of the source with ``O_DIRECT`` writes; the bytes copied.
-
-    0 when the file system takes no direct writes (then the caller copies everything). The
-    unaligned tail is left to the caller, with ``O_DIRECT`` turned off again.
-    """
-    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-    try:
-        fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)
-    except OSError:
-        return 0
-    try:
-        with mmap.mmap(-1, COPY_STEP) as buffer:  # page-aligned, as O_DIRECT wants
-            return _copy_range_direct(src_fd, fd, 0, size - size % DIRECT_ALIGN, buffer, stop)
-    finally:
-        fcntl.fcntl(fd, fcntl.F_SETFL, flags)
 
 
 def _copy_range_direct(src_fd: int, direct_fd: int, start: int, end: int, buffer: mmap.mmap,
@@ -424,14 +383,58 @@ def _copy_range(src_fd: int, fd: int, start: int, end: int, stop: threading.Even
         offset += copied
 
 
+class _RegionCopier:
+    """Copies regions of the cache's content file into the client's file (in a worker thread).
+
+    The node's cache already holds these bytes in memory; a second cached copy would double the
+    memory a download takes (a 5 GB image: 10 GB of page cache), and on a VM that returns free
+    memory to its host new page cache is the dearest part of a copy (docs/benchmarks.md: 0.7
+    CPU-s per 256 MiB through the page cache, 0.05 around it). So block-aligned parts are written
+    around the page cache (``O_DIRECT``, through a page-aligned buffer), and the rest in the
+    kernel (``copy_file_range``), as is everything where the file system takes no direct writes.
+    """
+
+    def __init__(self, source_fd: int, fd: int, stop: threading.Event) -> None:
+        self._source_fd = source_fd
+        self._fd = fd
+        self._stop = stop
+        try:  # a second open file description: O_DIRECT on it leaves `fd` as it is
+            self._direct_fd = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_CLOEXEC | os.O_DIRECT)
+        except OSError:
+            self._direct_fd = -1  # no /proc, or no direct writes here
+        self._buffer: mmap.mmap | None = None
+
+    def copy(self, start: int, end: int) -> None:
+        """Copy [start, end) of the content."""
+        offset = start
+        if self._direct_fd >= 0 and start % DIRECT_ALIGN == 0 and end - start >= DIRECT_ALIGN:
+            if self._buffer is None:
+                self._buffer = mmap.mmap(-1, COPY_STEP)
+            offset = _copy_range_direct(self._source_fd, self._direct_fd, start, end - (end - start) % DIRECT_ALIGN,
+                                        self._buffer, self._stop)
+            if offset == start:
+                os.close(self._direct_fd)  # refused: in the kernel from now on
+                self._direct_fd = -1
+        _copy_range(self._source_fd, self._fd, offset, end, self._stop)
+
+    def close(self) -> None:
+        """Close what the copier opened (not the two files it was given)."""
+        if self._direct_fd >= 0:
+            os.close(self._direct_fd)
+            self._direct_fd = -1
+        if self._buffer is not None:
+            self._buffer.close()
+            self._buffer = None
+
+
 class OutputFill:
     """The client's file, filled piece by piece while the download runs (the daemon's side).
 
     A piece is copied in as soon as the cache has it, so the end of a download waits for the last
     pieces only, not for a copy of the whole content (sixteen nodes finishing a 256 MiB download
     at once on the swarm bench spent 2.7 s on it). The file is opened as :func:`open_client_file`
-    says, before the download's bytes; aligned regions are written around the page cache as in
-    :func:`copy_into`. One thread copies at a time. :meth:`finish` returns the file's identity;
+    says, before the download's bytes; regions are copied by :class:`_RegionCopier`. One thread
+    copies at a time. :meth:`finish` returns the file's identity;
     :meth:`discard` stops and removes what was written (the client went away, the download
     failed).
     """
@@ -441,9 +444,8 @@ class OutputFill:
         self.source = source  # the cache's content file: set before the first add()
         self.info: os.stat_result | None = None
         self._fd = -1
-        self._direct_fd = -1  # the same file opened O_DIRECT; -1 where the file system refuses
         self._source_fd = -1
-        self._buffer: mmap.mmap | None = None
+        self._copier: _RegionCopier | None = None  # made with the first copy
         self._pending: list[tuple[int, int]] = []
         self._copying: asyncio.Future[None] | None = None
         self._stop = threading.Event()
@@ -451,10 +453,6 @@ class OutputFill:
     async def open(self) -> None:
         """Open (or create) the client's file, with every check; raises InvalidRequest."""
         self._fd, self.info = await asyncio.to_thread(open_client_file, self.output)
-        try:
-            self._direct_fd = os.open(f"/proc/self/fd/{self._fd}", os.O_WRONLY | os.O_CLOEXEC | os.O_DIRECT)
-        except OSError:
-            self._direct_fd = -1  # no /proc, or no direct writes here: buffered copies
 
     def add(self, offset: int, length: int) -> None:
         """Copy this region of the content in, soon (in the background)."""
@@ -501,30 +499,21 @@ class OutputFill:
             await asyncio.to_thread(self._copy_regions, regions)
 
     def _copy_regions(self, regions: list[tuple[int, int]]) -> None:
-        if self._source_fd < 0:
+        if self._copier is None:
             assert self.source is not None, "add() before the source is known"
             self._source_fd = os.open(self.source, os.O_RDONLY | os.O_CLOEXEC)
+            self._copier = _RegionCopier(self._source_fd, self._fd, self._stop)
         for start, length in regions:
-            end = start + length
-            offset = start
-            if self._direct_fd >= 0 and start % DIRECT_ALIGN == 0 and length >= DIRECT_ALIGN:
-                if self._buffer is None:
-                    self._buffer = mmap.mmap(-1, COPY_STEP)
-                offset = _copy_range_direct(self._source_fd, self._direct_fd, start, end - length % DIRECT_ALIGN,
-                                            self._buffer, self._stop)
-                if offset == start:
-                    os.close(self._direct_fd)  # refused: buffered from now on
-                    self._direct_fd = -1
-            _copy_range(self._source_fd, self._fd, offset, end, self._stop)
+            self._copier.copy(start, start + length)
 
     def _close(self) -> None:
-        for fd in (self._fd, self._direct_fd, self._source_fd):
+        if self._copier is not None:
+            self._copier.close()
+            self._copier = None
+        for fd in (self._fd, self._source_fd):
             if fd >= 0:
                 os.close(fd)
-        self._fd = self._direct_fd = self._source_fd = -1
-        if self._buffer is not None:
-            self._buffer.close()
-            self._buffer = None
+        self._fd = self._source_fd = -1
 
 
 def _remove_if_same(path: Path, info: os.stat_result) -> None:

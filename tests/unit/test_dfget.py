@@ -975,9 +975,9 @@ def test_output_fill_discarded_mid_copy_removes_the_file_and_closes_after_the_th
         assert not discarding.done()  # it waits for the thread
         release.set()
         await discarding
-        return [fill._fd, fill._direct_fd, fill._source_fd]
+        return [fill._fd, fill._source_fd, fill._copier]  # the copier closes its O_DIRECT descriptor
 
-    assert asyncio.run(run()) == [-1, -1, -1]
+    assert asyncio.run(run()) == [-1, -1, None]
     assert not output.exists()
 
 
