@@ -77,7 +77,8 @@ class Daemon:
         self.tls = tls_from_config(config)  # ConfigError at start-up when a TLS file is wrong
         self.metrics = DaemonMetrics()
         self.host_id = ids.host_id(config.host_ip, config.hostname, seed=config.seed)
-        self.store = PieceStore(Path(config.data_dir), metrics=self.metrics)
+        self.store = PieceStore(Path(config.data_dir), metrics=self.metrics,
+                                page_cache_window=config.page_cache_window)
         self.piece_server = PieceServer(self.store, upload_slots=config.effective_upload_slots,
                                         metrics=self.metrics, rate_limit=config.upload_rate_limit,
                                         min_rate=config.upload_min_rate, swarm_slots=config.swarm_upload_slots,

@@ -718,6 +718,7 @@ class PieceServer:
                 # writer, so ending the response here (nothing left to write) completes it and
                 # keeps the connection reusable.
                 await response.write_eof()
+                task.after_upload(file.fileno(), span)
             except (ConnectionError, OSError) as exc:
                 # The peer went away or stalled (or read slower than the minimum rate), or the
                 # disk failed mid-piece: the response cannot be completed, so the connection is

@@ -10,7 +10,6 @@ tests run dfget against the real daemon.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import errno
 import hashlib
 import io
@@ -36,6 +35,7 @@ from dragonfly_api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc
 
 from common.errors import DownloadFailed, InvalidRequest
 from peer import dfget, dfget_listing, dfget_output
+from tests.support.page_cache import resident_pages
 
 REPO = Path(__file__).resolve().parents[2]
 URL = "http://origin.example/files/blob.bin"
@@ -841,26 +841,6 @@ def test_copy_into_keeps_the_clients_file(cached: Path, tmp_path: Path, monkeypa
         temp.remove()
 
 
-def _resident_pages(path: Path) -> int:
-    """How many of the file's pages are in the page cache (mincore over a mapping of it)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
-    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    size = path.stat().st_size
-    pages = -(-size // mmap.PAGESIZE)
-    with open(path, "rb") as file:
-        address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, file.fileno(), 0)
-        assert address not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
-        try:
-            vector = ctypes.create_string_buffer(pages)
-            assert libc.mincore(address, size, vector) == 0, os.strerror(ctypes.get_errno())
-            return sum(byte & 1 for byte in vector.raw)
-        finally:
-            libc.munmap(address, size)
-
-
 def _takes_direct_writes(directory: Path) -> bool:
     try:
         fd = os.open(directory / "direct-probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o600)
@@ -884,7 +864,7 @@ def test_copy_into_leaves_no_second_copy_in_the_page_cache(tmp_path: Path, size:
     temp = dfget_output.create_temp(str(tmp_path / "out"))
     try:
         dfget_output.copy_into(source, Path(temp.path), threading.Event())
-        resident = _resident_pages(Path(temp.path))
+        resident = resident_pages(Path(temp.path))
         tail_pages = -(-(size % dfget_output.DIRECT_ALIGN) // mmap.PAGESIZE)
         assert resident <= tail_pages, f"{resident} pages of the copy are cached"
         assert hashlib.sha256(Path(temp.path).read_bytes()).digest() == hashlib.sha256(source.read_bytes()).digest()
@@ -940,7 +920,7 @@ def test_output_fill_copies_pieces_in_any_order_byte_exact(tmp_path: Path, monke
         info = _fill(source, Path(temp.path), regions, size)
         assert (info.st_ino, info.st_size) == (os.stat(temp.path).st_ino, 0)  # written in place
         if _takes_direct_writes(tmp_path):
-            assert _resident_pages(Path(temp.path)) <= 1  # the unaligned tail
+            assert resident_pages(Path(temp.path)) <= 1  # the unaligned tail
         assert hashlib.sha256(Path(temp.path).read_bytes()).digest() == hashlib.sha256(source.read_bytes()).digest()
     finally:
         temp.remove()

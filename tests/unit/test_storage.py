@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import mmap
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -23,7 +24,8 @@ from common.errors import (
 )
 from common.pieces import piece_span
 from peer.metrics import DaemonMetrics
-from peer.storage.store import LocalTask, PieceStore
+from peer.storage.store import LocalTask, PieceStore, _DropBehind
+from tests.support.page_cache import drops_cached_pages, resident_pages
 
 TASK = "ab" + "c" * 62
 OTHER = "0" * 64
@@ -479,3 +481,64 @@ async def test_scrub_drops_pieces_changed_on_disk(tmp_path: Path) -> None:
     third.load()
     assert third.require(TASK).finished_pieces() == [0, 1, 3]
     assert await third.verify_all() == 0
+
+
+# ---- the page cache: a task's latest pieces only ----------------------------------------------
+
+
+def test_drop_behind_keeps_the_latest_window_of_pieces() -> None:
+    window = _DropBehind(30)
+    for offset in (0, 10, 20):
+        window.completed(offset, 10)
+    assert window.take_due() == []
+    window.completed(30, 10)
+    window.completed(40, 10)
+    assert window.take_due() == [(0, 10), (10, 10)]  # oldest first, once
+    assert window.take_due() == []
+    assert window.is_old(0) and not window.is_old(40)
+
+
+def test_drop_behind_with_no_window_keeps_everything() -> None:
+    window = _DropBehind(0)
+    for offset in range(0, 100, 10):
+        window.completed(offset, 10)
+    assert window.take_due() == []
+    assert not window.is_old(0)
+
+
+@pytest.mark.parametrize("window_pieces", [2, 0])
+async def test_old_pieces_leave_the_page_cache_and_stay_on_disk(tmp_path: Path, window_pieces: int) -> None:
+    if not drops_cached_pages(tmp_path):
+        pytest.skip("this file system keeps clean pages in memory whatever it is advised")
+    store = PieceStore(tmp_path, metrics=DaemonMetrics(), page_cache_window=window_pieces * PIECE)
+    store.load()
+    data = content_bytes(8 * PIECE)
+    task = new_task(store, data)
+    await write_all(task, data)
+    pages_per_piece = PIECE // mmap.PAGESIZE
+    resident = resident_pages(task.content_path)
+    if window_pieces:
+        assert resident <= window_pieces * pages_per_piece  # 8 pieces written, the last 2 kept
+    else:
+        assert resident == 8 * pages_per_piece
+    assert hashlib.sha256(task.content_path.read_bytes()).digest() == hashlib.sha256(data).digest()
+
+
+async def test_an_old_piece_sent_to_a_child_leaves_the_page_cache_again(tmp_path: Path) -> None:
+    if not drops_cached_pages(tmp_path):
+        pytest.skip("this file system keeps clean pages in memory whatever it is advised")
+    store = PieceStore(tmp_path, metrics=DaemonMetrics(), page_cache_window=2 * PIECE)
+    store.load()
+    data = content_bytes(4 * PIECE)
+    task = new_task(store, data)
+    await write_all(task, data)
+    with open(task.content_path, "rb") as file:  # noqa: ASYNC230 - a test's small read
+        assert os.pread(file.fileno(), PIECE, 0) == piece_bytes(data, 0)  # read back from disk
+        before = resident_pages(task.content_path)
+        task.after_upload(file.fileno(), task.span(0))  # old: dropped again
+        after_old = resident_pages(task.content_path)
+        task.after_upload(file.fileno(), task.span(3))  # among the latest: kept
+        after_recent = resident_pages(task.content_path)
+    pages_per_piece = PIECE // mmap.PAGESIZE
+    assert before - after_old == pages_per_piece
+    assert after_recent == after_old
