@@ -40,7 +40,7 @@ from dragonfly_api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc
 
 from common import ids
 from common.clock import Clock
-from common.digest import file_digest, parse_digest
+from common.digest import parse_digest
 from common.download import DownloadRequest
 from common.errors import (
     ContentDigestMismatch,
@@ -983,7 +983,7 @@ class Conductor:
         algorithm, _ = parse_digest(expected)
         if algorithm not in ("sha256", "sha512"):
             return
-        actual = await asyncio.to_thread(file_digest, self.local.content_path, algorithm)
+        actual = await asyncio.to_thread(self.local.content_digest, algorithm)
         if actual != expected:
             await self.engine.store.delete(self.task_id)
             raise ContentDigestMismatch(expected, actual)
@@ -1083,7 +1083,7 @@ class Engine:
             return  # the conductor verified local.digest already
         algorithm, _ = parse_digest(wanted)
         with local.reader():
-            actual = await asyncio.to_thread(file_digest, local.content_path, algorithm)
+            actual = await asyncio.to_thread(local.content_digest, algorithm)
         if actual != wanted:
             raise ContentDigestMismatch(wanted, actual)
 

@@ -40,7 +40,7 @@ from typing import Any, TypeVar
 import msgpack  # type: ignore[import-untyped]
 
 from common.clock import Clock, SystemClock
-from common.digest import PIECE_DIGEST_ALGORITHM, Hasher, format_digest, new_piece_hasher
+from common.digest import PIECE_DIGEST_ALGORITHM, Hasher, format_digest, new_hasher, new_piece_hasher
 from common.errors import (
     DamselflyError,
     DiskFull,
@@ -67,6 +67,8 @@ METADATA_FILE = "metadata"
 # Chunks at least this big are written and hashed in a worker thread, so the event loop stays
 # free; smaller ones cost less than the hand-off.
 THREAD_WRITE_THRESHOLD = 256 * 1024
+# Bytes read at once when the whole content is hashed (one buffer, reused).
+CONTENT_READ_BUFFER = 4 * 1024 * 1024
 
 # A task's most recently completed pieces kept in the page cache by default (see
 # :class:`_DropBehind`): what its children and local readers ask for next.
@@ -394,6 +396,28 @@ class LocalTask:
                 _drop_from_page_cache(fd, due)
             finally:
                 os.close(fd)
+
+    def content_digest(self, algorithm: str) -> str:
+        """``algo:hex`` of the whole content, read piece by piece; a piece out of the page cache
+        window leaves it again once hashed (the check at the end of a download would otherwise
+        bring every dropped piece back into memory). Blocking: call it in a thread."""
+        content_length, piece_length = self._sizes()
+        hasher = new_hasher(algorithm)
+        buffer = memoryview(bytearray(min(piece_length, CONTENT_READ_BUFFER) or 1))
+        with open(self.content_path, "rb") as file:
+            fd = file.fileno()
+            for number in range(piece_count(content_length, piece_length)):
+                span = piece_span(number, content_length, piece_length)
+                offset = span.offset
+                while offset < span.end:
+                    read = os.preadv(fd, [buffer[:min(len(buffer), span.end - offset)]], offset)
+                    if read == 0:
+                        raise StorageError(f"task {self.task_id}: content file ends at {offset}")
+                    hasher.update(buffer[:read])
+                    offset += read
+                if self._drop_behind.is_old(span.offset):
+                    _drop_from_page_cache(fd, [(span.offset, span.length)])
+        return format_digest(algorithm, hasher)
 
     def after_upload(self, fd: int, span: PieceSpan) -> None:
         """A piece was sent to another host from `fd`: an old one (out of the page cache window)

@@ -542,3 +542,16 @@ async def test_an_old_piece_sent_to_a_child_leaves_the_page_cache_again(tmp_path
     pages_per_piece = PIECE // mmap.PAGESIZE
     assert before - after_old == pages_per_piece
     assert after_recent == after_old
+
+
+async def test_the_content_digest_leaves_old_pieces_out_of_the_page_cache(tmp_path: Path) -> None:
+    if not drops_cached_pages(tmp_path):
+        pytest.skip("this file system keeps clean pages in memory whatever it is advised")
+    store = PieceStore(tmp_path, metrics=DaemonMetrics(), page_cache_window=2 * PIECE)
+    store.load()
+    data = content_bytes(8 * PIECE + 1000)  # a short last piece
+    task = new_task(store, data)
+    await write_all(task, data)
+    assert await asyncio.to_thread(task.content_digest, "sha256") == "sha256:" + hashlib.sha256(data).hexdigest()
+    # what the check read of the 7 older pieces went out again; the 2 latest stay
+    assert resident_pages(task.content_path) <= 2 * (PIECE // mmap.PAGESIZE) + 1
