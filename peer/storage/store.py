@@ -166,28 +166,26 @@ class _DropBehind:
         self._recent: deque[tuple[int, int]] = deque()
         self._recent_offsets: set[int] = set()
         self._recent_bytes = 0
-        self._due: list[tuple[int, int]] = []
 
-    def completed(self, offset: int, length: int) -> None:
+    def completed(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """A piece is complete: the spans (offset, length) of the pieces it pushes out of the
+        window, oldest first, to drop now."""
         if self._window <= 0:
-            return
+            return []
         self._recent.append((offset, length))
         self._recent_offsets.add(offset)
         self._recent_bytes += length
+        leaving = []
         while self._recent_bytes > self._window:
             span = self._recent.popleft()
             self._recent_offsets.discard(span[0])
             self._recent_bytes -= span[1]
-            self._due.append(span)
+            leaving.append(span)
+        return leaving
 
     def is_old(self, offset: int) -> bool:
-        """Whether the piece at `offset` is complete and out of the window (dropped once already)."""
+        """Whether a complete piece at `offset` is out of the window (dropped once already)."""
         return self._window > 0 and offset not in self._recent_offsets
-
-    def take_due(self) -> list[tuple[int, int]]:
-        """The spans to drop now, each handed out once."""
-        due, self._due = self._due, []
-        return due
 
 
 class _PieceFile:
@@ -383,19 +381,19 @@ class LocalTask:
 
     # ---- pieces ------------------------------------------------------------------------------
 
-    def _drop_due(self) -> None:
+    def _drop_spans(self, spans: list[tuple[int, int]]) -> None:
         # On the loop: dropping a flushed 4 MiB piece takes ~0.25 ms, once per piece; a worker
         # thread's hand-off and wake-up would cost about as much.
-        due = self._drop_behind.take_due()
-        if due:
-            try:
-                fd = os.open(self.content_path, os.O_RDONLY | os.O_CLOEXEC)
-            except OSError:
-                return
-            try:
-                _drop_from_page_cache(fd, due)
-            finally:
-                os.close(fd)
+        if not spans:
+            return
+        try:
+            fd = os.open(self.content_path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            _drop_from_page_cache(fd, spans)
+        finally:
+            os.close(fd)
 
     def content_digest(self, algorithm: str) -> str:
         """``algo:hex`` of the whole content, read piece by piece; a piece out of the page cache
@@ -403,7 +401,7 @@ class LocalTask:
         bring every dropped piece back into memory). Blocking: call it in a thread."""
         content_length, piece_length = self._sizes()
         hasher = new_hasher(algorithm)
-        buffer = memoryview(bytearray(min(piece_length, CONTENT_READ_BUFFER) or 1))
+        buffer = memoryview(bytearray(min(piece_length, CONTENT_READ_BUFFER)))
         with open(self.content_path, "rb") as file:
             fd = file.fileno()
             for number in range(piece_count(content_length, piece_length)):
@@ -578,8 +576,7 @@ class LocalTask:
                 self._check_alive()
                 self._pieces[number] = digest
                 self._order.append(number)
-                self._drop_behind.completed(span.offset, span.length)
-                self._drop_due()
+                self._drop_spans(self._drop_behind.completed(span.offset, span.length))
                 self._used += span.length
                 self._store._add_used(span.length)
                 self._notify()

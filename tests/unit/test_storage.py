@@ -489,20 +489,17 @@ async def test_scrub_drops_pieces_changed_on_disk(tmp_path: Path) -> None:
 def test_drop_behind_keeps_the_latest_window_of_pieces() -> None:
     window = _DropBehind(30)
     for offset in (0, 10, 20):
-        window.completed(offset, 10)
-    assert window.take_due() == []
-    window.completed(30, 10)
-    window.completed(40, 10)
-    assert window.take_due() == [(0, 10), (10, 10)]  # oldest first, once
-    assert window.take_due() == []
+        assert window.completed(offset, 10) == []
+    assert window.completed(30, 10) == [(0, 10)]
+    assert window.completed(40, 10) == [(10, 10)]  # oldest first, once each
+    assert window.completed(50, 5) == [(20, 10)]  # 25 bytes left in the window
     assert window.is_old(0) and not window.is_old(40)
 
 
 def test_drop_behind_with_no_window_keeps_everything() -> None:
     window = _DropBehind(0)
     for offset in range(0, 100, 10):
-        window.completed(offset, 10)
-    assert window.take_due() == []
+        assert window.completed(offset, 10) == []
     assert not window.is_old(0)
 
 
