@@ -36,6 +36,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import shutil
 import signal
 import statistics
@@ -135,6 +136,8 @@ class Run:
     seconds: float  # until the last command ended
     first: float  # until the first command ended
     cpu: float  # busy share of all CPUs meanwhile
+    busy_seconds: float  # CPU seconds the machine was busy meanwhile
+    commands_cpu: tuple[float, float]  # (user, system) CPU seconds of the commands themselves
     outcomes: list[tuple[int, str]]  # exit code and stderr of each command
     times: list[float] = field(default_factory=list)  # seconds until each command ended, in order
 
@@ -142,6 +145,7 @@ class Run:
 def run_all(commands: list[list[str]]) -> Run:
     """Start every command at once and wait for all of them."""
     busy0, total0 = cpu_times()
+    children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.monotonic()
     procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
              for cmd in commands]
@@ -157,7 +161,10 @@ def run_all(commands: list[list[str]]) -> Run:
         with ThreadPoolExecutor(len(procs)) as pool:
             finished = list(pool.map(wait, procs))
         busy1, total1 = cpu_times()
+        children1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         return Run(max(ended), min(ended), (busy1 - busy0) / max(total1 - total0, 1),
+                   (busy1 - busy0) / os.sysconf("SC_CLK_TCK"),
+                   (children1.ru_utime - children0.ru_utime, children1.ru_stime - children0.ru_stime),
                    [(code, err) for code, err, _ in finished], [elapsed for _, _, elapsed in finished])
     finally:
         for proc in procs:
@@ -403,6 +410,35 @@ def process_cpu_seconds(pid: int) -> float:
     return (utime + stime + cutime + cstime) / os.sysconf("SC_CLK_TCK")
 
 
+def process_user_system_seconds(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process, children included, from /proc/<pid>/stat."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2:].split()
+    utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
+    tick = os.sysconf("SC_CLK_TCK")
+    return (utime + cutime) / tick, (stime + cstime) / tick
+
+
+def cpu_by_role(nodes: list[Node]) -> dict[str, tuple[float, float]]:
+    """(user, system) CPU seconds so far of the scheduler, the seeds and the other dfdaemons."""
+    split: dict[str, tuple[float, float]] = {}
+    for node in nodes:
+        if node.process is None or not node.alive:
+            continue
+        role = "nodes" if node.kind == "dfdaemon" else node.kind
+        user, system = process_user_system_seconds(node.process.pid)
+        u0, s0 = split.get(role, (0.0, 0.0))
+        split[role] = (u0 + user, s0 + system)
+    return split
+
+
+def cpu_split_between(before: dict[str, tuple[float, float]],
+                      after: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+    """Each role's (user, system) CPU seconds from `before` to `after`."""
+    return {role: (user - before.get(role, (0.0, 0.0))[0], system - before.get(role, (0.0, 0.0))[1])
+            for role, (user, system) in after.items()}
+
+
 def daemons_cpu_seconds(nodes: list[Node]) -> float:
     """CPU seconds used so far by every running daemon of `nodes` (scheduler and seed included)."""
     total = 0.0
@@ -433,6 +469,17 @@ class SwarmResult:
     cpu_seconds: float  # of all daemons (scheduler, seed, nodes) during the downloads
     busy: float  # share of the machine's CPU busy during the downloads
     ok: int
+    cpu_split: dict[str, tuple[float, float]] = field(default_factory=dict)  # role: (user, system) CPU s
+    machine_busy_seconds: float = 0.0  # CPU seconds the whole machine was busy during the downloads
+    dfget_cpu: tuple[float, float] = (0.0, 0.0)  # (user, system) CPU seconds of the N dfgets
+
+    def cpu_split_line(self) -> str:
+        """Where the row's CPU went: each role's user/system seconds, and everything else."""
+        split = {**self.cpu_split, "dfget": self.dfget_cpu}
+        parts = [f"{role} {u:.1f}+{s:.1f}" for role, (u, s) in sorted(split.items())]
+        rest = self.machine_busy_seconds - sum(u + s for u, s in split.values())
+        return (f"    CPU s (user+system): {', '.join(parts)}; everything else (kernel threads, bench) {rest:.1f}; "
+                f"machine {self.machine_busy_seconds:.1f}")
 
     @property
     def p50(self) -> float:
@@ -488,6 +535,7 @@ def swarm_row(n: int, size: int, url: str, digest: str, relay: ByteCountingRelay
         relay.reset()
         link0 = link_tx_bytes(ORIGIN_NS, "v-origin")
         cpu0 = daemons_cpu_seconds(cluster.nodes)
+        roles0 = cpu_by_role(cluster.nodes)
         seed_upload: list[float] = []  # read just before the seed is killed, if it is
 
         def kill_seed() -> None:
@@ -502,6 +550,7 @@ def swarm_row(n: int, size: int, url: str, digest: str, relay: ByteCountingRelay
             killer.cancel()
             killer.join()
         cpu1 = daemons_cpu_seconds(cluster.nodes)
+        roles1 = cpu_by_role(cluster.nodes)
         link1 = link_tx_bytes(ORIGIN_NS, "v-origin")
         origin = relay.bytes_from_target
         ok = check_copies(outputs, run.outcomes, digest, label)
@@ -510,7 +559,8 @@ def swarm_row(n: int, size: int, url: str, digest: str, relay: ByteCountingRelay
             origin_relay=origin, origin_link=link1 - link0,
             seed_upload=seed_upload[0] if seed_upload else seed.metrics().get(_UPLOADED, 0.0),
             peer_uploads=[node.metrics().get(_UPLOADED, 0.0) for node in daemons], cpu_seconds=cpu1 - cpu0,
-            busy=run.cpu, ok=ok)
+            busy=run.cpu, ok=ok, cpu_split=cpu_split_between(roles0, roles1),
+            machine_busy_seconds=run.busy_seconds, dfget_cpu=run.commands_cpu)
     finally:
         stop_cluster(cluster)
 
@@ -566,6 +616,7 @@ def swarm_main(args: argparse.Namespace, counts: list[int], sizes: list[int]) ->
                                   kill_seed_at=args.kill_seed_at)
                     results.append(r)
                     print(swarm_line(r, args.tls), flush=True)
+                    print(r.cpu_split_line(), flush=True)
     except KeyboardInterrupt:
         print("interrupted; cleaning up", file=sys.stderr)
         interrupted = True
