@@ -357,7 +357,7 @@ class DfdaemonConfig(LoggingConfig):
                                                    "more are closed at once", minimum=1)
     task_ttl: float = option("6h", "evict a completed task not read for this long", parse_duration)
     cache_quota: int = option(0, "cache size limit (0: no quota, only the disk)", parse_size)
-    page_cache_window: int = option("64MiB", "a task's latest pieces kept in the page cache; older ones are "
+    page_cache_window: int = option("32MiB", "a task's latest pieces kept in the page cache; older ones are "
                                     "dropped from it once on disk (0: keep every piece)", parse_size)
     gc_high_watermark: float = option(0.9, "start evicting at this fraction of the quota", minimum=0.0)
     gc_low_watermark: float = option(0.7, "evict down to this fraction of the quota", minimum=0.0)
