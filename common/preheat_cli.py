@@ -33,11 +33,12 @@ import grpc
 from dragonfly_api import scheduler_pb2, scheduler_pb2_grpc
 
 from common import hashring, ids, oci
-from common.config import format_size, parse_address
+from common.config import parse_address
 from common.errors import ConfigError, DamselflyError, InvalidRequest, OriginError, OriginStatusError, one_line
 from common.origin import OriginClient, basic_authorization
 from common.preheat import RESULT_KEY, SEED_KEY, ResolvedImage, resolve_image
 from common.tls import TlsCredentials, open_channel
+from common.units import format_size
 
 DEFAULT_SCHEDULER = "127.0.0.1:8002"
 # Blobs preheated at once: the seeds download them in parallel, pieces in parallel within each.

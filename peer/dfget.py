@@ -37,12 +37,12 @@ from typing import Any, TextIO
 import grpc
 from dragonfly_api import dfdaemon_pb2, dfdaemon_pb2_grpc
 
-from common.config import format_size, parse_bool, parse_duration, parse_size
 from common.digest import file_digest, parse_digest
 from common.download import MAX_PRIORITY, DownloadRequest
 from common.errors import DamselflyError, DownloadFailed, InvalidRequest, one_line
 from common.ids import validate_url
 from common.pieces import DEFAULT_MIN_PIECE_LENGTH, MAX_PIECE_LENGTH
+from common.units import format_size, parse_bool, parse_duration, parse_size
 from peer import dfget_listing
 from peer.dfget_output import TempFile, create_temp, place, sweep_stale
 

@@ -57,7 +57,6 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from common.clock import Clock, SystemClock
-from common.config import parse_bool
 from common.download import MAX_PRIORITY, DownloadRequest
 from common.errors import (
     DamselflyError,
@@ -81,6 +80,7 @@ from common.http_limits import ConnectionLimits, listen_limited
 from common.origin import MAX_REDIRECTS, OriginClient, OriginResponseError
 from common.pieces import pieces_covering
 from common.ratelimit import TokenBucket
+from common.units import parse_bool
 from common.upstreams import UpstreamNotAllowed, UpstreamPolicy, origin_of, public_addresses
 from peer.download.engine import Conductor
 from peer.proxy.auth import BlobAccess

@@ -28,8 +28,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from common.clock import Clock
-from common.config import format_size
 from common.errors import DiskFull
+from common.units import format_size
 from peer.metrics import DaemonMetrics
 from peer.storage.store import FAILED, RUNNING, SUCCEEDED, LocalTask, PieceStore
 

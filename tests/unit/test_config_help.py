@@ -17,9 +17,9 @@ from common.config import (
     add_config_arguments,
     format_duration,
     load_config,
-    parse_duration,
 )
 from common.errors import ConfigError
+from common.units import parse_duration
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -105,3 +105,14 @@ def test_unknown_command_is_an_error_that_lists_the_commands() -> None:
     assert result.stdout == ""
     assert result.stderr.startswith("damselfly: unknown command 'schedular'\n\n"
                                     "usage: damselfly {scheduler,dfdaemon,up,preheat} [options]\n")
+
+
+def test_dfget_loads_no_daemon_code_nor_the_config() -> None:
+    # Every dfget is a process started for one download (sixteen at once on a node pool's scale-out):
+    # what it imports is CPU taken from the daemons. The daemons' config module builds its option
+    # tables at import time; dfget needs only the value parsers of common.units.
+    result = _run_python("import sys, peer.dfget\nprint(' '.join(sorted(sys.modules)))")
+    assert result.returncode == 0, result.stderr
+    loaded = set(result.stdout.split())
+    assert "common.units" in loaded
+    assert loaded.isdisjoint({"common.config", "peer.daemon", "peer.download.engine", "peer.storage.store", "aiohttp"})

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from common.config import format_size, parse_bool
 from common.http import HOP_BY_HOP, credential_key, get_header
+from common.units import format_size, parse_bool
 
 
 @pytest.mark.parametrize(("text", "value"), [
