@@ -402,18 +402,10 @@ def lower_bound(size: int, n: int, origin_bits: float, node_bits: float) -> floa
     return max(bits / origin_bits, n * bits / (origin_bits + n * node_bits), bits / node_bits)
 
 
-def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process and its waited-for children, from /proc/<pid>/stat."""
+def process_user_system_seconds(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process and its waited-for children, from /proc/<pid>/stat."""
     stat = Path(f"/proc/{pid}/stat").read_text()
     fields = stat[stat.rindex(")") + 2:].split()  # after the command name, which may hold spaces
-    utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
-    return (utime + stime + cutime + cstime) / os.sysconf("SC_CLK_TCK")
-
-
-def process_user_system_seconds(pid: int) -> tuple[float, float]:
-    """(user, system) CPU seconds of a process, children included, from /proc/<pid>/stat."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2:].split()
     utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
     tick = os.sysconf("SC_CLK_TCK")
     return (utime + cutime) / tick, (stime + cstime) / tick
@@ -441,11 +433,7 @@ def cpu_split_between(before: dict[str, tuple[float, float]],
 
 def daemons_cpu_seconds(nodes: list[Node]) -> float:
     """CPU seconds used so far by every running daemon of `nodes` (scheduler and seed included)."""
-    total = 0.0
-    for node in nodes:
-        if node.process is not None and node.alive:
-            total += process_cpu_seconds(node.process.pid)
-    return total
+    return sum(user + system for user, system in cpu_by_role(nodes).values())
 
 
 def link_tx_bytes(netns: str, device: str) -> int:
@@ -466,10 +454,10 @@ class SwarmResult:
     origin_link: int  # bytes the origin link sent (kernel TX counter)
     seed_upload: float
     peer_uploads: list[float]
-    cpu_seconds: float  # of all daemons (scheduler, seed, nodes) during the downloads
     busy: float  # share of the machine's CPU busy during the downloads
     ok: int
-    cpu_split: dict[str, tuple[float, float]] = field(default_factory=dict)  # role: (user, system) CPU s
+    # role (nodes, seed, scheduler): (user, system) CPU seconds of those daemons during the downloads
+    cpu_split: dict[str, tuple[float, float]] = field(default_factory=dict)
     machine_busy_seconds: float = 0.0  # CPU seconds the whole machine was busy during the downloads
     dfget_cpu: tuple[float, float] = (0.0, 0.0)  # (user, system) CPU seconds of the N dfgets
 
@@ -491,6 +479,11 @@ class SwarmResult:
 
     def cpu_per_gib(self) -> float:
         return self.cpu_seconds / (self.n * self.size / GIB)
+
+    @property
+    def cpu_seconds(self) -> float:
+        """CPU seconds of all daemons (scheduler, seed, nodes) during the downloads."""
+        return sum(user + system for user, system in self.cpu_split.values())
 
 
 class SwarmPki:
@@ -534,7 +527,6 @@ def swarm_row(n: int, size: int, url: str, digest: str, relay: ByteCountingRelay
                              *dfget_command(sys.executable, url, out, node.socket_path)])
         relay.reset()
         link0 = link_tx_bytes(ORIGIN_NS, "v-origin")
-        cpu0 = daemons_cpu_seconds(cluster.nodes)
         roles0 = cpu_by_role(cluster.nodes)
         seed_upload: list[float] = []  # read just before the seed is killed, if it is
 
@@ -549,7 +541,6 @@ def swarm_row(n: int, size: int, url: str, digest: str, relay: ByteCountingRelay
         if killer is not None:
             killer.cancel()
             killer.join()
-        cpu1 = daemons_cpu_seconds(cluster.nodes)
         roles1 = cpu_by_role(cluster.nodes)
         link1 = link_tx_bytes(ORIGIN_NS, "v-origin")
         origin = relay.bytes_from_target
@@ -558,7 +549,7 @@ def swarm_row(n: int, size: int, url: str, digest: str, relay: ByteCountingRelay
             size=size, n=n, bound=lower_bound(size, n, origin_bits, node_bits), wall=run.seconds, times=run.times,
             origin_relay=origin, origin_link=link1 - link0,
             seed_upload=seed_upload[0] if seed_upload else seed.metrics().get(_UPLOADED, 0.0),
-            peer_uploads=[node.metrics().get(_UPLOADED, 0.0) for node in daemons], cpu_seconds=cpu1 - cpu0,
+            peer_uploads=[node.metrics().get(_UPLOADED, 0.0) for node in daemons],
             busy=run.cpu, ok=ok, cpu_split=cpu_split_between(roles0, roles1),
             machine_busy_seconds=run.busy_seconds, dfget_cpu=run.commands_cpu)
     finally:
