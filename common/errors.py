@@ -9,7 +9,8 @@ party (the origin, a parent peer, the scheduler) are kept apart from misuse by t
     │   ├── ConfigError             a config key or flag is invalid (names the key)
     │   │   └── ListenError         a listener cannot bind its address (names the flag)
     │   ├── InvalidRequest          malformed input from a client (URL, header, digest)
-    │   │   └── InvalidRange        a Range header that cannot be parsed
+    │   │   ├── InvalidRange        a Range header that cannot be parsed
+    │   │   └── FrameError          bytes on dfget's download socket that are no frame of it
     │   ├── RangeNotSatisfiable     a well-formed range outside the content
     │   ├── InvalidTransition       an event a lifecycle table does not allow in the current state
     │   ├── PermissionDenied        the caller's identity may not do this (names the role it needs)
@@ -19,7 +20,8 @@ party (the origin, a parent peer, the scheduler) are kept apart from misuse by t
     │       ├── PeerNotFound        no such peer in the scheduler
     │       └── HostNotFound        no such host in the scheduler (not announced, or forgotten)
     ├── StorageError                the local disk failed us
-    │   └── DiskFull                a write does not fit in the cache quota or the disk
+    │   ├── DiskFull                a write does not fit in the cache quota or the disk
+    │   └── OutputUnwritable        the client's output file (dfget's) cannot be written
     ├── IntegrityError              bytes that do not match the digest they must have
     │   ├── PieceDigestMismatch     one piece (names the parent that sent it)
     │   └── ContentDigestMismatch   the whole content against the requested digest
@@ -82,6 +84,10 @@ class InvalidRange(InvalidRequest):
     """A Range header that cannot be parsed."""
 
 
+class FrameError(InvalidRequest):
+    """Bytes on dfget's download socket (:mod:`peer.download_socket`) that are no frame of it."""
+
+
 class RangeNotSatisfiable(LocalError):
     """A syntactically valid range that lies outside the content."""
 
@@ -141,6 +147,10 @@ class StorageError(DamselflyError):
 
 class DiskFull(StorageError):
     """A write does not fit in the cache quota or on the disk."""
+
+
+class OutputUnwritable(StorageError):
+    """The file a local client (dfget) asked the daemon to fill cannot be written."""
 
 
 class IntegrityError(DamselflyError):

@@ -7,7 +7,8 @@ Parts and who uses whom (explicit wiring, no globals)::
         ├──── Engine ── SchedulerClient                 → schedulers (AnnounceHost, AnnouncePeer)
         │        └──── OriginClient                     → registries / HTTP origins
         ├──── UploadService (gRPC, TCP)                  ← peers (SyncPieces, StatTask), scheduler (seed trigger)
-        ├──── DownloadService (gRPC, unix socket)        ← dfget
+        ├──── DownloadService (gRPC, unix socket)        ← dfget, local tools
+        │        └──── DownloadSocketServer (<socket>.stream)  ← dfget (the same calls without gRPC)
         └──── CacheCollector                             TTL expiry, LRU eviction to the quota, write admission
     metrics (/metrics) and health (/healthy, /ready) over HTTP
 """
@@ -43,6 +44,8 @@ from common.tls import tls_from_config
 from peer.access import TriggerPolicy, resolve_scheduler_ips
 from peer.download.engine import Engine
 from peer.download.scheduler_client import SchedulerClient
+from peer.download_socket import stream_socket_path
+from peer.download_socket_server import DownloadSocketServer
 from peer.metrics import DaemonMetrics
 from peer.proxy.server import Proxy, upstream_policy
 from peer.proxy.tls import upstream_ssl_context
@@ -98,6 +101,7 @@ class Daemon:
         self.engine: Engine | None = None
         self.proxy: Proxy | None = None
         self._grpc_servers: list[grpc.aio.Server] = []
+        self.download_socket: DownloadSocketServer | None = None
         self._http_runners: list[web.AppRunner] = []
         self.upload_port = 0
 
@@ -148,7 +152,8 @@ class Daemon:
         with naming_flag("--socket", config.socket):
             await asyncio.to_thread(_prepare_socket_path, socket_path)
         download = grpc.aio.server()
-        dfdaemon_pb2_grpc.add_DfdaemonDownloadServicer_to_server(DownloadService(self.engine, self.store), download)
+        download_service = DownloadService(self.engine, self.store)
+        dfdaemon_pb2_grpc.add_DfdaemonDownloadServicer_to_server(download_service, download)
         try:
             download.add_insecure_port(f"unix://{socket_path}")  # local, guarded by file permissions: no TLS
         except RuntimeError:
@@ -158,6 +163,7 @@ class Daemon:
         await asyncio.to_thread(restrict_socket, socket_path, config.socket_group)
         await download.start()
         self._grpc_servers.append(download)
+        await self._start_download_socket(download_service, socket_path)
 
         self.proxy = Proxy(engine=self.engine, origin=self.origin, config=config, metrics=self.metrics)
         with naming_flag("--proxy-listen", config.proxy_listen):
@@ -174,6 +180,19 @@ class Daemon:
                  self.engine.piece_scheme, config.host_ip, self.upload_port, config.socket,
                  " (seed)" if config.seed else "",
                  "" if self.tls is None else " (mutual TLS)" if self.tls.client_auth else " (TLS)")
+
+    async def _start_download_socket(self, service: DownloadService, grpc_socket: Path) -> None:
+        """dfget's download socket beside the gRPC one (:mod:`peer.download_socket`); without it
+        (a path too long for a unix socket), dfget uses gRPC, only slower to start."""
+        path = Path(stream_socket_path(str(grpc_socket)))
+        server = DownloadSocketServer(service)
+        try:
+            await server.start(path, lambda bound: restrict_socket(bound, self.config.socket_group))
+        except OSError as exc:
+            log.warning("no download socket at %s (%s): dfget will use gRPC on %s", path,
+                        exc.strerror or exc, grpc_socket)
+            return
+        self.download_socket = server
 
     async def _scrub(self) -> None:
         """Check the pieces found on disk at start against their digests, in the background."""
@@ -210,6 +229,8 @@ class Daemon:
         # and held the proxy's requests, past a 10 s grace).
         if self.engine is not None:
             await self.engine.stop()
+        if self.download_socket is not None:
+            await self.download_socket.stop()
         for server in self._grpc_servers:
             await server.stop(grace=1.0)
         if self.proxy is not None:

@@ -17,7 +17,6 @@ Exit codes: 0 success, 1 any failure (including Ctrl-C, SIGTERM and timeouts), 2
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import dataclasses
 import errno
@@ -30,21 +29,31 @@ import stat
 import sys
 import threading
 import time
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import FrameType
 from typing import Any, TextIO
 
-import grpc
-from dragonfly_api import dfdaemon_pb2, dfdaemon_pb2_grpc
+from dragonfly_api import dfdaemon_pb2
+from google.protobuf.message import DecodeError
 
 from common.digest import file_digest, parse_digest
 from common.download import MAX_PRIORITY, DownloadRequest
-from common.errors import DamselflyError, DownloadFailed, InvalidRequest, one_line
+from common.errors import DamselflyError, DownloadFailed, FrameError, InvalidRequest, one_line
 from common.ids import validate_url
 from common.pieces import DEFAULT_MIN_PIECE_LENGTH, MAX_PIECE_LENGTH
 from common.units import format_size, parse_bool, parse_duration, parse_size
 from peer import dfget_listing
 from peer.dfget_output import TempFile, create_temp, place, sweep_stale
+from peer.download_socket import (
+    DONE,
+    ERROR,
+    REQUEST,
+    RESPONSE,
+    FrameReader,
+    decode_error,
+    encode_frame,
+    stream_socket_path,
+)
 
 log = logging.getLogger("dfget")
 
@@ -365,7 +374,7 @@ def check_output_directory(output: str) -> None:
         raise InvalidRequest(f"output directory {output} is not writable")
 
 
-def _sweep(directory: str) -> None:
+def sweep_directory(directory: str) -> None:
     for name in sweep_stale(directory):
         log.info("removed %s, left by a dfget that did not finish", os.path.join(directory, name))
 
@@ -373,7 +382,7 @@ def _sweep(directory: str) -> None:
 # --- progress -------------------------------------------------------------------------------
 
 
-def _format_duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
     whole = int(seconds + 0.5)
     hours, rest = divmod(whole, 3600)
     minutes, secs = divmod(rest, 60)
@@ -388,19 +397,19 @@ def format_progress(done: int, total: int | None, elapsed: float, *, finished: b
     """
     if done == 0 and not finished:
         size = "" if total is None else f"  0%  0 B / {format_size(total)}  "
-        return f"{size}waiting for the first byte  {_format_duration(elapsed)}"
+        return f"{size}waiting for the first byte  {format_duration(elapsed)}"
     rate = done / elapsed if elapsed > 0 else 0.0
     speed = f"{format_size(rate)}/s"
     if total is None:
         return f"{format_size(done)}  {speed}"
     percent = 100 if total == 0 else min(100, done * 100 // total)
     if finished:
-        return f"{percent:3d}%  {format_size(total)}  {speed}  in {_format_duration(elapsed)}"
+        return f"{percent:3d}%  {format_size(total)}  {speed}  in {format_duration(elapsed)}"
     if done >= total:
         # Every piece is in; the daemon checks and copies, dfget checks again: no ETA to give.
-        return f"{percent:3d}%  {format_size(done)} / {format_size(total)}  finishing  {_format_duration(elapsed)}"
+        return f"{percent:3d}%  {format_size(done)} / {format_size(total)}  finishing  {format_duration(elapsed)}"
     remaining = (total - done) / rate if rate > 0 else math.inf
-    eta = _format_duration(remaining) if remaining < MAX_ETA else "--:--"
+    eta = format_duration(remaining) if remaining < MAX_ETA else "--:--"
     return f"{percent:3d}%  {format_size(done)} / {format_size(total)}  {speed}  ETA {eta}"
 
 
@@ -467,16 +476,10 @@ class NoProgress(ProgressBar):
         pass
 
 
-async def _keep_drawing(progress: ProgressBar) -> None:
-    while True:
-        await asyncio.sleep(1 / PROGRESS_REDRAWS_PER_SECOND)  # a display refresh, not a wait
-        progress.tick()
-
-
 # --- talking to the daemon ------------------------------------------------------------------
 
 
-def _no_daemon(endpoint: str, why: str) -> DownloadFailed:
+def no_daemon_error(endpoint: str, why: str) -> DownloadFailed:
     return DownloadFailed(
         f"no dfdaemon answers at {endpoint} ({why}): is it running? "
         f"(start it with: damselfly dfdaemon --socket {endpoint} ... or damselfly up)"
@@ -488,7 +491,7 @@ def probe_endpoint(endpoint: str) -> None:
     try:
         mode = os.stat(endpoint).st_mode
     except FileNotFoundError:
-        raise _no_daemon(endpoint, "the socket does not exist") from None
+        raise no_daemon_error(endpoint, "the socket does not exist") from None
     except OSError as exc:
         raise DownloadFailed(f"cannot use dfdaemon socket {endpoint}: {exc.strerror}") from None
     if not stat.S_ISSOCK(mode):
@@ -498,13 +501,13 @@ def probe_endpoint(endpoint: str) -> None:
         try:
             probe.connect(endpoint)
         except ConnectionRefusedError:
-            raise _no_daemon(endpoint, "connection refused") from None
+            raise no_daemon_error(endpoint, "connection refused") from None
         except TimeoutError:
-            raise _no_daemon(endpoint, "connection timed out") from None
+            raise no_daemon_error(endpoint, "connection timed out") from None
         except OSError as exc:
             if exc.errno == errno.EACCES:
                 raise DownloadFailed(f"permission denied on dfdaemon socket {endpoint}") from None
-            raise _no_daemon(endpoint, exc.strerror or str(exc)) from None
+            raise no_daemon_error(endpoint, exc.strerror or str(exc)) from None
 
 
 def build_request(options: Options, temp_path: str, url: str | None = None) -> dfdaemon_pb2.DownloadTaskRequest:
@@ -525,57 +528,43 @@ def build_request(options: Options, temp_path: str, url: str | None = None) -> d
     return dfdaemon_pb2.DownloadTaskRequest(download=download)
 
 
-def _rpc_failure(error: Any, options: Options) -> DownloadFailed:
-    """Translate a grpc.aio.AioRpcError into our one-line reason."""
-    code = error.code()
-    details = one_line(error.details() or "")
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+def status_failure(status: str, details: str, options: Options) -> DownloadFailed:
+    """Our one-line reason for a failed DownloadTask (`status` is the gRPC status name)."""
+    details = one_line(details)
+    if status == "DEADLINE_EXCEEDED":
         return DownloadFailed(f"timed out after {options.timeout_text}")
-    if code == grpc.StatusCode.UNAVAILABLE:
+    if status == "UNAVAILABLE":
         return DownloadFailed(f"lost the dfdaemon at {options.endpoint}: {details or 'unavailable'}")
-    if code == grpc.StatusCode.UNIMPLEMENTED:
+    if status == "UNIMPLEMENTED":
         return DownloadFailed(f"{options.endpoint} does not serve dfdaemon downloads: {details}")
-    return DownloadFailed(details or f"dfdaemon failed the download ({code.name})")
+    return DownloadFailed(details or f"dfdaemon failed the download ({status})")
 
 
-@contextlib.asynccontextmanager
-async def _daemon(options: Options) -> Any:
-    """A DfdaemonDownload stub on the unix socket, checked to speak gRPC."""
-    async with grpc.aio.insecure_channel(f"unix://{options.endpoint}") as channel:
-        try:
-            await asyncio.wait_for(channel.channel_ready(), CONNECT_TIMEOUT)
-        except TimeoutError:
-            raise _no_daemon(options.endpoint, "it does not speak gRPC") from None
-        yield dfdaemon_pb2_grpc.DfdaemonDownloadStub(channel)
+class ResponseTracker:
+    """What DownloadTask's responses tell dfget: the content length, and progress per new piece."""
 
+    def __init__(self, progress: ProgressBar) -> None:
+        self.progress = progress
+        self.content_length: int | None = None
+        self._seen: set[int] = set()
 
-async def run_download(stub: Any, request: dfdaemon_pb2.DownloadTaskRequest, options: Options,
-                       progress: ProgressBar) -> int | None:
-    """Have the daemon write the content; the content length, when told."""
-    content_length: int | None = None
-    seen: set[int] = set()
-    try:
-        call = stub.DownloadTask(request, timeout=options.timeout)
-        async for response in call:
-            kind = response.WhichOneof("response")
-            if kind == "download_task_started_response":
-                started = response.download_task_started_response
-                content_length = started.content_length
-                already = 0
-                for piece in started.pieces:
-                    if piece.number not in seen:
-                        seen.add(piece.number)
-                        already += piece.length
-                progress.start(content_length, content_length if started.is_finished else already)
-                log.info("task %s: %s", response.task_id, format_size(content_length))
-            elif kind == "download_piece_finished_response":
-                piece = response.download_piece_finished_response.piece
-                if piece.number not in seen:
-                    seen.add(piece.number)
-                    progress.advance(piece.length)
-    except grpc.aio.AioRpcError as exc:
-        raise _rpc_failure(exc, options) from None
-    return content_length
+    def take(self, response: dfdaemon_pb2.DownloadTaskResponse) -> None:
+        kind = response.WhichOneof("response")
+        if kind == "download_task_started_response":
+            started = response.download_task_started_response
+            self.content_length = started.content_length
+            already = 0
+            for piece in started.pieces:
+                if piece.number not in self._seen:
+                    self._seen.add(piece.number)
+                    already += piece.length
+            self.progress.start(started.content_length, started.content_length if started.is_finished else already)
+            log.info("task %s: %s", response.task_id, format_size(started.content_length))
+        elif kind == "download_piece_finished_response":
+            piece = response.download_piece_finished_response.piece
+            if piece.number not in self._seen:
+                self._seen.add(piece.number)
+                self.progress.advance(piece.length)
 
 
 def verify_file(path: str, content_length: int | None, digest: str) -> None:
@@ -597,141 +586,106 @@ def verify_file(path: str, content_length: int | None, digest: str) -> None:
         raise DownloadFailed(f"content digest {actual} does not match --digest {digest}")
 
 
-async def fetch_file(stub: Any, options: Options, url: str, output: str, progress: ProgressBar) -> int:
-    """Download `url` into `output` through the daemon; the bytes written. Raises on failure,
-    having removed the temporary file (also when cancelled: Ctrl-C, SIGTERM, a sibling failed)."""
-    try:
-        temp: TempFile = create_temp(output)
-    except OSError as exc:
-        raise DownloadFailed(f"cannot create a temporary file next to {output}: {exc.strerror or exc}") from None
-    placed = False
-    try:
-        log.debug("%s -> %s (via %s)", url, output, temp.path)
-        content_length = await run_download(stub, build_request(options, temp.path, url), options, progress)
-        await asyncio.to_thread(verify_file, temp.path, content_length, options.digest)
-        progress.finish(success=True)
-        place(temp, output, overwrite=options.overwrite)
-        placed = True
-        return os.stat(output).st_size
-    except OSError as exc:
-        raise DownloadFailed(f"cannot write {output}: {exc.strerror or exc}") from None
-    finally:
-        if not placed:
-            progress.finish(success=False)
-            temp.remove()
-        temp.close()
+class PendingOutput:
+    """FILE's temporary file while the daemon fills it: moved onto FILE once checked, removed
+    otherwise (on every failure, Ctrl-C and SIGTERM)."""
 
-
-# --- the two modes ------------------------------------------------------------------------
-
-
-async def download_one(options: Options, stderr: TextIO) -> None:
-    """URL into FILE."""
-    progress = ProgressBar(stderr) if options.progress and stderr.isatty() else NoProgress(stderr)
-    ticker = None if isinstance(progress, NoProgress) else asyncio.create_task(_keep_drawing(progress))
-    try:
-        async with _daemon(options) as stub:
-            await fetch_file(stub, options, options.url, options.output, progress)
-    finally:
-        if ticker is not None:
-            ticker.cancel()
-
-
-def prepare_tree(options: Options, entries: Sequence[dfget_listing.Entry]) -> list[tuple[dfget_listing.Entry, str]]:
-    """Each entry with its local path; refuses existing files without --overwrite (all named at
-    once, before any download), creates the directories and sweeps stale temporary files."""
-    jobs = [(entry, os.path.join(options.output, *entry.parts)) for entry in entries]
-    if not options.overwrite:
-        existing = [path for _, path in jobs if os.path.lexists(path)]
-        if existing:
-            more = f" and {len(existing) - 3} more" if len(existing) > 3 else ""
-            raise InvalidRequest(f"{', '.join(existing[:3])}{more} exist; pass --overwrite to replace them")
-    for directory in sorted({os.path.dirname(path) for _, path in jobs}):
+    def __init__(self, output: str, options: Options, progress: ProgressBar) -> None:
         try:
-            os.makedirs(directory, exist_ok=True)
+            self.temp: TempFile = create_temp(output)
         except OSError as exc:
-            raise DownloadFailed(f"cannot create directory {directory}: {exc.strerror or exc}") from None
-        _sweep(directory)
-    return jobs
+            raise DownloadFailed(f"cannot create a temporary file next to {output}: {exc.strerror or exc}") from None
+        self.output = output
+        self.options = options
+        self.progress = progress
+        self._placed = False
 
-
-async def download_tree(options: Options, stderr: TextIO) -> None:
-    """Every file below the directory URL into the directory FILE, keeping the layout."""
-    import aiohttp  # only directory downloads list the origin: a single file's dfget starts without it
-
-    started = time.monotonic()
-    async with aiohttp.ClientSession() as session:
-        fetch = dfget_listing.http_fetcher(session, options.headers)
-        entries = await dfget_listing.list_files(options.url, fetch, include=options.include_files,
-                                                 max_files=options.max_files)
-    jobs = await asyncio.to_thread(prepare_tree, options, entries)
-    log.info("%d files below %s", len(jobs), options.url)
-    slots = asyncio.Semaphore(options.max_concurrent_requests)
-    total = 0
-
-    async def one(url: str, path: str) -> None:
-        nonlocal total
-        async with slots:
-            try:
-                total += await fetch_file(stub, options, url, path, NoProgress(stderr))
-            except DamselflyError as exc:
-                raise DownloadFailed(f"{url}: {exc}") from None
-            log.info("%s done", path)
-
-    async with _daemon(options) as stub:
+    def complete(self, content_length: int | None) -> int:
+        """Check the temporary file and move it onto FILE; the bytes it holds."""
         try:
-            async with asyncio.TaskGroup() as group:
-                for entry, path in jobs:
-                    group.create_task(one(entry.url, path))
-        except BaseExceptionGroup as group_error:
-            raise _first_error(group_error) from None
-    if options.progress and stderr.isatty():
-        print(f"{len(jobs)} files, {format_size(total)} in {_format_duration(time.monotonic() - started)}",
-              file=stderr)
+            verify_file(self.temp.path, content_length, self.options.digest)
+            self.progress.finish(success=True)
+            place(self.temp, self.output, overwrite=self.options.overwrite)
+            self._placed = True
+            return os.stat(self.output).st_size
+        except OSError as exc:
+            raise DownloadFailed(f"cannot write {self.output}: {exc.strerror or exc}") from None
+
+    def close(self) -> None:
+        if not self._placed:
+            self.progress.finish(success=False)
+            self.temp.remove()
+        self.temp.close()
 
 
-def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    for error in group.exceptions:
-        if isinstance(error, BaseExceptionGroup):
-            return _first_error(error)
-        if not isinstance(error, asyncio.CancelledError):
-            return error
-    return group.exceptions[0]
+@contextlib.contextmanager
+def pending_output(output: str, options: Options, progress: ProgressBar) -> Iterator[PendingOutput]:
+    """A :class:`PendingOutput` for `output`, closed on the way out."""
+    pending = PendingOutput(output, options, progress)
+    try:
+        yield pending
+    finally:
+        pending.close()
+
+
+# --- the download socket (one file) -------------------------------------------------------
+
+
+def connect_download_socket(endpoint: str) -> socket.socket | None:
+    """A connection to the daemon's download socket beside `endpoint`; None when it has none
+    (another dfdaemon, or an older one): then dfget speaks gRPC."""
+    path = stream_socket_path(endpoint)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(CONNECT_TIMEOUT)
+    try:
+        sock.connect(path)
+    except OSError as exc:
+        sock.close()
+        log.debug("no download socket at %s (%s): using gRPC", path, exc.strerror or exc)
+        return None
+    return sock
+
+
+def stream_download(sock: socket.socket, request: dfdaemon_pb2.DownloadTaskRequest, options: Options,
+                    progress: ProgressBar) -> int | None:
+    """Have the daemon write the content, over the download socket; the content length, when told."""
+    deadline = time.monotonic() + options.timeout
+    redraw = None if isinstance(progress, NoProgress) else 1 / PROGRESS_REDRAWS_PER_SECOND
+    tracker = ResponseTracker(progress)
+    frames = FrameReader(sock)
+    try:
+        sock.sendall(encode_frame(REQUEST, request.SerializeToString()))
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise status_failure("DEADLINE_EXCEEDED", "", options)
+            sock.settimeout(remaining if redraw is None else min(remaining, redraw))
+            try:
+                kind, payload = frames.read()
+            except TimeoutError:
+                progress.tick()
+                continue
+            if kind == RESPONSE:
+                tracker.take(dfdaemon_pb2.DownloadTaskResponse.FromString(payload))
+            elif kind == DONE:
+                return tracker.content_length
+            elif kind == ERROR:
+                raise status_failure(*decode_error(payload), options)
+            else:
+                raise DownloadFailed(f"the dfdaemon sent a {kind.decode()} frame on {sock.getpeername()}")
+    except (ConnectionError, FrameError, DecodeError) as exc:
+        raise status_failure("UNAVAILABLE", str(exc), options) from None
+
+
+def download_one(sock: socket.socket, options: Options, stderr: TextIO) -> None:
+    """URL into FILE, over the download socket."""
+    progress = ProgressBar(stderr) if options.progress and stderr.isatty() else NoProgress(stderr)
+    with pending_output(options.output, options, progress) as pending:
+        log.debug("%s -> %s (via %s)", options.url, options.output, pending.temp.path)
+        pending.complete(stream_download(sock, build_request(options, pending.temp.path), options, progress))
 
 
 # --- running it ----------------------------------------------------------------------------
-
-
-async def _until_terminated(work: Coroutine[Any, Any, None]) -> None:
-    """Run `work`; SIGTERM cancels it like Ctrl-C does (so its cleanup runs), then fails."""
-    loop = asyncio.get_running_loop()
-    task = asyncio.current_task()
-    assert task is not None
-    terminated = False
-
-    def on_sigterm() -> None:
-        nonlocal terminated
-        terminated = True
-        task.cancel()
-
-    with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):  # not the main thread
-        loop.add_signal_handler(signal.SIGTERM, on_sigterm)
-    try:
-        await work
-    except asyncio.CancelledError:
-        if terminated:
-            raise _terminated() from None
-        raise
-
-
-def _run(work: Coroutine[Any, Any, None]) -> None:
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(_until_terminated(work))
-        return
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(_until_terminated(work))
 
 
 def download(options: Options, stderr: TextIO) -> None:
@@ -741,17 +695,26 @@ def download(options: Options, stderr: TextIO) -> None:
         check_output_directory(options.output)
     else:
         check_output(options.output, overwrite=options.overwrite)
-        _sweep(os.path.dirname(options.output))
+        sweep_directory(os.path.dirname(options.output))
+    if not options.recursive:
+        sock = connect_download_socket(options.endpoint)
+        if sock is not None:
+            with sock:
+                download_one(sock, options, stderr)
+            return
     probe_endpoint(options.endpoint)
-    _run(download_tree(options, stderr) if options.recursive else download_one(options, stderr))
+    # gRPC (and asyncio) only when needed: loading them is most of a short dfget's CPU.
+    from peer import dfget_grpc
+
+    dfget_grpc.download(options, stderr)
 
 
-def _terminated() -> DownloadFailed:
+def terminated() -> DownloadFailed:
     return DownloadFailed("terminated (SIGTERM)")
 
 
 def _raise_terminated(signum: int, frame: FrameType | None) -> None:
-    raise _terminated()
+    raise terminated()
 
 
 def _configure_logging(level: str, stderr: TextIO) -> None:
@@ -771,7 +734,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return exc.code or EXIT_OK
         return EXIT_USAGE
     _configure_logging(options.log_level, sys.stderr)
-    # SIGTERM outside the event loop (checks, probing) ends dfget the same way as inside it.
+    # SIGTERM ends dfget like Ctrl-C: the exception unwinds the download, its temporary file goes.
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:

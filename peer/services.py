@@ -7,9 +7,10 @@ delegate to the engine and the piece store; errors end a call with the status co
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,11 +20,12 @@ from google.protobuf import empty_pb2
 
 from common import rpc
 from common.download import DownloadRequest
-from common.errors import DamselflyError, InvalidRequest, PermissionDenied, TaskNotFound
+from common.errors import DamselflyError, InvalidRequest, OutputUnwritable, PermissionDenied, TaskNotFound
 from common.identity import grpc_identity
 from peer.access import TriggerPolicy, caller_ip, public_url, trigger_refusal
-from peer.dfget_output import OutputFill, is_temp_name, remove_when_abandoned
+from peer.dfget_output import is_temp_name
 from peer.download.engine import PIECE_LENGTH_HEADER, RESPONSE_HEADER_PREFIX, Conductor, Engine, progress
+from peer.output_fill import OutputFill, remove_when_abandoned
 
 if TYPE_CHECKING:
     from peer.storage.store import LocalTask, PieceStore
@@ -197,10 +199,21 @@ class DownloadService(_LocalTaskRpcs, _LocalDelete, dfdaemon_pb2_grpc.DfdaemonDo
         self, request: dfdaemon_pb2.DownloadTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[dfdaemon_pb2.DownloadTaskResponse]:
         try:
-            download = DownloadRequest.from_proto(request.download)
-            output = _check_output_path(request.download.output_path)
+            async with contextlib.aclosing(self.responses(request)) as responses:
+                async for response in responses:
+                    yield response
         except DamselflyError as exc:
             await rpc.abort(context, exc)
+
+    async def responses(
+        self, request: dfdaemon_pb2.DownloadTaskRequest
+    ) -> AsyncGenerator[dfdaemon_pb2.DownloadTaskResponse, None]:
+        """Run one download for a local client (gRPC or the download socket): its responses;
+        DamselflyError when it fails (OutputUnwritable, an INTERNAL status, for the client's
+        file). Closing the iterator early (the client went away) removes what was written into
+        the client's file."""
+        download = DownloadRequest.from_proto(request.download)
+        output = _check_output_path(request.download.output_path)
         # The client's file, checked and opened before anything is downloaded, fills piece by
         # piece as the download runs; it is removed again if the download fails or the client
         # goes away (dfget killed).
@@ -225,10 +238,8 @@ class DownloadService(_LocalTaskRpcs, _LocalDelete, dfdaemon_pb2_grpc.DfdaemonDo
                 # A dfget killed after the copy, before it moved the file onto FILE, leaves
                 # it unlocked: removed then (a living dfget holds it until it is moved).
                 self._watch(output, filled)
-        except DamselflyError as exc:
-            await rpc.abort(context, exc)
         except OSError as exc:
-            await context.abort(grpc.StatusCode.INTERNAL, f"cannot write {output}: {exc.strerror}")
+            raise OutputUnwritable(f"cannot write {output}: {exc.strerror}") from None
         finally:
             if fill is not None and filled is None:
                 await fill.discard()

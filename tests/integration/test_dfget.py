@@ -28,6 +28,7 @@ from common.download import DownloadRequest
 from common.launcher import LocalCluster, free_port, http_get, sha256_file, wait_until
 from peer.dfget_output import create_temp, is_temp_name
 from tests.support.cluster import run_dfget, start_dfget, start_network
+from tests.support.download_socket import download_task
 from tests.support.registry import write_random_file
 from tests.support.relay import ByteCountingRelay
 
@@ -209,8 +210,9 @@ def test_a_dfget_gone_right_after_the_copy_leaves_no_temporary_file(
     assert os.listdir(out) == []
 
 
+@pytest.mark.parametrize("transport", ["grpc", "download-socket"])
 def test_an_output_through_a_symlink_is_refused_before_anything_is_downloaded(
-    cluster: LocalCluster, origin: tuple[str, Path], tmp_path: Path
+    cluster: LocalCluster, origin: tuple[str, Path], tmp_path: Path, transport: str
 ) -> None:
     """A local client names a dfget temporary file that is a symlink to a file it wants the
     (root) daemon to overwrite. The daemon refuses it as it opens the file, which it does before
@@ -227,17 +229,18 @@ def test_an_output_through_a_symlink_is_refused_before_anything_is_downloaded(
     request = dfdaemon_pb2.DownloadTaskRequest(download=DownloadRequest(url=f"{base}/bait.bin").to_proto())
     request.download.output_path = str(planted)
 
-    async def download() -> grpc.StatusCode:
+    async def download() -> tuple[str, str]:
         async with grpc.aio.insecure_channel(f"unix://{peer.socket_path}") as channel:
             try:
                 async for _ in dfdaemon_pb2_grpc.DfdaemonDownloadStub(channel).DownloadTask(request, timeout=60):
                     pass
             except grpc.aio.AioRpcError as exc:
-                assert "symbolic link" in (exc.details() or ""), exc.details()
-                return exc.code()
-        return grpc.StatusCode.OK
+                return exc.code().name, exc.details() or ""
+        return "OK", ""
 
-    assert asyncio.run(download()) == grpc.StatusCode.INVALID_ARGUMENT
+    assert peer.socket_path is not None
+    status, message = asyncio.run(download()) if transport == "grpc" else download_task(peer.socket_path, request)[:2]
+    assert status == "INVALID_ARGUMENT" and "symbolic link" in message, message
     assert victim.read_bytes() == b"do not touch"
     assert planted.is_symlink()
     metrics = peer.metrics()

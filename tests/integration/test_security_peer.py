@@ -38,8 +38,10 @@ from dragonfly_api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc
 
 from common import ids
 from common.launcher import LocalCluster, http_get, sha256_file, wait_until
+from peer.download_socket import ERROR, decode_error
 from tests.support.certs import Issued, TestCA
 from tests.support.cluster import run_dfget, start_network
+from tests.support.download_socket import download_socket_of, download_task, send_raw
 from tests.support.registry import Registry, push_random_blob
 
 pytestmark = pytest.mark.integration
@@ -175,6 +177,11 @@ def test_upload_service_refuses_remote_downloads_deletes_and_hides_signed_urls(
             url=registry.blob_url("security/peer", digest) + "?other", piece_length=1))
         refused = status_of(lambda: list(download.DownloadTask(request, timeout=RPC_TIMEOUT)))
     assert refused == grpc.StatusCode.INVALID_ARGUMENT
+    # The download socket (dfget's way in) refuses it alike, and what is no request at all.
+    assert download_task(node.socket_path, request)[0] == "INVALID_ARGUMENT"
+    for garbage in (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", b"Q\x7f\xff\xff\xff", b"Q\x00\x00\x00\x04\xff\xff\xff\xff"):
+        [(kind, payload)] = send_raw(node.socket_path, garbage)
+        assert kind == ERROR and decode_error(payload)[0] == "INVALID_ARGUMENT", payload
     assert node.metrics().get(FROM_ORIGIN, 0) == before
 
 
@@ -333,14 +340,16 @@ def test_another_local_user_reads_no_cache_file_and_the_socket_follows_its_group
         assert stat.S_IMODE(content.stat().st_mode) == 0o600
         for directory in (node.data_dir, content.parent, content.parent.parent):
             assert stat.S_IMODE(directory.stat().st_mode) == 0o700, directory
-        # The socket: 0660, group nogroup; nobody (in nogroup) may connect, a user outside may not.
-        info = node.socket_path.stat()
-        assert (stat.S_IMODE(info.st_mode), info.st_gid) == (0o660, NOBODY)
-        probe = f"import socket; socket.socket(socket.AF_UNIX).connect({str(node.socket_path)!r})"
-        assert as_nobody(sys.executable, "-c", probe).returncode == 0
-        outsider = subprocess.run(["setpriv", f"--reuid={NOBODY}", "--regid=100", "--clear-groups",
-                                   sys.executable, "-c", probe], capture_output=True, text=True, timeout=30)
-        assert outsider.returncode != 0 and "Permission denied" in outsider.stderr
+        # Both sockets (gRPC, and the download socket dfget uses): 0660, group nogroup; nobody
+        # (in nogroup) may connect, a user outside may not.
+        for path in (node.socket_path, download_socket_of(node.socket_path)):
+            info = path.stat()
+            assert (stat.S_IMODE(info.st_mode), info.st_gid) == (0o660, NOBODY), path
+            probe = f"import socket; socket.socket(socket.AF_UNIX).connect({str(path)!r})"
+            assert as_nobody(sys.executable, "-c", probe).returncode == 0
+            outsider = subprocess.run(["setpriv", f"--reuid={NOBODY}", "--regid=100", "--clear-groups",
+                                       sys.executable, "-c", probe], capture_output=True, text=True, timeout=30)
+            assert outsider.returncode != 0 and "Permission denied" in outsider.stderr, path
     finally:
         cluster.stop()
 

@@ -34,7 +34,7 @@ import pytest
 from dragonfly_api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc
 
 from common.errors import DownloadFailed, InvalidRequest
-from peer import dfget, dfget_listing, dfget_output
+from peer import dfget, dfget_listing, dfget_output, download_socket, output_fill
 from tests.support.page_cache import resident_pages
 
 REPO = Path(__file__).resolve().parents[2]
@@ -53,6 +53,7 @@ class Scenario:
     error: tuple[grpc.StatusCode, str] = (grpc.StatusCode.INTERNAL, "origin answered 404 for the URL")
     hang_after: int | None = None  # stop answering after writing this many bytes
     requests: list[dfdaemon_pb2.DownloadTaskRequest] = field(default_factory=list)
+    transports: list[str] = field(default_factory=list)  # how each request came
     hanging: threading.Event = field(default_factory=threading.Event)
     after_write: Any = None  # called once the content is written
     release: threading.Event = field(default_factory=threading.Event)
@@ -65,6 +66,7 @@ class FakeDaemon(dfdaemon_pb2_grpc.DfdaemonDownloadServicer):  # type: ignore[mi
     def DownloadTask(self, request: dfdaemon_pb2.DownloadTaskRequest, context: Any) -> Iterator[Any]:
         sc = self.scenario
         sc.requests.append(request)
+        sc.transports.append("download-socket" if isinstance(context, _FrameContext) else "grpc")
         content = sc.content
         length = len(content) if sc.announced_length is None else sc.announced_length
         yield dfdaemon_pb2.DownloadTaskResponse(
@@ -92,10 +94,58 @@ class FakeDaemon(dfdaemon_pb2_grpc.DfdaemonDownloadServicer):  # type: ignore[mi
             sc.after_write()
 
 
+class _Abort(Exception):
+    """What ``context.abort`` raises in the fake's download-socket server."""
+
+
+class _FrameContext:
+    """The gRPC context the fake's DownloadTask is given on the download socket."""
+
+    def abort(self, code: grpc.StatusCode, details: str) -> None:
+        raise _Abort(code, details)
+
+
+def serve_download_socket(path: str, fake: FakeDaemon) -> socket.socket:
+    """The fake's DownloadTask on the download socket (peer.download_socket), one thread per client."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen()
+
+    def one(client: socket.socket) -> None:
+        with client:
+            try:
+                kind, payload = download_socket.FrameReader(client, download_socket.MAX_REQUEST_BYTES).read()
+                assert kind == download_socket.REQUEST
+                request = dfdaemon_pb2.DownloadTaskRequest.FromString(payload)
+                try:
+                    for response in fake.DownloadTask(request, _FrameContext()):
+                        client.sendall(download_socket.encode_frame(download_socket.RESPONSE,
+                                                                    response.SerializeToString()))
+                except _Abort as abort:
+                    code, details = abort.args
+                    client.sendall(download_socket.encode_error(code.name, details))
+                else:
+                    client.sendall(download_socket.encode_frame(download_socket.DONE))
+            except OSError:
+                pass  # dfget went away
+
+    def accept() -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # closed
+            threading.Thread(target=one, args=(client,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    return listener
+
+
 @dataclass
 class Daemon:
     socket: str
     fake: FakeDaemon
+    transport: str
 
     @property
     def scenario(self) -> Scenario:
@@ -110,17 +160,24 @@ def short_dir() -> Iterator[str]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.fixture
-def daemon(short_dir: str) -> Iterator[Daemon]:
+@pytest.fixture(params=["grpc", "download-socket"])
+def daemon(short_dir: str, request: pytest.FixtureRequest) -> Iterator[Daemon]:
+    """The fake on gRPC alone (dfget's way to another dfdaemon) or also on the download socket
+    beside it (dfget's way to ours): every scenario runs both ways."""
     path = os.path.join(short_dir, "d.sock")
     fake = FakeDaemon()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     dfdaemon_pb2_grpc.add_DfdaemonDownloadServicer_to_server(fake, server)
     server.add_insecure_port(f"unix://{path}")
     server.start()
-    yield Daemon(path, fake)
+    listener = None
+    if request.param == "download-socket":
+        listener = serve_download_socket(download_socket.stream_socket_path(path), fake)
+    yield Daemon(path, fake, request.param)
     fake.scenario.release.set()
     server.stop(None)
+    if listener is not None:
+        listener.close()
 
 
 def run(daemon_socket: str, output: Path, *extra: str, url: str = URL) -> int:
@@ -155,6 +212,7 @@ def test_success_writes_exact_content_and_carries_request_fields(
     assert entries(tmp_path) == ["blob.bin"]
     assert capsys.readouterr().err == ""  # not a terminal: no progress bar
     [request] = daemon.scenario.requests
+    assert daemon.scenario.transports == [daemon.transport]
     d = request.download
     assert d.url == URL
     assert d.digest == digest
@@ -829,11 +887,11 @@ def cached(tmp_path: Path) -> Path:
 
 
 def test_copy_into_keeps_the_clients_file(cached: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(dfget_output, "COPY_STEP", 2**20)
+    monkeypatch.setattr(output_fill, "COPY_STEP", 2**20)
     temp = dfget_output.create_temp(str(tmp_path / "out"))
     before = os.stat(temp.path)
     try:
-        dfget_output.copy_into(cached, Path(temp.path), threading.Event())
+        output_fill.copy_into(cached, Path(temp.path), threading.Event())
         after = os.stat(temp.path)
         assert (after.st_ino, after.st_uid) == (before.st_ino, before.st_uid)  # written in place
         assert Path(temp.path).read_bytes() == cached.read_bytes()
@@ -858,14 +916,14 @@ def test_copy_into_leaves_no_second_copy_in_the_page_cache(tmp_path: Path, size:
     page cache (all but the unaligned tail), and is byte-exact whatever its length."""
     if not _takes_direct_writes(tmp_path):
         pytest.skip(f"the file system of {tmp_path} takes no O_DIRECT writes")
-    monkeypatch.setattr(dfget_output, "COPY_STEP", 2**20)
+    monkeypatch.setattr(output_fill, "COPY_STEP", 2**20)
     source = tmp_path / "cache.bin"
     source.write_bytes(os.urandom(size))
     temp = dfget_output.create_temp(str(tmp_path / "out"))
     try:
-        dfget_output.copy_into(source, Path(temp.path), threading.Event())
+        output_fill.copy_into(source, Path(temp.path), threading.Event())
         resident = resident_pages(Path(temp.path))
-        tail_pages = -(-(size % dfget_output.DIRECT_ALIGN) // mmap.PAGESIZE)
+        tail_pages = -(-(size % output_fill.DIRECT_ALIGN) // mmap.PAGESIZE)
         assert resident <= tail_pages, f"{resident} pages of the copy are cached"
         assert hashlib.sha256(Path(temp.path).read_bytes()).digest() == hashlib.sha256(source.read_bytes()).digest()
     finally:
@@ -874,7 +932,7 @@ def test_copy_into_leaves_no_second_copy_in_the_page_cache(tmp_path: Path, size:
 
 def test_copy_into_stops_mid_direct_copy_and_removes_the_file(tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(dfget_output, "COPY_STEP", 2**20)
+    monkeypatch.setattr(output_fill, "COPY_STEP", 2**20)
     source = tmp_path / "cache.bin"
     source.write_bytes(os.urandom(4 * 2**20))
     output = tmp_path / "users" / ".out.dfget-0123456789ab"
@@ -889,16 +947,16 @@ def test_copy_into_stops_mid_direct_copy_and_removes_the_file(tmp_path: Path,
         stop.set()  # the client goes away after the first step
         return written
 
-    monkeypatch.setattr(dfget_output.os, "pwritev", pwritev_then_stop)
+    monkeypatch.setattr(output_fill.os, "pwritev", pwritev_then_stop)
     output.touch()
     with pytest.raises(DownloadFailed, match="went away"):
-        dfget_output.copy_into(source, output, stop)
+        output_fill.copy_into(source, output, stop)
     assert not output.exists()
 
 
 def _fill(source: Path, output: Path, regions: list[tuple[int, int]], size: int) -> os.stat_result:
     async def run() -> os.stat_result:
-        fill = dfget_output.OutputFill(output, source)
+        fill = output_fill.OutputFill(output, source)
         await fill.open()
         for offset, length in regions:
             fill.add(offset, length)
@@ -910,7 +968,7 @@ def _fill(source: Path, output: Path, regions: list[tuple[int, int]], size: int)
 def test_output_fill_copies_pieces_in_any_order_byte_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Pieces arrive out of order (rarest first); each is copied in when it is there, and the
     file ends byte-exact, around the page cache but for the unaligned last piece."""
-    monkeypatch.setattr(dfget_output, "COPY_STEP", 2**20)
+    monkeypatch.setattr(output_fill, "COPY_STEP", 2**20)
     piece, size = 3 * 2**20 // 2, 5 * 2**20 + 17  # a piece spans two copy steps; the last is short
     source = tmp_path / "cache.bin"
     source.write_bytes(os.urandom(size))
@@ -930,23 +988,23 @@ def test_output_fill_discarded_mid_copy_removes_the_file_and_closes_after_the_th
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The client went away (or the download failed) while a piece was being copied: the copy
     stops, the file goes, and its descriptors close only once the copying thread let go."""
-    monkeypatch.setattr(dfget_output, "COPY_STEP", 2**20)
+    monkeypatch.setattr(output_fill, "COPY_STEP", 2**20)
     source = tmp_path / "cache.bin"
     source.write_bytes(os.urandom(8 * 2**20))
     output = tmp_path / ".out.dfget-0123456789ab"
     output.touch()
     in_copy, release = threading.Event(), threading.Event()
-    real_copy_range = dfget_output._copy_range
+    real_copy_range = output_fill._copy_range
 
     def slow_copy_range(src_fd: int, fd: int, start: int, end: int, stop: threading.Event) -> None:
         in_copy.set()
         release.wait(10)
         real_copy_range(src_fd, fd, start, end, stop)
 
-    monkeypatch.setattr(dfget_output, "_copy_range", slow_copy_range)
+    monkeypatch.setattr(output_fill, "_copy_range", slow_copy_range)
 
     async def run() -> list[int]:
-        fill = dfget_output.OutputFill(output, source)
+        fill = output_fill.OutputFill(output, source)
         await fill.open()
         fill.add(0, 4 * 2**20 + 1)  # direct head, then the (slow) buffered tail
         await asyncio.to_thread(in_copy.wait, 10)
@@ -967,7 +1025,7 @@ def test_copy_into_creates_a_missing_file(cached: Path, tmp_path: Path) -> None:
     if os.geteuid() == 0:  # a root daemon creates files only in another owner's directory, as theirs
         os.chown(directory, 65534, 65534)
     output = directory / "new.bin"
-    dfget_output.copy_into(cached, output, threading.Event())
+    output_fill.copy_into(cached, output, threading.Event())
     assert output.read_bytes() == cached.read_bytes()
     assert os.stat(output).st_uid == os.stat(directory).st_uid
 
@@ -975,7 +1033,7 @@ def test_copy_into_creates_a_missing_file(cached: Path, tmp_path: Path) -> None:
 @pytest.mark.skipif(os.geteuid() != 0, reason="the rule of a root daemon")
 def test_copy_into_as_root_creates_nothing_in_a_root_directory(cached: Path, tmp_path: Path) -> None:
     with pytest.raises(InvalidRequest, match="belongs to root"):
-        dfget_output.copy_into(cached, tmp_path / "cron-job", threading.Event())
+        output_fill.copy_into(cached, tmp_path / "cron-job", threading.Event())
     assert not (tmp_path / "cron-job").exists()
 
 
@@ -983,7 +1041,7 @@ def test_copy_into_refuses_an_existing_file_that_dfget_did_not_create(cached: Pa
     victim = tmp_path / "shadow"
     victim.write_bytes(b"do not touch")
     with pytest.raises(InvalidRequest, match="not a dfget temporary file"):
-        dfget_output.copy_into(cached, victim, threading.Event())
+        output_fill.copy_into(cached, victim, threading.Event())
     assert victim.read_bytes() == b"do not touch"
 
 
@@ -997,7 +1055,7 @@ def test_copy_into_refuses_a_directory_symlink_of_a_user(cached: Path, tmp_path:
     link.symlink_to(target)
     os.lchown(link, 65534, 65534)  # planted by a user (root's own symlinks, like /var/run, are followed)
     with pytest.raises(InvalidRequest, match="symbolic link"):
-        dfget_output.copy_into(cached, link / victim.name, threading.Event())
+        output_fill.copy_into(cached, link / victim.name, threading.Event())
     assert victim.read_bytes() == b"do not touch"
 
 
@@ -1007,7 +1065,7 @@ def test_copy_into_refuses_a_symlink(cached: Path, tmp_path: Path) -> None:
     link = tmp_path / "link"
     link.symlink_to(victim)
     with pytest.raises(InvalidRequest, match="symbolic link"):
-        dfget_output.copy_into(cached, link, threading.Event())
+        output_fill.copy_into(cached, link, threading.Event())
     assert victim.read_bytes() == b"do not touch"
 
 
@@ -1016,7 +1074,7 @@ def test_copy_into_refuses_a_hard_linked_file(cached: Path, tmp_path: Path) -> N
     victim.write_bytes(b"do not touch")
     os.link(victim, tmp_path / ".second.dfget-0123456789ab")
     with pytest.raises(InvalidRequest, match="hard links"):
-        dfget_output.copy_into(cached, tmp_path / ".second.dfget-0123456789ab", threading.Event())
+        output_fill.copy_into(cached, tmp_path / ".second.dfget-0123456789ab", threading.Event())
     assert victim.read_bytes() == b"do not touch"
 
 
@@ -1024,7 +1082,7 @@ def test_copy_into_refuses_a_fifo_without_blocking(cached: Path, tmp_path: Path)
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     with pytest.raises(OSError):
-        dfget_output.copy_into(cached, fifo, threading.Event())
+        output_fill.copy_into(cached, fifo, threading.Event())
 
 
 def test_stopped_copy_removes_what_it_wrote(cached: Path, tmp_path: Path) -> None:
@@ -1033,7 +1091,7 @@ def test_stopped_copy_removes_what_it_wrote(cached: Path, tmp_path: Path) -> Non
     stop = threading.Event()
     stop.set()
     with pytest.raises(DownloadFailed, match="client went away"):
-        dfget_output.copy_into(cached, output, stop)
+        output_fill.copy_into(cached, output, stop)
     assert not output.exists()
 
 
@@ -1045,7 +1103,7 @@ def test_output_fill_discarded_once_it_copied_everything_removes_the_file(cached
     size, content = cached.stat().st_size, cached.read_bytes()
 
     async def scenario() -> None:
-        fill = dfget_output.OutputFill(output, cached)
+        fill = output_fill.OutputFill(output, cached)
         await fill.open()
         fill.add(0, size)
         while fill._copying is not None and not fill._copying.done():
@@ -1139,7 +1197,7 @@ def test_copy_into_a_file_the_daemon_may_not_write_names_the_fix(cached: Path, t
     output.write_bytes(b"")
     output.chmod(0o400)
     with pytest.raises(InvalidRequest, match="run dfget as the daemon's user"):
-        dfget_output.copy_into(cached, output, threading.Event())
+        output_fill.copy_into(cached, output, threading.Event())
 
 
 def test_log_level_info_names_the_stale_files_it_removes(
@@ -1170,9 +1228,9 @@ def test_the_daemon_removes_a_filled_temporary_file_only_when_its_dfget_is_gone(
     filled = os.stat(temp.path)
 
     async def scenario() -> bool:
-        watcher = asyncio.ensure_future(dfget_output.remove_when_abandoned(Path(temp.path), filled, interval=0.01))
+        watcher = asyncio.ensure_future(output_fill.remove_when_abandoned(Path(temp.path), filled, interval=0.01))
         # While the dfget lives it holds the lock: the file is not taken from under it.
-        assert dfget_output._remove_if_unlocked(temp.path, lambda info: True) is False
+        assert dfget_output.remove_if_unlocked(temp.path, lambda info: True) is False
         assert not watcher.done()
         if dfget_then == "dies":
             temp.close()  # the lock goes with the process

@@ -115,4 +115,8 @@ def test_dfget_loads_no_daemon_code_nor_the_config() -> None:
     assert result.returncode == 0, result.stderr
     loaded = set(result.stdout.split())
     assert "common.units" in loaded
-    assert loaded.isdisjoint({"common.config", "peer.daemon", "peer.download.engine", "peer.storage.store", "aiohttp"})
+    assert loaded.isdisjoint({"common.config", "peer.daemon", "peer.download.engine", "peer.storage.store", "aiohttp",
+                              "peer.output_fill"})
+    # One file comes over the download socket: gRPC and asyncio (0.12 s of CPU to import) only
+    # when a -r tree or a dfdaemon without that socket needs them.
+    assert loaded.isdisjoint({"asyncio", "grpc", "peer.dfget_grpc"})
