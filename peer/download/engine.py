@@ -79,7 +79,8 @@ from peer.download.scheduler_client import (
     SchedulerClient,
     SchedulerSession,
 )
-from peer.upload.piece_server import BUSY_HEADER, CHILD_HEADER, PRIORITY_HEADER, WHEN_BUSY_HEADER
+from peer.upload.announcements import CHILD_HEADER, announcements_path, follow_announcements
+from peer.upload.piece_server import BUSY_HEADER, PRIORITY_HEADER, WHEN_BUSY_HEADER
 
 if TYPE_CHECKING:
     from common.config import DfdaemonConfig
@@ -484,12 +485,29 @@ class Conductor:
         try:
             task = await stub.StatTask(dfdaemon_pb2.StatTaskRequest(task_id=self.task_id), timeout=10)
             await self._events.put(_ParentInfo(parent.peer_id, task))
+            if await self._follow_announcements(parent):
+                return
             request = dfdaemon_pb2.SyncPiecesRequest(host_id=self.engine.host_id, task_id=self.task_id)
             async for piece in stub.SyncPieces(request):
                 await self._events.put(_Have(parent.peer_id, parent.host_id, piece.number))
             await self._events.put(_ParentGone(parent.peer_id, ""))
         except grpc.aio.AioRpcError as exc:
             await self._events.put(_ParentGone(parent.peer_id, f"{exc.code().name}: {exc.details()}"))
+
+    async def _follow_announcements(self, parent: Parent) -> bool:
+        """A parent's pieces from its piece server's announcement stream
+        (:mod:`peer.upload.announcements`), then _ParentGone; False at once when it has none
+        (a Dragonfly dfdaemon: then SyncPieces)."""
+        url = f"{self.engine.piece_scheme}://{parent.ip}:{parent.download_port}{announcements_path(self.task_id)}"
+
+        async def have(number: int) -> None:
+            await self._events.put(_Have(parent.peer_id, parent.host_id, number))
+
+        reason = await follow_announcements(self.engine.announcement_http, url, self.engine.host_id, have)
+        if reason is None:
+            return False
+        await self._events.put(_ParentGone(parent.peer_id, reason))
+        return True
 
     async def _set_content_info(self, content_length: int, headers: Mapping[str, str], piece_length: int = 0) -> None:
         """Size the task; fails with DiskFull when the cache quota cannot take it.
@@ -1054,6 +1072,7 @@ class Engine:
         self._runners: set[asyncio.Task[None]] = set()
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._http: aiohttp.ClientSession | None = None
+        self._announcement_http: aiohttp.ClientSession | None = None
         # Plaintext pieces are received in worker threads (peer.download.piece_fetch); with TLS
         # through the aiohttp session.
         self.piece_fetcher = PieceFetcher() if tls is None else None
@@ -1067,6 +1086,16 @@ class Engine:
                                              ssl=self.tls.client_ssl_context() if self.tls is not None else True)
             self._http = aiohttp.ClientSession(connector=connector, auto_decompress=False)
         return self._http
+
+    @property
+    def announcement_http(self) -> aiohttp.ClientSession:
+        """The parents' announcement streams: one long-lived connection per parent and task,
+        kept out of the piece transfers' pool and its per-host limit."""
+        if self._announcement_http is None:
+            connector = aiohttp.TCPConnector(limit=0, limit_per_host=0,
+                                             ssl=self.tls.client_ssl_context() if self.tls is not None else True)
+            self._announcement_http = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+        return self._announcement_http
 
     def parent_channel(self, ip: str, port: int) -> grpc.aio.Channel:
         """One gRPC channel per parent dfdaemon, reused across tasks."""
@@ -1172,8 +1201,9 @@ class Engine:
         for runner in list(self._runners):
             runner.cancel()
         await asyncio.gather(*self._runners, return_exceptions=True)
-        if self._http is not None:
-            await self._http.close()
+        for session in (self._http, self._announcement_http):
+            if session is not None:
+                await session.close()
         if self.piece_fetcher is not None:
             self.piece_fetcher.close()
         self.piece_threads.shutdown(wait=False, cancel_futures=True)

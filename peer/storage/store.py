@@ -264,6 +264,35 @@ class _PieceWriter:
         return self.finish()
 
 
+class PieceFeed:
+    """A task's complete pieces for one subscriber, in batches: every piece complete when it
+    began (sorted) at the first :meth:`take`, then those completed since the last one."""
+
+    def __init__(self, task: LocalTask, order: list[int], complete: set[int]) -> None:
+        self._task = task
+        self._order = order  # the task's completion order (appended to as pieces complete)
+        self._cursor = len(order)
+        self._sent = complete
+        self._first: list[int] | None = sorted(complete)
+
+    def take(self) -> list[int]:
+        """The pieces this subscriber has not been given yet."""
+        batch, self._first = self._first or [], None
+        while self._cursor < len(self._order):
+            number = self._order[self._cursor]
+            self._cursor += 1
+            if number not in self._sent:
+                self._sent.add(number)
+                batch.append(number)
+        return batch
+
+    @property
+    def complete(self) -> bool:
+        """Whether every piece of the task was given (nothing more will come)."""
+        task = self._task
+        return task.content_length is not None and len(self._sent) >= task.piece_count
+
+
 @dataclass
 class _PieceLock:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -641,21 +670,23 @@ class LocalTask:
         Ends when all pieces are complete; raises TaskNotFound / DownloadFailed when the task is
         deleted or fails before that.
         """
-        cursor = len(self._order)
-        sent = set(self._pieces)
-        for number in sorted(sent):
-            yield number
+        feed = self.feed()
         while True:
-            while cursor < len(self._order):
-                number = self._order[cursor]
-                cursor += 1
-                if number not in sent:
-                    sent.add(number)
-                    yield number
-            if self.content_length is not None and len(sent) >= self.piece_count:
+            for number in feed.take():
+                yield number
+            if feed.complete:
                 return
-            self._raise_if_ended()
-            await self._changed.wait()
+            await self.changed()
+
+    def feed(self) -> PieceFeed:
+        """A :class:`PieceFeed` of this task's pieces, from now on."""
+        return PieceFeed(self, self._order, set(self._pieces))
+
+    async def changed(self) -> None:
+        """Wait for the next change (a piece complete, geometry known, a state); raises
+        TaskNotFound / DownloadFailed at once when the task is deleted or failed."""
+        self._raise_if_ended()
+        await self._changed.wait()
 
     async def until_deleted(self) -> None:
         """Wait until the task is deleted, then raise TaskNotFound."""

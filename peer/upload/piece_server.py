@@ -5,7 +5,8 @@ with ``sendfile`` (no copy through Python), with ``Content-Length`` and the info
 ``X-Damselfly-Piece-Digest``. Bad input is answered, never crashed on: ``400`` for a malformed
 task id or piece number, ``404`` for an unknown task or a piece that is not complete here,
 ``503`` with ``Retry-After`` when every upload slot stays busy for a moment.
-``GET /healthy`` answers ``ok``.
+``GET /healthy`` answers ``ok``. ``GET /tasks/{task_id}/pieces`` streams the task's piece
+announcements (:mod:`peer.upload.announcements`).
 
 Choking, as BitTorrent unchokes a few peers at a time: a request that says it can go elsewhere
 (``X-Damselfly-When-Busy: refuse``, sent by children for pieces other parents may have) is
@@ -85,6 +86,7 @@ from common.pieces import MIB, PieceSpan
 from common.ratelimit import TokenBucket
 from peer.metrics import DaemonMetrics
 from peer.storage.store import TASK_ID_RE, LocalTask, PieceStore
+from peer.upload.announcements import ANNOUNCEMENTS_PATH, CHILD_HEADER, Announcements
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +102,6 @@ PRIORITY_HEADER = "X-Damselfly-Priority"
 # How long after sending a reader's piece other pieces that can go elsewhere are still refused:
 # a cold start's reads come in bursts a few milliseconds apart.
 READER_GRACE = 0.5
-# A child's request header: its host id (who got a piece, for super-seeding; a hint, not trusted).
-CHILD_HEADER = "X-Damselfly-Child"
 # A seed's super-seeding window (see above): about the time a child takes to receive a piece and
 # announce it.
 DEFAULT_SHARE_WINDOW = 0.5
@@ -518,6 +518,8 @@ class PieceServer:
         self._demand_wait = DEFAULT_DEMAND_WAIT
         self.app = web.Application()
         self.app.router.add_get("/pieces/{task_id}/{number}", self._get_piece, allow_head=False)
+        self.announcements = Announcements(store)
+        self.app.router.add_get(ANNOUNCEMENTS_PATH, self.announcements.handle, allow_head=False)
         self.app.router.add_get("/healthy", self._healthy, allow_head=False)
 
     def serve_demands(self, handler: DemandHandler, wait: float = DEFAULT_DEMAND_WAIT) -> None:
@@ -564,6 +566,7 @@ class PieceServer:
         No upload is left running when this returns, so the event loop may be closed right after.
         """
         runner, self._runner = self._runner, None
+        await self.announcements.close()  # else each would hold the shutdown for its timeout
         if runner is not None:
             # Waits up to the shutdown timeout for requests in progress, then cancels the requests
             # of the connections that are still open.
