@@ -485,7 +485,9 @@ class Conductor:
         try:
             task = await stub.StatTask(dfdaemon_pb2.StatTaskRequest(task_id=self.task_id), timeout=10)
             await self._events.put(_ParentInfo(parent.peer_id, task))
-            if await self._follow_announcements(parent):
+            # Seeds are every node's parents: their announcements go over gRPC's shared
+            # connection, not one connection per child and task (peer.upload.announcements).
+            if not parent.is_seed and await self._follow_announcements(parent):
                 return
             request = dfdaemon_pb2.SyncPiecesRequest(host_id=self.engine.host_id, task_id=self.task_id)
             async for piece in stub.SyncPieces(request):

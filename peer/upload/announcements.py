@@ -22,6 +22,12 @@ task) carry the marker header too: an answer without it comes from a server that
 route (a Dragonfly dfdaemon, an older Damselfly), and the child uses ``SyncPieces`` instead.
 The keep-alive lines let the server notice a child that went away, and the child a parent that
 did (no line for three intervals).
+
+Each stream is a connection of its own (one per child, parent and task), where gRPC carries all of
+a child's ``SyncPieces`` to a parent over one. So children follow seeds, the parents of every
+node of a cluster, with ``SyncPieces``, and a child whose stream finds no answer at all (over a
+parent's connection cap, say) falls back to ``SyncPieces`` too. One stream per pair of hosts for
+all their tasks would lift that; it is not built.
 """
 
 from __future__ import annotations
@@ -138,10 +144,17 @@ async def follow_announcements(session: aiohttp.ClientSession, url: str, host_id
     """Follow a parent's announcement stream at `url` as child `host_id`, calling `have` for each
     piece number, until the stream ends: "" then, or why it ended otherwise (an HTTP status, a
     broken connection, a parent silent for three keep-alive intervals, a line that is no piece
-    number). None at once when the parent has no such stream (no marker header)."""
+    number). None at once when there is no stream to follow: no answer at all (the connection
+    refused or closed at once, as over the server's connection cap) or one without the marker
+    header (a server without the route); the caller then uses SyncPieces."""
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=3 * ANNOUNCE_KEEPALIVE)
     try:
-        async with session.get(url, headers={CHILD_HEADER: host_id}, timeout=timeout) as response:
+        response = await session.get(url, headers={CHILD_HEADER: host_id}, timeout=timeout)
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        log.debug("no announcement stream at %s (%s): SyncPieces instead", url, exc or type(exc).__name__)
+        return None
+    try:
+        async with response:
             if MARKER_HEADER not in response.headers:
                 return None
             if response.status != 200:

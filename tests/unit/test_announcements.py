@@ -160,6 +160,22 @@ async def test_a_parent_without_the_stream_is_told_apart(tmp_path: Path) -> None
         assert await follow_announcements(session, url, CHILD, _ignore) is None  # then: SyncPieces
 
 
+async def test_no_answer_at_all_is_told_apart_too() -> None:
+    """A parent whose server closes the connection before answering (over its connection cap)."""
+    async def close_at_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    server = await asyncio.start_server(close_at_once, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with aiohttp.ClientSession() as session:
+            url = f"http://127.0.0.1:{port}{announcements_path(TASK)}"
+            assert await follow_announcements(session, url, CHILD, _ignore) is None  # then: SyncPieces
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
 @pytest.mark.parametrize("line", [b"-1", b"99999999999", b"7; rm -rf /", b"\xff"])
 async def test_a_line_that_is_no_piece_number_ends_the_stream(line: bytes) -> None:
     async def lying(request: web.Request) -> web.StreamResponse:
