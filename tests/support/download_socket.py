@@ -8,45 +8,36 @@ from pathlib import Path
 
 from dragonfly_api import dfdaemon_pb2
 
-from peer.download_socket import (
-    DONE,
-    ERROR,
-    REQUEST,
-    RESPONSE,
-    FrameReader,
-    decode_error,
-    encode_frame,
-    stream_socket_path,
-)
+from peer import download_socket as frames
 
 
 def download_socket_of(grpc_socket: Path) -> Path:
-    return Path(stream_socket_path(str(grpc_socket)))
+    return Path(frames.stream_socket_path(str(grpc_socket)))
 
 
 def send_raw(grpc_socket: Path, data: bytes, timeout: float = 60) -> list[tuple[bytes, bytes]]:
     """Send `data` on the download socket; every frame until the daemon closes the connection."""
-    frames: list[tuple[bytes, bytes]] = []
+    received: list[tuple[bytes, bytes]] = []
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(str(download_socket_of(grpc_socket)))
         sock.sendall(data)
-        reader = FrameReader(sock)
+        reader = frames.FrameReader(sock)
         while True:
             try:
-                frames.append(reader.read())
+                received.append(reader.read())
             except ConnectionError:
-                return frames
+                return received
 
 
 def download_task(grpc_socket: Path, request: dfdaemon_pb2.DownloadTaskRequest,
                   timeout: float = 60) -> tuple[str, str, list[dfdaemon_pb2.DownloadTaskResponse]]:
     """DownloadTask over the download socket: (status name, its message, the responses); "OK"
     when the stream ended with the done frame."""
-    frames = send_raw(grpc_socket, encode_frame(REQUEST, request.SerializeToString()), timeout)
-    responses = [dfdaemon_pb2.DownloadTaskResponse.FromString(p) for kind, p in frames if kind == RESPONSE]
-    kind, payload = frames[-1]
-    if kind == ERROR:
-        return (*decode_error(payload), responses)
-    assert kind == DONE, f"the stream ended with a {kind!r} frame"
+    received = send_raw(grpc_socket, frames.encode_frame(frames.REQUEST, request.SerializeToString()), timeout)
+    responses = [dfdaemon_pb2.DownloadTaskResponse.FromString(p) for kind, p in received if kind == frames.RESPONSE]
+    kind, payload = received[-1]
+    if kind == frames.ERROR:
+        return (*frames.decode_error(payload), responses)
+    assert kind == frames.DONE, f"the stream ended with a {kind!r} frame"
     return "OK", "", responses

@@ -14,26 +14,13 @@ import pytest
 from aiohttp import web
 
 from peer.metrics import DaemonMetrics
-from peer.storage.store import LocalTask, PieceStore
+from peer.storage.store import PieceStore
 from peer.upload.announcements import CHILD_HEADER, MARKER_HEADER, announcements_path, follow_announcements
 from peer.upload.piece_server import PieceServer
+from tests.unit.test_sync_pieces import TASK, new_task, one
 
-TASK = "a7" + "e" * 62
-PIECE = 4096
 DEADLINE = 10.0
 CHILD = "10.0.0.9-child"
-
-
-async def one(number: int) -> AsyncIterator[bytes]:
-    yield bytes([number]) * PIECE
-
-
-def new_task(tmp_path: Path, pieces: int) -> tuple[PieceStore, LocalTask]:
-    store = PieceStore(tmp_path)
-    store.load()
-    task = store.create(TASK, url="http://origin.invalid/blob")
-    task.set_content_info(pieces * PIECE, PIECE, {})
-    return store, task
 
 
 @asynccontextmanager
