@@ -182,16 +182,21 @@ class Daemon:
                  "" if self.tls is None else " (mutual TLS)" if self.tls.client_auth else " (TLS)")
 
     async def _start_download_socket(self, service: DownloadService, grpc_socket: Path) -> None:
-        """dfget's download socket beside the gRPC one (:mod:`peer.download_socket`); without it
-        (a path too long for a unix socket), dfget uses gRPC, only slower to start."""
+        """dfget's download socket beside the gRPC one (:mod:`peer.download_socket`). A path too
+        long for a unix socket goes without one (dfget then uses gRPC, only slower to start);
+        any other failure stops the daemon like the gRPC socket's: a name left to another
+        process would have dfget send it its requests."""
         path = Path(stream_socket_path(str(grpc_socket)))
+        if len(os.fsencode(path)) > MAX_UNIX_PATH:
+            log.warning("no download socket: %s is longer than a unix socket path may be (%d bytes); "
+                        "dfget will use gRPC on %s", path, MAX_UNIX_PATH, grpc_socket)
+            return
         server = DownloadSocketServer(service)
         try:
             await server.start(path, lambda bound: restrict_socket(bound, self.config.socket_group))
         except OSError as exc:
-            log.warning("no download socket at %s (%s): dfget will use gRPC on %s", path,
-                        exc.strerror or exc, grpc_socket)
-            return
+            raise ListenError("--socket", str(path), f"cannot be listened on ({exc.strerror or exc}; check the "
+                              "directory's permissions)") from None
         self.download_socket = server
 
     async def _scrub(self) -> None:
@@ -243,6 +248,10 @@ class Daemon:
         await self.origin.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.config.socket)
+
+
+# sockaddr_un.sun_path holds 108 bytes, the last one the terminating NUL.
+MAX_UNIX_PATH = 107
 
 
 def _prepare_socket_path(path: Path) -> None:

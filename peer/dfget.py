@@ -633,8 +633,17 @@ def pending_output(output: str, options: Options, progress: ProgressBar) -> Iter
 
 def connect_download_socket(endpoint: str) -> socket.socket | None:
     """A connection to the daemon's download socket beside `endpoint`; None when it has none
-    (another dfdaemon, or an older one): then dfget speaks gRPC."""
+    (another dfdaemon, or an older one), or when that name is not a socket of the owner of
+    `endpoint` (someone else's, in a directory others may write): then dfget speaks gRPC."""
     path = stream_socket_path(endpoint)
+    try:
+        ours, theirs = os.stat(endpoint), os.stat(path, follow_symlinks=False)
+    except OSError:
+        return None
+    if not stat.S_ISSOCK(theirs.st_mode) or theirs.st_uid != ours.st_uid:
+        log.warning("%s is not the dfdaemon's download socket (not a socket of the owner of %s): "
+                    "using gRPC", path, endpoint)
+        return None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(CONNECT_TIMEOUT)
     try:

@@ -211,3 +211,18 @@ def test_dfdaemon_bind_errors_name_the_flag(cluster: LocalCluster, flag: str) ->
     assert result.returncode == 2, result.stderr
     assert f"damselfly dfdaemon: error: {flag} {address} is in use" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_download_socket_name_that_cannot_be_taken_stops_the_dfdaemon(cluster: LocalCluster) -> None:
+    """dfget would talk to whatever answers at <socket>.stream: a dfdaemon that cannot listen there
+    does not start (as for its gRPC socket), rather than leave the name to someone else."""
+    node = cluster.plan_dfdaemon("peer")
+    grpc_socket = Path(node.args[node.args.index("--socket") + 1])
+    occupied = Path(f"{grpc_socket}.stream")
+    (occupied / "not-a-socket").mkdir(parents=True)  # a directory the daemon will not remove
+    result = subprocess.run([sys.executable, "-m", "common.cli", "dfdaemon", *node.args],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert f"damselfly dfdaemon: error: --socket {occupied} cannot be listened on" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not grpc_socket.exists(), "the gRPC socket was left behind"

@@ -227,6 +227,23 @@ def test_success_writes_exact_content_and_carries_request_fields(
     assert os.path.basename(d.output_path).startswith(".blob.bin.dfget-")
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving the socket to another user takes root")
+def test_a_download_socket_of_another_user_is_not_used(
+    daemon: Daemon, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """In a directory others may write, someone else could listen at <endpoint>.stream and read
+    dfget's requests (URLs, Authorization headers): dfget takes it only from the endpoint's owner."""
+    if daemon.transport != "download-socket":
+        pytest.skip("only the fake with a download socket has one to hand over")
+    os.chown(download_socket.stream_socket_path(daemon.socket), 65534, 65534)
+    output = tmp_path / "blob.bin"
+
+    assert run(daemon.socket, output) == 0
+    assert daemon.scenario.transports == ["grpc"]
+    assert output.read_bytes() == CONTENT
+    assert "is not the dfdaemon's download socket" in capsys.readouterr().err
+
+
 def test_relative_output_is_made_absolute_and_replaces_existing_file_with_overwrite(
     daemon: Daemon, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
