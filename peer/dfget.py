@@ -476,6 +476,11 @@ class NoProgress(ProgressBar):
         pass
 
 
+def progress_display(options: Options, stderr: TextIO) -> ProgressBar:
+    """The progress bar of one file: drawn on a terminal unless --no-progress."""
+    return ProgressBar(stderr) if options.progress and stderr.isatty() else NoProgress(stderr)
+
+
 # --- talking to the daemon ------------------------------------------------------------------
 
 
@@ -619,9 +624,10 @@ class PendingOutput:
 
 
 @contextlib.contextmanager
-def pending_output(output: str, options: Options, progress: ProgressBar) -> Iterator[PendingOutput]:
-    """A :class:`PendingOutput` for `output`, closed on the way out."""
+def pending_output(url: str, output: str, options: Options, progress: ProgressBar) -> Iterator[PendingOutput]:
+    """A :class:`PendingOutput` for `url` into `output`, closed on the way out."""
     pending = PendingOutput(output, options, progress)
+    log.debug("%s -> %s (via %s)", url, output, pending.temp.path)
     try:
         yield pending
     finally:
@@ -688,9 +694,8 @@ def stream_download(sock: socket.socket, request: dfdaemon_pb2.DownloadTaskReque
 
 def download_one(sock: socket.socket, options: Options, stderr: TextIO) -> None:
     """URL into FILE, over the download socket."""
-    progress = ProgressBar(stderr) if options.progress and stderr.isatty() else NoProgress(stderr)
-    with pending_output(options.output, options, progress) as pending:
-        log.debug("%s -> %s (via %s)", options.url, options.output, pending.temp.path)
+    progress = progress_display(options, stderr)
+    with pending_output(options.url, options.output, options, progress) as pending:
         pending.complete(stream_download(sock, build_request(options, pending.temp.path), options, progress))
 
 
@@ -705,7 +710,6 @@ def download(options: Options, stderr: TextIO) -> None:
     else:
         check_output(options.output, overwrite=options.overwrite)
         sweep_directory(os.path.dirname(options.output))
-    if not options.recursive:
         sock = connect_download_socket(options.endpoint)
         if sock is not None:
             with sock:

@@ -32,6 +32,7 @@ from peer.dfget import (
     log,
     no_daemon_error,
     pending_output,
+    progress_display,
     status_failure,
     sweep_directory,
     terminated,
@@ -70,15 +71,14 @@ async def run_download(stub: Any, request: dfdaemon_pb2.DownloadTaskRequest, opt
 async def fetch_file(stub: Any, options: Options, url: str, output: str, progress: ProgressBar) -> int:
     """Download `url` into `output` through the daemon; the bytes written. Raises on failure,
     having removed the temporary file (also when cancelled: Ctrl-C, SIGTERM, a sibling failed)."""
-    with pending_output(output, options, progress) as pending:
-        log.debug("%s -> %s (via %s)", url, output, pending.temp.path)
+    with pending_output(url, output, options, progress) as pending:
         content_length = await run_download(stub, build_request(options, pending.temp.path, url), options, progress)
         return await asyncio.to_thread(pending.complete, content_length)
 
 
 async def download_one(options: Options, stderr: TextIO) -> None:
     """URL into FILE."""
-    progress = ProgressBar(stderr) if options.progress and stderr.isatty() else NoProgress(stderr)
+    progress = progress_display(options, stderr)
     ticker = None if isinstance(progress, NoProgress) else asyncio.create_task(_keep_drawing(progress))
     try:
         async with _daemon(options) as stub:

@@ -1084,9 +1084,7 @@ class Engine:
     def http(self) -> aiohttp.ClientSession:
         """Keep-alive HTTP pool for piece transfers from parents."""
         if self._http is None:
-            connector = aiohttp.TCPConnector(limit=0, limit_per_host=self.config.concurrent_piece_count * 2,
-                                             ssl=self.tls.client_ssl_context() if self.tls is not None else True)
-            self._http = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+            self._http = self._parents_session(limit_per_host=self.config.concurrent_piece_count * 2)
         return self._http
 
     @property
@@ -1094,10 +1092,14 @@ class Engine:
         """The parents' announcement streams: one long-lived connection per parent and task,
         kept out of the piece transfers' pool and its per-host limit."""
         if self._announcement_http is None:
-            connector = aiohttp.TCPConnector(limit=0, limit_per_host=0,
-                                             ssl=self.tls.client_ssl_context() if self.tls is not None else True)
-            self._announcement_http = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+            self._announcement_http = self._parents_session(limit_per_host=0)
         return self._announcement_http
+
+    def _parents_session(self, *, limit_per_host: int) -> aiohttp.ClientSession:
+        """An HTTP session to parents' piece servers (with this node's client certificate under TLS)."""
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=limit_per_host,
+                                         ssl=self.tls.client_ssl_context() if self.tls is not None else True)
+        return aiohttp.ClientSession(connector=connector, auto_decompress=False)
 
     def parent_channel(self, ip: str, port: int) -> grpc.aio.Channel:
         """One gRPC channel per parent dfdaemon, reused across tasks."""

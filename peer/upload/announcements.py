@@ -96,17 +96,13 @@ class Announcements:
         self._streams.add(stream)
         try:
             await response.prepare(request)
+            # Once every piece was announced the stream stays until the task goes (or the child),
+            # so that its end tells a child still fetching from here that this copy is gone.
             feed = task.feed()
             while True:
                 numbers = [n for n in feed.take() if not (child and task.announced_by(child, n))]
                 if numbers:
                     await response.write("".join(f"{n}\n" for n in numbers).encode())
-                if feed.complete:
-                    break
-                await self._until_changed_or_keepalive(task, response)
-            # Every piece was announced: the stream stays until the task goes (or the child), so
-            # that its end tells a child still fetching from here that this copy is gone.
-            while True:
                 await self._until_changed_or_keepalive(task, response)
         except (TaskNotFound, DownloadFailed):
             pass  # deleted or failed here: the end of the body says this parent is gone
